@@ -1,0 +1,132 @@
+"""Files written by `podkv analyze`: plan.json, analysis.json, analysis.md, proximal.png, similarity.png."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from podkv.io import atomic_write_text, save_figure, write_json
+from podkv.plan import SharingPlan
+
+
+def _r(t: torch.Tensor, digits: int = 5):
+    return [[round(float(x), digits) for x in row] for row in t]
+
+
+def similarity_summary(sim_q: torch.Tensor, sim_kv: torch.Tensor) -> dict:
+    """sim_q (Hq, L, L), sim_kv (Hkv, L, L) -> JSON-ready matrices and headline numbers."""
+    L = sim_kv.shape[-1]
+    off = ~torch.eye(L, dtype=torch.bool)
+    adjacent = torch.stack([torch.diagonal(s, offset=1) for s in sim_kv])  # (Hkv, L-1)
+    return {
+        "measure": "1 - Jensen-Shannon divergence (log base 2) of distant-token attention, renormalised",
+        "kv_heads": [_r(s) for s in sim_kv],
+        "query_heads": [_r(s) for s in sim_q],
+        "layer_mean": _r(sim_kv.mean(0)),
+        "adjacent_mean": round(float(adjacent.mean()), 4),
+        "adjacent_mean_per_kv_head": [round(float(a.mean()), 4) for a in adjacent],
+        "offdiag_mean": round(float(sim_kv[:, off].mean()), 4),
+    }
+
+
+def plan_summary(plan: SharingPlan, sim_kv: torch.Tensor, context: int) -> dict:
+    from podkv.analysis.planner import plan_similarity
+
+    shared = sum(len(plan.shared_heads(l)) for l in range(plan.num_layers))
+    return {"context": context, "kv_saving": round(plan.kv_saving(context), 6), "shared_pairs": shared,
+            "pairs": plan.num_layers * plan.num_kv_heads, "layer_granular": plan.is_layer_granular,
+            "anchor_similarity_sum": round(plan_similarity(plan, sim_kv), 4),
+            "blocks": [plan.blocks(h) for h in range(plan.num_kv_heads)], "grid": plan.grid().splitlines()}
+
+
+def write_all(out: Path, result: dict, plan: SharingPlan, sim_q: torch.Tensor, sim_kv: torch.Tensor) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    plan.save(out / "plan.json")
+    write_json(out / "analysis.json", result)
+    atomic_write_text(out / "analysis.md", markdown(result))
+    proximal_figure(result.get("proximal"), out / "proximal.png")
+    similarity_figure(sim_kv, out / "similarity.png")
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    lines = [f"# podkv analyze — {result['model']}", "",
+             f"podkv {result['podkv_version']}, seed {result['seed']}, data sha256 `{result['data_sha256'][:16]}…` "
+             f"({', '.join(result['data']['source'])}), {result['data']['samples_used']} samples x {s['length']} "
+             f"tokens, last {s['last_q']} queries, ns={s['ns']}, nr={s['nr']}.", ""]
+    prox = result.get("proximal")
+    if prox:
+        lines += ["## Proximal tokens only vs full attention (observation 1)", "",
+                  f"Positions {prox['eval_positions_from']}…T-2 of each sample; full-attention NLL "
+                  f"{prox['nll_full']:.3f}.", "",
+                  "| proximal size | ns | nr | same greedy token | NLL | ΔNLL |", "|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['size']} | {r['ns']} | {r['nr']} | {100 * r['agreement']:.1f}% | {r['nll']:.3f} | "
+                  f"{r['nll_delta']:+.3f} |" for r in prox["rows"]]
+        lines.append("")
+    sim = result["similarity"]
+    lines += ["## Inter-layer similarity of distant-token attention (observation 2)", "",
+              f"Similarity = {sim['measure']}. Mean over adjacent layers: {sim['adjacent_mean']:.3f}; "
+              f"over all layer pairs: {sim['offdiag_mean']:.3f}.", "",
+              "| KV head | adjacent-layer mean |", "|---:|---:|"]
+    lines += [f"| {h} | {a:.3f} |" for h, a in enumerate(sim["adjacent_mean_per_kv_head"])]
+    plan = result["plan"]
+    how = (f"target saving {s['target_saving']}" if s["target_saving"] is not None else f"threshold δ={s['delta']}")
+    lines += ["", "## Sharing plan", "",
+              f"{how}, granularity {s['granularity']}: {plan['shared_pairs']}/{plan['pairs']} (layer, KV head) pairs "
+              f"share keys; expected KV saving at {plan['context']} tokens: **{100 * plan['kv_saving']:.1f}%**.", "",
+              "```", *plan["grid"], "```", ""]
+    return "\n".join(lines)
+
+
+def proximal_figure(prox: dict | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if not prox or not prox["rows"]:
+        ax.text(0.5, 0.5, "proximal study not run", ha="center", va="center")
+        ax.set_axis_off()
+    else:
+        sizes = [r["size"] for r in prox["rows"]]
+        ax.plot(sizes, [100 * r["agreement"] for r in prox["rows"]], "o-", color="tab:blue")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(s) for s in sizes])
+        ax.set_xlabel("proximal tokens (ns sinks + recent window)")
+        ax.set_ylabel("same greedy next token as full attention (%)", color="tab:blue")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax2 = ax.twinx()
+        ax2.plot(sizes, [r["nll_delta"] for r in prox["rows"]], "s--", color="tab:red")
+        ax2.set_ylabel("NLL increase (nats/token)", color="tab:red")
+        ax.set_title("Proximal tokens only vs full attention")
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def similarity_figure(sim_kv: torch.Tensor, path: Path) -> None:
+    """One L x L heatmap per KV head plus the head mean, shared 0..1 colour scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mats = list(sim_kv) + ([sim_kv.mean(0)] if sim_kv.shape[0] > 1 else [])
+    titles = [f"KV head {h}" for h in range(sim_kv.shape[0])] + (["mean of KV heads"] if len(mats) > 1 else [])
+    cols = min(len(mats), 4)
+    rows = math.ceil(len(mats) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4 * rows), squeeze=False)
+    for ax, mat, title in zip(axes.flat, mats, titles):
+        im = ax.imshow(mat.numpy(), vmin=0, vmax=1, cmap="viridis", origin="lower")
+        ax.set_title(title)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("layer")
+    for ax in list(axes.flat)[len(mats):]:
+        ax.set_axis_off()
+    fig.suptitle("Inter-layer similarity of distant-token attention (1 − JS, base 2)")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="similarity")
+    save_figure(fig, path)
+    plt.close(fig)
