@@ -1,0 +1,72 @@
+"""What vLLM can serve with PoD, checked before an engine starts (no vLLM import needed).
+
+Every refusal is a :class:`~podkv.errors.PodError` naming the field and the bad value, so
+``podkv serve-check`` and an engine start fail with the same one-line message.
+"""
+
+from __future__ import annotations
+
+from podkv.errors import PodError
+from podkv.plan import SharingPlan, plan_from_config
+
+# HF architecture -> the PoD model class the plugin registers with vLLM's ModelRegistry.
+POD_ARCHITECTURES = {"LlamaForCausalLM": "PodLlamaForCausalLM"}
+SERVABLE_MODEL_TYPES = ("llama",)
+DEFAULT_ARCHITECTURE = {"llama": "LlamaForCausalLM"}
+
+
+def pod_architecture(config) -> str:
+    """The PoD class name for ``config`` (raises for an architecture the plugin does not serve).
+
+    A config without ``architectures`` (built in memory) is taken as its model type's causal LM.
+    """
+    archs = list(getattr(config, "architectures", None) or [])
+    if archs and archs[0] in POD_ARCHITECTURES.values():
+        return archs[0]
+    model_type = getattr(config, "model_type", None)
+    arch = archs[0] if archs else DEFAULT_ARCHITECTURE.get(model_type)
+    if model_type not in SERVABLE_MODEL_TYPES or arch not in POD_ARCHITECTURES:
+        raise PodError(
+            f"unsupported architecture for PoD serving: model_type={model_type!r}, architectures={archs}; "
+            f"podkv.serving supports {', '.join(POD_ARCHITECTURES)} (model_type {', '.join(SERVABLE_MODEL_TYPES)})"
+        )
+    return POD_ARCHITECTURES[arch]
+
+
+def check_plan_servable(plan: SharingPlan, config) -> SharingPlan:
+    """Raise a :class:`PodError` unless vLLM can serve ``plan`` on a model with ``config``.
+
+    Checks, in order: the architecture, the plan's shape against the model (layers, KV heads,
+    positions), layer granularity (PoD-L: one anchor per layer, every KV head alike) and the
+    sharing mode (vLLM serves the paper's ``"keys"`` mode only).
+    """
+    pod_architecture(config)
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True):
+        raise PodError(f"config.sliding_window={window}: PoD needs full attention (the window is PoD's own nr)")
+    plan.validate_for(config)
+    if not plan.is_layer_granular:
+        bad = next(l for l, row in enumerate(plan.anchors) if len(set(row)) > 1)
+        raise PodError(
+            f"plan field 'anchors[{bad}]' = {plan.anchors[bad]} is head-wise: vLLM serving needs a layer-granularity "
+            "plan (every KV head of a layer shares one anchor); make one with `podkv analyze --granularity layer`"
+        )
+    if plan.mode != "keys":
+        raise PodError(f"plan field 'mode' = {plan.mode!r}: vLLM serving supports mode 'keys' only (paper §2.2)")
+    return plan
+
+
+def plan_for_serving(config) -> SharingPlan:
+    """The plan in ``config.pod_plan``, checked for serving."""
+    plan = plan_from_config(config)
+    if plan is None:
+        raise PodError(
+            "the model config has no 'pod_plan': pass one with podkv.serving.engine.pod_hf_overrides(plan) "
+            "or write it into config.json with `podkv serve-check --write-checkpoint`"
+        )
+    return check_plan_servable(plan, config)
+
+
+def layer_anchors(plan: SharingPlan) -> list[int]:
+    """Anchor layer of every layer of a layer-granularity plan."""
+    return [row[0] for row in plan.anchors]

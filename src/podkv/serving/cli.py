@@ -1,0 +1,63 @@
+"""`podkv serve-check`: check that a model and a plan can be served with vLLM, optionally write a
+servable checkpoint and run a short greedy generation through vLLM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from podkv.errors import PodError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve-check", help="check a model + PoD plan for vLLM serving (layer-granularity plans)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="local HF checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--plan", type=Path, default=None,
+                   help="PoD plan JSON (default: the plan in the checkpoint's config.json)")
+    p.add_argument("--write-checkpoint", type=Path, default=None, metavar="OUT",
+                   help="write a checkpoint with the plan in config.json (serve it with `vllm serve OUT`)")
+    p.add_argument("--run", action="store_true", help="also start vLLM and generate greedily (needs vllm installed)")
+    p.add_argument("--prompt", default="The capital of France is")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from podkv.plan import SharingPlan, plan_from_config
+    from podkv.serving.checks import check_plan_servable
+    from podkv.serving.engine import load_hf_config, write_pod_checkpoint
+
+    model_dir = args.model or _default_model_dir()
+    config = load_hf_config(model_dir)
+    plan = SharingPlan.load(args.plan) if args.plan is not None else plan_from_config(config)
+    if plan is None:
+        raise PodError(f"--plan is required: {model_dir}/config.json has no 'pod_plan'")
+    check_plan_servable(plan, config)
+    print(f"ok: {model_dir} ({config.model_type}) can be served with vLLM")
+    print(plan.summary())
+    if args.write_checkpoint is not None:
+        out = write_pod_checkpoint(model_dir, plan, args.write_checkpoint)
+        print(f"wrote {out}: serve with `vllm serve {out} --enforce-eager --no-enable-prefix-caching`")
+    if args.run:
+        _generate(model_dir, plan, args.prompt, args.max_new_tokens)
+    return 0
+
+
+def _default_model_dir() -> Path:
+    from podkv.models.default_model import ensure_default_model
+
+    return ensure_default_model(progress=True)
+
+
+def _generate(model_dir, plan, prompt: str, max_new_tokens: int) -> None:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise PodError("--run needs vLLM: pip install 'podkv[vllm]' (see docs/serving.md)") from None
+    from vllm import SamplingParams
+
+    from podkv.serving.engine import make_llm
+
+    llm = make_llm(model_dir, plan, dtype="float32", max_model_len=2048, enable_prefix_caching=False)
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=max_new_tokens))
+    print(f"vLLM (PoD) continuation: {out[0].outputs[0].text!r}")

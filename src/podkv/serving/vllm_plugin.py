@@ -1,0 +1,71 @@
+"""The ``vllm.general_plugins`` entry point: teach vLLM to serve PoD models.
+
+vLLM calls :func:`register` once in every process it starts (front end, engine core, workers).
+It registers, through vLLM's registries:
+
+* ``PodLlamaForCausalLM`` with ``ModelRegistry.register_model`` (lazily, as "module:Class");
+* the PoD attention backend with ``register_backend`` (``PODKV_TORCH``);
+* a config hook in ``MODELS_CONFIG_MAP`` that checks the plan when the engine's config is built
+  (in the calling process, before any worker starts), so a bad plan fails with a PodError there.
+
+Registration is idempotent and does nothing to models that carry no ``pod_plan``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from podkv.errors import PodError
+from podkv.serving import VLLM_MINOR, VLLM_PIN
+from podkv.serving.checks import POD_ARCHITECTURES
+
+log = logging.getLogger(__name__)
+
+
+def check_vllm_version(version: str) -> None:
+    if not (version == VLLM_MINOR or version.startswith(VLLM_MINOR + ".")):
+        raise PodError(f"podkv.serving is written for vLLM {VLLM_MINOR}.x but vLLM {version} is installed: "
+                       f"pip install '{VLLM_PIN}' (the model/attention interfaces change between releases)")
+
+
+def register() -> None:
+    """Entry point (``[project.entry-points."vllm.general_plugins"] podkv = ...:register``)."""
+    import vllm
+    from vllm import ModelRegistry
+
+    check_vllm_version(vllm.__version__)
+    for pod_arch in POD_ARCHITECTURES.values():
+        if pod_arch not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(pod_arch, f"podkv.serving.llama:{pod_arch}")
+    _register_backend()
+    _register_config_hook()
+
+
+def _register_backend() -> None:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    from podkv.serving.attention_names import BACKEND_NAME, BACKEND_PATH
+
+    if BACKEND_NAME not in AttentionBackendEnum.__members__:
+        register_backend(BACKEND_NAME, BACKEND_PATH)
+
+
+def _register_config_hook() -> None:
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
+
+    class PodServingConfig(VerifyAndUpdateConfig):
+        @staticmethod
+        def verify_and_update_config(vllm_config) -> None:
+            from podkv.serving.checks import plan_for_serving
+
+            plan = plan_for_serving(vllm_config.model_config.hf_config)
+            cache = vllm_config.cache_config
+            if cache.enable_prefix_caching:
+                # A non-anchor layer's sink keys live outside the shared paged blocks; reusing a
+                # cached prefix is not handled yet (docs/serving.md).
+                log.warning("podkv: disabling prefix caching for a PoD model (not supported yet)")
+                cache.enable_prefix_caching = False
+            log.info("podkv: %s", plan.summary())
+
+    for pod_arch in POD_ARCHITECTURES.values():
+        MODELS_CONFIG_MAP.setdefault(pod_arch, PodServingConfig)
