@@ -116,17 +116,23 @@ def similarity_figure(sim_kv: torch.Tensor, path: Path) -> None:
 
     mats = list(sim_kv) + ([sim_kv.mean(0)] if sim_kv.shape[0] > 1 else [])
     titles = [f"KV head {h}" for h in range(sim_kv.shape[0])] + (["mean of KV heads"] if len(mats) > 1 else [])
-    cols = min(len(mats), 4)
+    cols = min(len(mats), 2 if len(mats) <= 4 else 4)
     rows = math.ceil(len(mats) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4 * rows), squeeze=False)
+    # Shared scale from a round floor of the data to 1, so small differences stay visible.
+    low = min(0.5, math.floor(10 * float(sim_kv.min())) / 10)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 4.2 * rows), squeeze=False, layout="constrained")
+    L = sim_kv.shape[-1]
+    ticks = list(range(0, L, max(1, L // 6)))
     for ax, mat, title in zip(axes.flat, mats, titles):
-        im = ax.imshow(mat.numpy(), vmin=0, vmax=1, cmap="viridis", origin="lower")
+        im = ax.imshow(mat.numpy(), vmin=low, vmax=1, cmap="viridis", origin="lower")
         ax.set_title(title)
         ax.set_xlabel("layer")
         ax.set_ylabel("layer")
+        ax.set_xticks(ticks)
+        ax.set_yticks(ticks)
     for ax in list(axes.flat)[len(mats):]:
         ax.set_axis_off()
-    fig.suptitle("Inter-layer similarity of distant-token attention (1 − JS, base 2)")
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="similarity")
+    fig.suptitle("Inter-layer similarity of distant-token attention\n(1 − JS divergence, base 2)", y=1.06)
+    fig.colorbar(im, ax=axes, shrink=0.8, label="similarity")
     save_figure(fig, path)
     plt.close(fig)

@@ -1,0 +1,105 @@
+"""The planner: the paper's greedy, the exact target-saving search (vs brute force), PoD-L, errors."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from podkv import PodError, SharingPlan
+from podkv.analysis import planner
+
+
+def random_sim(heads, layers, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(heads, layers, layers, generator=g, dtype=torch.float64)
+    sim = (a + a.transpose(1, 2)) / 2
+    sim[:, range(layers), range(layers)] = 1.0
+    return sim
+
+
+def all_splits(layers):
+    """Every split of layers 0..L-1 into consecutive blocks, as anchor lists."""
+    for cuts in itertools.product([False, True], repeat=layers - 1):
+        anchors, a = [0], 0
+        for layer, cut in enumerate(cuts, 1):
+            a = layer if cut else a
+            anchors.append(a)
+        yield anchors
+
+
+def score(sim, anchors):
+    return sum(float(sim[a, l]) for l, a in enumerate(anchors) if a != l)
+
+
+def test_greedy_follows_the_paper():
+    sim = torch.tensor([[1.0, 0.9, 0.6, 0.4, 0.2],
+                        [0.9, 1.0, 0.9, 0.9, 0.3],
+                        [0.6, 0.9, 1.0, 0.9, 0.8],
+                        [0.4, 0.9, 0.9, 1.0, 0.9],
+                        [0.2, 0.3, 0.8, 0.9, 1.0]])
+    # layer 3 is compared with the anchor (layer 0: 0.4), not with layer 2 (0.9)
+    assert planner.greedy_anchors(sim, 0.5) == [0, 0, 0, 3, 3]
+    assert planner.greedy_anchors(sim, 0.0) == [0] * 5
+    assert planner.greedy_anchors(sim, 1.0) == [0, 1, 2, 3, 4]
+
+
+def test_threshold_plan_head_and_layer():
+    sim = random_sim(3, 6, 0)
+    plan = planner.plan_by_threshold(sim, 0.5, "head", ns=4, nr=8)
+    for h in range(3):
+        assert [plan.anchors[l][h] for l in range(6)] == planner.greedy_anchors(sim[h], 0.5)
+    layer_plan = planner.plan_by_threshold(sim, 0.5, "layer", ns=4, nr=8)
+    assert layer_plan.is_layer_granular
+    assert [row[0] for row in layer_plan.anchors] == planner.greedy_anchors(sim.mean(0), 0.5)
+
+
+def test_best_splits_match_brute_force():
+    sim = random_sim(1, 7, 1)[0]
+    best = planner.best_splits(sim)
+    for blocks in range(1, 8):
+        brute = max(score(sim, a) for a in all_splits(7) if len(set(a)) == blocks)
+        got_score, got_anchors = best[blocks - 1]
+        assert len(set(got_anchors)) == blocks
+        assert abs(got_score - brute) < 1e-9 and abs(score(sim, got_anchors) - brute) < 1e-9
+
+
+@pytest.mark.parametrize("saving", [0.1, 0.2, 0.3])
+def test_target_saving_plan_is_optimal_and_just_reaches_the_target(saving):
+    layers, heads, context, ns, nr = 5, 2, 64, 4, 12
+    sim = random_sim(heads, layers, 2)
+    plan = planner.plan_for_saving(sim, saving, context, "head", ns=ns, nr=nr)
+    step = (context - ns - nr) / (2 * layers * heads * context)  # saving of one shared pair
+    assert saving <= plan.kv_saving(context) < saving + step
+    shared = sum(len(plan.shared_heads(l)) for l in range(layers))
+    brute = max(score(sim[0], a) + score(sim[1], b) for a in all_splits(layers) for b in all_splits(layers)
+                if (layers - len(set(a))) + (layers - len(set(b))) == shared)
+    assert abs(planner.plan_similarity(plan, sim) - brute) < 1e-9
+
+
+def test_target_saving_layer_granularity():
+    sim = random_sim(3, 8, 3)
+    plan = planner.plan_for_saving(sim, 0.25, 128, "layer", ns=4, nr=12)
+    assert plan.is_layer_granular and plan.kv_saving(128) >= 0.25
+    layer_step = 3 * (128 - 16) / (2 * 8 * 3 * 128)
+    assert plan.kv_saving(128) < 0.25 + layer_step
+
+
+def test_planner_errors_name_the_flag():
+    sim = random_sim(2, 4, 0)
+    with pytest.raises(PodError, match="--delta"):
+        planner.plan_by_threshold(sim, 1.5, ns=4, nr=8)
+    with pytest.raises(PodError, match="--target-saving .* outside"):
+        planner.plan_for_saving(sim, 0.45, 64, ns=4, nr=8)  # at most 3/4 of pairs share: < 0.375
+    with pytest.raises(PodError, match="--context"):
+        planner.plan_for_saving(sim, 0.1, 12, ns=4, nr=8)
+    with pytest.raises(PodError, match="--granularity"):
+        planner.plan_by_threshold(sim, 0.5, "block", ns=4, nr=8)
+
+
+def test_pairs_for_saving_is_the_smallest_count():
+    L, H, T, ns, nr = 30, 3, 4096, 16, 240
+    k = planner.pairs_for_saving(0.35, L, H, T, ns, nr)
+    per = (T - ns - nr) / (2 * L * H * T)
+    assert k * per >= 0.35 > (k - 1) * per
+    assert math.isclose(SharingPlan.uniform(L, H, L).kv_saving(T), (L - 1) * H * per)
