@@ -1,0 +1,46 @@
+"""``"smollm2-pod"``: the default model adapted to its shipped PoD plan by ``podkv train``.
+
+The package ships only what training changed (LoRA factors of q/k projections, a few MB) with
+the plan and the exact recipe; loading = default weights + deltas + ``enable_pod(plan)``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from podkv.errors import PodError
+
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "smollm2-pod"
+PLAN_FILE = "pod_plan.json"
+DELTA_FILE = "pod_deltas.safetensors"
+RECIPE_FILE = "recipe.json"
+
+
+def load_adapted_default(dtype: torch.dtype = torch.float32, progress: bool = True, asset_dir: Path | None = None):
+    """(model, tokenizer): SmolLM2-135M-Instruct + shipped PoD deltas, PoD enabled (``model.config.pod_plan``)."""
+    from podkv.models.enable import enable_pod
+    from podkv.models.loading import load_model
+    from podkv.plan import SharingPlan
+    from podkv.training.deltas import apply_deltas
+
+    asset_dir = Path(asset_dir or ASSET_DIR)
+    for name in (PLAN_FILE, DELTA_FILE):
+        if not (asset_dir / name).is_file():
+            raise PodError(f"the adapted model 'smollm2-pod' is incomplete: {asset_dir / name} is missing; "
+                           "reinstall podkv or train your own with `podkv train`")
+    model, tok = load_model(None, dtype=torch.float32, progress=progress)
+    apply_deltas(model, asset_dir / DELTA_FILE)  # deltas are added in fp32, then cast once
+    enable_pod(model, SharingPlan.load(asset_dir / PLAN_FILE))
+    model.to(dtype)
+    return model.eval(), tok
+
+
+def recipe(asset_dir: Path | None = None) -> dict:
+    """How the shipped deltas were made: command, tokens, wall time, measured gaps."""
+    path = Path(asset_dir or ASSET_DIR) / RECIPE_FILE
+    if not path.is_file():
+        raise PodError(f"{path} is missing")
+    return json.loads(path.read_text())

@@ -1,0 +1,58 @@
+"""`podkv train`: post-training adaptation of a model to a PoD plan (thin: builds a TrainConfig)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="adapt a model to a PoD plan (transformers Trainer; LoRA optional)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="model name or path (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--plan", required=True, help="sharing plan JSON")
+    p.add_argument("--data", nargs="*", default=[], help="UTF-8 text files, one document each "
+                                                         "(default: Python's pydoc_data.topics)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per packed sequence")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--max-steps", type=int, help="optimizer steps")
+    budget.add_argument("--max-tokens", type=int, help="training tokens (rounded up to whole steps)")
+    p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (cosine decay after warm-up)")
+    p.add_argument("--warmup-ratio", type=float, default=0.05)
+    p.add_argument("--objective", choices=("lm", "distill"), default="lm",
+                   help="lm: next-token loss; distill: KL to the same model with dense attention")
+    p.add_argument("--trainable", choices=("qk", "attention", "all"), default="qk")
+    p.add_argument("--lora-rank", type=int, default=0, help="0: train weights directly; R > 0: LoRA (peft)")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per device per micro-step")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps (for --resume)")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out perplexity every N steps (0: start/end)")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per measurement")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 where the GPU supports it, else fp32")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in <out>.tmp-train")
+    p.add_argument("--out", required=True, help="output directory (written atomically at the end)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from podkv.training.config import TrainConfig
+    from podkv.training.runner import train
+
+    cfg = TrainConfig(
+        plan=args.plan, out=args.out, model=args.model, data=args.data, seq_len=args.seq_len,
+        max_steps=args.max_steps, max_tokens=args.max_tokens, lr=args.lr, warmup_ratio=args.warmup_ratio,
+        objective=args.objective, trainable=args.trainable, lora_rank=args.lora_rank, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing, save_steps=args.save_steps,
+        eval_every=args.eval_every, eval_tokens=args.eval_tokens, precision=args.precision, threads=args.threads,
+        seed=args.seed, resume=args.resume,
+    )
+    result = train(cfg)
+    if result:
+        last = result["heldout"][-1] if result["heldout"] else None
+        gap = f", held-out NLL gap to dense {last['nll_gap']:+.4f}" if last else ""
+        print(f"trained {result['steps']} steps ({result['tokens']} tokens) in {result['wall_s']} s{gap}; "
+              f"saved {args.out}")
+    return 0

@@ -1,0 +1,86 @@
+"""Training text: documents -> one token stream -> packed fixed-length sequences, tail held out.
+
+Packing (documents joined by EOS, cut into ``seq_len`` blocks) keeps every position a real token,
+so PoD's distant range is exercised from the first step; the held-out tail is a fixed slice of
+the same stream that training never sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from podkv.errors import PodError
+
+
+def default_documents() -> list[str]:
+    """The standard library's help topics (``pydoc_data.topics``): ~465K characters, always offline."""
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+def read_documents(paths: list[str]) -> list[str]:
+    """One document per file; a file without any non-whitespace text is an error."""
+    docs = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise PodError(f"--data file {p} does not exist")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise PodError(f"--data file {p} is not UTF-8 text") from None
+        if not text.strip():
+            raise PodError(f"--data file {p} has no text")
+        docs.append(text)
+    return docs
+
+
+def token_stream(tok, docs: list[str]) -> torch.Tensor:
+    """Concatenate tokenized documents with EOS separators -> (N,) long."""
+    eos = tok.eos_token_id
+    parts = []
+    for doc in docs:
+        ids = tok(doc, add_special_tokens=False)["input_ids"]
+        parts.extend(ids)
+        if eos is not None:
+            parts.append(eos)
+    return torch.tensor(parts, dtype=torch.long)
+
+
+@dataclass
+class Split:
+    train: torch.Tensor  # (n_train, seq_len)
+    heldout: torch.Tensor  # (N_heldout,) the stream's tail, evaluated in seq_len blocks
+
+
+def split_stream(stream: torch.Tensor, seq_len: int, eval_fraction: float) -> Split:
+    """Hold out the last ``eval_fraction`` of the stream; pack the rest into ``seq_len`` blocks."""
+    n_eval = max(seq_len, int(len(stream) * eval_fraction))
+    n_train = (len(stream) - n_eval) // seq_len
+    if n_train < 1:
+        raise PodError(f"the training text has {len(stream)} tokens: too few for one --seq-len {seq_len} "
+                       f"sequence after holding out {n_eval} for evaluation; add --data or lower --seq-len")
+    train = stream[: n_train * seq_len].view(n_train, seq_len)
+    return Split(train=train, heldout=stream[len(stream) - n_eval:])
+
+
+def load_split(tok, paths: list[str], seq_len: int, eval_fraction: float) -> Split:
+    docs = read_documents(paths) if paths else default_documents()
+    return split_stream(token_stream(tok, docs), seq_len, eval_fraction)
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Rows of a (n, seq_len) tensor as ``{"input_ids", "labels"}`` (labels are shifted inside the model)."""
+
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def __len__(self):
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i):
+        row = self.blocks[i]
+        return {"input_ids": row, "labels": row.clone()}

@@ -1,0 +1,67 @@
+"""The small artifact: only what training changed, as safetensors, applied onto base weights.
+
+Two entry kinds, keyed by the base parameter name (``...q_proj.weight``):
+  * ``<name>::delta`` — a full (out, in) difference (direct training);
+  * ``<name>::lora_A`` (r, in) and ``<name>::lora_B`` (out, r), scale folded into B — a LoRA update.
+Applying needs neither peft nor the training code, so ``load_model("smollm2-pod")`` stays light.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from podkv.errors import PodError
+
+
+def lora_factors(peft_model) -> dict[str, torch.Tensor]:
+    """LoRA factors of a peft model, keyed by the *base* parameter names."""
+    out = {}
+    for name, module in peft_model.named_modules():
+        if not hasattr(module, "lora_A") or "default" not in getattr(module, "lora_A", {}):
+            continue
+        base = name.removeprefix("base_model.model.") + ".weight"
+        a = module.lora_A["default"].weight.detach()  # (r, in)
+        b = module.lora_B["default"].weight.detach() * module.scaling["default"]  # (out, r)
+        out[f"{base}::lora_A"], out[f"{base}::lora_B"] = a.float().contiguous(), b.float().contiguous()
+    return out
+
+
+def full_deltas(model, base_state: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """``W_trained - W_base`` for the parameters in ``names``."""
+    params = dict(model.named_parameters())
+    return {f"{n}::delta": (params[n].detach().float() - base_state[n].float()).contiguous() for n in names}
+
+
+def save_deltas(tensors: dict[str, torch.Tensor], path: str | Path, dtype=torch.bfloat16) -> Path:
+    from safetensors.torch import save
+
+    from podkv.io import atomic_write_bytes
+
+    return atomic_write_bytes(path, save({k: v.to(dtype) for k, v in tensors.items()}))
+
+
+def apply_deltas(model, path: str | Path) -> int:
+    """Add the stored updates to ``model``'s weights in place. Returns the number of tensors changed."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise PodError(f"delta file {path} does not exist")
+    entries = load_file(str(path))
+    params = dict(model.named_parameters())
+    touched = set()
+    with torch.no_grad():
+        for key, value in entries.items():
+            name, kind = key.rsplit("::", 1)
+            if name not in params:
+                raise PodError(f"delta file {path} updates {name}, which this model does not have")
+            p = params[name]
+            if kind == "delta":
+                p.add_(value.to(p.dtype))
+            elif kind == "lora_A":
+                b = entries[f"{name}::lora_B"].float()
+                p.add_((b @ value.float()).to(p.dtype))  # (out, r) @ (r, in)
+            touched.add(name)
+    return len(touched)

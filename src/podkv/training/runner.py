@@ -1,0 +1,177 @@
+"""`train(config)`: PoD post-training adaptation on ``transformers.Trainer`` (paper §2.2).
+
+Flow: validate everything (plan vs model, data, seq_len) -> measure the dense held-out loss ->
+``enable_pod`` -> freeze all but the selected weights (or add LoRA) -> ``Trainer`` (grad
+accumulation, cosine schedule with warm-up, checkpoints, resume) -> merge, save into
+``<out>.tmp-train/model`` and rename to ``<out>``: an interrupted run never leaves a loadable ``out``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from podkv.errors import PodError
+from podkv.training.config import TrainConfig
+
+RESULT_FILE = "train_result.json"
+DELTA_FILE = "pod_deltas.safetensors"
+
+
+def prepare(cfg: TrainConfig):
+    """Everything that can fail on bad input, before any compute: returns (model, tok, plan, split)."""
+    from podkv.models.enable import check_supported, disable_pod
+    from podkv.models.loading import load_model
+    from podkv.plan import SharingPlan
+    from podkv.training.data import load_split
+
+    _check_dirs(cfg)
+    plan = SharingPlan.load(cfg.plan)
+    model, tok = load_model(cfg.model, dtype=torch.float32, progress=False)
+    disable_pod(model)  # a checkpoint saved by an earlier run comes back PoD-enabled; start from dense
+    check_supported(model.config)
+    plan.validate_for(model.config)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and cfg.seq_len > max_pos:
+        raise PodError(f"--seq-len {cfg.seq_len} exceeds the model's {max_pos} positions")
+    split = load_split(tok, cfg.data, cfg.seq_len, cfg.eval_fraction)
+    return model, tok, plan, split
+
+
+def _check_dirs(cfg: TrainConfig) -> None:
+    out, work = Path(cfg.out), cfg.work_dir
+    if out.exists():
+        raise PodError(f"--out {out} already exists: choose another directory or delete it")
+    has_ckpt = work.is_dir() and any(work.glob("checkpoint-*"))
+    if cfg.resume and not has_ckpt:
+        raise PodError(f"--resume: no checkpoint in {work} to resume from")
+    if not cfg.resume and work.exists():
+        raise PodError(f"{work} holds an interrupted run: pass --resume to continue it, or delete it")
+
+
+def train(cfg: TrainConfig, callbacks=None) -> dict:
+    """Run one adaptation; returns the result dict also written to ``<out>/train_result.json``."""
+    from podkv.models.enable import enable_pod
+    from podkv.training.evaluate import heldout_nll
+    from podkv.training.trainable import add_lora, count_trainable, mark_trainable
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, tok, plan, split = prepare(cfg)
+    t0 = time.time()
+    dense_nll = heldout_nll(model, split.heldout, cfg.seq_len, cfg.eval_tokens)
+    teacher = copy.deepcopy(model) if cfg.objective == "distill" else None  # dense attention, frozen
+    enable_pod(model, plan)
+    base_state = {n: p.detach().clone() for n, p in model.named_parameters()} if not cfg.lora_rank else None
+    if cfg.lora_rank:
+        model = add_lora(model, plan, cfg.trainable, cfg.lora_rank, cfg.lora_alpha)
+        names = None
+    else:
+        names = mark_trainable(model, plan, cfg.trainable)
+    n_trainable = count_trainable(model)
+    probe = HeldOut(split.heldout, cfg, dense_nll)
+    trainer = _build_trainer(cfg, model, tok, split, teacher, [probe] + list(callbacks or []))
+    trainer.train(resume_from_checkpoint=True if cfg.resume else None)
+    trainer.accelerator.wait_for_everyone()
+    result = {}
+    if trainer.is_world_process_zero():
+        world = trainer.args.world_size
+        result = _finish(cfg, trainer, tok, plan, names, base_state, probe, dense_nll, time.time() - t0, world,
+                         n_trainable)
+    trainer.accelerator.wait_for_everyone()
+    return result
+
+
+def _build_trainer(cfg, model, tok, split, teacher, callbacks):
+    from transformers import TrainingArguments, default_data_collator
+
+    from podkv.training.data import PackedDataset
+    from podkv.training.objectives import TRAINERS
+
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available()
+                                        and torch.cuda.is_bf16_supported())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    args = TrainingArguments(
+        output_dir=str(cfg.work_dir), max_steps=cfg.steps(world), per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type="cosine",
+        warmup_steps=int(cfg.warmup_ratio * cfg.steps(world)), weight_decay=0.0, max_grad_norm=1.0,
+        bf16=bf16, gradient_checkpointing=cfg.gradient_checkpointing,
+        # Non-reentrant checkpointing keeps the graph edge from a shared layer to its anchor's keys
+        # (read through model.pod_runtime, not passed as an input); reentrant would drop it.
+        gradient_checkpointing_kwargs={"use_reentrant": False}, save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=2, logging_steps=1, report_to="none", seed=cfg.seed, data_seed=cfg.seed,
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, remove_unused_columns=False,
+        ddp_backend="gloo" if world > 1 and not torch.cuda.is_available() else None, ddp_find_unused_parameters=False,
+        disable_tqdm=False, save_only_model=False,
+    )
+    kwargs = {"teacher": teacher} if cfg.objective == "distill" else {}
+    return TRAINERS[cfg.objective](model=model, args=args, train_dataset=PackedDataset(split.train),
+                                   data_collator=default_data_collator, processing_class=tok,
+                                   callbacks=callbacks, **kwargs)
+
+
+def _finish(cfg, trainer, tok, plan, names, base_state, probe, dense_nll, wall, world, n_trainable) -> dict:
+    from podkv.io import write_json
+    from podkv.training.deltas import full_deltas, lora_factors, save_deltas
+
+    model = trainer.model
+    model = getattr(model, "module", model)  # unwrap DDP
+    if cfg.lora_rank:
+        deltas = lora_factors(model)
+        model = model.merge_and_unload()
+    else:
+        deltas = full_deltas(model, base_state, names)
+    probe.measure(model, trainer.state.global_step, force=True)
+    final = cfg.work_dir / "model"
+    if final.exists():
+        shutil.rmtree(final)
+    model.save_pretrained(final)
+    tok.save_pretrained(final)
+    save_deltas(deltas, final / DELTA_FILE)
+    plan.save(final / "pod_plan.json")
+    steps = trainer.state.global_step
+    result = {
+        "config": cfg.to_dict(), "steps": steps, "tokens": steps * cfg.tokens_per_step * world,
+        "world_size": world, "trainable_params": n_trainable, "wall_s": round(wall, 1), "kv_saving_4096": plan.kv_saving(4096),
+        "dense_heldout_nll": dense_nll, "heldout": probe.curve,
+        "train_loss": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
+    }
+    write_json(final / RESULT_FILE, result)
+    os.replace(final, cfg.out)  # atomic: <out> appears complete or not at all
+    shutil.rmtree(cfg.work_dir, ignore_errors=True)
+    return result
+
+
+class HeldOut(TrainerCallback):
+    """Trainer callback: held-out NLL of the PoD model at the start, every ``eval_every`` steps and the end."""
+
+    def __init__(self, heldout: torch.Tensor, cfg: TrainConfig, dense_nll: float):
+        super().__init__()
+        self.heldout, self.cfg, self.dense_nll = heldout, cfg, dense_nll
+        self.curve: list[dict] = []
+
+    def measure(self, model, step: int, force: bool = False):
+        from podkv.training.evaluate import heldout_nll
+
+        if not force and any(p["step"] == step for p in self.curve):
+            return
+        nll = heldout_nll(model, self.heldout, self.cfg.seq_len, self.cfg.eval_tokens)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.curve = [p for p in self.curve if p["step"] != step]
+        self.curve.append({"step": step, "tokens": step * self.cfg.tokens_per_step * world, "nll": nll,
+                           "nll_gap": nll - self.dense_nll})
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        if state.is_world_process_zero and state.global_step == 0:
+            self.measure(model, 0)
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        every = self.cfg.eval_every
+        if every and state.global_step % every == 0 and state.is_world_process_zero:
+            self.measure(model, state.global_step)
