@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from podkv.attention.chunked import DEFAULT_CHUNK, KeySources, pod_attention_chunked
+from podkv.attention import gate_skip
 from podkv.attention.reference import pod_attention_reference
 from podkv.cache.pod_cache import ACTIVE_LAYER, PodCache
 from podkv.errors import PodError
@@ -32,6 +33,8 @@ class PodRuntime:
     chunk: int = DEFAULT_CHUNK
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> full keys of this forward
     queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> queries ("scores" mode)
+    skip_tau: float | None = None  # gate skipping in decode (paper §2.3); None = off. See gate_skip.py
+    skip: gate_skip.GateSkipState = field(default_factory=gate_skip.GateSkipState)  # its counters
 
 
 def pod_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -58,7 +61,10 @@ def _forward(module, query, key, value, attention_mask, scaling, dropout, refere
     active = ACTIVE_LAYER.get()
     if active is not None and active[1] == layer:
         ACTIVE_LAYER.set(None)
-        out = _from_pod_cache(active[0], layer, query, key, attention_mask, plan, scale, anchor_query, runtime, dropout, reference)
+        if gate_skip.applies(runtime, active[0], layer, query, anchor_query) and not reference:
+            out = gate_skip.decode_attention(active[0], layer, query, key, scale, runtime)
+        else:
+            out = _from_pod_cache(active[0], layer, query, key, attention_mask, plan, scale, anchor_query, runtime, dropout, reference)
     else:
         out = _from_full_keys(runtime, layer, query, key, value, attention_mask, plan, scale, anchor_query, dropout, reference)
     return out.transpose(1, 2).contiguous(), None
