@@ -54,6 +54,9 @@ class PodTorchImpl(CPUAttentionBackendImpl):
         if attn_metadata is None or self.pod_anchor_layer is None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
+        if getattr(layer, "isa", None) not in KEY_TRANSPOSED_ISAS:
+            raise NotImplementedError(f"podkv's reference PoD path reads CPU caches of ISA {KEY_TRANSPOSED_ISAS}, "
+                                      f"not {getattr(layer, 'isa', None)!r} (use dtype float32 or float16)")
         anchor_cache = get_forward_context().no_compile_layers[self.pod_anchor_layer].kv_cache
         if anchor_cache.shape != kv_cache.shape:
             raise RuntimeError(f"PoD anchor {self.pod_anchor_layer} has cache {tuple(anchor_cache.shape)}, "
@@ -81,16 +84,21 @@ class PodTorchImpl(CPUAttentionBackendImpl):
                                      chunk=self.pod_chunk)
 
 
+# CPU kernels whose block layout paged_kv() reads (checked in tests/test_serving_vllm.py).
+KEY_TRANSPOSED_ISAS = ("vec", "vec16")
+
+
 def paged_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of one request from a CPU paged cache.
 
-    kv_cache (num_blocks, H, bs, 2D) -- per block and head, bs keys then bs values (as
-    ``CPUAttentionBackendImpl`` views it); blocks (max_blocks,) block ids -> two (1, H, seq_len, D).
+    kv_cache (num_blocks, H, bs, 2D): per block and head, ``CPUAttentionBackendImpl`` keeps a key
+    half then a value half; the "vec"/"vec16" kernels store the key half transposed, (D, bs), and
+    the value half as (bs, D). blocks (max_blocks,) block ids -> two (1, H, seq_len, D).
     """
     nb, H, bs, _ = kv_cache.shape
     used = blocks[: -(-seq_len // bs)].long()
     kv = kv_cache.view(nb, H, 2 * bs, -1)[used]  # (n, H, 2bs, D)
     n, D = kv.shape[0], kv.shape[-1]
-    k = kv[:, :, :bs].permute(1, 0, 2, 3).reshape(H, n * bs, D)[:, :seq_len]
+    k = kv[:, :, :bs].reshape(n, H, D, bs).permute(1, 0, 3, 2).reshape(H, n * bs, D)[:, :seq_len]
     v = kv[:, :, bs:].permute(1, 0, 2, 3).reshape(H, n * bs, D)[:, :seq_len]
     return k.unsqueeze(0), v.unsqueeze(0)
