@@ -1,0 +1,104 @@
+"""`podkv bench memory|batch|speed|skip`: each builds a config, runs one library function, writes results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from podkv.errors import PodError
+
+DEFAULT_OUT = Path("benchmarks")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise PodError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise PodError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def register(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks: KV memory, max batch, speed, gate skipping")
+    cmds = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    common = dict(model=None, plan=None, out=DEFAULT_OUT)
+
+    p = cmds.add_parser("memory", help="KV bytes held vs context length, measured and by formula")
+    p.add_argument("--lengths", type=_ints, default=(1024, 2048, 4096, 8192))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--decode", type=int, default=4, help="greedy tokens decoded after the prefill")
+    _common(p, "memory")
+
+    p = cmds.add_parser("batch", help="largest batch under a fixed KV budget, dense vs PoD (real runs)")
+    p.add_argument("--length", type=int, default=2048)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--budget-requests", type=float, default=4.5, help="KV budget in dense requests (default 4.5)")
+    p.add_argument("--budget-mb", type=float, default=None, help="KV budget in MiB (overrides --budget-requests)")
+    p.add_argument("--rss-budget-mb", type=float, default=None, help="also cap peak process memory (MiB)")
+    p.add_argument("--max-batch", type=int, default=64)
+    _common(p, "batch")
+
+    p = cmds.add_parser("speed", help="prefill/decode latency and one layer's attention, dense vs PoD")
+    p.add_argument("--prefill-lengths", type=_ints, default=(512, 1024, 2048))
+    p.add_argument("--decode-lengths", type=_ints, default=(1024, 4096))
+    p.add_argument("--decode-steps", type=int, default=12)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--attn-lengths", type=_ints, default=(1024, 2048, 4096, 8192))
+    p.add_argument("--attn-reps", type=int, default=5)
+    _common(p, "speed")
+
+    p = cmds.add_parser("skip", help="gate skipping swept over tau: skipped share, time, perplexity, passkey")
+    p.add_argument("--taus", type=_floats, default=None, help="comma-separated (default 1.01,0.95,...,0)")
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--ppl-prefix", type=int, default=1024)
+    p.add_argument("--ppl-tokens", type=int, default=48)
+    p.add_argument("--passkeys", type=int, default=3)
+    p.add_argument("--predictor", choices=("anchor_gate", "anchor_lse"), default="anchor_gate")
+    _common(p, "skip")
+    bench.set_defaults(**common)
+
+
+def _common(p, name: str) -> None:
+    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--plan", type=Path, default=None,
+                   help="sharing plan JSON (default: the shipped SmolLM2 plan, else uniform blocks of 4)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for <name>.json, RESULTS.md and PNGs")
+    p.set_defaults(func=run, bench_name=name)
+
+
+def run(args) -> int:
+    from podkv.bench.runner import run_bench
+    from podkv.models.loading import load_model
+
+    config = build_config(args)
+    model, tok = load_model(args.model)
+    path = run_bench(args.bench_name, model, tok, config, out_dir=args.out, plan_path=args.plan)
+    print(f"wrote {path} and {Path(args.out) / 'RESULTS.md'}")
+    return 0
+
+
+def build_config(args):
+    from podkv.bench.batch import BatchConfig
+    from podkv.bench.memory import MemoryConfig
+    from podkv.bench.skip import SkipConfig
+    from podkv.bench.speed import SpeedConfig
+
+    name = args.bench_name
+    if name == "memory":
+        return MemoryConfig(lengths=args.lengths, batch=args.batch, decode=args.decode)
+    if name == "batch":
+        return BatchConfig(length=args.length, new_tokens=args.new_tokens, budget_requests=args.budget_requests,
+                           budget_mb=args.budget_mb, rss_budget_mb=args.rss_budget_mb, max_batch=args.max_batch)
+    if name == "speed":
+        return SpeedConfig(prefill_lengths=args.prefill_lengths, decode_lengths=args.decode_lengths,
+                           decode_steps=args.decode_steps, reps=args.reps, attn_lengths=args.attn_lengths,
+                           attn_reps=args.attn_reps)
+    kw = {} if args.taus is None else {"taus": args.taus}
+    return SkipConfig(context=args.context, steps=args.steps, ppl_prefix=args.ppl_prefix, ppl_tokens=args.ppl_tokens,
+                      passkeys=args.passkeys, predictor=args.predictor, **kw)

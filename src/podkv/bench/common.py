@@ -1,0 +1,172 @@
+"""Shared pieces of the benchmarks: model/plan choice, machine facts, timing statistics, memory probes.
+
+Timing follows gpt-fast: warm-up excluded, CUDA synchronised around timers, and (because the CPU is
+shared) repetitions of the compared methods are interleaved and summarised by median and spread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import platform
+import statistics
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from podkv.plan import SharingPlan
+
+SHIPPED_PLAN = Path(__file__).resolve().parent.parent / "assets" / "smollm2_plan_35.json"
+
+
+def default_plan(config) -> tuple[SharingPlan, str]:
+    """The shipped SmolLM2 plan when present and valid for ``config``, else uniform blocks of 4 layers."""
+    if SHIPPED_PLAN.exists():
+        plan = SharingPlan.load(SHIPPED_PLAN)
+        try:
+            plan.validate_for(config)
+            return plan, str(SHIPPED_PLAN.name)
+        except Exception:  # a plan for another model: fall through to the uniform one
+            pass
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    ns, nr = (16, 240) if config.max_position_embeddings >= 2048 else (4, 28)
+    plan = SharingPlan.uniform(config.num_hidden_layers, heads, 4, ns=ns, nr=nr)
+    return plan, f"uniform(block=4, ns={ns}, nr={nr})"
+
+
+def machine_info(device: str = "cpu") -> dict:
+    import transformers
+
+    import podkv
+
+    info = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "podkv": podkv.__version__,
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "device": device}
+    with contextlib.suppress(OSError, AttributeError):
+        import os
+
+        info["load_avg_1m"] = round(os.getloadavg()[0], 2)  # other users of the CPU make timings noisy
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def stats(xs: list[float]) -> dict:
+    """Median and spread (min, max, IQR) of repeated measurements."""
+    xs = sorted(xs)
+    q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0]] * 3
+    return {"median": statistics.median(xs), "min": xs[0], "max": xs[-1], "iqr": q[2] - q[0], "n": len(xs),
+            "values": xs}
+
+
+def sync(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device="cpu") -> tuple[float, object]:
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def rss_bytes() -> int | None:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.Process().memory_info().rss
+
+
+class PeakMemory:
+    """Peak process memory over a ``with`` block, above its start: RSS sampled every ``period`` s on
+    CPU (psutil), ``torch.cuda.max_memory_allocated`` on CUDA. ``.peak`` is None if not measurable."""
+
+    def __init__(self, device="cpu", period: float = 0.002):
+        self.device, self.period, self.peak = str(device), period, None
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+            return self
+        self._base = rss_bytes()
+        self._max = self._base
+        if self._base is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self._max = max(self._max, rss_bytes())
+            self._stop.wait(self.period)
+
+    def __exit__(self, *exc):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self._base
+        elif self._base is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self._max, rss_bytes()) - self._base
+        return False
+
+
+def new_cache(model, method: str, plan: SharingPlan):
+    """An empty cache for ``method`` ("dense" or "pod"); switches the model's attention to match."""
+    from transformers import DynamicCache
+
+    from podkv.cache.pod_cache import PodCache
+    from podkv.models.enable import disable_pod, enable_pod
+
+    if method == "dense":
+        disable_pod(model)
+        return DynamicCache(config=model.config)
+    if getattr(model, "pod_runtime", None) is None or model.pod_runtime.plan is not plan:
+        disable_pod(model)
+        enable_pod(model, plan)
+    return PodCache(model.config, plan)
+
+
+@torch.no_grad()
+def prefill_decode(model, ids: torch.Tensor, cache, new_tokens: int, step_times: list | None = None):
+    """Prefill ``ids`` (B, T) into ``cache`` then decode ``new_tokens`` greedy tokens. Only the last
+    position's logits are computed (a (B, T, vocab) tensor would dwarf the KV cache)."""
+    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    nxt = out.logits[:, -1:].argmax(-1)
+    for _ in range(new_tokens):
+        t, out = timed(lambda: model(nxt, past_key_values=cache, use_cache=True), ids.device)
+        if step_times is not None:
+            step_times.append(t)
+        nxt = out.logits[:, -1:].argmax(-1)
+    return cache
+
+
+def token_ids(tok, vocab: int, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    """Prompt ids (B, T): held-out text (pydoc_data.topics) when a tokenizer is given, else random ids."""
+    if tok is None:
+        return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+    ids = _text_ids(tok)
+    reps = -(-(length * batch) // len(ids))
+    ids = ids.repeat(reps)[: length * batch]
+    return ids.view(batch, length)
+
+
+@functools.lru_cache(maxsize=2)
+def _text_ids(tok) -> torch.Tensor:
+    return tok(held_out_text(), return_tensors="pt").input_ids[0]
+
+
+def held_out_text() -> str:
+    """Python's own documentation topics: always installed, never used to build plans."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))

@@ -1,0 +1,42 @@
+"""Run one benchmark by name and write its JSON, RESULTS.md section and plot. A registry, no branches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from podkv.bench import batch, memory, skip, speed
+from podkv.bench.common import default_plan, machine_info
+from podkv.bench.report import machine_line, write_results
+from podkv.plan import SharingPlan
+
+# name -> (run(model, tok, plan, cfg) -> dict, markdown(result) -> str, plot(result, path), title)
+BENCHES = {
+    "memory": (memory.run_memory, memory.memory_markdown, memory.memory_plot, "KV memory"),
+    "batch": (batch.run_batch, batch.batch_markdown, batch.batch_plot, "Max batch at a fixed KV budget"),
+    "speed": (speed.run_speed, speed.speed_markdown, speed.speed_plot, "Prefill and decode speed"),
+    "skip": (skip.run_skip, skip.skip_markdown, skip.skip_plot, "Gate skipping (paper §2.3, Fig. 4)"),
+}
+
+
+def run_bench(name: str, model, tok, cfg, out_dir: str | Path = "benchmarks", plan_path: str | Path | None = None,
+              plan: SharingPlan | None = None) -> Path:
+    """Run benchmark ``name`` on ``model`` and write ``<out_dir>/<name>.json``, ``<name>.png`` and RESULTS.md."""
+    run, markdown, plot, title = BENCHES[name]
+    if plan is not None:
+        plan_name = "given"
+    elif plan_path is not None:
+        plan, plan_name = SharingPlan.load(plan_path), str(plan_path)
+    else:
+        plan, plan_name = default_plan(model.config)
+    plan.validate_for(model.config)
+    info = machine_info(str(model.device))
+    result = run(model, tok, plan, cfg)
+    result.update(machine=info, plan=plan_name, plan_saving_4k=plan.kv_saving(4096),
+                  model=getattr(model.config, "_name_or_path", "") or model.config.model_type,
+                  config={k: v for k, v in vars(cfg).items()})
+    out_dir = Path(out_dir)
+    plot(result, out_dir / f"{name}.png")
+    section = (f"## {title}\n\n`podkv bench {name}` — model {result['model']}, plan {plan_name} "
+               f"(analytic KV saving at 4K: {100 * result['plan_saving_4k']:.1f}%).\n{machine_line(info)}\n\n"
+               f"{markdown(result)}\n\n![{name}]({name}.png)")
+    return write_results(out_dir, name, result, section)

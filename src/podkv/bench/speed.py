@@ -1,0 +1,170 @@
+"""`podkv bench speed`: prefill latency and decode speed, dense SDPA vs PoD, plus one layer's attention alone.
+
+The CPU is shared, so the compared methods alternate inside every repetition (dense, PoD, then PoD,
+dense, ...) and results are medians with their spread. Decode is timed on two models (the dense one
+and a PoD copy) each holding its own prefilled cache, stepping in turn.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from podkv.bench.common import new_cache, stats, timed, token_ids
+from podkv.errors import PodError
+
+
+@dataclass
+class SpeedConfig:
+    prefill_lengths: tuple[int, ...] = (512, 1024, 2048)
+    decode_lengths: tuple[int, ...] = (1024, 4096)
+    decode_steps: int = 12
+    reps: int = 3
+    attn_lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
+    attn_reps: int = 5
+
+    def __post_init__(self):
+        for name in ("prefill_lengths", "decode_lengths", "attn_lengths"):
+            if any(t < 1 for t in getattr(self, name)):
+                raise PodError(f"bench speed field '{name}' must hold positive lengths, got {getattr(self, name)}")
+        if self.reps < 1 or self.decode_steps < 1 or self.attn_reps < 1:
+            raise PodError("bench speed needs reps, decode_steps and attn_reps >= 1")
+
+
+def pod_copy(model, plan):
+    """A second model with PoD enabled, sharing nothing mutable with ``model`` (which stays dense)."""
+    from podkv.models.enable import disable_pod, enable_pod
+
+    disable_pod(model)
+    return enable_pod(copy.deepcopy(model), plan)
+
+
+def ratio_rows(times: dict, key: str) -> list[dict]:
+    """times[(T, method)] -> list of seconds; one row per T with median stats and the PoD/dense ratio."""
+    rows = []
+    for T in sorted({t for t, _ in times}):
+        d, p = stats(times[(T, "dense")]), stats(times[(T, "pod")])
+        rows.append({key: T, "dense": d, "pod": p, "ratio": p["median"] / d["median"]})
+    return rows
+
+
+@torch.no_grad()
+def time_prefill(models: dict, tok, lengths, reps) -> list[dict]:
+    times = {}
+    for rep in range(reps + 1):  # rep 0 warms up (allocator, kernels) and is dropped
+        for T in lengths:
+            ids = token_ids(tok, models["dense"].config.vocab_size, 1, T, seed=rep)
+            for method in (("dense", "pod") if rep % 2 == 0 else ("pod", "dense")):
+                cache = new_cache(models[method], method, models["pod"].pod_runtime.plan)
+                t, _ = timed(lambda: models[method](ids, past_key_values=cache, logits_to_keep=1))
+                if rep:
+                    times.setdefault((T, method), []).append(t)
+            if rep == 0:
+                break  # one warm-up length is enough
+    return ratio_rows(times, "T")
+
+
+@torch.no_grad()
+def time_decode(models: dict, tok, lengths, steps, warmup: int = 2) -> list[dict]:
+    times = {}
+    plan = models["pod"].pod_runtime.plan
+    for T in lengths:
+        ids = token_ids(tok, models["dense"].config.vocab_size, 1, T)
+        state = {}
+        for method in ("dense", "pod"):
+            cache = new_cache(models[method], method, plan)
+            out = models[method](ids, past_key_values=cache, logits_to_keep=1)
+            state[method] = (cache, out.logits[:, -1:].argmax(-1))
+        for step in range(warmup + steps):
+            for method in (("dense", "pod") if step % 2 == 0 else ("pod", "dense")):
+                cache, nxt = state[method]
+                t, out = timed(lambda: models[method](nxt, past_key_values=cache))
+                state[method] = (cache, out.logits[:, -1:].argmax(-1))
+                if step >= warmup:
+                    times.setdefault((T, method), []).append(t)
+        del state
+    rows = ratio_rows(times, "T")
+    for r in rows:
+        r["dense_tok_s"], r["pod_tok_s"] = 1 / r["dense"]["median"], 1 / r["pod"]["median"]
+    return rows
+
+
+@torch.no_grad()
+def time_attention(config, plan, lengths, reps, decode: bool) -> list[dict]:
+    """One layer's attention: SDPA (causal, GQA) vs pod_attention_chunked with all heads sharing one anchor."""
+    from podkv.attention.chunked import KeySources, pod_attention_chunked
+
+    Hq, H = config.num_attention_heads, plan.num_kv_heads
+    D = getattr(config, "head_dim", None) or config.hidden_size // Hq
+    times = {}
+    for T in lengths:
+        g = torch.Generator().manual_seed(T)
+        Tq = 1 if decode else T
+        q = torch.randn(1, Hq, Tq, D, generator=g)
+        k, v, ka = (torch.randn(1, H, T, D, generator=g) for _ in range(3))
+        pad = torch.zeros(1, dtype=torch.long)
+        src = KeySources(own_keys=k, own_start=0, values=v, anchor_keys=[(ka, h) for h in range(H)])
+        fns = {"dense": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=not decode, enable_gqa=True),
+               "pod": lambda: pod_attention_chunked(q, T - Tq, src, pad=pad, ns=plan.ns, nr=plan.nr, scale=D ** -0.5)}
+        for rep in range(reps + 1):
+            for method in (("dense", "pod") if rep % 2 == 0 else ("pod", "dense")):
+                t, _ = timed(fns[method])
+                if rep:
+                    times.setdefault((T, method), []).append(t)
+    return ratio_rows(times, "T")
+
+
+def run_speed(model, tok, plan, cfg: SpeedConfig) -> dict:
+    from tqdm.auto import tqdm
+
+    models = {"dense": model, "pod": pod_copy(model, plan)}
+    parts = {}
+    with tqdm(total=4, desc="bench speed", leave=False) as bar:
+        for name, fn in (("attention_prefill", lambda: time_attention(model.config, plan, cfg.attn_lengths,
+                                                                      cfg.attn_reps, decode=False)),
+                         ("attention_decode", lambda: time_attention(model.config, plan, cfg.attn_lengths,
+                                                                     cfg.attn_reps, decode=True)),
+                         ("prefill", lambda: time_prefill(models, tok, cfg.prefill_lengths, cfg.reps)),
+                         ("decode", lambda: time_decode(models, tok, cfg.decode_lengths, cfg.decode_steps))):
+            parts[name] = fn()
+            bar.update()
+    goals = {"prefill_ratio_max": max(r["ratio"] for r in parts["prefill"]),
+             "decode_ratio_at_longest": parts["decode"][-1]["ratio"],
+             "decode_longest_T": parts["decode"][-1]["T"]}
+    goals["prefill_goal_met"] = goals["prefill_ratio_max"] <= 1.15
+    goals["decode_goal_met"] = goals["decode_ratio_at_longest"] <= 1.10
+    return {**parts, "goals": goals}
+
+
+def speed_markdown(result: dict) -> str:
+    from podkv.bench.report import md_table
+
+    out = []
+    for name, unit, scale in (("prefill", "s", 1), ("decode", "ms/token", 1e3),
+                              ("attention_prefill", "ms", 1e3), ("attention_decode", "µs", 1e6)):
+        rows = [{"T": r["T"], "dense": r["dense"]["median"] * scale, "pod": r["pod"]["median"] * scale,
+                 "dense_spread": _spread(r["dense"], scale), "pod_spread": _spread(r["pod"], scale),
+                 "ratio": r["ratio"], "n": r["dense"]["n"]} for r in result[name]]
+        cols = [("T", "context"), ("dense", f"dense median {unit}"), ("dense_spread", "dense min–max"),
+                ("pod", f"PoD median {unit}"), ("pod_spread", "PoD min–max"), ("ratio", "PoD/dense"), ("n", "reps")]
+        out.append(f"**{name.replace('_', ' ')}**\n\n" + md_table(rows, cols))
+    g = result["goals"]
+    out.append(f"Goals: PoD prefill ≤ 1.15× dense — worst ratio {g['prefill_ratio_max']:.2f} "
+               f"({'met' if g['prefill_goal_met'] else 'missed'}); decode at {g['decode_longest_T']} ≤ 1.10× dense — "
+               f"{g['decode_ratio_at_longest']:.2f} ({'met' if g['decode_goal_met'] else 'missed'}).")
+    return "\n\n".join(out)
+
+
+def _spread(s: dict, scale: float) -> str:
+    return f"{s['min'] * scale:.3g}–{s['max'] * scale:.3g}"
+
+
+def speed_plot(result: dict, path) -> None:
+    from podkv.bench.report import plot_lines
+
+    series = {name: ([r["T"] for r in result[name]], [r["ratio"] for r in result[name]])
+              for name in ("prefill", "decode", "attention_prefill", "attention_decode")}
+    plot_lines(path, series, "context length (tokens)", "PoD / dense time (median)", "Speed ratio", logx=True)
