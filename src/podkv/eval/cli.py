@@ -1,0 +1,121 @@
+"""`podkv eval <task>`, `podkv eval compare` and `podkv demo`: thin wrappers over the runner."""
+
+from __future__ import annotations
+
+from podkv.errors import PodError
+
+COMPARE_METHODS = ("dense", "pod", "streaming", "snapkv", "h2o")
+
+
+def register(sub) -> None:
+    from podkv.eval.tasks import TASKS
+
+    p = sub.add_parser("eval", help="evaluate KV methods: ppl, passkey, niah, multikey, longbench, ruler, compare")
+    tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
+    for name in TASKS:
+        t = tasks.add_parser(name, help=f"run the {name} task")
+        _common(t)
+        t.add_argument("--method", required=True, help="dense, pod, pod-scores, streaming, snapkv, h2o, pyramidkv")
+        t.set_defaults(func=run_task, tasks_=(name,))
+    c = tasks.add_parser("compare", help="several methods on the same tasks at one KV budget; one table + figures")
+    _common(c)
+    c.add_argument("--methods", type=_names, default=COMPARE_METHODS, help=f"comma list (default {','.join(COMPARE_METHODS)})")
+    c.add_argument("--tasks", type=_names, default=("niah",), help="comma list of tasks (default niah)")
+    c.set_defaults(func=run_compare)
+
+    d = sub.add_parser("demo", help="capital-of-France check through PoD, then a long passkey: dense vs PoD vs StreamingLLM")
+    d.add_argument("--model", default=None, help="default: smollm2-pod if available, else the default model + plan")
+    d.add_argument("--length", type=int, default=3500, help="passkey prompt length in tokens (default 3500)")
+    d.add_argument("--depth", type=float, default=0.2, help="needle depth in [0, 1] (default 0.2)")
+    d.add_argument("--out", default="demo_out", help="where the figure goes (default demo_out/)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=run_demo)
+
+
+def _common(p) -> None:
+    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct; or 'smollm2-pod', a path")
+    p.add_argument("--plan", default=None, help="PoD plan JSON (default: the model's own, the shipped plan, or uniform)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="KV fraction every compressed method must hold at most (default: what the PoD plan holds)")
+    p.add_argument("--lengths", type=_ints, default=(1024, 2048, 4096), help="token lengths, e.g. 1024,2048,4096")
+    p.add_argument("--depths", type=_floats, default=(0.0, 0.25, 0.5, 0.75, 1.0), help="needle depths in [0,1]")
+    p.add_argument("--depths-long", type=_floats, default=None, help="depths used at lengths >= --long-from")
+    p.add_argument("--long-from", type=int, default=8192)
+    p.add_argument("--haystack", choices=("filler", "prose"), default=None)
+    p.add_argument("--samples", type=int, default=1, help="prompts per (length, depth) cell")
+    p.add_argument("--needles", type=int, default=4, help="multikey: needles per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--files", nargs="+", default=(), help="ppl: text files to score (default: pydoc_data topics)")
+    p.add_argument("--data", default=None, help="longbench/ruler: local jsonl file or directory")
+    p.add_argument("--subset", default=None, help="longbench: subset name (file <subset>.jsonl)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
+
+
+def _split(text: str) -> list[str]:
+    return [x for x in text.replace(" ", ",").split(",") if x]
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(_split(text))
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x.lower().replace("k", "")) * (1024 if x.lower().endswith("k") else 1) for x in _split(text))
+    except ValueError:
+        raise PodError(f"--lengths must be integers like 1024,2048 or 1k,2k; got {text!r}") from None
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in _split(text))
+    except ValueError:
+        raise PodError(f"--depths must be numbers in [0, 1] like 0,0.5,1; got {text!r}") from None
+
+
+def config_from(args, tasks, methods):
+    from podkv.eval.config import EvalConfig
+
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise PodError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    return EvalConfig(tasks=tuple(tasks), methods=tuple(methods), model=args.model, plan=args.plan, budget=args.budget,
+                      lengths=args.lengths, depths=args.depths, depths_long=args.depths_long, long_from=args.long_from,
+                      haystack=args.haystack, samples=args.samples, needles=args.needles,
+                      max_new_tokens=args.max_new_tokens, files=tuple(args.files), data=args.data,
+                      subset=args.subset, seed=args.seed, out=args.out)
+
+
+def run_task(args) -> int:
+    from podkv.eval.runner import run
+
+    results = run(config_from(args, args.tasks_, [args.method]), progress=not args.quiet)
+    _print_table(results, args.out)
+    return 0
+
+
+def run_compare(args) -> int:
+    from podkv.eval.runner import run
+
+    results = run(config_from(args, args.tasks, args.methods), progress=not args.quiet)
+    _print_table(results, args.out)
+    return 0
+
+
+def _print_table(results, out) -> None:
+    from podkv.eval.report import markdown
+
+    print(markdown(results))
+    print(f"results in {out}/ (results.json, results.md, figures)")
+
+
+def run_demo(args) -> int:
+    from podkv.eval.demo import demo
+
+    return demo(model_name=args.model, length=args.length, depth=args.depth, out=args.out, seed=args.seed)

@@ -1,0 +1,81 @@
+"""The settings of one evaluation run, validated up front so a typo fails before any model loads."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from podkv.errors import PodError
+
+
+@dataclass
+class EvalConfig:
+    """What to run. ``methods`` are names in :data:`podkv.eval.methods.METHODS`, ``tasks`` in ``TASKS``.
+
+    Parameters
+    ----------
+    budget : float, optional
+        KV fraction (held / dense) every budgeted method must meet. ``None``: the fraction the PoD
+        plan holds at the shortest length, so eviction baselines get PoD's memory.
+    lengths : tuple of int
+        Prompt lengths in tokens (needle tasks) or window lengths (``ppl``).
+    depths : tuple of float
+        Needle depths in [0, 1]. ``depths_long`` replaces them above ``long_from`` tokens (8K is slow on CPU).
+    """
+
+    tasks: tuple[str, ...] = ("niah",)
+    methods: tuple[str, ...] = ("dense",)
+    model: str | None = None
+    plan: str | None = None
+    budget: float | None = None
+    lengths: tuple[int, ...] = (1024, 2048, 4096)
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    depths_long: tuple[float, ...] | None = None
+    long_from: int = 8192
+    haystack: str | None = None  # None: the task's default (passkey: filler, others: prose)
+    samples: int = 1
+    needles: int = 4  # multikey: needles per prompt
+    seed: int = 0
+    max_new_tokens: int = 12
+    files: tuple[str, ...] = ()
+    data: str | None = None
+    subset: str | None = None
+    out: str = "eval_out"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        from podkv.eval.methods import METHODS
+        from podkv.eval.tasks import TASKS
+
+        for t in self.tasks:
+            if t not in TASKS:
+                raise PodError(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
+        for m in self.methods:
+            if m not in METHODS:
+                raise PodError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if not self.methods or not self.tasks:
+            raise PodError("at least one --method and one task are needed")
+        if self.budget is not None and not 0.0 < self.budget <= 1.0:
+            raise PodError(f"--budget must be a KV fraction in (0, 1], got {self.budget}")
+        if not self.lengths or any(int(n) < 16 for n in self.lengths):
+            raise PodError(f"--lengths must be token counts >= 16, got {list(self.lengths)}")
+        for d in (*self.depths, *(self.depths_long or ())):
+            if not 0.0 <= d <= 1.0:
+                raise PodError(f"--depths {d} is deeper than the haystack: depths are fractions in [0, 1]")
+        for name in ("samples", "needles", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise PodError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        self.lengths = tuple(sorted(int(n) for n in self.lengths))
+        self.depths = tuple(float(d) for d in self.depths)
+
+    def depths_for(self, length: int) -> tuple[float, ...]:
+        if self.depths_long is not None and length >= self.long_from:
+            return tuple(self.depths_long)
+        return self.depths
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out)

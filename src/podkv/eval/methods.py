@@ -1,0 +1,227 @@
+"""KV-cache methods compared by the harness: one small class each, looked up in ``METHODS``.
+
+A method says three things (kvpress style, but with no ``isinstance`` in the runner):
+  * ``attached(model)``: a context that switches the model's attention for this method and undoes it;
+  * ``new_cache(model)``: the cache one prompt is prefilled into;
+  * ``prefill(model)``: a context around the prefill forward (kvpress presses compress there).
+``check(config, lengths)`` refuses, with a :class:`PodError`, a KV budget the method cannot meet.
+
+Budgets are fractions of the dense KV bytes held after prefill (1.0 = dense).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import ClassVar
+
+from podkv.errors import PodError
+from podkv.plan import SharingPlan
+
+
+@contextmanager
+def attention_mode(model, plan: SharingPlan | None = None, impl: str | None = None):
+    """Run the block with PoD ``plan`` (or the stock ``impl`` attention), then restore the model as it was.
+
+    A model loaded with PoD (e.g. ``smollm2-pod``) goes back to PoD with its own plan afterwards.
+    """
+    from podkv.models.enable import disable_pod, enable_pod
+    from podkv.plan import plan_from_config
+
+    own = plan_from_config(model.config) if hasattr(model, "_pod_saved") else None
+    disable_pod(model)
+    base = model.config._attn_implementation
+    try:
+        if plan is not None:
+            enable_pod(model, plan)
+        elif impl is not None and impl != base:
+            model.set_attn_implementation(impl)
+        yield model
+    finally:
+        disable_pod(model)
+        if model.config._attn_implementation != base:
+            model.set_attn_implementation(base)
+        if own is not None:
+            enable_pod(model, own)
+
+
+@dataclass
+class Method:
+    """Base: dense attention and a DynamicCache. ``plan`` and ``budget`` are set by the runner."""
+
+    plan: SharingPlan | None = None
+    budget: float | None = None
+
+    name: ClassVar[str] = "dense"
+    budgeted: ClassVar[bool] = False  # dense is the reference: it holds everything
+    attn: ClassVar[str] = "sdpa"
+
+    def __post_init__(self):
+        if self.budget is not None and not 0.0 < self.budget <= 1.0:
+            raise PodError(f"--budget must be a KV fraction in (0, 1], got {self.budget}")
+
+    def check(self, config, lengths) -> None:
+        if self.budget is not None and self.budget < 1.0:
+            raise PodError(f"method {self.name!r} holds the full KV cache and cannot meet --budget {self.budget}")
+
+    def attached(self, model):
+        return attention_mode(model, impl=self.attn)
+
+    def new_cache(self, model):
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
+    def prefill(self, model):
+        return nullcontext()
+
+    def describe(self) -> dict:
+        return {"name": self.name, "budget": self.budget}
+
+
+class Dense(Method):
+    """Full attention, full cache: the reference every method is scored against."""
+
+
+class Pod(Method):
+    """PoD (paper §2.3): distant keys held once per block of layers, values everywhere."""
+
+    name = "pod"
+    budgeted = True
+    mode: ClassVar[str] = "keys"
+
+    def sharing_plan(self) -> SharingPlan:
+        if self.plan is None:
+            raise PodError(f"method {self.name!r} needs a plan (--plan)")
+        if self.plan.mode == self.mode:
+            return self.plan
+        return SharingPlan(self.plan.anchors, ns=self.plan.ns, nr=self.plan.nr, mode=self.mode, meta=self.plan.meta)
+
+    def check(self, config, lengths) -> None:
+        plan = self.sharing_plan()
+        plan.validate_for(config)
+        if self.budget is None:
+            return
+        for T in lengths:
+            held = 1.0 - plan.kv_saving(T)
+            if held > self.budget + 1e-9:
+                raise PodError(f"method {self.name!r} cannot meet --budget {self.budget}: its plan holds "
+                               f"{held:.3f} of the dense KV at {T} tokens (saves {100 * (1 - held):.1f}%); "
+                               f"raise --budget or use a plan with larger blocks")
+
+    def attached(self, model):
+        return attention_mode(model, plan=self.sharing_plan())
+
+    def new_cache(self, model):
+        from podkv.cache.pod_cache import PodCache
+
+        return PodCache(model.config, self.sharing_plan())
+
+    def describe(self) -> dict:
+        plan = self.sharing_plan()
+        return {"name": self.name, "budget": self.budget, "mode": plan.mode, "ns": plan.ns, "nr": plan.nr}
+
+
+class PodScores(Pod):
+    """Training-free variant: reuse the anchor layer's distant attention *scores* (``mode="scores"``)."""
+
+    name = "pod-scores"
+    mode = "scores"
+
+
+class KVPressMethod(Method):
+    """A kvpress press compressing the prompt's cache at prefill, at ratio ``1 - budget``."""
+
+    budgeted = True
+    press_name: ClassVar[str] = ""
+    press_kwargs: ClassVar[dict] = {}
+
+    def check(self, config, lengths) -> None:
+        _kvpress()  # fail early, with the install hint, when kvpress is absent
+
+    def press(self):
+        ratio = 0.0 if self.budget is None else 1.0 - self.budget
+        return getattr(_kvpress(), self.press_name)(compression_ratio=ratio, **self.press_kwargs)
+
+    def prefill(self, model):
+        return self.press()(model)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "budget": self.budget, "press": self.press_name, **self.press_kwargs}
+
+
+class Streaming(KVPressMethod):
+    """StreamingLLM: attention sinks + the most recent tokens."""
+
+    name, press_name, press_kwargs = "streaming", "StreamingLLMPress", {"n_sink": 4}
+
+
+class SnapKV(KVPressMethod):
+    """SnapKV: keep the tokens the prompt's last window attends to most."""
+
+    name, press_name = "snapkv", "SnapKVPress"
+
+
+class H2O(KVPressMethod):
+    """H2O: keep heavy hitters by accumulated attention; needs eager attention for the weights."""
+
+    name, press_name, attn = "h2o", "ObservedAttentionPress", "eager"
+
+
+class PyramidKV(KVPressMethod):
+    """PyramidKV: SnapKV scores with a budget that shrinks from lower to upper layers."""
+
+    name, press_name = "pyramidkv", "PyramidKVPress"
+
+
+class PodSnapKV(Pod):
+    """PoD's cache + SnapKV selection of distant tokens (paper Table: 91.9% saved). Not available yet.
+
+    It needs a hook in :class:`~podkv.cache.PodCache` to drop distant tokens from the anchors' keys and
+    every layer's values after prefill (a per-layer keep-index, like kvpress's ``compress``), which
+    the cache does not expose; the harness will not edit the cache on its own.
+    """
+
+    name = "pod+snapkv"
+
+    def check(self, config, lengths) -> None:
+        raise PodError("method 'pod+snapkv' is not available yet: it needs a PodCache hook to evict distant "
+                       "tokens after prefill (see docs/eval.md); use 'pod' or 'snapkv'")
+
+
+def _kvpress():
+    try:
+        import kvpress
+    except ImportError:
+        raise PodError("the token-eviction baselines need kvpress: pip install 'podkv[peers]' "
+                       "(kvpress==0.5.5)") from None
+    _unwrap_pod_attention()
+    return kvpress
+
+
+def _unwrap_pod_attention() -> None:
+    """Undo kvpress's import-time wrapping of PoD's attention functions.
+
+    kvpress wraps every registered attention function on import (``ALL_ATTENTION_FUNCTIONS[name] =
+    attention_patch(fn)``, a local override) and calls the original with ``dropout`` as 6th positional
+    argument, where PoD's takes ``scaling``. PoD never uses kvpress's head-wise masking, so put ours back.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from podkv.attention import interface
+
+    for name, fn in ((interface.ATTN_NAME, interface.pod_attention_forward),
+                     (interface.REFERENCE_ATTN_NAME, interface.pod_reference_attention_forward)):
+        if name in ALL_ATTENTION_FUNCTIONS:
+            ALL_ATTENTION_FUNCTIONS[name] = fn
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Dense, Pod, PodScores, Streaming, SnapKV, H2O, PyramidKV,
+                                                             PodSnapKV)}
+
+
+def make_method(name: str, plan: SharingPlan | None = None, budget: float | None = None) -> Method:
+    """Instantiate a registered method; an unknown name is a :class:`PodError` listing the choices."""
+    if name not in METHODS:
+        raise PodError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    return METHODS[name](plan=plan, budget=budget)

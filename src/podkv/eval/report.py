@@ -1,0 +1,131 @@
+"""Results on disk: results.json (numbers + provenance), timings.json, results.md, and PNG figures.
+
+Timings live apart from results.json so that a rerun with the same seed gives a byte-identical
+results.json (wall-clock time is the only thing that changes).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from podkv.io import atomic_write_text, save_figure, write_json
+
+
+def write_results(results: dict, out: Path) -> list[Path]:
+    out = Path(out)
+    results, timings = split_timings(results)
+    paths = [write_json(out / "results.json", results), write_json(out / "timings.json", timings),
+             atomic_write_text(out / "results.md", markdown(results))]
+    paths += figures(results, out)
+    return paths
+
+
+def split_timings(results: dict) -> tuple[dict, dict]:
+    results = copy.deepcopy(results)
+    timings = {}
+    for mname, entry in results["methods"].items():
+        for tname, task in entry["tasks"].items():
+            timings[f"{mname}/{tname}"] = [r.pop("prefill_s", None) for r in task["records"]]
+    return results, timings
+
+
+def markdown(results: dict) -> str:
+    """One table: a row per method, KV held and saved, then each task's score overall and per length."""
+    methods = results["methods"]
+    tasks = list(next(iter(methods.values()))["tasks"])
+    head = ["method", "KV held", "KV saved"]
+    for t in tasks:
+        task = next(iter(methods.values()))["tasks"][t]
+        head += [f"{t} {task['metric']}"] + [f"{t} @{n}" for n in task["summary"]["by_length"]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for mname, entry in methods.items():
+        fracs = [entry["tasks"][t]["summary"]["kv_fraction"] for t in tasks]
+        held = sum(fracs) / len(fracs)
+        row = [_label(entry["method"]), f"{held:.3f}", f"{100 * (1 - held):.1f}%"]
+        for t in tasks:
+            s = entry["tasks"][t]["summary"]
+            key = "ppl" if "ppl" in s else "accuracy"
+            row += [_fmt(s[key], key)] + [_fmt(v, key) for v in s["by_length"].values()]
+        lines.append("| " + " | ".join(row) + " |")
+    p = results
+    info = (f"\nModel: {p['model']} ({p['model_type']}); plan: {p['plan_source']} — {p['plan_summary']}.  \n"
+            f"Seed {p['seed']}; versions: " + ", ".join(f"{k} {v}" for k, v in p["versions"].items()) + ".  \n"
+            "KV held = bytes in the cache after prefill / dense bytes (mean over prompts).\n")
+    return "\n".join(lines) + "\n" + info
+
+
+def _label(desc: dict) -> str:
+    b = desc.get("budget")
+    return desc["name"] + (f" (budget {b:g})" if b is not None else "")
+
+
+def _fmt(v: float, key: str) -> str:
+    return f"{v:.2f}" if key == "ppl" else f"{100 * v:.0f}%"
+
+
+def grid_matrix(summary: dict) -> tuple[list[int], list[float], list[list[float]]]:
+    """(lengths, depths, acc[depth][length]) from a needle task summary; NaN where a cell was not run."""
+    cells = {tuple(k.split("@")): v for k, v in summary["grid"].items()}
+    lengths = sorted({int(n) for n, _ in cells})
+    depths = sorted({float(d) for _, d in cells})
+    nan = float("nan")
+    return lengths, depths, [[cells.get((str(n), f"{d:g}"), nan) for n in lengths] for d in depths]
+
+
+def figures(results: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    methods = results["methods"]
+    tasks = next(iter(methods.values()))["tasks"]
+    paths = []
+    for tname, task in tasks.items():
+        if "grid" in task["summary"] and task["summary"]["n"] > 1:
+            paths.append(save_figure(heatmaps(methods, tname), out / f"{tname}_heatmap.png"))
+    if any("accuracy" in t["summary"] for t in tasks.values()):
+        paths.append(save_figure(accuracy_vs_saving(methods), out / "accuracy_vs_kv_saving.png"))
+    return paths
+
+
+def heatmaps(methods: dict, tname: str):
+    """Length x depth accuracy, one panel per method, like the paper's Figure 3."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 1, 3.4), squeeze=False)
+    for ax, (mname, entry) in zip(axes[0], methods.items()):
+        s = entry["tasks"][tname]["summary"]
+        lengths, depths, acc = grid_matrix(s)
+        im = ax.imshow(np.array(acc), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto", origin="upper")
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
+        ax.set_xlabel("context length")
+        ax.set_title(f"{mname}\nacc {100 * s['accuracy']:.0f}%, KV {100 * s['kv_fraction']:.0f}%", fontsize=9)
+        for i, row in enumerate(acc):
+            for j, v in enumerate(row):
+                if v == v:
+                    ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7)
+    axes[0][0].set_ylabel("needle depth")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+    fig.suptitle(f"{tname}: accuracy by context length and needle depth", fontsize=10)
+    return fig
+
+
+def accuracy_vs_saving(methods: dict):
+    """Mean accuracy over the accuracy tasks against the KV memory saved."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for mname, entry in methods.items():
+        sums = [t["summary"] for t in entry["tasks"].values() if "accuracy" in t["summary"]]
+        acc = sum(s["accuracy"] for s in sums) / len(sums)
+        saved = 100 * (1 - sum(s["kv_fraction"] for s in sums) / len(sums))
+        ax.scatter([saved], [100 * acc], s=60)
+        ax.annotate(mname, (saved, 100 * acc), textcoords="offset points", xytext=(5, 5), fontsize=9)
+    ax.set_xlabel("KV cache saved (%)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-5, 105)
+    ax.grid(alpha=0.3)
+    ax.set_title("accuracy vs KV saving (same prompts, same budget)", fontsize=10)
+    return fig

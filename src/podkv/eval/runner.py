@@ -1,0 +1,122 @@
+"""Run methods x tasks on one model with the same prompts, and collect one results dict.
+
+No method- or task-specific branches: both come from their registries.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from importlib import resources
+from importlib.metadata import PackageNotFoundError, version
+
+from podkv.errors import PodError
+from podkv.eval.config import EvalConfig
+from podkv.eval.methods import METHODS, make_method
+from podkv.eval.tasks import make_task
+from podkv.plan import SharingPlan, plan_from_config
+
+SHIPPED_PLAN = "smollm2_plan_35.json"
+
+
+def resolve_plan(path: str | None, model) -> tuple[SharingPlan, str]:
+    """The PoD plan to run and where it came from: --plan, the model's own, the shipped one, or uniform blocks of 3."""
+    if path is not None:
+        return SharingPlan.load(path), str(path)
+    own = plan_from_config(model.config)
+    if own is not None:
+        return own, "model config"
+    shipped = resources.files("podkv").joinpath("assets", SHIPPED_PLAN)
+    if shipped.is_file():
+        plan = SharingPlan.load(shipped)
+        try:
+            plan.validate_for(model.config)
+            return plan, f"podkv/assets/{SHIPPED_PLAN}"
+        except PodError:
+            pass  # a plan for another model: fall through to the uniform plan
+    cfg = model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return SharingPlan.uniform(cfg.num_hidden_layers, heads, 3, ns=16, nr=240), "uniform(block=3, ns=16, nr=240)"
+
+
+def default_budget(plan: SharingPlan, lengths) -> float:
+    """PoD's KV fraction at the shortest length (its worst), rounded up to 0.01: every method gets that much."""
+    return math.ceil(100 * max(1.0 - plan.kv_saving(T) for T in lengths) - 1e-9) / 100
+
+
+def build_methods(cfg: EvalConfig, plan: SharingPlan, model) -> dict:
+    """Instantiate and check every method; an explicit --budget applies to all, the default to budgeted ones."""
+    budget = cfg.budget if cfg.budget is not None else default_budget(plan, cfg.lengths)
+    out = {}
+    for name in cfg.methods:
+        applies = cfg.budget is not None or METHODS[name].budgeted
+        method = make_method(name, plan=plan, budget=budget if applies else None)
+        method.check(model.config, cfg.lengths)
+        out[name] = method
+    return out
+
+
+def evaluate(model, tok, cfg: EvalConfig, plan: SharingPlan, progress: bool = True) -> dict:
+    """Every method on every task; cases are built once per task so all methods see the same prompts."""
+    from tqdm.auto import tqdm
+
+    methods = build_methods(cfg, plan, model)
+    tasks = {name: make_task(name) for name in cfg.tasks}
+    cases = {name: task.cases(tok, cfg, plan) for name, task in tasks.items()}
+    results = {}
+    for mname, method in methods.items():
+        entry = {"method": method.describe(), "tasks": {}}
+        with method.attached(model):
+            for tname, task in tasks.items():
+                bar = tqdm(cases[tname], desc=f"{mname}/{tname}", disable=not progress, leave=False)
+                records = [task.run_case(model, tok, method, c, cfg) for c in bar]
+                entry["tasks"][tname] = {"metric": task.metric, "summary": task.summarize(records),
+                                         "records": records}
+        results[mname] = entry
+    return results
+
+
+def provenance(cfg: EvalConfig, model, plan: SharingPlan, plan_source: str) -> dict:
+    """Everything a rerun needs: model, plan, settings, seed and package versions."""
+    import podkv
+
+    versions = {"podkv": podkv.__version__, "python": platform.python_version()}
+    for pkg in ("torch", "transformers", "kvpress"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    return {"model": cfg.model or "smollm2 (embedded default)", "model_type": model.config.model_type,
+            "plan_source": plan_source, "plan": plan.to_dict(), "plan_summary": plan.summary(max(cfg.lengths)),
+            "settings": cfg.to_dict(), "seed": cfg.seed, "versions": versions}
+
+
+def load(cfg: EvalConfig):
+    """(model, tokenizer, plan, plan_source) for ``cfg``; quiet loading."""
+    import torch
+
+    from podkv.models.loading import load_model
+
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    except AttributeError:
+        pass
+    torch.manual_seed(cfg.seed)
+    try:
+        model, tok = load_model(cfg.model, progress=False)
+    except ModuleNotFoundError as exc:
+        raise PodError(f"--model {cfg.model}: not available in this install ({exc})") from None
+    plan, source = resolve_plan(cfg.plan, model)
+    return model, tok, plan, source
+
+
+def run(cfg: EvalConfig, progress: bool = True) -> dict:
+    """Load, evaluate, write results.json / results.md / figures into ``cfg.out``; return the results."""
+    from podkv.eval.report import write_results
+
+    model, tok, plan, source = load(cfg)
+    results = {**provenance(cfg, model, plan, source), "methods": evaluate(model, tok, cfg, plan, progress)}
+    write_results(results, cfg.out_dir)
+    return results

@@ -1,0 +1,34 @@
+"""Scores: exact match of greedy answers and perplexity from summed negative log-likelihoods."""
+
+from __future__ import annotations
+
+import math
+import re
+
+_NUMBER = re.compile(r"\d+")
+
+
+def exact_match(generated: str, answer: str) -> bool:
+    """Whether ``generated`` gives ``answer``.
+
+    Numeric answers (passkeys, magic numbers) must be the *first* number in the output, exactly:
+    ``"71432."`` matches 71432, ``"7143"`` or ``"12345 71432"`` do not. Other answers must start
+    the output, ignoring case, surrounding spaces and punctuation.
+    """
+    if answer.isdigit():
+        found = _NUMBER.search(generated.replace(",", ""))
+        return found is not None and found.group(0) == answer
+    norm = re.sub(r"^[\s\W]+", "", generated).lower()
+    return bool(answer) and norm.startswith(answer.strip().lower())
+
+
+def perplexity(nll_sum: float, n_tokens: int) -> float:
+    """exp(mean negative log-likelihood) over ``n_tokens`` scored tokens."""
+    if n_tokens <= 0:
+        raise ValueError("perplexity needs at least one scored token")
+    return math.exp(nll_sum / n_tokens)
+
+
+def accuracy(flags) -> float:
+    flags = list(flags)
+    return sum(bool(f) for f in flags) / len(flags) if flags else float("nan")

@@ -1,0 +1,106 @@
+"""Every method runs end to end on a tiny model; budgets, KV bytes and model restoration hold."""
+
+import pytest
+import torch
+
+from podkv import SharingPlan
+from podkv.cache.memory import dense_kv_bytes
+from podkv.errors import PodError
+from podkv.eval.generation import continuation_nll, greedy_answer
+from podkv.eval.methods import METHODS, make_method
+from tiny import tiny_model
+
+RUNNABLE = [m for m in METHODS if m != "pod+snapkv"]
+KVPRESS = ("streaming", "snapkv", "h2o", "pyramidkv")
+T = 160
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matmuls: one thread avoids oversubscribing the shared cores (40x faster under load).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", layers=4, heads=4, kv_heads=2, head_dim=16)
+
+
+@pytest.fixture(scope="module")
+def plan():
+    return SharingPlan.uniform(4, 2, 2, ns=4, nr=28)
+
+
+def _needs(name):
+    if name in KVPRESS:
+        pytest.importorskip("kvpress", reason="token-eviction baselines need kvpress (extra 'peers')")
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_method_end_to_end(model, plan, name):
+    _needs(name)
+    budget = None if name == "dense" else 0.85
+    method = make_method(name, plan=plan, budget=budget)
+    method.check(model.config, [T])
+    ids = torch.randint(3, 120, (1, T), generator=torch.Generator().manual_seed(0))
+    with method.attached(model):
+        out, pre = greedy_answer(model, method, ids, 4)
+        nll, n, _ = continuation_nll(model, method, ids[:, :100], ids[:, 100:])
+    assert len(out) == 4 and all(0 <= t < 128 for t in out)
+    assert pre.dense_bytes == dense_kv_bytes(model.config, T)
+    if budget is None:
+        assert pre.kv_bytes == pre.dense_bytes
+    else:  # the KV held after prefill meets the budget (kvpress keeps int(T * budget) tokens)
+        assert pre.kv_fraction <= budget + 1e-6
+        assert pre.kv_fraction > 0.5
+    assert n == T - 100 and torch.isfinite(torch.tensor(nll))
+    assert model.config._attn_implementation == "sdpa"  # restored after the method
+
+
+def test_pod_kv_bytes_match_plan(model, plan):
+    method = make_method("pod", plan=plan)
+    ids = torch.randint(3, 120, (1, T))
+    with method.attached(model):
+        _, pre = greedy_answer(model, method, ids, 1)
+    assert pre.kv_fraction == pytest.approx(1 - plan.kv_saving(T))
+
+
+def test_identity_plan_pod_equals_dense(model):
+    ids = torch.randint(3, 120, (1, T), generator=torch.Generator().manual_seed(1))
+    outs = {}
+    for name in ("dense", "pod"):
+        method = make_method(name, plan=SharingPlan.identity(4, 2, ns=4, nr=28))
+        with method.attached(model):
+            outs[name] = greedy_answer(model, method, ids, 6)[0]
+    assert outs["dense"] == outs["pod"]
+
+
+def test_budget_pod_cannot_meet_is_poderror(model, plan):
+    with pytest.raises(PodError, match="cannot meet --budget"):
+        make_method("pod", plan=plan, budget=0.3).check(model.config, [T])
+    with pytest.raises(PodError, match="cannot meet --budget"):
+        make_method("dense", budget=0.5).check(model.config, [T])
+    with pytest.raises(PodError, match="budget"):
+        make_method("snapkv", budget=1.5)
+
+
+def test_unknown_method_and_unavailable_combination(model, plan):
+    with pytest.raises(PodError, match="unknown method"):
+        make_method("magic")
+    with pytest.raises(PodError, match="pod\\+snapkv"):
+        make_method("pod+snapkv", plan=plan).check(model.config, [T])
+
+
+def test_attached_restores_a_pod_model(model, plan):
+    from podkv import disable_pod, enable_pod
+
+    enable_pod(model, plan)
+    try:
+        with make_method("dense").attached(model):
+            assert model.config._attn_implementation == "sdpa"
+        assert model.config._attn_implementation == "pod"
+    finally:
+        disable_pod(model)

@@ -1,0 +1,116 @@
+"""The runner on a tiny model: registries, same prompts for every method, reproducible results, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from podkv import SharingPlan
+from podkv.cli import main
+from podkv.errors import PodError
+from podkv.eval.config import EvalConfig
+from podkv.eval.report import write_results
+from podkv.eval.runner import default_budget, evaluate, resolve_plan
+from podkv.eval.tasks import TASKS, make_task
+from test_eval_prompts import CharTokenizer
+from tiny import tiny_model
+
+PLAN = SharingPlan.uniform(4, 2, 2, ns=4, nr=28)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matmuls: one thread avoids oversubscribing the shared cores (40x faster under load).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", layers=4, heads=4, kv_heads=2, head_dim=16)
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(tasks=("niah", "passkey", "multikey", "ppl"), methods=("dense", "pod"), lengths=(420, 500),
+                depths=(0.0, 1.0), max_new_tokens=3, needles=2, out=str(tmp_path))
+    return EvalConfig(**{**base, **kw})
+
+
+def test_compare_writes_reproducible_results(model, tmp_path):
+    cfg = _cfg(tmp_path)
+    runs = []
+    for out in ("a", "b"):
+        results = {"model": "tiny", "model_type": "llama", "plan_source": "test", "plan_summary": PLAN.summary(),
+                   "seed": 0, "versions": {}, "settings": cfg.to_dict(),
+                   "methods": evaluate(model, CharTokenizer(), cfg, PLAN, progress=False)}
+        write_results(results, tmp_path / out)
+        runs.append((tmp_path / out / "results.json").read_text())
+    assert runs[0] == runs[1]
+    data = json.loads(runs[0])
+    for task in ("niah", "passkey", "multikey"):
+        recs = {m: data["methods"][m]["tasks"][task]["records"] for m in ("dense", "pod")}
+        assert [r["needle_pos"] for r in recs["dense"]] == [r["needle_pos"] for r in recs["pod"]]
+        assert {r["length"] for r in recs["pod"]} == {420, 500}
+    ppl = data["methods"]["pod"]["tasks"]["ppl"]["summary"]
+    assert ppl["ppl"] > 1 and set(ppl["by_length"]) == {"420", "500"}
+    # PoD held less KV than dense on every prompt; dense held all of it.
+    assert all(r["kv_fraction"] < 1 for r in data["methods"]["pod"]["tasks"]["niah"]["records"])
+    assert all(r["kv_fraction"] == 1 for r in data["methods"]["dense"]["tasks"]["niah"]["records"])
+    md = (tmp_path / "a" / "results.md").read_text()
+    assert "| dense |" in md and "| pod (budget" in md
+    assert (tmp_path / "a" / "niah_heatmap.png").stat().st_size > 1000
+    assert (tmp_path / "a" / "accuracy_vs_kv_saving.png").is_file()
+
+
+def test_default_budget_is_pods_own(model, tmp_path):
+    assert default_budget(PLAN, [420, 500]) == pytest.approx(
+        round(1 - PLAN.kv_saving(420) + 0.005, 2), abs=0.011)
+    cfg = _cfg(tmp_path, tasks=("passkey",), methods=("pod",), lengths=(420,), depths=(0.5,))
+    rec = evaluate(model, CharTokenizer(), cfg, PLAN, progress=False)["pod"]["tasks"]["passkey"]["records"][0]
+    assert rec["kv_fraction"] <= default_budget(PLAN, [420])
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(methods=("magic",)), "unknown method"),
+    (dict(tasks=("trivia",)), "unknown task"),
+    (dict(depths=(0.5, 1.2)), "deeper than the haystack"),
+    (dict(budget=0.0), "budget"),
+    (dict(lengths=(4,)), "lengths"),
+])
+def test_bad_config_is_poderror(tmp_path, kw, match):
+    with pytest.raises(PodError, match=match):
+        _cfg(tmp_path, **kw)
+
+
+def test_unmeetable_budget_is_poderror(model, tmp_path):
+    cfg = _cfg(tmp_path, methods=("pod",), budget=0.5)
+    with pytest.raises(PodError, match="cannot meet --budget 0.5"):
+        evaluate(model, CharTokenizer(), cfg, PLAN, progress=False)
+
+
+def test_length_shorter_than_proximal_window_for_ppl(model, tmp_path):
+    with pytest.raises(PodError, match="too short for ppl"):
+        make_task("ppl").cases(CharTokenizer(), _cfg(tmp_path, lengths=(20,)), PLAN)
+
+
+def test_dataset_tasks_need_local_data(tmp_path):
+    for name in ("longbench", "ruler"):
+        with pytest.raises(PodError, match="--data"):
+            TASKS[name]().cases(CharTokenizer(), _cfg(tmp_path, tasks=(name,)), PLAN)
+
+
+def test_plan_resolution_falls_back_to_uniform(model):
+    plan, source = resolve_plan(None, model)
+    plan.validate_for(model.config)
+    assert "uniform" in source or "assets" in source
+
+
+def test_cli_bad_input_exits_2(capsys, tmp_path):
+    assert main(["eval", "niah", "--method", "magic", "--out", str(tmp_path)]) == 2
+    assert "unknown method 'magic'" in capsys.readouterr().err
+    assert main(["eval", "compare", "--methods", "dense", "--depths", "0,2", "--out", str(tmp_path)]) == 2
+    assert "deeper than the haystack" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "trivia", "--method", "dense", "--out", str(tmp_path)])
