@@ -114,3 +114,25 @@ def test_cli_bad_input_exits_2(capsys, tmp_path):
     assert "deeper than the haystack" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "trivia", "--method", "dense", "--out", str(tmp_path)])
+
+
+def _write_run(model, cfg, out):
+    results = {"model": "tiny", "model_type": "llama", "plan_source": "test", "plan_summary": "", "seed": cfg.seed,
+               "versions": {}, "settings": cfg.to_dict(),
+               "methods": evaluate(model, CharTokenizer(), cfg, PLAN, progress=False)}
+    write_results(results, out)
+
+
+def test_merge_separate_runs(model, tmp_path, capsys):
+    small = dict(tasks=("passkey",), lengths=(420,), depths=(0.5,))
+    _write_run(model, _cfg(tmp_path, methods=("dense",), **small), tmp_path / "a")
+    _write_run(model, _cfg(tmp_path, methods=("pod",), **small), tmp_path / "b")
+    _write_run(model, _cfg(tmp_path, methods=("pod",), seed=1, **small), tmp_path / "c")
+    assert main(["eval", "compare", "--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out",
+                 str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert list(merged["methods"]) == ["dense", "pod"]
+    assert "| pod (budget" in (tmp_path / "m" / "results.md").read_text()
+    assert main(["eval", "compare", "--merge", str(tmp_path / "a"), str(tmp_path / "c"), "--out",
+                 str(tmp_path / "m2")]) == 2
+    assert "'seed'" in capsys.readouterr().err

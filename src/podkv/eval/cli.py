@@ -21,6 +21,8 @@ def register(sub) -> None:
     _common(c)
     c.add_argument("--methods", type=_names, default=COMPARE_METHODS, help=f"comma list (default {','.join(COMPARE_METHODS)})")
     c.add_argument("--tasks", type=_names, default=("niah",), help="comma list of tasks (default niah)")
+    c.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="instead of running: merge the results.json of runs made separately (same prompts)")
     c.set_defaults(func=run_compare)
 
     d = sub.add_parser("demo", help="capital-of-France check through PoD, then a long passkey: dense vs PoD vs StreamingLLM")
@@ -76,7 +78,7 @@ def _floats(text: str) -> tuple[float, ...]:
         raise PodError(f"--depths must be numbers in [0, 1] like 0,0.5,1; got {text!r}") from None
 
 
-def config_from(args, tasks, methods):
+def config_from(args, tasks, methods, compare=False):
     from podkv.eval.config import EvalConfig
 
     if args.threads is not None:
@@ -89,7 +91,7 @@ def config_from(args, tasks, methods):
                       lengths=args.lengths, depths=args.depths, depths_long=args.depths_long, long_from=args.long_from,
                       haystack=args.haystack, samples=args.samples, needles=args.needles,
                       max_new_tokens=args.max_new_tokens, files=tuple(args.files), data=args.data,
-                      subset=args.subset, seed=args.seed, out=args.out)
+                      subset=args.subset, seed=args.seed, out=args.out, compare=compare)
 
 
 def run_task(args) -> int:
@@ -103,7 +105,15 @@ def run_task(args) -> int:
 def run_compare(args) -> int:
     from podkv.eval.runner import run
 
-    results = run(config_from(args, args.tasks, args.methods), progress=not args.quiet)
+    if args.merge:
+        from podkv.eval.merge import merge_runs
+        from podkv.eval.report import write_results
+
+        results, timings = merge_runs(args.merge)
+        write_results(results, args.out, timings)
+        _print_table(results, args.out)
+        return 0
+    results = run(config_from(args, args.tasks, args.methods, compare=True), progress=not args.quiet)
     _print_table(results, args.out)
     return 0
 

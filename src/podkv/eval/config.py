@@ -41,6 +41,7 @@ class EvalConfig:
     data: str | None = None
     subset: str | None = None
     out: str = "eval_out"
+    compare: bool = False  # a comparison: dense is the reference, not held to --budget
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

@@ -12,9 +12,10 @@ from pathlib import Path
 from podkv.io import atomic_write_text, save_figure, write_json
 
 
-def write_results(results: dict, out: Path) -> list[Path]:
+def write_results(results: dict, out: Path, timings: dict | None = None) -> list[Path]:
     out = Path(out)
-    results, timings = split_timings(results)
+    if timings is None:
+        results, timings = split_timings(results)
     paths = [write_json(out / "results.json", results), write_json(out / "timings.json", timings),
              atomic_write_text(out / "results.md", markdown(results))]
     paths += figures(results, out)
@@ -42,7 +43,7 @@ def markdown(results: dict) -> str:
     for mname, entry in methods.items():
         fracs = [entry["tasks"][t]["summary"]["kv_fraction"] for t in tasks]
         held = sum(fracs) / len(fracs)
-        row = [_label(entry["method"]), f"{held:.3f}", f"{100 * (1 - held):.1f}%"]
+        row = [_label(entry, results), f"{held:.3f}", f"{100 * (1 - held):.1f}%"]
         for t in tasks:
             s = entry["tasks"][t]["summary"]
             key = "ppl" if "ppl" in s else "accuracy"
@@ -55,9 +56,13 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n" + info
 
 
-def _label(desc: dict) -> str:
+def _label(entry: dict, results: dict) -> str:
+    desc = entry["method"]
     b = desc.get("budget")
-    return desc["name"] + (f" (budget {b:g})" if b is not None else "")
+    label = desc["name"] + (f" (budget {b:g})" if b is not None else "")
+    if entry.get("model", results["model"]) != results["model"]:  # merged runs: say which model
+        label += f" [{entry['model']}]"
+    return label
 
 
 def _fmt(v: float, key: str) -> str:

@@ -45,11 +45,16 @@ def default_budget(plan: SharingPlan, lengths) -> float:
 
 
 def build_methods(cfg: EvalConfig, plan: SharingPlan, model) -> dict:
-    """Instantiate and check every method; an explicit --budget applies to all, the default to budgeted ones."""
+    """Instantiate and check every method.
+
+    The budget binds the compressing methods; dense is the reference of a comparison and is held
+    to an explicit ``--budget`` only outside ``compare`` (where it then cannot meet one below 1).
+    """
     budget = cfg.budget if cfg.budget is not None else default_budget(plan, cfg.lengths)
+    alone = cfg.budget is not None and not cfg.compare
     out = {}
     for name in cfg.methods:
-        applies = cfg.budget is not None or METHODS[name].budgeted
+        applies = METHODS[name].budgeted or alone
         method = make_method(name, plan=plan, budget=budget if applies else None)
         method.check(model.config, cfg.lengths)
         out[name] = method
