@@ -121,3 +121,23 @@ def test_bad_plan_fails_at_engine_start(reference, anchors, match):
     with pytest.raises(Exception, match=match):
         LLM(model=model_dir, hf_overrides={"architectures": ["PodLlamaForCausalLM"], "pod_plan": raw},
             enforce_eager=True, dtype="float32", max_model_len=256)
+
+
+@pytest.mark.integration
+def test_default_model_parity(tmp_path):
+    """SmolLM2-135M-Instruct, a 300-token prompt, blocks of 3 layers (ns=16, nr=64): 16 greedy tokens."""
+    given = os.environ.get("PODKV_VLLM_REFERENCE")
+    ref_python = Path(os.environ.get("PODKV_REF_PYTHON", ROOT / ".venv" / "bin" / "python"))
+    if given and (Path(given) / "reference_default.json").exists():
+        reference = Path(given) / "reference_default.json"
+    elif ref_python.exists():
+        subprocess.run([str(ref_python), "-m", "podkv.serving.parity", "--default-model", "--max-new-tokens", "16",
+                        "--out", str(tmp_path)], check=True, env=ENV, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        reference = tmp_path / "reference_default.json"
+    else:
+        pytest.skip(f"no podkv reference venv at {ref_python} (set PODKV_REF_PYTHON)")
+    runs = json.loads(reference.read_text())["runs"]
+    assert runs["block3"][0]["tokens"] != runs["dense"][0]["tokens"]  # PoD matters on this prompt
+    for name in ("dense", "block3"):
+        assert_parity(runs[name], run_vllm(reference, name, tmp_path / f"{name}.json")["runs"])

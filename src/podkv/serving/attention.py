@@ -19,7 +19,6 @@ from vllm.forward_context import get_forward_context
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 from podkv.attention.chunked import DEFAULT_CHUNK, KeySources, pod_attention_chunked
-
 from podkv.serving.attention_names import BACKEND_NAME
 
 
