@@ -104,3 +104,16 @@ def test_attached_restores_a_pod_model(model, plan):
         assert model.config._attn_implementation == "pod"
     finally:
         disable_pod(model)
+
+
+def test_demo_passkey_comparison_on_tiny_model(model, plan):
+    pytest.importorskip("kvpress", reason="the demo's StreamingLLM row needs kvpress")
+    from podkv.eval.demo import _figure, passkey_compare
+    from test_eval_prompts import CharTokenizer
+
+    rows = passkey_compare(model, CharTokenizer(), plan, length=400, depth=0.2, seed=0)
+    assert [r["method"] for r in rows] == ["dense", "pod", "streaming"]
+    assert rows[0]["kv_fraction"] == 1.0
+    assert all(r["kv_fraction"] <= r["budget"] + 1e-6 for r in rows[1:])
+    assert all(isinstance(r["correct"], bool) and r["kv_mb"] > 0 for r in rows)
+    _figure(rows, 400)

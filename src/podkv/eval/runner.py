@@ -61,8 +61,12 @@ def build_methods(cfg: EvalConfig, plan: SharingPlan, model) -> dict:
     return out
 
 
-def evaluate(model, tok, cfg: EvalConfig, plan: SharingPlan, progress: bool = True) -> dict:
-    """Every method on every task; cases are built once per task so all methods see the same prompts."""
+def evaluate(model, tok, cfg: EvalConfig, plan: SharingPlan, progress: bool = True, log=None) -> dict:
+    """Every method on every task; cases are built once per task so all methods see the same prompts.
+
+    ``log``: optional path of a JSON-lines file that gets each record as soon as it is scored
+    (long CPU runs can be watched, and are not all lost if interrupted).
+    """
     from tqdm.auto import tqdm
 
     methods = build_methods(cfg, plan, model)
@@ -74,11 +78,25 @@ def evaluate(model, tok, cfg: EvalConfig, plan: SharingPlan, progress: bool = Tr
         with method.attached(model):
             for tname, task in tasks.items():
                 bar = tqdm(cases[tname], desc=f"{mname}/{tname}", disable=not progress, leave=False)
-                records = [task.run_case(model, tok, method, c, cfg) for c in bar]
+                records = []
+                for case in bar:
+                    records.append(task.run_case(model, tok, method, case, cfg))
+                    _log(log, {"method": mname, "task": tname, **records[-1]})
                 entry["tasks"][tname] = {"metric": task.metric, "summary": task.summarize(records),
                                          "records": records}
         results[mname] = entry
     return results
+
+
+def _log(path, record: dict) -> None:
+    if path is None:
+        return
+    import json
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record, default=str) + "\n")
 
 
 def provenance(cfg: EvalConfig, model, plan: SharingPlan, plan_source: str) -> dict:
@@ -122,6 +140,7 @@ def run(cfg: EvalConfig, progress: bool = True) -> dict:
     from podkv.eval.report import write_results
 
     model, tok, plan, source = load(cfg)
-    results = {**provenance(cfg, model, plan, source), "methods": evaluate(model, tok, cfg, plan, progress)}
+    results = {**provenance(cfg, model, plan, source), "methods": evaluate(model, tok, cfg, plan, progress,
+                                                                      log=cfg.out_dir / "records.jsonl")}
     write_results(results, cfg.out_dir)
     return results
