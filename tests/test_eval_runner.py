@@ -136,3 +136,23 @@ def test_merge_separate_runs(model, tmp_path, capsys):
     assert main(["eval", "compare", "--merge", str(tmp_path / "a"), str(tmp_path / "c"), "--out",
                  str(tmp_path / "m2")]) == 2
     assert "'seed'" in capsys.readouterr().err
+
+
+def test_longbench_loader_reads_local_jsonl(tmp_path):
+    pytest.importorskip("datasets", reason="longbench/ruler need the 'data' extra")
+    rows = [{"context": "x" * 900, "input": "who?", "answers": ["Ann"]}, {"context": "short", "input": "q", "answers": ["b"]}]
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = _cfg(tmp_path, tasks=("longbench",), data=str(tmp_path), subset="qa", lengths=(300,))
+    task = TASKS["longbench"]()
+    cases = task.cases(CharTokenizer(), cfg, PLAN)
+    assert [len(c.input_ids) for c in cases][0] == 300  # cut in the middle to the largest length
+    assert task.score(" It was Ann.", cases[0].answer) and not task.score("Bob", cases[0].answer)
+
+
+def test_ppl_reads_user_files(tmp_path):
+    (tmp_path / "doc.txt").write_text("hello world. " * 100)
+    cases = make_task("ppl").cases(CharTokenizer(), _cfg(tmp_path, files=(str(tmp_path / "doc.txt"),),
+                                                         lengths=(400,), samples=2), PLAN)
+    assert len(cases) == 2 and all(len(c.input_ids) == 400 and c.split == 200 for c in cases)
+    with pytest.raises(PodError, match="does not exist"):
+        make_task("ppl").cases(CharTokenizer(), _cfg(tmp_path, files=("/nope.txt",)), PLAN)
