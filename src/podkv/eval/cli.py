@@ -13,7 +13,7 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate KV methods: ppl, passkey, niah, multikey, longbench, ruler, compare")
     tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
     for name in TASKS:
-        t = tasks.add_parser(name, help=f"run the {name} task")
+        t = tasks.add_parser(name, help=(TASKS[name].__doc__ or f"the {name} task").strip().splitlines()[0])
         _common(t)
         t.add_argument("--method", required=True, help="dense, pod, pod-scores, streaming, snapkv, h2o, pyramidkv")
         t.set_defaults(func=run_task, tasks_=(name,))

@@ -65,6 +65,8 @@ class _LocalJsonl(Task):
 
 
 class LongBench(_LocalJsonl):
+    """LongBench from local jsonl files (--data, --subset); needs the 'data' extra."""
+
     name, default_name = "longbench", "narrativeqa"
 
     def fields(self, row):
@@ -72,6 +74,8 @@ class LongBench(_LocalJsonl):
 
 
 class Ruler(_LocalJsonl):
+    """RULER from a local generated jsonl (--data); needs the 'data' extra."""
+
     name, default_name = "ruler", "validation"
 
     def fields(self, row):

@@ -80,6 +80,8 @@ class NeedleTask(Task):
 
 
 class Passkey(NeedleTask):
+    """Passkey retrieval: a 5-digit key in repetitive filler (Mohtashami & Jaggi, 2023)."""
+
     name, default_haystack = "passkey", "filler"
 
     def placements(self, rng, depth, cfg):
@@ -93,7 +95,7 @@ class Niah(NeedleTask):
 
 
 class MultiKey(NeedleTask):
-    """RULER multikey: ``cfg.needles`` facts with distinct keys; the asked one sits at the cell's depth."""
+    """RULER multikey: --needles facts with distinct keys; the asked one sits at the cell's depth."""
 
     name = "multikey"
 
