@@ -58,8 +58,7 @@ def run(args) -> int:
     cfg = AnalysisConfig(model=args.model, data=list(args.data or []), samples=args.samples, length=args.length,
                          last_q=args.last_q, delta=args.delta, target_saving=args.target_saving,
                          granularity=args.granularity, ns=args.ns, nr=args.nr, seed=args.seed, context=args.context,
-                         proximal_sizes=_int_list(args.proximal_sizes) if isinstance(args.proximal_sizes, str)
-                         else args.proximal_sizes, proximal_samples=args.proximal_samples)
+                         proximal_sizes=args.proximal_sizes, proximal_samples=args.proximal_samples)
     result = analyze(cfg, args.out, progress=not args.no_progress)
     _print_plan(result["plan_object"], cfg.context)
     print(f"wrote {args.out}/plan.json, analysis.json, analysis.md, proximal.png, similarity.png "

@@ -93,6 +93,8 @@ def analyze(cfg: AnalysisConfig, out_dir: str | Path, model=None, tokenizer=None
         from podkv.models.loading import load_model
 
         model, tokenizer = load_model(cfg.model, progress=progress)
+    elif tokenizer is None:
+        raise PodError("analyze(model=...) also needs the model's tokenizer")
     elif cfg.model is None:
         name = getattr(model.config, "_name_or_path", "") or model.config.model_type
     if getattr(model, "_pod_saved", None) is not None:
