@@ -44,6 +44,17 @@ def test_pod_gradients_match_reference(checkpointing):
     assert g_fast["model.layers.0.self_attn.k_proj.weight"].abs().sum() > 0
 
 
+def test_reentrant_checkpointing_would_cut_the_anchor_gradient():
+    """Why runner.py forces use_reentrant=False: reentrant checkpointing runs the first forward without
+    grad, so the anchor keys that shared layers read from model.pod_runtime carry no graph."""
+    ids = torch.randint(4, 100, (2, 40), generator=torch.Generator().manual_seed(0))
+    ref = _grads(podkv.enable_pod(tiny_model("llama").train(), _plan(), reference=True), ids)
+    fast = podkv.enable_pod(tiny_model("llama").train(), _plan(), chunk=16)
+    fast.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    name = "model.layers.0.self_attn.k_proj.weight"
+    assert not torch.allclose(_grads(fast, ids)[name], ref[name], rtol=1e-3, atol=1e-5)
+
+
 def test_qk_selection_follows_the_plan():
     from podkv.training.trainable import mark_trainable
 

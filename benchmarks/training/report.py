@@ -1,0 +1,95 @@
+"""Adaptation curves (PNG + JSON) and the dense / training-free / adapted table from saved results.
+
+    python benchmarks/training/report.py
+
+Reads results/run_<name>.json (copies of ``<out>/train_result.json`` from ``podkv train``) and
+results/table_<variant>.json (from table.py); writes curves.png, curves.json and table.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from podkv.io import atomic_write_text, save_figure, write_json
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+
+
+def load_runs() -> dict[str, dict]:
+    return {p.stem.removeprefix("run_"): json.loads(p.read_text()) for p in sorted(RESULTS.glob("run_*.json"))}
+
+
+def curves(runs: dict[str, dict]) -> dict:
+    out = {}
+    for name, r in runs.items():
+        c = r["config"]
+        out[name] = {
+            "objective": c["objective"], "trainable": c["trainable"], "lora_rank": c["lora_rank"], "lr": c["lr"],
+            "seq_len": c["seq_len"], "tokens": r["tokens"], "wall_s": r["wall_s"],
+            "tokens_per_s": round(r["tokens"] / r["wall_s"], 2) if r["wall_s"] else None,
+            "dense_ppl": math.exp(r["dense_heldout_nll"]),
+            "heldout": [{**p, "ppl": math.exp(p["nll"]), "ppl_gap": math.exp(p["nll"]) - math.exp(r["dense_heldout_nll"])}
+                        for p in sorted(r["heldout"], key=lambda p: p["step"])],
+            "train_loss": r["train_loss"],
+        }
+    return out
+
+
+def plot(data: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, d in data.items():
+        label = f"{d['objective']}, {d['trainable']}" + (f", LoRA r{d['lora_rank']}" if d["lora_rank"] else "")
+        ax1.plot([p["tokens"] for p in d["heldout"]], [p["ppl_gap"] for p in d["heldout"]], "o-", label=label)
+        per_step = d["tokens"] / max(1, len(d["train_loss"]))
+        ax2.plot([h["step"] * per_step for h in d["train_loss"]], [h["loss"] for h in d["train_loss"]], label=label)
+    ax1.axhline(0, color="grey", lw=0.8)
+    ax1.set(xlabel="training tokens", ylabel="held-out perplexity - dense perplexity",
+            title="PoD adaptation: gap to dense (SmolLM2-135M, 34% KV saved)")
+    ax2.set(xlabel="training tokens", ylabel="training loss (own objective)", title="training loss", yscale="log")
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=8)
+    save_figure(fig, HERE / "curves.png")
+
+
+def table() -> str:
+    rows = {v: json.loads((RESULTS / f"table_{v}.json").read_text())
+            for v in ("dense", "free", "adapted") if (RESULTS / f"table_{v}.json").is_file()}
+    if not rows:
+        return ""
+    lengths = [p["length"] for p in next(iter(rows.values()))["passkey"]]
+    names = {"dense": "dense (no PoD)", "free": "PoD, training-free", "adapted": "PoD, adapted (`smollm2-pod`)"}
+    head = "| model | KV saved @4K | held-out ppl | " + " | ".join(f"passkey {l // 1024}K" for l in lengths) + " |"
+    lines = [head, "|" + "---|" * (3 + len(lengths))]
+    for v, r in rows.items():
+        saved = "0%" if v == "dense" else "34.4%"
+        acc = {p["length"]: p for p in r["passkey"]}
+        cells = [f"{acc[l]['accuracy'] * acc[l]['n']:.0f}/{acc[l]['n']}" if l in acc else "-" for l in lengths]
+        lines.append(f"| {names[v]} | {saved} | {r['heldout_ppl']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    data = curves(load_runs())
+    write_json(HERE / "curves.json", data)
+    if data:
+        plot(data)
+    md = table()
+    if md:
+        atomic_write_text(RESULTS / "table.md", md)
+    print(md)
+    for name, d in data.items():
+        last = d["heldout"][-1]
+        print(f"{name}: {d['tokens']} tokens, {d['tokens_per_s']} tok/s, ppl gap {d['heldout'][0]['ppl_gap']:+.3f} "
+              f"-> {last['ppl_gap']:+.3f}")
+
+
+if __name__ == "__main__":
+    main()
