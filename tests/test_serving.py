@@ -9,7 +9,8 @@ from tiny import tiny_model
 from podkv.cli import main
 from podkv.errors import PodError
 from podkv.plan import SharingPlan
-from podkv.serving.checks import check_plan_servable, layer_anchors, plan_for_serving, pod_architecture
+from podkv.serving.checks import (anchor_layer_name, check_plan_servable, layer_anchors, plan_for_serving,
+                                  pod_architecture)
 from podkv.serving.engine import pod_hf_overrides, write_pod_checkpoint
 
 
@@ -29,6 +30,7 @@ def test_layer_plan_is_servable():
     assert check_plan_servable(plan, cfg()) is plan
     assert layer_anchors(plan) == [0, 0, 2, 2]
     assert pod_architecture(cfg()) == "PodLlamaForCausalLM"
+    assert anchor_layer_name("model.layers.13.self_attn", 13, 12) == "model.layers.12.self_attn.attn"
 
 
 @pytest.mark.parametrize("plan, field", [

@@ -70,3 +70,10 @@ def plan_for_serving(config) -> SharingPlan:
 def layer_anchors(plan: SharingPlan) -> list[int]:
     """Anchor layer of every layer of a layer-granularity plan."""
     return [row[0] for row in plan.anchors]
+
+
+def anchor_layer_name(prefix: str, layer: int, anchor: int) -> str:
+    """'model.layers.5.self_attn' with anchor 4 -> 'model.layers.4.self_attn.attn' (vLLM's layer names)."""
+    marker = f"layers.{layer}."
+    head, _, tail = (prefix + ".").rpartition(marker)
+    return f"{head}layers.{anchor}.{tail}attn"

@@ -13,14 +13,7 @@ from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, 
 from vllm.model_executor.models.utils import extract_layer_index
 
 from podkv.serving.attention import PodTorchBackend
-from podkv.serving.checks import layer_anchors, plan_for_serving
-
-
-def anchor_layer_name(prefix: str, layer: int, anchor: int) -> str:
-    """'model.layers.5.self_attn' with anchor 4 -> 'model.layers.4.self_attn.attn' (vLLM's layer names)."""
-    marker = f"layers.{layer}."
-    head, _, tail = (prefix + ".").rpartition(marker)
-    return f"{head}layers.{anchor}.{tail}attn"
+from podkv.serving.checks import anchor_layer_name, layer_anchors, plan_for_serving
 
 
 class PodLlamaAttention(LlamaAttention):
