@@ -39,7 +39,7 @@ def _cfg(tmp_path, **kw):
 
 
 def test_compare_writes_reproducible_results(model, tmp_path):
-    cfg = _cfg(tmp_path)
+    cfg = _cfg(tmp_path, depths=(0.5,))
     runs = []
     for out in ("a", "b"):
         results = {"model": "tiny", "model_type": "llama", "plan_source": "test", "plan_summary": PLAN.summary(),
