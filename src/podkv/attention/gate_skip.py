@@ -89,36 +89,56 @@ def decode_attention(cache, layer: int, query: torch.Tensor, key: torch.Tensor, 
     lo, hi = int(cache.pad.min()) + plan.ns, i + 1 - plan.nr
     if hi <= lo:  # every key is proximal: nothing to skip
         store.commit()
-        return out_p.reshape(B, Hq, 1, D)
-    dist_idx = torch.arange(lo, hi, device=query.device)
-    mask_d = None if bool((cache.pad == cache.pad[0]).all()) else ((dist_idx[None] - cache.pad[:, None]) >= plan.ns)[:, None]
-
-    outs = []
+        return out_p.reshape(B, Hq, 1, D).to(query.dtype)
+    skip = {}  # shared head -> (B, G) bool: predicted gate >= tau
     for h, anchor in enumerate(plan.anchors[layer]):
-        src, j = (store if anchor == layer else cache.layers[anchor]).anchor_source(h)
         if anchor == layer:
-            skip = None
             state.anchor_passes += 1
+            continue
+        skip[h] = _predict(state, anchor, h, lse_p[:, h]) >= runtime.skip_tau
+        state.shared_passes += 1
+        state.rows, state.rows_skipped = state.rows + skip[h].numel(), state.rows_skipped + int(skip[h].sum())
+    need = [h for h in range(H) if h not in skip or not bool(skip[h].all())]
+    state.skipped_passes += H - len(need)
+    if not need:
+        store.commit()
+        return out_p.reshape(B, Hq, 1, D).to(query.dtype)
+
+    dist_idx = torch.arange(lo, hi, device=query.device)
+    mask_d = None if bool((cache.pad == cache.pad[0]).all()) else \
+        ((dist_idx[None] - cache.pad[:, None]) >= plan.ns)[:, None, None]  # (B, 1, 1, Td)
+    out_d, lse_d = _distant(cache, layer, qg, need, lo, hi, scale, mask_d)  # (B, n, G, D), (B, n, G)
+    out_d = torch.where(torch.isfinite(lse_d)[..., None], out_d, 0)  # a padded row may see no distant key
+    lse_pn = lse_p[:, need]
+    gate = torch.exp(lse_pn - torch.logaddexp(lse_pn, lse_d))  # paper §2.2: g = ΣexpP / (ΣexpP + ΣexpD)
+    merged = gate[..., None] * out_p[:, need] + (1 - gate[..., None]) * out_d
+    out = out_p.clone()
+    for n, h in enumerate(need):
+        if h in skip:
+            out[:, h] = torch.where(skip[h][..., None], out_p[:, h], merged[:, n])
         else:
-            skip = _predict(state, anchor, h, lse_p[:, h]) >= runtime.skip_tau  # (B, G)
-            state.shared_passes += 1
-            state.rows += skip.numel()
-            state.rows_skipped += int(skip.sum())
-            if bool(skip.all()):
-                state.skipped_passes += 1
-                outs.append(out_p[:, h])
-                continue
-        out_d, lse_d = _attend(qg[:, h], src[:, j, lo:hi], store.v[:, h, lo:hi], scale, mask_d)  # (B, G, D), (B, G)
-        lse = torch.logaddexp(lse_p[:, h], lse_d)
-        gate = torch.exp(lse_p[:, h] - lse)  # paper §2.2: g = ΣexpP / (ΣexpP + ΣexpD)
-        out = gate[..., None] * out_p[:, h] + (1 - gate[..., None]) * out_d
-        if skip is None:
-            state.anchors[(layer, h)] = (gate, lse_d)
-        else:
-            out = torch.where(skip[..., None], out_p[:, h], out)
-        outs.append(out)
+            out[:, h] = merged[:, n]
+            state.anchors[(layer, h)] = (gate[:, n], lse_d[:, n])
     store.commit()
-    return torch.stack(outs, dim=1).reshape(B, Hq, 1, D)
+    return out.reshape(B, Hq, 1, D).to(query.dtype)
+
+
+def _distant(cache, layer, qg, heads, lo, hi, scale, mask):
+    """Distant pass of ``heads`` over cache indices [lo, hi), reading anchor keys and values in place.
+
+    qg (B, H, G, D) -> out (B, len(heads), G, D), lse (B, len(heads), G). One call when every head
+    reads one anchor tensor in head order (layer-granular plans), else one call per head.
+    """
+    store = cache.layers[layer]
+    sources = [(store if a == layer else cache.layers[a]).anchor_source(h)
+               for h, a in enumerate(cache.plan.anchors[layer])]
+    first = sources[0][0]
+    if len(heads) == len(sources) and all(t is first and j == h for h, (t, j) in enumerate(sources)) \
+            and first.shape[1] == len(sources):
+        return _attend(qg, first[:, :, lo:hi], store.v[:, :, lo:hi], scale, mask)
+    parts = [_attend(qg[:, h:h + 1], sources[h][0][:, sources[h][1]:sources[h][1] + 1, lo:hi],
+                     store.v[:, h:h + 1, lo:hi], scale, mask) for h in heads]
+    return torch.cat([o for o, _ in parts], dim=1), torch.cat([s for _, s in parts], dim=1)
 
 
 def _predict(state: GateSkipState, anchor: int, head: int, lse_p: torch.Tensor) -> torch.Tensor:
@@ -134,13 +154,22 @@ def _predict(state: GateSkipState, anchor: int, head: int, lse_p: torch.Tensor) 
 
 
 def _attend(q, k, v, scale, mask):
-    """Softmax attention that also returns the logsumexp of the scores.
+    """Softmax attention that also returns the logsumexp of the scores (float32).
 
-    q (..., G, D), k/v (..., n, D), mask broadcastable to (..., G, n) or None -> (..., G, D), (..., G).
+    q (B, H, G, D), k/v (B, H, n, D) (strided views are fine), mask bool broadcastable to (B, H, G, n)
+    or None -> (B, H, G, D), (B, H, G). On CPU this is one fused flash-attention call, which returns
+    the logsumexp; elsewhere the scores are materialised (G x n per head is small in decode).
     """
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if q.device.type == "cpu" and _FLASH_CPU is not None:
+        bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, float("-inf"))
+        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+        return out.float(), lse.float()
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse[..., None])
-    return torch.matmul(p, v), lse
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    return torch.matmul(p, v.float()), lse
+
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)

@@ -69,6 +69,8 @@ def _common(p, name: str) -> None:
     p.add_argument("--plan", type=Path, default=None,
                    help="sharing plan JSON (default: the shipped SmolLM2 plan, else uniform blocks of 4)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for <name>.json, RESULTS.md and PNGs")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 gives steadier timings on a CPU shared with other jobs)")
     p.set_defaults(func=run, bench_name=name)
 
 
@@ -77,6 +79,10 @@ def run(args) -> int:
     from podkv.models.loading import load_model
 
     config = build_config(args)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     path = run_bench(args.bench_name, model, tok, config, out_dir=args.out, plan_path=args.plan)
     print(f"wrote {path} and {Path(args.out) / 'RESULTS.md'}")

@@ -45,6 +45,9 @@ def run_memory(model, tok, plan, cfg: MemoryConfig) -> dict:
 
     config, dtype = model.config, model.dtype
     rows = []
+    for method in ("dense", "pod"):  # warm-up: the first run's allocator growth is not the cache's
+        prefill_decode(model, token_ids(tok, config.vocab_size, cfg.batch, 64).to(model.device),
+                       new_cache(model, method, plan), 1)
     for T in tqdm(cfg.lengths, desc="bench memory", leave=False):
         ids = token_ids(tok, config.vocab_size, cfg.batch, T).to(model.device)
         held = T + cfg.decode

@@ -36,11 +36,14 @@ def write_results(out_dir: str | Path, name: str, result: dict, section_md: str)
     out_dir = Path(out_dir)
     path = write_json(out_dir / f"{name}.json", result)
     md = out_dir / "RESULTS.md"
-    text = md.read_text() if md.exists() else HEADER
     block = f"<!-- bench:{name} -->\n{section_md.strip()}\n<!-- /bench:{name} -->"
     pattern = re.compile(rf"<!-- bench:{name} -->.*?<!-- /bench:{name} -->", re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    atomic_write_text(md, text)
+    from filelock import FileLock
+
+    with FileLock(str(out_dir / ".RESULTS.md.lock")):  # two benchmarks may finish at once
+        text = md.read_text() if md.exists() else HEADER
+        text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+        atomic_write_text(md, text)
     return path
 
 
