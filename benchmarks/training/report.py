@@ -53,7 +53,7 @@ def plot(data: dict) -> None:
     ax1.axhline(0, color="grey", lw=0.8)
     ax1.set(xlabel="training tokens", ylabel="held-out perplexity - dense perplexity",
             title="PoD adaptation: gap to dense (SmolLM2-135M, 34% KV saved)")
-    ax2.set(xlabel="training tokens", ylabel="training loss (own objective)", title="training loss", yscale="log")
+    ax2.set(xlabel="training tokens", ylabel="training loss (own objective)", title="training loss")
     ax1.legend(fontsize=8)
     ax2.legend(fontsize=8)
     save_figure(fig, HERE / "curves.png")
