@@ -98,11 +98,14 @@ def heatmaps(methods: dict, tname: str):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 1, 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(methods), figsize=(2.8 * len(methods) + 1.2, 3.4), squeeze=False,
+                             sharey=True)
+    cmap = plt.get_cmap("RdYlGn").copy()
+    cmap.set_bad("0.9")  # cells not run (fewer depths at long contexts)
     for ax, (mname, entry) in zip(axes[0], methods.items()):
         s = entry["tasks"][tname]["summary"]
         lengths, depths, acc = grid_matrix(s)
-        im = ax.imshow(np.array(acc), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto", origin="upper")
+        im = ax.imshow(np.ma.masked_invalid(np.array(acc)), cmap=cmap, vmin=0, vmax=1, aspect="auto")
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
         ax.set_xlabel("context length")
@@ -113,7 +116,7 @@ def heatmaps(methods: dict, tname: str):
                     ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7)
     axes[0][0].set_ylabel("needle depth")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
-    fig.suptitle(f"{tname}: accuracy by context length and needle depth", fontsize=10)
+    fig.suptitle(f"{tname}: accuracy by context length and needle depth (grey: not run)", fontsize=10, y=1.06)
     return fig
 
 
