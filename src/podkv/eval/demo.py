@@ -42,7 +42,11 @@ def capital_check(model, tok, plan) -> str:
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def passkey_compare(model, tok, plan, length: int, depth: float, seed: int) -> list[dict]:
+def passkey_compare(model, tok, plan, length: int, depth: float, seed: int, base=None) -> list[dict]:
+    """Dense, PoD and StreamingLLM on one passkey prompt; ``base`` (if given) runs dense and StreamingLLM.
+
+    With an adapted PoD model, the baselines run on the original weights, as in the paper.
+    """
     import torch
 
     from podkv.eval import prompts
@@ -62,8 +66,9 @@ def passkey_compare(model, tok, plan, length: int, depth: float, seed: int) -> l
         except PodError as exc:
             print(f"[demo] skipping {name}: {exc}", file=sys.stderr)
             continue
-        with method.attached(model):
-            out, pre = greedy_answer(model, method, torch.tensor([p.input_ids]), 12, eos_ids(tok))
+        runner = model if base is None or name == "pod" else base
+        with method.attached(runner):
+            out, pre = greedy_answer(runner, method, torch.tensor([p.input_ids]), 12, eos_ids(tok))
         text = tok.decode(out, skip_special_tokens=True).strip()
         rows.append({"method": name, "answer": text, "correct": exact_match(text, p.answer), "kv_mb": pre.kv_bytes / 2**20,
                      "kv_fraction": pre.kv_fraction, "prefill_s": pre.seconds})
@@ -83,7 +88,14 @@ def demo(model_name: str | None = None, length: int = 3500, depth: float = 0.2, 
     answer = capital_check(model, tok, plan)
     print(f"Q: {QUESTION}\nA (PoD): {answer}\n")
     print(f"Passkey at depth {depth:.0%} of a {length}-token prompt (greedy):")
-    rows = passkey_compare(model, tok, plan, length, depth, seed)
+    base = None
+    if name == "smollm2-pod":  # baselines on the original weights, PoD on the adapted ones
+        from podkv.models.loading import load_model
+
+        base, _ = load_model(None, progress=False)
+    rows = passkey_compare(model, tok, plan, length, depth, seed, base=base)
+    if base is not None:
+        print("(dense and streaming run on the original weights, pod on smollm2-pod)")
     print(f"{'method':<10} {'answer':<28} {'correct':<8} {'KV MB':>7} {'KV held':>8}")
     for r in rows:
         print(f"{r['method']:<10} {r['answer'][:28]!s:<28} {str(r['correct']):<8} {r['kv_mb']:7.1f} "

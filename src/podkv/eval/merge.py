@@ -25,7 +25,10 @@ def _read(directory) -> tuple[dict, dict]:
 
 
 def merge_runs(dirs) -> tuple[dict, dict]:
-    """(results, timings) combining the methods of every run in ``dirs`` (later runs win on a name clash)."""
+    """(results, timings) combining the methods of every run in ``dirs``.
+
+    A method name met again (another model) is kept as ``"name [model]"``.
+    """
     if not dirs:
         raise PodError("--merge needs at least one results directory")
     runs = [_read(d) for d in dirs]
@@ -40,8 +43,11 @@ def merge_runs(dirs) -> tuple[dict, dict]:
             entry = copy.deepcopy(entry)
             entry.setdefault("model", res["model"])
             entry.setdefault("plan_source", res["plan_source"])
+            if name in merged:  # the same method on another model (e.g. pod on smollm2-pod): keep both
+                name = f"{name} [{entry['model']}]"
             merged[name] = entry
-            timings.update({k: v for k, v in tim.items() if k.split("/")[0] == name})
+            timings.update({f"{name}/{k.split('/', 1)[1]}": v for k, v in tim.items()
+                            if k.split("/")[0] == entry["method"]["name"]})
     base["methods"] = merged
     base["settings"]["methods"] = list(merged)
     base["merged_from"] = [str(d) for d in dirs]
