@@ -133,6 +133,10 @@ def test_merge_separate_runs(model, tmp_path, capsys):
     merged = json.loads((tmp_path / "m" / "results.json").read_text())
     assert list(merged["methods"]) == ["dense", "pod"]
     assert "| pod (budget" in (tmp_path / "m" / "results.md").read_text()
+    # The same method run on another model is kept under its model's name.
+    assert main(["eval", "compare", "--merge", str(tmp_path / "b"), str(tmp_path / "b"), "--out",
+                 str(tmp_path / "m3")]) == 0
+    assert list(json.loads((tmp_path / "m3" / "results.json").read_text())["methods"]) == ["pod", "pod [tiny]"]
     assert main(["eval", "compare", "--merge", str(tmp_path / "a"), str(tmp_path / "c"), "--out",
                  str(tmp_path / "m2")]) == 2
     assert "'seed'" in capsys.readouterr().err
