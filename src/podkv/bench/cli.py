@@ -50,6 +50,7 @@ def register(sub) -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--attn-lengths", type=_ints, default=(1024, 2048, 4096, 8192))
     p.add_argument("--attn-reps", type=int, default=5)
+    p.add_argument("--chunk", type=int, default=128, help="PoD prefill query chunk (enable_pod's chunk)")
     _common(p, "speed")
 
     p = cmds.add_parser("skip", help="gate skipping swept over tau: skipped share, time, perplexity, passkey")
@@ -104,7 +105,7 @@ def build_config(args):
     if name == "speed":
         return SpeedConfig(prefill_lengths=args.prefill_lengths, decode_lengths=args.decode_lengths,
                            decode_steps=args.decode_steps, reps=args.reps, attn_lengths=args.attn_lengths,
-                           attn_reps=args.attn_reps)
+                           attn_reps=args.attn_reps, chunk=args.chunk)
     kw = {} if args.taus is None else {"taus": args.taus}
     return SkipConfig(context=args.context, steps=args.steps, ppl_prefix=args.ppl_prefix, ppl_tokens=args.ppl_tokens,
                       passkeys=args.passkeys, predictor=args.predictor, **kw)

@@ -97,6 +97,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
             return self
+        _malloc_trim()  # hand freed heap pages back, so RSS growth is this block's own allocations
         self._base = rss_bytes()
         self._max = self._base
         if self._base is not None:
@@ -118,6 +119,16 @@ class PeakMemory:
             self._thread.join()
             self.peak = max(self._max, rss_bytes()) - self._base
         return False
+
+
+def _malloc_trim() -> None:
+    """glibc keeps freed memory in its heap, where later allocations reuse it without growing RSS."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def new_cache(model, method: str, plan: SharingPlan):

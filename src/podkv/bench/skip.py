@@ -74,20 +74,28 @@ def time_decode(model, tok, plan, methods: dict, T: int, steps: int, warmup: int
 def perplexity(model, tok, plan, methods: dict, prefix: int, n: int) -> dict:
     """Teacher-forced next-token perplexity of ``n`` tokens after a ``prefix``-token prompt, in decode steps."""
     ids = token_ids(tok, model.config.vocab_size, 1, prefix + n + 1, seed=1)
-    rt = model.pod_runtime
-    rt.skip_tau = None
-    base = new_cache(model, "pod", plan)
+    base = new_cache(model, "dense" if methods == DENSE else "pod", plan)
+    rt = getattr(model, "pod_runtime", None)
+    _set_tau(rt, None)
     first = model(ids[:, :prefix], past_key_values=base, logits_to_keep=1).logits[:, -1]
     out = {}
     for m, tau in methods.items():
         cache, logits, nll = copy.deepcopy(base), first, []
-        rt.skip_tau = tau
+        _set_tau(rt, tau)
         for i in range(prefix, prefix + n):
             nll.append(-torch.log_softmax(logits.float(), -1)[0, ids[0, i]].item())
             logits = model(ids[:, i:i + 1], past_key_values=cache).logits[:, -1]
         out[m] = math.exp(sum(nll) / len(nll))
-    rt.skip_tau = None
+    _set_tau(rt, None)
     return out
+
+
+DENSE = {"dense": None}  # methods dict meaning: the stock model with a DynamicCache
+
+
+def _set_tau(runtime, tau):
+    if runtime is not None:
+        runtime.skip_tau = tau
 
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -98,7 +106,6 @@ def passkey(model, tok, plan, methods: dict, prompts: int, filler: int) -> dict 
     """Share of prompts whose greedy continuation contains the hidden 5-digit key, per method."""
     if tok is None:
         return None
-    rt = model.pod_runtime
     hits = {m: 0 for m in methods}
     for i in range(prompts):
         key = str(10000 + (7919 * (i + 3) ** 3) % 90000)
@@ -106,22 +113,26 @@ def passkey(model, tok, plan, methods: dict, prompts: int, filler: int) -> dict 
                 + FILLER * (filler // 5) + f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
                 + FILLER * filler + "\nWhat is the pass key? The pass key is")
         ids = tok(text, return_tensors="pt").input_ids
-        rt.skip_tau = None
-        base = new_cache(model, "pod", plan)
+        base = new_cache(model, "dense" if methods == DENSE else "pod", plan)
+        rt = getattr(model, "pod_runtime", None)
+        _set_tau(rt, None)
         first = model(ids, past_key_values=base, logits_to_keep=1).logits[:, -1:].argmax(-1)
         for m, tau in methods.items():
-            rt.skip_tau, cache, nxt, toks = tau, copy.deepcopy(base), first, [first.item()]
+            _set_tau(rt, tau)
+            cache, nxt, toks = copy.deepcopy(base), first, [first.item()]
             for _ in range(7):
                 nxt = model(nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
                 toks.append(nxt.item())
             hits[m] += key in tok.decode(toks).replace(" ", "")
-    rt.skip_tau = None
+    _set_tau(rt, None)
     return {m: h / prompts for m, h in hits.items()}
 
 
 def run_skip(model, tok, plan, cfg: SkipConfig) -> dict:
     from podkv.models.enable import disable_pod
 
+    dense_ppl = perplexity(model, tok, plan, DENSE, cfg.ppl_prefix, cfg.ppl_tokens)["dense"]
+    dense_keys = passkey(model, tok, plan, DENSE, cfg.passkeys, cfg.passkey_filler)
     new_cache(model, "pod", plan)  # enables PoD on the model
     model.pod_runtime.skip.predictor = cfg.predictor
     methods = _methods(cfg.taus)
@@ -137,6 +148,9 @@ def run_skip(model, tok, plan, cfg: SkipConfig) -> dict:
              "vs_pod": timing[m]["step"]["median"] / pod_ms, "vs_never": timing[m]["step"]["median"] / never_ms,
              "ppl": ppl[m], "ppl_change_pct": 100 * (ppl[m] / ppl["pod"] - 1),
              "passkey": None if keys is None else keys[m]} for m, tau in methods.items()]
+    rows.insert(0, {"method": "dense (reference)", "tau": None, "ppl": dense_ppl,
+                    "ppl_change_pct": 100 * (dense_ppl / ppl["pod"] - 1),
+                    "passkey": None if dense_keys is None else dense_keys["dense"]})
     at07 = next((r for r in rows if r["tau"] == 0.7), None)
     return {"rows": rows, "context": cfg.context, "predictor": cfg.predictor, "ppl_prefix": cfg.ppl_prefix,
             "ppl_tokens": cfg.ppl_tokens, "passkeys": cfg.passkeys,
@@ -163,7 +177,7 @@ def skip_markdown(result: dict) -> str:
 def skip_plot(result: dict, path) -> None:
     from podkv.bench.report import plot_lines
 
-    rows = [r for r in result["rows"] if r["tau"] is not None and r["tau"] <= 1]
+    rows = [r for r in result["rows"] if r["tau"] is not None and r["tau"] <= 1 and "skip_share" in r]
     taus = [r["tau"] for r in rows]
     plot_lines(path, {"share skipped": (taus, [r["skip_share"] for r in rows]),
                       "step time / PoD": (taus, [r["vs_pod"] for r in rows]),
