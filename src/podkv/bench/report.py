@@ -38,9 +38,13 @@ def write_results(out_dir: str | Path, name: str, result: dict, section_md: str)
     md = out_dir / "RESULTS.md"
     block = f"<!-- bench:{name} -->\n{section_md.strip()}\n<!-- /bench:{name} -->"
     pattern = re.compile(rf"<!-- bench:{name} -->.*?<!-- /bench:{name} -->", re.S)
+    import hashlib
+    import tempfile
+
     from filelock import FileLock
 
-    with FileLock(str(out_dir / ".RESULTS.md.lock")):  # two benchmarks may finish at once
+    key = hashlib.sha1(str(md.resolve()).encode()).hexdigest()[:12]  # lock outside the results folder
+    with FileLock(str(Path(tempfile.gettempdir()) / f"podkv-results-{key}.lock")):  # two benches may finish at once
         text = md.read_text() if md.exists() else HEADER
         text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
         atomic_write_text(md, text)
