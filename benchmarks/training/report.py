@@ -46,7 +46,8 @@ def plot(data: dict) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for name, d in data.items():
-        label = f"{d['objective']}, {d['trainable']}" + (f", LoRA r{d['lora_rank']}" if d["lora_rank"] else "")
+        label = f"{d['objective']}, {d['trainable']}" + (f", LoRA r{d['lora_rank']}" if d["lora_rank"] else "") \
+            + f", lr {d['lr']:g}, {d['tokens'] // 1024}K tok"
         ax1.plot([p["tokens"] for p in d["heldout"]], [p["ppl_gap"] for p in d["heldout"]], "o-", label=label)
         per_step = d["tokens"] / max(1, len(d["train_loss"]))
         ax2.plot([h["step"] * per_step for h in d["train_loss"]], [h["loss"] for h in d["train_loss"]], label=label)
