@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from podkv.attention.reference import allowed_mask, proximal_mask
 
-DEFAULT_CHUNK = 512
+DEFAULT_CHUNK = 128  # benchmarks/RESULTS.md: 128 beat 512 on CPU (smaller masked score blocks)
 
 
 @dataclass

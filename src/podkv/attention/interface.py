@@ -37,12 +37,12 @@ class PodRuntime:
     skip: gate_skip.GateSkipState = field(default_factory=gate_skip.GateSkipState)  # its counters
 
 
-def pod_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def pod_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers attention signature: query (B, Hq, Tq, D), key/value (B, Hkv, Tk, D) -> ((B, Tq, Hq, D), None)."""
     return _forward(module, query, key, value, attention_mask, scaling, dropout, reference=False)
 
 
-def pod_reference_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def pod_reference_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Same contract, computed by the materialised oracle (tests and debugging; O(T^2) memory)."""
     return _forward(module, query, key, value, attention_mask, scaling, dropout, reference=True)
 

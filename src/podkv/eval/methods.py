@@ -203,8 +203,8 @@ def _unwrap_pod_attention() -> None:
     """Undo kvpress's import-time wrapping of PoD's attention functions.
 
     kvpress wraps every registered attention function on import (``ALL_ATTENTION_FUNCTIONS[name] =
-    attention_patch(fn)``, a local override) and calls the original with ``dropout`` as 6th positional
-    argument, where PoD's takes ``scaling``. PoD never uses kvpress's head-wise masking, so put ours back.
+    attention_patch(fn)``, a local override). PoD never uses kvpress's head-wise masking, so keep its
+    wrapper out of PoD's hot path by putting ours back.
     """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
