@@ -27,6 +27,8 @@ def test_generate_answers_paris(default_model, capsys):
 
 @pytest.fixture(scope="module")
 def fresh_home(tmp_path_factory):
+    if not os.environ.get("PODKV_TEST_FRESH_HOME"):
+        pytest.skip("set PODKV_TEST_FRESH_HOME=1 to re-download into an empty PODKV_HOME (slow, network)")
     """Two processes start at once on an empty PODKV_HOME: one downloads and converts, the other waits."""
     home = tmp_path_factory.mktemp("podkv_home")
     env = {**os.environ, "PODKV_HOME": str(home)}
