@@ -13,6 +13,7 @@ SETTINGS = [  # (ns, nr, T, Hq, Hkv, chunk)
     (16, 32, 130, 4, 1, 64),  # MQA
     (1, 1, 20, 2, 2, 5),  # smallest window: only the query itself is recent
     (8, 200, 64, 4, 2, 32),  # window longer than the sequence: no distant tokens
+    (16, 8, 10, 4, 2, 4),  # shorter than the sinks
 ]
 
 
@@ -24,16 +25,17 @@ def _inputs(B, Hq, Hkv, T, D=16, seed=0):
 
 
 @pytest.mark.parametrize("ns,nr,T,Hq,Hkv,chunk", SETTINGS)
-@pytest.mark.parametrize("scores_mode", [False, True])
-def test_chunked_equals_reference(ns, nr, T, Hq, Hkv, chunk, scores_mode):
+@pytest.mark.parametrize("scores_mode,padded", [(False, True), (True, True), (False, False)])
+def test_chunked_equals_reference(ns, nr, T, Hq, Hkv, chunk, scores_mode, padded):
+    """Padded or "scores" inputs take the single-SDPA path; unpadded "keys" inputs the LSE-split path."""
     q, k_own, k_anc, v = _inputs(2, Hq, Hkv, T)
     q_anc = torch.randn_like(q) if scores_mode else None
-    pad = torch.tensor([0, 3])
+    pad = torch.tensor([0, 3 if padded else 0])
     ref = pod_attention_reference(q, k_own, k_anc, v, ns=ns, nr=nr, scale=0.25, pad=pad, anchor_query=q_anc)
     src = KeySources(own_keys=k_own, own_start=0, values=v, anchor_keys=[(k_anc, h) for h in range(Hkv)])
     fast = pod_attention_chunked(q, 0, src, pad=pad, ns=ns, nr=nr, scale=0.25, anchor_query=q_anc, chunk=chunk)
     # Padding query rows are never read by the model; compare real rows only.
-    assert_close(fast[1, :, 3:], ref[1, :, 3:], what="pad row")
+    assert_close(fast[1, :, int(pad[1]):], ref[1, :, int(pad[1]):], what="pad row")
     assert_close(fast[0], ref[0], what=f"ns={ns} nr={nr} T={T}")
 
 
@@ -55,21 +57,60 @@ def test_gate_form_equals_single_softmax():
     assert_close(gated, joint, what="gate")
 
 
-def test_prefill_never_scores_full_matrix(monkeypatch):
-    """A long prefill is scored chunk by chunk: no SDPA call sees T x T scores."""
+def test_split_path_mixed_anchors_equals_reference():
+    """Heads reading different anchor tensors (and a non-identity head order) on the split path."""
+    q, k_own, k_anc, v = _inputs(1, 6, 3, 90)
+    other = torch.randn_like(k_anc)
+    sources = [(k_anc, 1), (k_anc, 2), (other, 0)]
+    anchor = torch.stack([t[:, j] for t, j in sources], dim=1)
+    ref = pod_attention_reference(q, k_own, anchor, v, ns=4, nr=10, scale=0.25)
+    src = KeySources(own_keys=k_own, own_start=0, values=v, anchor_keys=sources)
+    fast = pod_attention_chunked(q, 0, src, pad=torch.zeros(1, dtype=torch.long), ns=4, nr=10, scale=0.25, chunk=16)
+    assert_close(fast, ref, what="mixed anchors, split path")
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_prefill_never_scores_full_matrix(monkeypatch, padded):
+    """A long prefill is scored chunk by chunk: no attention call sees T x T scores."""
     import podkv.attention.chunked as chunked
+    import podkv.attention.prefill as prefill
 
     seen = []
-    real = chunked.F.scaled_dot_product_attention
+    real_sdpa, real_lse = chunked.F.scaled_dot_product_attention, prefill.attend_lse
 
     def spy(q, k, v, **kw):
         seen.append(q.shape[2] * k.shape[2])
-        return real(q, k, v, **kw)
+        return real_sdpa(q, k, v, **kw)
+
+    def spy_lse(q, k, v, *a, **kw):  # queries arrive as G*C rows (G = 2 query heads per KV head here)
+        seen.append(q.shape[2] // 2 * k.shape[2])
+        return real_lse(q, k, v, *a, **kw)
 
     monkeypatch.setattr(chunked.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(prefill, "attend_lse", spy_lse)
     T = 2048
     q, k_own, k_anc, v = _inputs(1, 2, 1, T, D=8)
     src = KeySources(own_keys=k_own, own_start=0, values=v, anchor_keys=[(k_anc, 0)])
-    pod_attention_chunked(q, 0, src, pad=torch.zeros(1, dtype=torch.long), ns=16, nr=64, scale=0.3, chunk=256)
+    pad = torch.tensor([5 if padded else 0])
+    pod_attention_chunked(q, 0, src, pad=pad, ns=16, nr=64, scale=0.3, chunk=256)
     assert max(seen) <= 256 * (T + 256 + 16 + 64)
     assert max(seen) < T * T / 4
+
+
+def test_attend_lse_matches_softmax_and_marks_rows_without_keys():
+    """The LSE passes behind decode/prefill: exact output and lse; a fully masked row has lse -inf
+    (the CPU flash kernel itself reports 0 there, which would count as mass e^0 in a merge)."""
+    from podkv.attention.lse import attend_lse, merge_lse, to_bias
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(2, 2, 3, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g)
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    keep[1] = False
+    bias = to_bias(keep)[:, None, None]
+    out, lse = attend_lse(q, k, v, 0.3, bias)
+    s = q @ k.transpose(-1, -2) * 0.3
+    assert_close(out[0], (s[0].softmax(-1) @ v[0]), what="lse pass output")
+    assert_close(lse[0], torch.logsumexp(s[0], -1), what="lse")
+    assert torch.isneginf(lse[1]).all()
+    merged, _ = merge_lse(out, lse, torch.ones_like(out), torch.zeros_like(lse))
+    assert_close(merged[1], torch.ones_like(merged[1]), what="empty pass contributes nothing")

@@ -136,6 +136,31 @@ def test_left_padded_batch_equals_single():
             assert torch.equal(together[i], alone), f"row {i}"
 
 
+def test_decode_fast_path_equals_chunked_path():
+    """One-token steps read anchor keys in place (decode.py); the single-SDPA path is the check.
+    Left-padded rows of different lengths exercise the padding biases."""
+    model = tiny_model("qwen2")
+    plan = random_plan(4, 2, 3, 6, seed=11)
+    enable_pod(model, plan)
+    ids = ids_for(3, 30, seed=5)
+    mask = torch.ones_like(ids)
+    mask[1, :4], mask[2, :9] = 0, 0
+
+    def steps():
+        cache, outs = PodCache(model.config), []
+        outs.append(model(ids[:, :12], attention_mask=mask[:, :12], past_key_values=cache).logits)
+        for t in range(12, ids.shape[1]):
+            outs.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache).logits)
+        return torch.cat(outs, dim=1)
+
+    with torch.no_grad():
+        fast = steps()
+        model.pod_runtime.decode_fast_path = False
+        slow = steps()
+    real = mask.bool()
+    assert_close(fast[real], slow[real], what="decode fast path vs chunked")
+
+
 def test_generate_uses_pod_cache_by_default():
     model = tiny_model("mistral")
     plan = random_plan(4, 2, 3, 6, seed=9)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from podkv.attention.prefill import pod_prefill
 from podkv.attention.reference import allowed_mask, proximal_mask
 
 DEFAULT_CHUNK = 128  # benchmarks/RESULTS.md: 128 beat 512 on CPU (smaller masked score blocks)
@@ -56,6 +57,8 @@ def pod_attention_chunked(
 ) -> torch.Tensor:
     """query (B, Hq, Tq, D) at cache indices [q_start, q_start+Tq) -> (B, Hq, Tq, D)."""
     Tq = query.shape[2]
+    if _split_applies(query, src, pad, anchor_query, dropout):
+        return pod_prefill(query, q_start, src, ns=ns, nr=nr, scale=scale, chunk=chunk)
     outs = []
     for c0 in range(0, Tq, chunk):
         c1 = min(Tq, c0 + chunk)
@@ -101,6 +104,17 @@ def _attend_chunk(q, q_anc, i0, i1, src: KeySources, pad, ns, nr, scale, dropout
         mask = None  # typical decode step: every gathered key is visible; lets SDPA take its fastest kernel
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, dropout_p=dropout,
                                           enable_gqa=q.shape[1] != keys.shape[1])
+
+
+def _split_applies(query, src: KeySources, pad, anchor_query, dropout) -> bool:
+    """The two-pass path (prefill.py) covers inference over a whole unpadded sequence in "keys" mode.
+
+    Training (autograd), padding, "scores" mode and a prefill that continues a PodCache (own keys
+    partly in the held proximal store) take the single-SDPA path: same math, fewer special cases.
+    """
+    return (anchor_query is None and dropout == 0.0 and not (torch.is_grad_enabled() and query.requires_grad)
+            and src.own_start == 0 and (src.held_idx is None or src.held_idx.shape[1] == 0)
+            and not bool(pad.any()))
 
 
 def _gather_anchor(anchor_keys: list[tuple[torch.Tensor, int]], lo: int, hi: int) -> torch.Tensor:

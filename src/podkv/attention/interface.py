@@ -16,6 +16,7 @@ import torch
 
 from podkv.attention.chunked import DEFAULT_CHUNK, KeySources, pod_attention_chunked
 from podkv.attention import gate_skip
+from podkv.attention.decode import decode_applies, pod_decode
 from podkv.attention.reference import pod_attention_reference
 from podkv.cache.pod_cache import ACTIVE_LAYER, PodCache
 from podkv.errors import PodError
@@ -35,6 +36,7 @@ class PodRuntime:
     queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> queries ("scores" mode)
     skip_tau: float | None = None  # gate skipping in decode (paper §2.3); None = off. See gate_skip.py
     skip: gate_skip.GateSkipState = field(default_factory=gate_skip.GateSkipState)  # its counters
+    decode_fast_path: bool = True  # one-token steps read keys in place (decode.py); False: the chunked path
 
 
 def pod_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -63,6 +65,8 @@ def _forward(module, query, key, value, attention_mask, scaling, dropout, refere
         ACTIVE_LAYER.set(None)
         if gate_skip.applies(runtime, active[0], layer, query, anchor_query) and not reference:
             out = gate_skip.decode_attention(active[0], layer, query, key, scale, runtime)
+        elif runtime.decode_fast_path and decode_applies(active[0], layer, query, anchor_query) and not reference:
+            out = pod_decode(active[0], layer, query, key, scale)
         else:
             out = _from_pod_cache(active[0], layer, query, key, attention_mask, plan, scale, anchor_query, runtime, dropout, reference)
     else:

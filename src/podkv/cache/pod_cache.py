@@ -64,6 +64,7 @@ class PodLayer(CacheLayerMixin):
             self.k_full = torch.cat([self.k_full, _heads(key_states, self.anchor_heads)], dim=2)
         self._pending = _heads(key_states, self.shared_heads) if self.shared_heads else None
         self.seen_before, self.seen = self.seen, self.seen + key_states.shape[2]
+        self.cache.step = (self.seen_before, self.seen)
         ACTIVE_LAYER.set((self.cache, self.layer_idx))
         return key_states, self.v
 
@@ -135,6 +136,8 @@ class PodCache(Cache):
         self.plan = plan
         self.pad: torch.Tensor | None = None  # (B,) left-padding counts, fixed at prefill
         self._transitions: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.step: tuple[int, int] | None = None  # (tokens before, after) of the forward in progress
+        self._per_step: tuple[tuple[int, int] | None, dict] = (None, {})
         super().__init__(layers=[PodLayer(self, i) for i in range(plan.num_layers)])
 
     def transition(self, before: int, after: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,6 +150,16 @@ class PodCache(Cache):
             self._transitions = {key: _proximal_transition(self.layers[0].prox_idx if before else None,
                                                            before, after, self.pad, self.plan.ns, self.plan.nr)}
         return self._transitions[key]
+
+    def per_step(self, name: str, build):
+        """``build()`` once per forward step, shared by all layers (masks and indices depend only on
+        the step, not the layer)."""
+        if self._per_step[0] != self.step:
+            self._per_step = (self.step, {})
+        memo = self._per_step[1]
+        if name not in memo:
+            memo[name] = build()
+        return memo[name]
 
     def kv_bytes(self) -> int:
         """Bytes held by key and value tensors right now (index bookkeeping excluded)."""

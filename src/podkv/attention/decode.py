@@ -1,0 +1,160 @@
+"""PoD attention for one new token (decode), reading every key and value where it is stored.
+
+The chunked path (:mod:`podkv.attention.chunked`) builds one key list [proximal | distant] and runs
+one SDPA. That suits prefill, but in decode it copies all T anchor keys and values every step —
+which made PoD decode ~1.3-1.45x dense. Here nothing of length T is copied:
+
+  * heads that are their own anchor: one SDPA over their stored keys. Proximal ∪ distant is every
+    position and both use the head's own keys, so this *is* dense attention, exactly;
+  * heads that share keys: a proximal pass (held sink/window keys + the new key) and a distant pass
+    over the anchor layer's stored keys [lo, hi), merged by their log-sum-exp. That is the same
+    single softmax (paper §2.2: o = g·oP + (1−g)·oD with g = σ(lseP − lseD)).
+
+A :class:`SkipPolicy` (gate skipping, :mod:`podkv.attention.gate_skip`) may drop the distant pass
+of a shared head; it predicts from the anchor heads' gates, which a small extra proximal pass gives.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from podkv.attention.lse import attend_lse, merge_lse, to_bias
+from podkv.attention.reference import allowed_mask, proximal_mask
+
+
+class SkipPolicy(Protocol):
+    """What :func:`pod_decode` asks a gate-skipping policy (see gate_skip.py)."""
+
+    def skip(self, layer: int, head: int, anchor: int, lse_prox: torch.Tensor) -> torch.Tensor:
+        """(B, G) bool: rows whose distant pass is skipped for this shared head."""
+
+    def anchor_gate(self, layer: int, head: int, gate: torch.Tensor, lse_dist: torch.Tensor) -> None:
+        """Record an anchor head's gate and distant log-mass of this step, (B, G) each."""
+
+    def skipped(self, passes: int) -> None:
+        """Count distant passes that were not run at all."""
+
+
+def decode_applies(cache, layer: int, query: torch.Tensor, anchor_query) -> bool:
+    """A one-token step after prefill, in "keys" mode: what :func:`pod_decode` computes."""
+    return query.shape[2] == 1 and anchor_query is None and cache.layers[layer].seen_before > 0
+
+
+def pod_decode(cache, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float,
+               policy: SkipPolicy | None = None) -> torch.Tensor:
+    """query (B, Hq, 1, D), key (B, H, 1, D) just added by ``PodCache.update`` -> (B, Hq, 1, D).
+
+    Commits the layer's proximal store, like the chunked path.
+    """
+    store = cache.layers[layer]
+    B, Hq, _, D = query.shape
+    H = key.shape[1]
+    qg = query.reshape(B, H, Hq // H, D)  # the G query heads of a KV head act as G queries
+    out = torch.empty(B, H, Hq // H, D, dtype=torch.float32, device=query.device)
+
+    whole = store.anchor_heads
+    if whole:
+        lo, bias = _real_keys(cache, store.seen)
+        lse = torch.empty(B, H, Hq // H, dtype=torch.float32, device=query.device)
+        for (h0, h1), (j0, _) in _runs(whole, list(range(len(whole)))):
+            out[:, h0:h1], lse[:, h0:h1] = attend_lse(qg[:, h0:h1], store.k_full[:, j0:j0 + h1 - h0, lo:store.seen],
+                                                   store.v[:, h0:h1, lo:store.seen], scale, bias)
+        if policy is not None:
+            _report_anchor_gates(cache, layer, qg, key, whole, lse, scale, policy)
+    split = store.shared_heads
+    if split:
+        _split_heads(cache, layer, qg, key, split, scale, policy, out)
+    store.commit()
+    return out.reshape(B, Hq, 1, D).to(query.dtype)
+
+
+def _report_anchor_gates(cache, layer, qg, key, heads, lse_all, scale, policy):
+    """Gate of each anchor head (proximal share of its attention mass) for gate skipping in later
+    layers: a small proximal pass gives lseP, and g = exp(lseP − lse_all)."""
+    store = cache.layers[layer]
+    i = store.seen_before
+    if i + 1 - cache.plan.nr <= int(cache.pad.min()) + cache.plan.ns:
+        return  # no distant keys yet
+    held_k, held_v, held_idx = store.held()
+    k_p = torch.cat([held_k[:, heads], key[:, heads, -1:]], dim=2)
+    v_p = torch.cat([held_v[:, heads], store.v[:, heads, i:i + 1]], dim=2)
+    _, lse_p = attend_lse(qg[:, heads], k_p, v_p, scale, _proximal_bias(cache, held_idx, i))
+    gate = torch.exp(lse_p - lse_all[:, heads]).clamp(max=1.0)
+    lse_d = lse_all[:, heads] + torch.log1p(-gate)  # -inf where the distant mass is 0
+    for n, h in enumerate(heads):
+        policy.anchor_gate(layer, h, gate[:, n], lse_d[:, n])
+
+
+def _split_heads(cache, layer, qg, key, heads, scale, policy, out):
+    """Proximal pass + distant pass over the anchor's keys, LSE-merged, for ``heads``; writes ``out``."""
+    plan, store = cache.plan, cache.layers[layer]
+    i = store.seen_before  # cache index of the query
+    held_k, held_v, held_idx = store.held()
+    k_p = torch.cat([held_k[:, heads], key[:, heads, -1:]], dim=2)  # (B, h, n+1, D): small
+    v_p = torch.cat([held_v[:, heads], store.v[:, heads, i:i + 1]], dim=2)
+    out_p, lse_p = attend_lse(qg[:, heads], k_p, v_p, scale, _proximal_bias(cache, held_idx, i))
+    out[:, heads] = out_p
+
+    lo, hi = int(cache.pad.min()) + plan.ns, i + 1 - plan.nr
+    if hi <= lo:  # every key is proximal
+        return
+    anchors = plan.anchors[layer]
+    skip = {}
+    if policy is not None:
+        skip = {h: policy.skip(layer, h, anchors[h], lse_p[:, n]) for n, h in enumerate(heads) if anchors[h] != layer}
+    need = [h for h in heads if h not in skip or not bool(skip[h].all())]
+    if policy is not None:
+        policy.skipped(len(heads) - len(need))
+    if not need:
+        return
+    sources = [(store if a == layer else cache.layers[a]).anchor_source(h) for h, a in enumerate(anchors)]
+    bias = _distant_bias(cache, lo, hi)
+    for (h0, h1), (j0, j1) in _runs(need, [sources[h][1] for h in need], [id(sources[h][0]) for h in need]):
+        o_d, lse_d = attend_lse(qg[:, h0:h1], sources[h0][0][:, j0:j1, lo:hi], store.v[:, h0:h1, lo:hi], scale, bias)
+        lse_pn = lse_p[:, [heads.index(h) for h in range(h0, h1)]]
+        merged, _ = merge_lse(out[:, h0:h1], lse_pn, o_d, lse_d)
+        for h in range(h0, h1):
+            if h in skip:
+                merged[:, h - h0] = torch.where(skip[h][..., None], out[:, h], merged[:, h - h0])
+        out[:, h0:h1] = merged
+
+
+def _runs(heads: list[int], index: list[int], owner: list | None = None):
+    """Group ``heads`` into runs that are consecutive both as heads and as ``index`` in one tensor,
+    so a run is one strided view: yields ((h0, h1), (j0, j1))."""
+    owner = owner or [0] * len(heads)
+    start = 0
+    for n in range(1, len(heads) + 1):
+        if n == len(heads) or heads[n] != heads[n - 1] + 1 or index[n] != index[n - 1] + 1 or owner[n] != owner[start]:
+            yield (heads[start], heads[n - 1] + 1), (index[start], index[n - 1] + 1)
+            start = n
+
+
+def _real_keys(cache, T: int):
+    """Keys [lo, T) a whole-sequence pass reads, and a padding bias (B, 1, 1, T-lo) when rows differ."""
+    pad = cache.pad
+    if bool((pad == pad[0]).all()):
+        return int(pad[0]), None
+    return int(pad.min()), cache.per_step("real_bias", lambda: to_bias(
+        torch.arange(int(pad.min()), T, device=pad.device)[None] >= pad[:, None])[:, None, None])
+
+
+def _proximal_bias(cache, held_idx: torch.Tensor, i: int):
+    """Bias (B, 1, 1, n+1) of the proximal pass: held slots that are real, causal and proximal, + the query itself."""
+    def build():
+        idx = torch.cat([held_idx, held_idx.new_full((held_idx.shape[0], 1), i)], dim=1)
+        qi = torch.tensor([i], device=idx.device)
+        keep = allowed_mask(idx, qi, cache.pad) & proximal_mask(idx, qi, cache.pad, cache.plan.ns, cache.plan.nr)
+        return None if bool(keep.all()) else to_bias(keep[:, 0])[:, None, None]
+    return cache.per_step("proximal_bias", build)
+
+
+def _distant_bias(cache, lo: int, hi: int):
+    """Bias (B, 1, 1, hi-lo) hiding a row's padding and sinks when rows are padded differently."""
+    pad = cache.pad
+    if bool((pad == pad[0]).all()):
+        return None
+    return cache.per_step("distant_bias", lambda: to_bias(
+        (torch.arange(lo, hi, device=pad.device)[None] - pad[:, None]) >= cache.plan.ns)[:, None, None])

@@ -1,0 +1,95 @@
+"""PoD attention for many queries at once (prefill), as two passes merged by log-sum-exp.
+
+For a query at index i the proximal keys are the sinks [0, ns) and the band (i−nr, i] (own keys);
+the distant keys are [ns, i−nr] (anchor keys). Splitting the softmax by group (exact, see lse.py):
+
+  * proximal pass, per query chunk: sinks + band of own keys, one short masked call;
+  * distant pass, per head run that reads one anchor tensor: a *causal* attention shifted by nr —
+    rows [a, b) see anchor keys [ns, a−nr) in full (a rectangle, read in place) and [a−nr, b−nr)
+    under a top-left causal mask. No key is copied next to another, no T-long mask is built, and the
+    bulk runs in the same fused kernel as dense causal attention.
+
+Used for inference over keys that start at index 0 without padding, in "keys" mode (what a
+one-shot prefill is); :mod:`podkv.attention.chunked` covers the rest with one masked SDPA per chunk.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from podkv.attention.lse import attend_lse, merge_lse_finite, to_bias
+
+def pod_prefill(query, q_start: int, src, *, ns: int, nr: int, scale: float, chunk: int) -> torch.Tensor:
+    """query (B, Hq, Tq, D) at indices [q_start, q_start+Tq); ``src`` a KeySources with own_start 0."""
+    B, Hq, Tq, D = query.shape
+    H = src.values.shape[1]
+    G = Hq // H
+    T = q_start + Tq
+    qg = query.reshape(B, H, G, Tq, D)
+    out = torch.empty(B, H, G, Tq, D, dtype=torch.float32, device=query.device)
+    lse = torch.empty(B, H, G, Tq, dtype=torch.float32, device=query.device)
+    for c0 in range(0, Tq, chunk):  # proximal pass
+        i0, i1 = q_start + c0, min(T, q_start + c0 + chunk)
+        o, l = _proximal(qg[:, :, :, c0:c0 + i1 - i0], i0, i1, src, ns, nr, scale)
+        out[:, :, :, c0:c0 + i1 - i0], lse[:, :, :, c0:c0 + i1 - i0] = o, l
+    first = max(q_start, ns + nr)  # the first query with a distant key
+    for a in range(first, T, chunk):  # distant pass
+        b = min(T, a + chunk)
+        rows = slice(a - q_start, b - q_start)
+        for (h0, h1), (t, j0) in _head_runs(src.anchor_keys):
+            o, l = _distant(qg[:, h0:h1, :, rows], a, b, t[:, j0:j0 + h1 - h0], src.values[:, h0:h1], ns, nr, scale)
+            out[:, h0:h1, :, rows], lse[:, h0:h1, :, rows] = merge_lse_finite(out[:, h0:h1, :, rows], lse[:, h0:h1, :, rows], o, l)
+    return out.reshape(B, Hq, Tq, D).to(query.dtype)
+
+
+def _proximal(q, i0, i1, src, ns, nr, scale):
+    """q (B, H, G, C, D) -> own-key attention over sinks [0, ns) and the band (i-nr, i]."""
+    B, H, G, C, D = q.shape
+    band = max(ns, i0 - nr + 1)
+    sink_end = min(ns, i1)
+    keys = torch.cat([src.own_keys[:, :, :sink_end], src.own_keys[:, :, band:i1]], dim=2)
+    values = torch.cat([src.values[:, :, :sink_end], src.values[:, :, band:i1]], dim=2)
+    # Past the first ns+nr-1 indices the mask only depends on the chunk length: built once, reused.
+    i0_key = min(i0, ns + nr - 1)
+    bias = _proximal_bias(i0_key, i0_key + C, ns, nr, G, str(q.device))
+    o, l = attend_lse(q.reshape(B, H, G * C, D), keys, values, scale, bias)
+    return o.reshape(B, H, G, C, D), l.reshape(B, H, G, C)
+
+
+@functools.lru_cache(maxsize=64)
+def _proximal_bias(i0, i1, ns, nr, G, device):
+    """(G*C, n) bias over [sinks | band] keys for queries [i0, i1) (G query heads stacked)."""
+    band, sink_end = max(ns, i0 - nr + 1), min(ns, i1)
+    qi = torch.arange(i0, i1, device=device)[:, None]
+    sinks = torch.arange(sink_end, device=device)[None] <= qi
+    recent = torch.arange(band, max(band, i1), device=device)[None]
+    keep = torch.cat([sinks, (recent <= qi) & (recent > qi - nr)], dim=1)  # (C, n)
+    return to_bias(keep).repeat(G, 1)
+
+
+def _distant(q, a, b, anchor, values, ns, nr, scale):
+    """q (B, h, G, C, D) for rows [a, b), a >= ns+nr -> attention over anchor keys [ns, i-nr] per row."""
+    B, h, G, C, D = q.shape
+    rect_end = a - nr  # rows all see [ns, a-nr); [a-nr, b-nr) is the causal part
+    o, l = attend_lse(q.reshape(B, h, G * C, D), anchor[:, :, ns:rect_end], values[:, :, ns:rect_end], scale) \
+        if rect_end > ns else (None, None)
+    if o is not None:
+        o, l = o.reshape(B, h, G, C, D), l.reshape(B, h, G, C)
+    k_tri = anchor[:, :, rect_end:b - nr].repeat_interleave(G, dim=1)  # C keys: a small copy for GQA
+    v_tri = values[:, :, rect_end:b - nr].repeat_interleave(G, dim=1)
+    o_t, l_t = attend_lse(q.reshape(B, h * G, C, D), k_tri, v_tri, scale, causal=True)
+    o_t, l_t = o_t.reshape(B, h, G, C, D), l_t.reshape(B, h, G, C)
+    return (o_t, l_t) if o is None else merge_lse_finite(o, l, o_t, l_t)
+
+
+def _head_runs(anchor_keys):
+    """Consecutive heads that read consecutive heads of one anchor tensor: [((h0, h1), (tensor, j0))]."""
+    runs = []
+    for h, (t, j) in enumerate(anchor_keys):
+        if runs and runs[-1][1][0] is t and runs[-1][1][1] + (h - runs[-1][0][0]) == j:
+            runs[-1] = ((runs[-1][0][0], h + 1), runs[-1][1])
+        else:
+            runs.append(((h, h + 1), (t, j)))
+    return runs
