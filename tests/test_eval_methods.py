@@ -10,7 +10,7 @@ from podkv.eval.generation import continuation_nll, greedy_answer
 from podkv.eval.methods import METHODS, make_method
 from tiny import tiny_model
 
-RUNNABLE = [m for m in METHODS if m != "pod+snapkv"]
+RUNNABLE = list(METHODS)
 KVPRESS = ("streaming", "snapkv", "h2o", "pyramidkv")
 T = 160
 
@@ -76,11 +76,29 @@ def test_budget_pod_cannot_meet_is_poderror(model, plan):
         make_method("snapkv", budget=1.5)
 
 
-def test_unknown_method_and_unavailable_combination(model, plan):
+def test_unknown_method_and_pod_snapkv_budgets(model, plan):
     with pytest.raises(PodError, match="unknown method"):
         make_method("magic")
-    with pytest.raises(PodError, match="pod\\+snapkv"):
+    with pytest.raises(PodError, match="needs --budget"):
         make_method("pod+snapkv", plan=plan).check(model.config, [T])
+    with pytest.raises(PodError, match="cannot meet --budget 0.05"):
+        make_method("pod+snapkv", plan=plan, budget=0.05).check(model.config, [T])
+
+
+def test_pod_snapkv_holds_its_budget(model, plan):
+    """Far below PoD's own saving: SnapKV evicts distant tokens until the PoD cache fits."""
+    from podkv.cache.memory import pod_kv_bytes
+    from podkv.cache.selection import kept_tokens_for_budget
+
+    method = make_method("pod+snapkv", plan=plan, budget=0.4)
+    method.check(model.config, [T])
+    ids = torch.randint(3, 120, (1, T), generator=torch.Generator().manual_seed(2))
+    with method.attached(model):
+        out, pre = greedy_answer(model, method, ids, 5)
+    kept = kept_tokens_for_budget(model.config, plan, T, 0.4)
+    assert kept < T and pre.kv_fraction <= 0.4
+    assert pre.kv_bytes == pod_kv_bytes(model.config, plan, kept)  # measured == formula at the kept length
+    assert len(out) == 5
 
 
 def test_attached_restores_a_pod_model(model, plan):

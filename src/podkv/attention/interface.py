@@ -36,6 +36,9 @@ class PodRuntime:
     queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> queries ("scores" mode)
     skip_tau: float | None = None  # gate skipping in decode (paper §2.3); None = off. See gate_skip.py
     skip: gate_skip.GateSkipState = field(default_factory=gate_skip.GateSkipState)  # its counters
+    observe_window: int | None = None  # record each layer's last N queries (token selection, cache/selection.py)
+    observed: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, Hq, N, D)
+    observed_scale: float = 1.0
     decode_fast_path: bool = True  # one-token steps read keys in place (decode.py); False: the chunked path
 
 
@@ -58,6 +61,8 @@ def _forward(module, query, key, value, attention_mask, scaling, dropout, refere
     dropout = dropout if module.training else 0.0
     if plan.mode == "scores":
         runtime.queries[layer] = query
+    if runtime.observe_window:
+        runtime.observed[layer], runtime.observed_scale = query[:, :, -runtime.observe_window:].detach(), scale
     anchor_query = _anchor_query(runtime, layer, query) if plan.mode == "scores" else None
 
     active = ACTIVE_LAYER.get()

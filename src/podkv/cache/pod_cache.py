@@ -151,6 +151,10 @@ class PodCache(Cache):
                                                            before, after, self.pad, self.plan.ns, self.plan.nr)}
         return self._transitions[key]
 
+    def reset_step_state(self) -> None:
+        """Forget per-step memos (after the cache was edited in place, e.g. compacted)."""
+        self._transitions, self.step, self._per_step = {}, None, (None, {})
+
     def per_step(self, name: str, build):
         """``build()`` once per forward step, shared by all layers (masks and indices depend only on
         the step, not the layer)."""

@@ -175,18 +175,47 @@ class PyramidKV(KVPressMethod):
 
 
 class PodSnapKV(Pod):
-    """PoD's cache + SnapKV selection of distant tokens (paper Table: 91.9% saved). Not available yet.
+    """PoD's cache + SnapKV selection of distant tokens after prefill (paper §3.4: 91.9% saved).
 
-    It needs a hook in :class:`~podkv.cache.PodCache` to drop distant tokens from the anchors' keys and
-    every layer's values after prefill (a per-layer keep-index, like kvpress's ``compress``), which
-    the cache does not expose; the harness will not edit the cache on its own.
+    ``--budget`` is the KV fraction kept; PoD's own saving comes first, SnapKV evicts distant tokens
+    per (block, KV head) until the rest fits (cache/selection.py).
     """
 
     name = "pod+snapkv"
+    window: ClassVar[int] = 32  # observation window: the prompt's last queries (SnapKV)
 
     def check(self, config, lengths) -> None:
-        raise PodError("method 'pod+snapkv' is not available yet: it needs a PodCache hook to evict distant "
-                       "tokens after prefill (see docs/eval.md); use 'pod' or 'snapkv'")
+        from podkv.cache.selection import kept_tokens_for_budget
+
+        plan = self.sharing_plan()
+        plan.validate_for(config)
+        if self.budget is None:
+            raise PodError("method 'pod+snapkv' needs --budget: the fraction of the dense KV to keep")
+        for T in lengths:
+            kept_tokens_for_budget(config, plan, T, self.budget)
+
+    def new_cache(self, model):
+        self._cache = super().new_cache(model)
+        return self._cache
+
+    @contextmanager
+    def prefill(self, model):
+        from podkv.cache.selection import compact, kept_tokens_for_budget, snapkv_select
+
+        plan, runtime = self.sharing_plan(), model.pod_runtime
+        runtime.observe_window, runtime.observed = min(self.window, plan.nr), {}
+        try:
+            yield
+        finally:
+            runtime.observe_window = None
+        cache = self._cache
+        T = cache.layers[0].seen
+        keep = kept_tokens_for_budget(model.config, plan, T, self.budget) - min(T, plan.ns + plan.nr)
+        compact(cache, snapkv_select(cache, runtime.observed, runtime.observed_scale, keep))
+        runtime.observed = {}
+
+    def describe(self) -> dict:
+        return {**super().describe(), "selection": "snapkv", "window": self.window}
 
 
 def _kvpress():
