@@ -13,7 +13,7 @@ from podkv.errors import PodError
 from tiny import tiny_model
 
 CONFIGS = {
-    "memory": MemoryConfig(lengths=(40, 96), decode=2),
+    "memory": MemoryConfig(lengths=(40, 96), decode=2, selection_budget=0.5),
     "batch": BatchConfig(length=64, new_tokens=2, budget_requests=3.5, max_batch=8),
     "speed": SpeedConfig(prefill_lengths=(64,), decode_lengths=(48, 96), decode_steps=2, reps=1,
                          attn_lengths=(64, 128), attn_reps=1),
@@ -48,6 +48,10 @@ def test_memory_measured_equals_formula(results):
     for r in rows:
         assert r["pod_bytes"] <= r["dense_bytes"]
         assert r["saving"] == pytest.approx(r["plan_saving"], abs=1e-12)
+    selected = [r for r in rows if "pod_snapkv_bytes" in r]  # PoD + SnapKV at budget 0.5
+    assert selected, [r.get("pod_snapkv_note") for r in rows]
+    for r in selected:
+        assert r["pod_snapkv_matches_formula"] and r["pod_snapkv_saving"] >= 0.5 - 1e-9
 
 
 def test_batch_search_and_ratio(results):

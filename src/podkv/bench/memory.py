@@ -20,6 +20,7 @@ class MemoryConfig:
     lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
     batch: int = 1
     decode: int = 4
+    selection_budget: float | None = 0.1  # pod+snapkv: dense KV fraction kept after prefill (paper: 8.1%)
 
     def __post_init__(self):
         if not self.lengths or min(self.lengths) < 1:
@@ -28,15 +29,24 @@ class MemoryConfig:
             raise PodError(f"bench memory needs batch >= 1 and decode >= 0, got {self.batch}, {self.decode}")
 
 
-def token_selection_status(model, plan) -> str | None:
-    """None if the eval contributor's ``pod+snapkv`` method can run here, else why not."""
-    try:
-        from podkv.eval.methods import make_method
+def pod_snapkv_row(model, plan, ids, budget: float) -> dict:
+    """KV bytes of PoD + SnapKV after prefilling ``ids`` at ``budget``, measured and by formula."""
+    from podkv.cache.selection import kept_tokens_for_budget
+    from podkv.eval.generation import prefill
+    from podkv.eval.methods import make_method
 
-        make_method("pod+snapkv", plan=plan).check(model.config, [1])
-    except Exception as exc:  # missing module, missing kvpress, or the method says it is not ready
-        return f"{type(exc).__name__}: {exc}"
-    return None
+    B, T = ids.shape
+    method = make_method("pod+snapkv", plan=plan, budget=budget)
+    try:
+        method.check(model.config, [T])
+    except PodError as exc:
+        return {"pod_snapkv_note": str(exc)}
+    with method.attached(model):
+        pre = prefill(model, method, ids)
+    kept = kept_tokens_for_budget(model.config, plan, T, budget)
+    formula = pod_kv_bytes(model.config, plan, kept, B, model.dtype)
+    return {"pod_snapkv_bytes": pre.kv_bytes, "pod_snapkv_formula": formula, "pod_snapkv_tokens": kept,
+            "pod_snapkv_saving": 1 - pre.kv_fraction, "pod_snapkv_matches_formula": pre.kv_bytes == formula}
 
 
 def run_memory(model, tok, plan, cfg: MemoryConfig) -> dict:
@@ -66,12 +76,14 @@ def run_memory(model, tok, plan, cfg: MemoryConfig) -> dict:
         row["saving"] = 1 - row["pod_bytes"] / row["dense_bytes"]
         row["plan_saving"] = plan.kv_saving(held)
         row["matches_formula"] = row["dense_bytes"] == row["dense_formula"] and row["pod_bytes"] == row["pod_formula"]
+        if cfg.selection_budget:
+            row.update(pod_snapkv_row(model, plan, ids, cfg.selection_budget))
         rows.append(row)
     from podkv.models.enable import disable_pod
 
     disable_pod(model)
     return {"rows": rows, "all_match_formula": all(r["matches_formula"] for r in rows),
-            "token_selection": token_selection_status(model, plan) or "available"}
+            "selection_budget": cfg.selection_budget}
 
 
 def memory_markdown(result: dict) -> str:
@@ -84,9 +96,21 @@ def memory_markdown(result: dict) -> str:
             ("dense_MB", "dense KV MiB"), ("pod_MB", "PoD KV MiB"), ("saving_pct", "saved %"),
             ("plan_pct", "plan's analytic saving %"), ("matches_formula", "measured == formula"),
             ("dense_peak_MB", "dense peak MiB"), ("pod_peak_MB", "PoD peak MiB")]
-    note = result["token_selection"]
-    tail = "" if note == "available" else f"\n\nPoD + token selection (pod+snapkv): not measured — {note}"
-    return md_table(rows, cols) + tail
+    out = md_table(rows, cols)
+    budget = result.get("selection_budget")
+    if budget:
+        sel = [dict(T=r["T"], MB=_mb(r.get("pod_snapkv_bytes")), saving=_pct(r.get("pod_snapkv_saving")),
+                    kept=r.get("pod_snapkv_tokens"), match=r.get("pod_snapkv_matches_formula"),
+                    note=r.get("pod_snapkv_note", "")) for r in result["rows"]]
+        out += (f"\n\n**PoD + SnapKV** (`pod+snapkv`, budget {budget} of the dense KV, after prefill; "
+                "distant tokens evicted per (block, KV head)):\n\n" + md_table(sel, [
+                    ("T", "context"), ("kept", "tokens kept"), ("MB", "KV MiB"), ("saving", "saved %"),
+                    ("match", "measured == formula"), ("note", "note")]))
+    return out
+
+
+def _pct(x):
+    return None if x is None else 100 * x
 
 
 def _mb(x):
