@@ -161,6 +161,21 @@ def test_decode_fast_path_equals_chunked_path():
     assert_close(fast[real], slow[real], what="decode fast path vs chunked")
 
 
+def test_decode_head_wise_plan_equals_reference():
+    """3 KV heads: anchors that differ per head, shared heads that are not consecutive ([0, 2]),
+    heads of one layer reading three different anchor layers."""
+    model = tiny_model("llama", heads=6, kv_heads=3)
+    plan = SharingPlan(anchors=[[0, 0, 0], [0, 1, 0], [2, 1, 0], [2, 3, 0]], ns=3, nr=5)
+    ids = ids_for(2, 36, seed=9)
+    with torch.no_grad():
+        enable_pod(model, plan, reference=True)
+        ref = model(ids).logits
+        disable_pod(model)
+        enable_pod(model, plan)
+        steps = _step_logits(model, ids, PodCache(model.config), prefill=9)
+    assert_close(steps, ref, what="head-wise plan, cached decode vs reference")
+
+
 def test_generate_uses_pod_cache_by_default():
     model = tiny_model("mistral")
     plan = random_plan(4, 2, 3, 6, seed=9)

@@ -58,14 +58,14 @@ def pod_decode(cache, layer: int, query: torch.Tensor, key: torch.Tensor, scale:
     if whole:
         lo, bias = _real_keys(cache, store.seen)
         lse = torch.empty(B, H, Hq // H, dtype=torch.float32, device=query.device)
-        for (h0, h1), (j0, _) in _runs(whole, list(range(len(whole)))):
-            out[:, h0:h1], lse[:, h0:h1] = attend_lse(qg[:, h0:h1], store.k_full[:, j0:j0 + h1 - h0, lo:store.seen],
+        for (p0, p1), (j0, j1) in _runs(whole, list(range(len(whole)))):
+            h0, h1 = whole[p0], whole[p0] + p1 - p0
+            out[:, h0:h1], lse[:, h0:h1] = attend_lse(qg[:, h0:h1], store.k_full[:, j0:j1, lo:store.seen],
                                                    store.v[:, h0:h1, lo:store.seen], scale, bias)
         if policy is not None:
             _report_anchor_gates(cache, layer, qg, key, whole, lse, scale, policy)
-    split = store.shared_heads
-    if split:
-        _split_heads(cache, layer, qg, key, split, scale, policy, out)
+    if store.shared_heads:
+        _split_heads(cache, layer, qg, key, scale, policy, out)
     store.commit()
     return out.reshape(B, Hq, 1, D).to(query.dtype)
 
@@ -87,48 +87,68 @@ def _report_anchor_gates(cache, layer, qg, key, heads, lse_all, scale, policy):
         policy.anchor_gate(layer, h, gate[:, n], lse_d[:, n])
 
 
-def _split_heads(cache, layer, qg, key, heads, scale, policy, out):
-    """Proximal pass + distant pass over the anchor's keys, LSE-merged, for ``heads``; writes ``out``."""
+def _split_heads(cache, layer, qg, key, scale, policy, out):
+    """Proximal pass + distant pass over the anchor's keys, LSE-merged, for the layer's shared heads."""
     plan, store = cache.plan, cache.layers[layer]
+    heads = store.shared_heads
     i = store.seen_before  # cache index of the query
-    held_k, held_v, held_idx = store.held()
-    k_p = torch.cat([held_k[:, heads], key[:, heads, -1:]], dim=2)  # (B, h, n+1, D): small
-    v_p = torch.cat([held_v[:, heads], store.v[:, heads, i:i + 1]], dim=2)
-    out_p, lse_p = attend_lse(qg[:, heads], k_p, v_p, scale, _proximal_bias(cache, held_idx, i))
-    out[:, heads] = out_p
+    held_k, held_v, held_idx = store.held_shared()
+    k_p = torch.cat([held_k, _heads(key, heads)[:, :, -1:]], dim=2)  # (B, h, n+1, D): small
+    v_p = torch.cat([held_v, _heads(store.v, heads)[:, :, i:i + 1]], dim=2)
+    out_p, lse_p = attend_lse(_heads(qg, heads), k_p, v_p, scale, _proximal_bias(cache, held_idx, i))
 
     lo, hi = int(cache.pad.min()) + plan.ns, i + 1 - plan.nr
     if hi <= lo:  # every key is proximal
+        _put(out, heads, out_p)
         return
     anchors = plan.anchors[layer]
     skip = {}
     if policy is not None:
-        skip = {h: policy.skip(layer, h, anchors[h], lse_p[:, n]) for n, h in enumerate(heads) if anchors[h] != layer}
-    need = [h for h in heads if h not in skip or not bool(skip[h].all())]
+        skip = {h: policy.skip(layer, h, anchors[h], lse_p[:, n]) for n, h in enumerate(heads)}
+    need = [n for n, h in enumerate(heads) if h not in skip or not bool(skip[h].all())]  # positions in heads
     if policy is not None:
         policy.skipped(len(heads) - len(need))
-    if not need:
-        return
-    sources = [(store if a == layer else cache.layers[a]).anchor_source(h) for h, a in enumerate(anchors)]
+    sources = [cache.layers[anchors[h]].anchor_source(h) for h in heads]
     bias = _distant_bias(cache, lo, hi)
-    for (h0, h1), (j0, j1) in _runs(need, [sources[h][1] for h in need], [id(sources[h][0]) for h in need]):
-        o_d, lse_d = attend_lse(qg[:, h0:h1], sources[h0][0][:, j0:j1, lo:hi], store.v[:, h0:h1, lo:hi], scale, bias)
-        lse_pn = lse_p[:, [heads.index(h) for h in range(h0, h1)]]
-        merged, _ = merge_lse(out[:, h0:h1], lse_pn, o_d, lse_d)
-        for h in range(h0, h1):
-            if h in skip:
-                merged[:, h - h0] = torch.where(skip[h][..., None], out[:, h], merged[:, h - h0])
-        out[:, h0:h1] = merged
+    merged = out_p
+    for (p0, p1), (j0, j1) in _runs([heads[n] for n in need], [sources[n][1] for n in need],
+                                    [id(sources[n][0]) for n in need]):
+        n0, n1 = need[p0], need[p0] + p1 - p0  # consecutive heads of a run are consecutive positions too
+        h0 = heads[n0]
+        o_d, lse_d = attend_lse(qg[:, h0:h0 + n1 - n0], sources[n0][0][:, j0:j1, lo:hi],
+                                store.v[:, h0:h0 + n1 - n0, lo:hi], scale, bias)
+        m, _ = merge_lse(out_p[:, n0:n1], lse_p[:, n0:n1], o_d, lse_d)
+        if merged is out_p and (n0, n1) != (0, len(heads)):
+            merged = out_p.clone()
+        merged[:, n0:n1] = m
+    for n, h in enumerate(heads):
+        if h in skip:
+            merged[:, n] = torch.where(skip[h][..., None], out_p[:, n], merged[:, n])
+    _put(out, heads, merged)
+
+
+def _heads(x: torch.Tensor, heads: list[int]) -> torch.Tensor:
+    """x[:, heads] as a view when the heads are consecutive (the common case), else a copy."""
+    if heads == list(range(heads[0], heads[-1] + 1)):
+        return x[:, heads[0]:heads[-1] + 1]
+    return x[:, heads]
+
+
+def _put(out: torch.Tensor, heads: list[int], value: torch.Tensor) -> None:
+    if heads == list(range(heads[0], heads[-1] + 1)):
+        out[:, heads[0]:heads[-1] + 1] = value
+    else:
+        out[:, heads] = value
 
 
 def _runs(heads: list[int], index: list[int], owner: list | None = None):
-    """Group ``heads`` into runs that are consecutive both as heads and as ``index`` in one tensor,
-    so a run is one strided view: yields ((h0, h1), (j0, j1))."""
+    """Split positions of ``heads`` into runs whose heads are consecutive and whose ``index`` (into one
+    ``owner`` tensor) is consecutive too, so each run is one strided view: yields (p0, p1), (j0, j1)."""
     owner = owner or [0] * len(heads)
     start = 0
     for n in range(1, len(heads) + 1):
         if n == len(heads) or heads[n] != heads[n - 1] + 1 or index[n] != index[n - 1] + 1 or owner[n] != owner[start]:
-            yield (heads[start], heads[n - 1] + 1), (index[start], index[n - 1] + 1)
+            yield (start, n), (index[start], index[n - 1] + 1)
             start = n
 
 

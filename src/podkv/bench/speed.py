@@ -95,7 +95,12 @@ def time_decode(models: dict, tok, lengths, steps, warmup: int = 2) -> list[dict
 
 @torch.no_grad()
 def time_attention(config, plan, lengths, reps, decode: bool, chunk: int) -> list[dict]:
-    """One layer's attention: SDPA (causal, GQA) vs pod_attention_chunked with all heads sharing one anchor."""
+    """One layer's attention: SDPA (causal, GQA) vs PoD with every head reading another layer's keys.
+
+    Prefill runs ``pod_attention_chunked``; decode runs the model's one-token path (PodCache append +
+    decode.py) on a two-layer PodCache whose second layer borrows the first layer's distant keys,
+    against a dense step that appends to its cache (DynamicCache's cat) and runs SDPA.
+    """
     from podkv.attention.chunked import KeySources, pod_attention_chunked
 
     Hq, H = config.num_attention_heads, plan.num_kv_heads
@@ -106,17 +111,61 @@ def time_attention(config, plan, lengths, reps, decode: bool, chunk: int) -> lis
         Tq = 1 if decode else T
         q = torch.randn(1, Hq, Tq, D, generator=g)
         k, v, ka = (torch.randn(1, H, T, D, generator=g) for _ in range(3))
-        pad = torch.zeros(1, dtype=torch.long)
-        src = KeySources(own_keys=k, own_start=0, values=v, anchor_keys=[(ka, h) for h in range(H)])
-        fns = {"dense": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=not decode, enable_gqa=True),
-               "pod": lambda: pod_attention_chunked(q, T - Tq, src, pad=pad, ns=plan.ns, nr=plan.nr, scale=D ** -0.5,
-                                                chunk=chunk)}
+        if decode:
+            pod = _decode_step_fn(q, k, v, ka, plan, D ** -0.5)
+        else:
+            src = KeySources(own_keys=k, own_start=0, values=v, anchor_keys=[(ka, h) for h in range(H)])
+            pad = torch.zeros(1, dtype=torch.long)
+            pod = lambda: pod_attention_chunked(q, 0, src, pad=pad, ns=plan.ns, nr=plan.nr,  # noqa: E731
+                                                scale=D ** -0.5, chunk=chunk)
+        fns = {"dense": (lambda: _dense_decode_step(q, k, v)) if decode else
+               (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)), "pod": pod}
         for rep in range(reps + 1):
             for method in (("dense", "pod") if rep % 2 == 0 else ("pod", "dense")):
                 t, _ = timed(fns[method])
                 if rep:
                     times.setdefault((T, method), []).append(t)
     return ratio_rows(times, "T")
+
+
+def _dense_decode_step(q, k, v):
+    """What a dense layer does per decode step: append the new token (DynamicCache's cat), then SDPA."""
+    keys = torch.cat([k[:, :, :-1], k[:, :, -1:]], dim=2)
+    values = torch.cat([v[:, :, :-1], v[:, :, -1:]], dim=2)
+    return F.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
+
+
+def _decode_step_fn(q, k, v, ka, plan, scale):
+    """A callable running PoD's decode step for query ``q`` over T cached tokens (the step's state is
+    restored after each call, so repetitions time the same step)."""
+    from podkv.attention.decode import pod_decode
+    from podkv.cache.pod_cache import PodCache
+    from podkv.plan import SharingPlan
+
+    H, T = k.shape[1], k.shape[2]
+    two = SharingPlan(anchors=[[0] * H, [0] * H], ns=plan.ns, nr=plan.nr)
+    cache = PodCache(_TwoLayerConfig(H, q.shape[1], k.shape[-1]), two)
+    cache.pad = torch.zeros(1, dtype=torch.long)
+    for layer, (keys, values) in enumerate(((ka[:, :, :-1], v[:, :, :-1]), (k[:, :, :-1], v[:, :, :-1]))):
+        cache.layers[layer].update(keys, values)
+        cache.layers[layer].commit()
+    store = cache.layers[1]
+
+    def step():
+        state = (store.v, store.k_prox, store.prox_idx, store.seen)
+        store.update(k[:, :, -1:], v[:, :, -1:])
+        out = pod_decode(cache, 1, q, k[:, :, -1:], scale)
+        store.v, store.k_prox, store.prox_idx, store.seen = state
+        return out
+    return step
+
+
+class _TwoLayerConfig:
+    """Just what ``SharingPlan.validate_for`` reads, for the two-layer decode microbenchmark."""
+
+    def __init__(self, kv_heads, heads, head_dim):
+        self.num_hidden_layers, self.num_key_value_heads, self.num_attention_heads = 2, kv_heads, heads
+        self.head_dim, self.hidden_size, self.max_position_embeddings = head_dim, heads * head_dim, 1 << 20
 
 
 def run_speed(model, tok, plan, cfg: SpeedConfig) -> dict:

@@ -84,6 +84,14 @@ class PodLayer(CacheLayerMixin):
             keys[:, self.shared_heads] = self.k_prox
         return keys, values, idx
 
+    def held_shared(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`held` for the shared heads only (their order), without gathering anchor keys."""
+        idx = self.prox_idx
+        B, n = idx.shape
+        gather = idx.clamp(min=0)[:, None, :, None].expand(B, 1, n, self.v.shape[-1])
+        values = torch.cat([torch.gather(self.v[:, h:h + 1], 2, gather) for h in self.shared_heads], dim=1)
+        return self.k_prox, values, idx
+
     def anchor_source(self, head: int) -> tuple[torch.Tensor, int]:
         """(k_full tensor, index in it) of this layer for a head it anchors."""
         return self.k_full, self.anchor_heads.index(head)
