@@ -75,17 +75,20 @@ def test_plan_changes_outputs():
     assert (pod - dense).abs().max() > 1e-3
 
 
-def test_scores_mode_cache_equals_reference():
-    model = tiny_model("qwen3")
-    plan = random_plan(4, 2, 3, 6, seed=1, mode="scores")
-    ids = ids_for(1, 30)
+def _cached_steps_vs_reference(model, plan, ids, prefill, what):
+    """PodCache prefill + one-token steps (teacher-forced) == the reference oracle on the whole sequence."""
     with torch.no_grad():
         enable_pod(model, plan, reference=True)
         ref = model(ids).logits
         disable_pod(model)
         enable_pod(model, plan)
-        steps = _step_logits(model, ids, PodCache(model.config), prefill=5)
-    assert_close(steps, ref, what="scores mode")
+        steps = _step_logits(model, ids, PodCache(model.config), prefill=prefill)
+    assert_close(steps, ref, what=what)
+
+
+def test_scores_mode_cache_equals_reference():
+    _cached_steps_vs_reference(tiny_model("qwen3"), random_plan(4, 2, 3, 6, seed=1, mode="scores"), ids_for(1, 30),
+                               prefill=5, what="scores mode")
 
 
 def test_chunked_prefill_equals_one_shot():
@@ -164,16 +167,9 @@ def test_decode_fast_path_equals_chunked_path():
 def test_decode_head_wise_plan_equals_reference():
     """3 KV heads: anchors that differ per head, shared heads that are not consecutive ([0, 2]),
     heads of one layer reading three different anchor layers."""
-    model = tiny_model("llama", heads=6, kv_heads=3)
     plan = SharingPlan(anchors=[[0, 0, 0], [0, 1, 0], [2, 1, 0], [2, 3, 0]], ns=3, nr=5)
-    ids = ids_for(2, 36, seed=9)
-    with torch.no_grad():
-        enable_pod(model, plan, reference=True)
-        ref = model(ids).logits
-        disable_pod(model)
-        enable_pod(model, plan)
-        steps = _step_logits(model, ids, PodCache(model.config), prefill=9)
-    assert_close(steps, ref, what="head-wise plan, cached decode vs reference")
+    _cached_steps_vs_reference(tiny_model("llama", heads=6, kv_heads=3), plan, ids_for(2, 36, seed=9), prefill=9,
+                               what="head-wise plan, cached decode vs reference")
 
 
 def test_generate_uses_pod_cache_by_default():
