@@ -32,6 +32,8 @@ def register(sub) -> None:
     p.add_argument("--lengths", type=_ints, default=(1024, 2048, 4096, 8192))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--decode", type=int, default=4, help="greedy tokens decoded after the prefill")
+    p.add_argument("--selection-budget", type=float, default=0.1,
+                   help="also measure pod+snapkv holding this fraction of the dense KV (0: skip)")
     _common(p, "memory")
 
     p = cmds.add_parser("batch", help="largest batch under a fixed KV budget, dense vs PoD (real runs)")
@@ -98,7 +100,8 @@ def build_config(args):
 
     name = args.bench_name
     if name == "memory":
-        return MemoryConfig(lengths=args.lengths, batch=args.batch, decode=args.decode)
+        return MemoryConfig(lengths=args.lengths, batch=args.batch, decode=args.decode,
+                            selection_budget=args.selection_budget or None)
     if name == "batch":
         return BatchConfig(length=args.length, new_tokens=args.new_tokens, budget_requests=args.budget_requests,
                            budget_mb=args.budget_mb, rss_budget_mb=args.rss_budget_mb, max_batch=args.max_batch)
