@@ -25,6 +25,8 @@ class MemoryConfig:
     def __post_init__(self):
         if not self.lengths or min(self.lengths) < 1:
             raise PodError(f"bench memory field 'lengths' must be positive integers, got {self.lengths}")
+        if self.selection_budget is not None and not 0 < self.selection_budget <= 1:
+            raise PodError(f"bench memory field 'selection_budget' must be a KV fraction in (0, 1], got {self.selection_budget}")
         if self.batch < 1 or self.decode < 0:
             raise PodError(f"bench memory needs batch >= 1 and decode >= 0, got {self.batch}, {self.decode}")
 
