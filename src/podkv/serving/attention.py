@@ -1,21 +1,26 @@
-"""PoD attention inside vLLM (stage 1, reference path): a CPU attention backend whose shared layers
-read their anchor layer's paged keys for distant tokens.
+"""PoD attention inside vLLM: a CPU attention backend whose shared layers read their anchor
+layer's paged keys for distant tokens (reference path: per-request PyTorch over gathered caches).
 
-Every layer keeps a full paged cache (no memory saved yet). An anchor layer's PoD attention is
-plain causal attention (its own keys are its anchor's keys), so it runs vLLM's CPU kernel. A shared
-layer gathers, per request, its own keys and values and its anchor's keys from the paged caches
-and runs :func:`podkv.attention.chunked.pod_attention_chunked` -- the same math as
-``podkv.enable_pod`` (paper §2.2). vLLM runs layers in order, so the anchor has already written
-the current step's keys when a shared layer reads them.
+Two KV layouts (``config.pod_kv_layout``):
 
-Written against vLLM 0.32 (``vllm.v1.attention.backends.cpu_attn``); the CPU cache of one layer is
-(num_blocks, H_kv, block_size, 2*D) and is read as keys | values halves along the token axis.
+* ``"shared"`` (stage 2, default; :class:`PodSharedKVBackend`): the anchor of a block of B layers owns
+  one page per token and KV head, ``[K_a | V_a | ... | V_a+B-1]`` (token-major, written and read
+  here, never by vLLM's kernel); a non-anchor layer owns only a proximal-key cache (sinks + recent
+  window, :mod:`podkv.serving.kv_specs`) and writes its values into its column of the anchor's page.
+  Every layer (anchors too) runs :func:`podkv.attention.chunked.pod_attention_chunked`.
+* ``"full"`` (stage 1; :class:`PodTorchBackend`): every layer keeps vLLM's full CPU cache
+  (num_blocks, H_kv, block_size, 2*D), read as keys | values halves along the token axis; anchors
+  run vLLM's CPU kernel, shared layers gather and run the same PoD function.
+
+vLLM runs layers in order, so the anchor has already written the current step's keys when a shared
+layer reads them. Written against vLLM 0.32 (``vllm.v1.attention.backends.cpu_attn``).
 """
 
 from __future__ import annotations
 
 import torch
 from vllm.forward_context import get_forward_context
+from vllm.v1.attention.backend import MultipleOf
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 from podkv.attention.chunked import DEFAULT_CHUNK, KeySources, pod_attention_chunked
@@ -34,6 +39,16 @@ class PodTorchBackend(CPUAttentionBackend):
         return PodTorchImpl
 
 
+class PodSharedKVBackend(PodTorchBackend):
+    """Stage 2 (shared KV layout): the PoD impl reads and writes every cache itself (never vLLM's CPU
+    kernel), so any block size that is a multiple of 8 works; small blocks keep the proximal-key
+    caches' block rounding small (their block is ``(1 + B) x`` the anchor's)."""
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list:
+        return [MultipleOf(8)]
+
+
 class PodTorchImpl(CPUAttentionBackendImpl):
     """CPU attention for anchors; PoD attention over paged caches for shared layers.
 
@@ -42,14 +57,32 @@ class PodTorchImpl(CPUAttentionBackendImpl):
     """
 
     def __init__(self, *args, pod_anchor_layer: str | None = None, pod_ns: int = 16, pod_nr: int = 240,
-                 pod_chunk: int = DEFAULT_CHUNK, **kwargs):
+                 pod_chunk: int = DEFAULT_CHUNK, pod_shared_kv: bool = False, pod_block_pos: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.pod_anchor_layer = pod_anchor_layer
         self.pod_ns, self.pod_nr, self.pod_chunk = pod_ns, pod_nr, pod_chunk
+        # Stage 2 (podkv.serving.kv_specs): the anchor's page holds [K | V of every layer of the block];
+        # this layer's values sit at column block (1 + pod_block_pos); a non-anchor keeps proximal keys only.
+        self.pod_shared_kv, self.pod_block_pos = pod_shared_kv, pod_block_pos
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
+        if not self.pod_shared_kv:
+            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        D = self.head_size
+        if self.pod_anchor_layer is None:
+            write_slots(kv_cache, slot_mapping, key, 0)
+            write_slots(kv_cache, slot_mapping, value, D)
+            return
+        ctx = get_forward_context()
+        write_slots(kv_cache, slot_mapping, key, 0)  # proximal-key cache: (blocks, H, bs, D)
+        write_slots(ctx.no_compile_layers[self.pod_anchor_layer].kv_cache, ctx.slot_mapping[self.pod_anchor_layer],
+                    value, (1 + self.pod_block_pos) * D)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         """query (N, Hq, D), key/value (N, H_kv, D) of this step's N tokens -> output (N, Hq, D)."""
+        if attn_metadata is not None and self.pod_shared_kv:
+            return self._forward_shared(query, kv_cache, attn_metadata, output)
         if attn_metadata is None or self.pod_anchor_layer is None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
@@ -70,6 +103,30 @@ class PodTorchImpl(CPUAttentionBackendImpl):
             keys, values = paged_kv(kv_cache, blocks, seq_len)  # (1, H, T, D) each
             anchor_keys, _ = paged_kv(anchor_cache, blocks, seq_len)
             q = query[a:b].transpose(0, 1).unsqueeze(0)  # (1, Hq, Tq, D)
+            out = self._pod(q, seq_len - (b - a), keys, values, anchor_keys)
+            output[a:b] = out[0].transpose(0, 1).to(output.dtype)
+        return output
+
+    def _forward_shared(self, query, kv_cache, attn_metadata, output):
+        """Stage 2: every layer reads its block's page (anchor keys, its own values) and, if it is not
+        the anchor, its proximal keys (sinks + recent window; freed blocks read as garbage, never used)."""
+        D, j = self.head_size, self.pod_block_pos
+        if self.pod_anchor_layer is None:
+            anchor_cache, anchor_meta = kv_cache, attn_metadata
+        else:
+            ctx = get_forward_context()
+            anchor_cache = ctx.no_compile_layers[self.pod_anchor_layer].kv_cache
+            anchor_meta = ctx.attn_metadata[self.pod_anchor_layer]
+        starts = attn_metadata.query_start_loc.tolist()
+        for i, seq_len in enumerate(attn_metadata.seq_lens.tolist()):
+            a, b = starts[i], starts[i + 1]
+            if b <= a:
+                continue
+            anchor_keys = gather_columns(anchor_cache, anchor_meta.block_table[i], seq_len, 0, D)
+            values = gather_columns(anchor_cache, anchor_meta.block_table[i], seq_len, (1 + j) * D, (2 + j) * D)
+            keys = anchor_keys if self.pod_anchor_layer is None else \
+                gather_columns(kv_cache, attn_metadata.block_table[i], seq_len, 0, D)
+            q = query[a:b].transpose(0, 1).unsqueeze(0)
             out = self._pod(q, seq_len - (b - a), keys, values, anchor_keys)
             output[a:b] = out[0].transpose(0, 1).to(output.dtype)
         return output
@@ -101,3 +158,23 @@ def paged_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, seq_len: int) -> tupl
     k = kv[:, :, :bs].reshape(n, H, D, bs).permute(1, 0, 3, 2).reshape(H, n * bs, D)[:, :seq_len]
     v = kv[:, :, bs:].permute(1, 0, 2, 3).reshape(H, n * bs, D)[:, :seq_len]
     return k.unsqueeze(0), v.unsqueeze(0)
+
+
+def write_slots(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, col: int) -> None:
+    """Stage-2 layout: cache (num_blocks, H, bs, C) token-major; x (N, H, D) -> cache[slot, :, col:col+D]."""
+    nb, H, bs, _ = cache.shape
+    n = slots.shape[0]
+    slots = slots.long()
+    keep = slots >= 0  # padded tokens carry slot -1
+    if not bool(keep.all()):
+        slots, x = slots[keep], x[:n][keep]
+    cache[slots // bs, :, slots % bs, col:col + x.shape[-1]] = x[:n].to(cache.dtype)
+
+
+def gather_columns(cache: torch.Tensor, blocks: torch.Tensor, seq_len: int, c0: int, c1: int) -> torch.Tensor:
+    """Columns [c0, c1) of one request's first ``seq_len`` tokens -> (1, H, seq_len, c1-c0)."""
+    nb, H, bs, _ = cache.shape
+    used = blocks[: -(-seq_len // bs)].long()
+    x = cache[used, :, :, c0:c1]  # (n, H, bs, d)
+    n = x.shape[0]
+    return x.permute(1, 0, 2, 3).reshape(H, n * bs, c1 - c0)[:, :seq_len].unsqueeze(0)

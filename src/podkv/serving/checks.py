@@ -67,6 +67,18 @@ def plan_for_serving(config) -> SharingPlan:
     return check_plan_servable(plan, config)
 
 
+KV_LAYOUTS = ("shared", "full")
+
+
+def kv_layout(config) -> str:
+    """``config.pod_kv_layout``: "shared" (stage 2, default: anchors hold the block's values, other
+    layers only proximal keys) or "full" (stage 1: every layer keeps a full paged K/V cache)."""
+    layout = getattr(config, "pod_kv_layout", None) or "shared"
+    if layout not in KV_LAYOUTS:
+        raise PodError(f"config field 'pod_kv_layout' = {layout!r}: expected one of {KV_LAYOUTS}")
+    return layout
+
+
 def layer_anchors(plan: SharingPlan) -> list[int]:
     """Anchor layer of every layer of a layer-granularity plan."""
     return [row[0] for row in plan.anchors]

@@ -68,10 +68,12 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def make_llm(model_dir: str | Path, plan: SharingPlan | None = None, **llm_kwargs):
+def make_llm(model_dir: str | Path, plan: SharingPlan | None = None, kv_layout: str | None = None, **llm_kwargs):
     """A ``vllm.LLM`` for ``model_dir`` served with ``plan`` (None: the plan in its config.json).
 
-    Defaults suited to the CPU build: ``enforce_eager=True``. Any ``llm_kwargs`` go to ``vllm.LLM``.
+    ``kv_layout``: "shared" (default: the stage-2 memory saving) or "full" (stage 1, every layer keeps
+    a full K/V cache). Defaults suited to the CPU build: ``enforce_eager=True``. Any ``llm_kwargs``
+    go to ``vllm.LLM``.
     """
     import vllm
 
@@ -83,5 +85,11 @@ def make_llm(model_dir: str | Path, plan: SharingPlan | None = None, **llm_kwarg
     else:
         overrides = dict(llm_kwargs.pop("hf_overrides", None) or {})
         llm_kwargs["hf_overrides"] = {**overrides, **pod_hf_overrides(plan, config)}
+    if kv_layout is not None:
+        from podkv.serving.checks import KV_LAYOUTS
+
+        if kv_layout not in KV_LAYOUTS:
+            raise PodError(f"kv_layout={kv_layout!r}: expected one of {KV_LAYOUTS}")
+        llm_kwargs["hf_overrides"] = {**(llm_kwargs.get("hf_overrides") or {}), "pod_kv_layout": kv_layout}
     llm_kwargs.setdefault("enforce_eager", True)
     return vllm.LLM(model=str(model_dir), **llm_kwargs)

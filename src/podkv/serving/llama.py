@@ -7,13 +7,39 @@ and sampling are vLLM's own, so a checkpoint loads unchanged.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from vllm.config import get_current_vllm_config
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
 
-from podkv.serving.attention import PodTorchBackend
-from podkv.serving.checks import anchor_layer_name, layer_anchors, plan_for_serving
+from podkv.serving.attention import PodSharedKVBackend, PodTorchBackend
+from podkv.serving.checks import anchor_layer_name, kv_layout, layer_anchors, plan_for_serving
+
+
+class PodAttention(Attention):
+    """``vllm.Attention`` whose KV-cache spec follows the PoD plan (stage 2, ``pod_kv_layout="shared"``).
+
+    An anchor of a block of B layers declares one page for [K | V x B]; another layer declares a
+    :class:`~podkv.serving.kv_specs.PodProximalSpec` (its keys, sinks + recent window only).
+    """
+
+    def __init__(self, *args, pod_spec: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pod_spec = pod_spec
+
+    def get_kv_cache_spec(self, vllm_config):
+        spec = super().get_kv_cache_spec(vllm_config)
+        if self.pod_spec is None or spec is None:
+            return spec
+        if self.pod_spec["anchor"]:
+            return replace(spec, head_size_v=self.pod_spec["block_len"] * self.head_size)
+        from podkv.serving.kv_specs import PodProximalSpec
+
+        return PodProximalSpec(block_size=spec.block_size, num_kv_heads=spec.num_kv_heads, head_size=spec.head_size,
+                               head_size_v=0, dtype=spec.dtype, kv_quant_mode=spec.kv_quant_mode,
+                               sliding_window=self.pod_spec["nr"], sink_len=self.pod_spec["ns"])
 
 
 class PodLlamaAttention(LlamaAttention):
@@ -24,17 +50,22 @@ class PodLlamaAttention(LlamaAttention):
         config, prefix = kwargs["config"], kwargs.get("prefix", "")
         plan = plan_for_serving(config)
         layer = extract_layer_index(prefix)
-        anchor = layer_anchors(plan)[layer]
+        anchors = layer_anchors(plan)
+        anchor = anchors[layer]
+        shared = kv_layout(config) == "shared"
+        pod_spec = None
+        if shared:
+            pod_spec = dict(anchor=anchor == layer, block_len=anchors.count(anchor), ns=plan.ns, nr=plan.nr)
         # LlamaAttention builds its Attention inline; rebuild it with our backend. The old one
         # registered its name in the static forward context, which must stay unique.
         context = get_current_vllm_config().compilation_config.static_forward_context
         context.pop(self.attn.layer_name, None)
-        self.attn = Attention(
+        self.attn = PodAttention(
             self.num_heads, self.head_dim, self.scaling, num_kv_heads=self.num_kv_heads,
             cache_config=kwargs.get("cache_config"), quant_config=kwargs.get("quant_config"),
-            prefix=f"{prefix}.attn", attn_backend=PodTorchBackend,
+            prefix=f"{prefix}.attn", attn_backend=PodSharedKVBackend if shared else PodTorchBackend,
             pod_anchor_layer=None if anchor == layer else anchor_layer_name(prefix, layer, anchor),
-            pod_ns=plan.ns, pod_nr=plan.nr,
+            pod_ns=plan.ns, pod_nr=plan.nr, pod_shared_kv=shared, pod_block_pos=layer - anchor, pod_spec=pod_spec,
         )
 
 

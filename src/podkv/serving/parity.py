@@ -30,6 +30,8 @@ def tiny_plans(layers: int, kv_heads: int) -> dict[str, SharingPlan]:
         "dense": SharingPlan.identity(layers, kv_heads, ns=4, nr=8),
         "block2": SharingPlan.uniform(layers, kv_heads, 2, ns=4, nr=8),
         "block4": SharingPlan.uniform(layers, kv_heads, 4, ns=2, nr=16),
+        # blocks of 3 and 1 layers: anchors with different page widths ([K | 3V] and [K | V])
+        "uneven": SharingPlan(anchors=[[0] * kv_heads] * 3 + [[3] * kv_heads] * (layers - 3), ns=4, nr=8),
     }
 
 
@@ -121,6 +123,13 @@ def main(argv=None) -> int:
                     help="run the plans and prompts of REFERENCE_JSON through vLLM instead (vLLM venv)")
     ap.add_argument("--plan-name", default=None, help="with --vllm: the one plan of the reference to run")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="with --vllm: < prompt = chunked prefill")
+    ap.add_argument("--long", action="store_true",
+                    help="tiny model, prompts of 300 and 700 tokens (reference_long.json): with small KV blocks the "
+                         "proximal-key caches free blocks between the sinks and the window")
+    ap.add_argument("--block-size", type=int, default=None, help="with --vllm: vLLM's KV block size")
+    ap.add_argument("--max-model-len", type=int, default=None, help="with --vllm (default 512)")
+    ap.add_argument("--kv-layout", choices=["shared", "full"], default=None,
+                    help="with --vllm: PoD KV layout (default shared = stage 2)")
     args = ap.parse_args(argv)
     if args.vllm is not None:
         return _main_vllm(args)
@@ -137,6 +146,10 @@ def main(argv=None) -> int:
         plans = dict(tiny_plans(TINY["layers"], TINY["kv_heads"]))
         prompt_ids = prompts(TINY["vocab"])
         name = "reference.json"
+        if args.long:
+            plans = {k: v for k, v in plans.items() if k != "dense"}
+            prompt_ids = prompts(TINY["vocab"], lengths=(300, 700), seed=1)
+            name = "reference_long.json"
     print(write_reference(args.out / name, model_dir, plans, prompt_ids, args.max_new_tokens))
     return 0
 
@@ -151,6 +164,12 @@ def _main_vllm(args) -> int:
     kw = {}
     if args.max_num_batched_tokens:
         kw = dict(enable_chunked_prefill=True, max_num_batched_tokens=args.max_num_batched_tokens)
+    if args.block_size:
+        kw["block_size"] = args.block_size
+    if args.max_model_len:
+        kw["max_model_len"] = args.max_model_len
+    if args.kv_layout and plan is not None:
+        kw["kv_layout"] = args.kv_layout
     runs = vllm_greedy(Path(ref["model"]), plan, prompt_ids, ref["max_new_tokens"], **kw)
     write_json(args.out, {"plan": args.plan_name, "llm_kwargs": kw, "runs": runs})
     print(args.out)

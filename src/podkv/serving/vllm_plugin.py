@@ -5,6 +5,7 @@ It registers, through vLLM's registries:
 
 * ``PodLlamaForCausalLM`` with ``ModelRegistry.register_model`` (lazily, as "module:Class");
 * the PoD attention backend with ``register_backend`` (``PODKV_TORCH``);
+* the stage-2 KV-cache spec of non-anchor layers with ``KVCacheSpecRegistry`` (``kv_specs``);
 * a config hook in ``MODELS_CONFIG_MAP`` that checks the plan when the engine's config is built
   (in the calling process, before any worker starts), so a bad plan fails with a PodError there.
 
@@ -39,6 +40,9 @@ def register() -> None:
             ModelRegistry.register_model(pod_arch, f"podkv.serving.llama:{pod_arch}")
     _register_backend()
     _register_config_hook()
+    from podkv.serving.kv_specs import register_pod_kv_specs
+
+    register_pod_kv_specs()
 
 
 def _register_backend() -> None:
@@ -56,9 +60,14 @@ def _register_config_hook() -> None:
     class PodServingConfig(VerifyAndUpdateConfig):
         @staticmethod
         def verify_and_update_config(vllm_config) -> None:
-            from podkv.serving.checks import plan_for_serving
+            from podkv.serving.checks import kv_layout, plan_for_serving
 
-            plan = plan_for_serving(vllm_config.model_config.hf_config)
+            hf_config = vllm_config.model_config.hf_config
+            plan = plan_for_serving(hf_config)
+            if kv_layout(hf_config) == "shared" and vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
+                raise PodError("--disable-hybrid-kv-cache-manager: PoD's shared KV layout needs vLLM's hybrid KV-cache "
+                               "manager (anchor and proximal-key layers are different cache groups); "
+                               "drop the flag or serve with pod_kv_layout='full' (no memory saving)")
             cache = vllm_config.cache_config
             if cache.enable_prefix_caching:
                 # A non-anchor layer's sink keys live outside the shared paged blocks; reusing a
