@@ -75,8 +75,11 @@ class PodTorchImpl(CPUAttentionBackendImpl):
             return
         ctx = get_forward_context()
         write_slots(kv_cache, slot_mapping, key, 0)  # proximal-key cache: (blocks, H, bs, D)
-        write_slots(ctx.no_compile_layers[self.pod_anchor_layer].kv_cache, ctx.slot_mapping[self.pod_anchor_layer],
-                    value, (1 + self.pod_block_pos) * D)
+        anchor_slots = ctx.slot_mapping.get(self.pod_anchor_layer)
+        if anchor_slots is None:
+            raise RuntimeError(f"PoD: no slot mapping for anchor {self.pod_anchor_layer} in this forward pass")
+        write_slots(ctx.no_compile_layers[self.pod_anchor_layer].kv_cache, anchor_slots, value,
+                    (1 + self.pod_block_pos) * D)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
