@@ -210,7 +210,7 @@ def test_bad_plan_fails_at_engine_start(reference, anchors, match):
 @pytest.mark.integration
 def test_default_model_parity(tmp_path):
     """SmolLM2-135M-Instruct, a 300-token prompt, blocks of 3 layers (ns=16, nr=64): 16 greedy tokens
-    (vLLM's default block size, then 16-token blocks with chunked prefill)."""
+    (128-token blocks, then 16-token blocks with chunked prefill)."""
     given = os.environ.get("PODKV_VLLM_REFERENCE")
     ref_python = Path(os.environ.get("PODKV_REF_PYTHON", ROOT / ".venv" / "bin" / "python"))
     if given and (Path(given) / "reference_default.json").exists():
@@ -224,8 +224,10 @@ def test_default_model_parity(tmp_path):
         pytest.skip(f"no podkv reference venv at {ref_python} (set PODKV_REF_PYTHON)")
     runs = json.loads(reference.read_text())["runs"]
     assert runs["block3"][0]["tokens"] != runs["dense"][0]["tokens"]  # PoD matters on this prompt
-    for name in ("dense", "block3"):
-        assert_parity(runs[name], run_vllm(reference, name, tmp_path / f"{name}.json")["runs"])
+    assert_parity(runs["dense"], run_vllm(reference, "dense", tmp_path / "dense.json")["runs"])
+    # 128-token blocks (vLLM's CPU default; proximal blocks of 512 tokens: nothing freed at 316 tokens)
+    big = run_vllm(reference, "block3", tmp_path / "block3.json", "--block-size", "128")["runs"]
+    assert_parity(runs["block3"], big)
     # 16-token blocks, 64-token prefill chunks: the proximal caches (64-token blocks) free blocks mid-prompt
     small = run_vllm(reference, "block3", tmp_path / "block3_small.json", "--block-size", "16",
                      "--max-num-batched-tokens", "64")["runs"]

@@ -93,7 +93,12 @@ def measure(args) -> dict:
     T = args.max_model_len
     analytic = plan.kv_saving(T)
     measured = 1.0 - dense["kv_cache_size_tokens"] / pod["kv_cache_size_tokens"]
-    return {"model": str(args.model), "plan": plan.summary(T), "block_layers": args.block_layers,
+    from podkv.serving.checks import layer_anchors
+
+    anchors = layer_anchors(plan)
+    lengths = [anchors.count(a) for a in dict.fromkeys(anchors)]
+    blocks = f"blocks of {lengths[0]}" if len(set(lengths)) == 1 else "blocks " + "+".join(map(str, lengths))
+    return {"model": str(args.model), "plan": plan.summary(T), "blocks": blocks, "block_layers": args.block_layers,
             "ns": plan.ns, "nr": plan.nr, "max_model_len": T, "block_size": args.block_size, "dense_block_size": args.dense_block_size,
             "max_num_batched_tokens": args.max_num_batched_tokens, "dtype": args.dtype,
             "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE"),
@@ -105,7 +110,7 @@ def measure(args) -> dict:
 
 
 def markdown_row(r: dict) -> str:
-    return (f"| {Path(r['model']).name} | blocks of {r['block_layers']}, ns={r['ns']}, nr={r['nr']} | {r['max_model_len']} "
+    return (f"| {Path(r['model']).name} | {r.get('blocks', 'blocks of %d' % r['block_layers'])}, ns={r['ns']}, nr={r['nr']} | {r['max_model_len']} "
             f"| {r['dense']['kv_cache_size_tokens']:,} | {r['pod']['kv_cache_size_tokens']:,} "
             f"| x{r['capacity_ratio']:.3f} | {100 * r['measured_saving']:.1f}% | {100 * r['analytic_saving']:.1f}% "
             f"| {r['difference_points']:+.2f} |")

@@ -17,6 +17,10 @@ def register(sub) -> None:
     p.add_argument("--write-checkpoint", type=Path, default=None, metavar="OUT",
                    help="write a checkpoint with the plan in config.json (serve it with `vllm serve OUT`)")
     p.add_argument("--run", action="store_true", help="also start vLLM and generate greedily (needs vllm installed)")
+    p.add_argument("--capacity", type=int, default=None, metavar="T",
+                   help="also start dense and PoD engines (same VLLM_CPU_KVCACHE_SPACE, block size 16, 32-token "
+                        "prefill chunks) and compare vLLM's reported KV capacity at max_model_len T with "
+                        "plan.kv_saving(T) (needs vllm; see python -m podkv.serving.capacity for all options)")
     p.add_argument("--prompt", default="The capital of France is")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.set_defaults(func=run)
@@ -42,7 +46,19 @@ def run(args) -> int:
               "--enforce-eager --no-enable-prefix-caching`")
     if args.run:
         _generate(model_dir, plan, args.prompt, args.max_new_tokens)
+    if args.capacity is not None:
+        _capacity(model_dir, plan, args.capacity)
     return 0
+
+
+def _capacity(model_dir, plan, max_model_len: int) -> None:
+    import tempfile
+
+    from podkv.serving.capacity import main as capacity_main
+
+    with tempfile.TemporaryDirectory() as tmp:
+        plan_path = plan.save(Path(tmp) / "plan.json")
+        capacity_main(["--model", str(model_dir), "--plan", str(plan_path), "--max-model-len", str(max_model_len)])
 
 
 def _default_model_dir() -> Path:

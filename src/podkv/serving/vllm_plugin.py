@@ -74,7 +74,33 @@ def _register_config_hook() -> None:
                 # cached prefix is not handled yet (docs/serving.md).
                 log.warning("podkv: disabling prefix caching for a PoD model (not supported yet)")
                 cache.enable_prefix_caching = False
+            if kv_layout(hf_config) == "shared":
+                _tune_shared_layout(vllm_config, plan)
             log.info("podkv: %s", plan.summary())
 
     for pod_arch in POD_ARCHITECTURES.values():
         MODELS_CONFIG_MAP.setdefault(pod_arch, PodServingConfig)
+
+
+# Stage 2: a proximal-key cache's block is (1 + B) anchor blocks, and vLLM reserves whole blocks per
+# request, so small blocks keep its fixed cost near ns + nr (vLLM's CPU default is 128).
+SHARED_LAYOUT_BLOCK_SIZE = 16
+
+
+def _tune_shared_layout(vllm_config, plan) -> None:
+    """Default a small KV block size for the shared layout, and warn when vLLM's scheduler settings
+    make the proximal-key caches reserve much more than ``ns + nr`` tokens per request."""
+    cache, sched = vllm_config.cache_config, vllm_config.scheduler_config
+    if not cache.user_specified_block_size:
+        log.info("podkv: KV block size %d for the shared PoD layout (pass --block-size to override)",
+                 SHARED_LAYOUT_BLOCK_SIZE)
+        cache.block_size = SHARED_LAYOUT_BLOCK_SIZE
+        cache.user_specified_block_size = True
+    in_flight = sched.max_num_batched_tokens or 0
+    suggest = max(plan.ns + plan.nr, 256)
+    if in_flight > 4 * suggest:
+        # SlidingWindowSpec.max_admission_blocks_per_request: window - 1 + in-flight tokens, whole blocks.
+        log.warning("podkv: max_num_batched_tokens=%d: each non-anchor layer's proximal-key cache reserves about "
+                    "%d tokens per request instead of ns+nr=%d (vLLM frees out-of-window blocks one step late), "
+                    "which eats into the PoD saving; use chunked prefill with --max-num-batched-tokens <= %d",
+                    in_flight, in_flight + plan.nr + plan.ns, plan.ns + plan.nr, suggest)
