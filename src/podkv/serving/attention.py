@@ -158,7 +158,9 @@ def paged_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, seq_len: int) -> tupl
     used = blocks[: -(-seq_len // bs)].long()
     kv = kv_cache.view(nb, H, 2 * bs, -1)[used]  # (n, H, 2bs, D)
     n, D = kv.shape[0], kv.shape[-1]
-    k = kv[:, :, :bs].reshape(n, H, D, bs).permute(1, 0, 3, 2).reshape(H, n * bs, D)[:, :seq_len]
+    # contiguous: podkv.attention.lse.attend_lse (aten's CPU flash kernel) is wrong on keys whose last dim
+    # is strided, which a transposed (D, bs) tile gives for a single block
+    k = kv[:, :, :bs].reshape(n, H, D, bs).permute(1, 0, 3, 2).reshape(H, n * bs, D)[:, :seq_len].contiguous()
     v = kv[:, :, bs:].permute(1, 0, 2, 3).reshape(H, n * bs, D)[:, :seq_len]
     return k.unsqueeze(0), v.unsqueeze(0)
 
