@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4, help="passkey prompts per length")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--name", default=None, help="write results/table_<name>.json (default: the variant)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -48,7 +49,7 @@ def main() -> None:
         row["passkey"].append(passkey_accuracy(model, tok, length, n=args.n))
         print(args.variant, length, row["passkey"][-1]["accuracy"], flush=True)
     row["wall_s"] = round(time.time() - t0, 1)
-    write_json(HERE / "results" / f"table_{args.variant}.json", row)
+    write_json(HERE / "results" / f"table_{args.name or args.variant}.json", row)
     print(row["variant"], "ppl", row["heldout_ppl"], "wall", row["wall_s"])
 
 
