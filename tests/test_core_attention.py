@@ -114,3 +114,15 @@ def test_attend_lse_matches_softmax_and_marks_rows_without_keys():
     assert torch.isneginf(lse[1]).all()
     merged, _ = merge_lse(out, lse, torch.ones_like(out), torch.zeros_like(lse))
     assert_close(merged[1], torch.ones_like(merged[1]), what="empty pass contributes nothing")
+
+
+def test_attend_lse_accepts_views_with_a_strided_last_dim():
+    from podkv.attention.lse import attend_lse
+
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 2, 3, 8, generator=g)
+    k_t = torch.randn(1, 2, 8, 5, generator=g)  # keys stored transposed: k_t.transpose(-1, -2) is strided
+    v = torch.randn(1, 2, 5, 8, generator=g)
+    out, _ = attend_lse(q, k_t.transpose(-1, -2), v, 0.3)
+    ref = (q @ k_t * 0.3).softmax(-1) @ v
+    assert_close(out, ref, what="strided keys")

@@ -16,13 +16,15 @@ _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 def attend_lse(q, k, v, scale: float, bias=None, causal: bool = False):
     """Softmax attention that also returns the log-sum-exp of the scores (float32).
 
-    q (B, h, L, D), k/v (B, h, n, D) (strided views are fine), bias additive float, broadcastable
+    q (B, h, L, D), k/v (B, h, n, D) (views are fine; a strided last dim is copied), bias additive float, broadcastable
     to (B, h, L, n), or None; ``causal``: top-left causal mask (row r sees keys [0, r]), L == n
     -> out (B, h, L, D) float32, lse (B, h, L) float32 (-inf: no key seen).
     On CPU: one fused flash-attention call, which returns the log-sum-exp; elsewhere the scores
     are materialised (callers keep L small: one query chunk).
     """
     if q.device.type == "cpu" and _FLASH_CPU is not None:
+        # The kernel reads rows with unit stride: a view whose last dim is strided gives wrong results.
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         b = None if bias is None else bias.to(q.dtype)
         o, lse = _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=b, scale=scale)
         lse = lse.float()
