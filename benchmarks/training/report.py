@@ -61,20 +61,31 @@ def plot(data: dict) -> None:
     save_figure(fig, HERE / "curves.png")
 
 
+NAMES = {"dense": "dense (no PoD)", "free": "PoD, training-free",
+         "adapted_qk16k": "PoD, adapted: distill, q/k LoRA, 16K tokens (T 1024)",
+         "adapted_qk28k": "PoD, adapted: distill, q/k LoRA, 28K tokens (T 1024)",
+         "adapted_attn147k": "PoD, adapted: distill, attention LoRA, 147K tokens (T 1024)",
+         "adapted_all197k": "**PoD, adapted: distill, all-linear LoRA, 197K tokens (T 1024) = shipped `smollm2-pod`**",
+         "adapted_lookup": "PoD, adapted: distill, attention LoRA, 246K tokens of lookup mix (T 2048)"}
+
+
 def table() -> str:
-    rows = {v: json.loads((RESULTS / f"table_{v}.json").read_text())
-            for v in ("dense", "free", "adapted") if (RESULTS / f"table_{v}.json").is_file()}
+    """One row per results/table_<name>.json, in the order of NAMES (unknown names last)."""
+    from podkv.plan import SharingPlan
+
+    files = {p.stem.removeprefix("table_"): p for p in RESULTS.glob("table_*.json")}
+    order = [n for n in NAMES if n in files] + sorted(n for n in files if n not in NAMES)
+    rows = {n: json.loads(files[n].read_text()) for n in order}
     if not rows:
         return ""
-    lengths = [p["length"] for p in next(iter(rows.values()))["passkey"]]
-    names = {"dense": "dense (no PoD)", "free": "PoD, training-free", "adapted": "PoD, adapted (`smollm2-pod`)"}
+    lengths = sorted({p["length"] for r in rows.values() for p in r["passkey"]})
     head = "| model | KV saved @4K | held-out ppl | " + " | ".join(f"passkey {l // 1024}K" for l in lengths) + " |"
     lines = [head, "|" + "---|" * (3 + len(lengths))]
-    for v, r in rows.items():
-        saved = "0%" if v == "dense" else "34.4%"
+    for n, r in rows.items():
+        saved = f"{100 * SharingPlan.from_dict(r['plan']).kv_saving(4096):.1f}%" if r.get("plan") else "0%"
         acc = {p["length"]: p for p in r["passkey"]}
         cells = [f"{acc[l]['accuracy'] * acc[l]['n']:.0f}/{acc[l]['n']}" if l in acc else "-" for l in lengths]
-        lines.append(f"| {names[v]} | {saved} | {r['heldout_ppl']:.3f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {NAMES.get(n, n)} | {saved} | {r['heldout_ppl']:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
