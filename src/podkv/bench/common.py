@@ -23,7 +23,13 @@ SHIPPED_PLAN = Path(__file__).resolve().parent.parent / "assets" / "smollm2_plan
 
 
 def default_plan(config) -> tuple[SharingPlan, str]:
-    """The shipped SmolLM2 plan when present and valid for ``config``, else uniform blocks of 4 layers."""
+    """The model's own plan (an adapted model such as ``smollm2-pod`` was trained for it), else the
+    shipped SmolLM2 plan when valid for ``config``, else uniform blocks of 4 layers."""
+    from podkv.plan import plan_from_config
+
+    own = plan_from_config(config)
+    if own is not None:
+        return own, "the model's own plan (config.pod_plan)"
     if SHIPPED_PLAN.exists():
         plan = SharingPlan.load(SHIPPED_PLAN)
         try:
