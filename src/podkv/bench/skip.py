@@ -107,6 +107,7 @@ def passkey(model, tok, plan, methods: dict, prompts: int, filler: int) -> dict 
     if tok is None:
         return None
     hits = {m: 0 for m in methods}
+    rt = getattr(model, "pod_runtime", None)
     for i in range(prompts):
         key = str(10000 + (7919 * (i + 3) ** 3) % 90000)
         text = ("There is a pass key hidden inside a lot of irrelevant text. Find it and remember it.\n"
@@ -114,7 +115,7 @@ def passkey(model, tok, plan, methods: dict, prompts: int, filler: int) -> dict 
                 + FILLER * filler + "\nWhat is the pass key? The pass key is")
         ids = tok(text, return_tensors="pt").input_ids
         base = new_cache(model, "dense" if methods == DENSE else "pod", plan)
-        rt = getattr(model, "pod_runtime", None)
+        rt = getattr(model, "pod_runtime", None)  # dense runs without PoD, PoD with it
         _set_tau(rt, None)
         first = model(ids, past_key_values=base, logits_to_keep=1).logits[:, -1:].argmax(-1)
         for m, tau in methods.items():
@@ -125,7 +126,7 @@ def passkey(model, tok, plan, methods: dict, prompts: int, filler: int) -> dict 
                 toks.append(nxt.item())
             hits[m] += key in tok.decode(toks).replace(" ", "")
     _set_tau(rt, None)
-    return {m: h / prompts for m, h in hits.items()}
+    return {m: h / max(1, prompts) for m, h in hits.items()}
 
 
 def run_skip(model, tok, plan, cfg: SkipConfig) -> dict:
