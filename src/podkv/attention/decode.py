@@ -20,6 +20,7 @@ from typing import Protocol
 
 import torch
 
+from podkv.attention.heads import head_runs, put_heads, select_heads
 from podkv.attention.lse import attend_lse, merge_lse, to_bias
 from podkv.attention.reference import allowed_mask, proximal_mask
 
@@ -58,7 +59,7 @@ def pod_decode(cache, layer: int, query: torch.Tensor, key: torch.Tensor, scale:
     if whole:
         lo, bias = _real_keys(cache, store.seen)
         lse = torch.empty(B, H, Hq // H, dtype=torch.float32, device=query.device)
-        for (p0, p1), (j0, j1) in _runs(whole, list(range(len(whole)))):
+        for (p0, p1), (j0, j1) in head_runs(whole, list(range(len(whole)))):
             h0, h1 = whole[p0], whole[p0] + p1 - p0
             out[:, h0:h1], lse[:, h0:h1] = attend_lse(qg[:, h0:h1], store.k_full[:, j0:j1, lo:store.seen],
                                                    store.v[:, h0:h1, lo:store.seen], scale, bias)
@@ -75,7 +76,7 @@ def _report_anchor_gates(cache, layer, qg, key, heads, lse_all, scale, policy):
     layers: a small proximal pass gives lseP, and g = exp(lseP − lse_all)."""
     store = cache.layers[layer]
     i = store.seen_before
-    if i + 1 - cache.plan.nr <= int(cache.pad.min()) + cache.plan.ns:
+    if i + 1 - cache.plan.nr <= cache.pad_min + cache.plan.ns:
         return  # no distant keys yet
     held_k, held_v, held_idx = store.held()
     k_p = torch.cat([held_k[:, heads], key[:, heads, -1:]], dim=2)
@@ -93,13 +94,13 @@ def _split_heads(cache, layer, qg, key, scale, policy, out):
     heads = store.shared_heads
     i = store.seen_before  # cache index of the query
     held_k, held_v, held_idx = store.held_shared()
-    k_p = torch.cat([held_k, _heads(key, heads)[:, :, -1:]], dim=2)  # (B, h, n+1, D): small
-    v_p = torch.cat([held_v, _heads(store.v, heads)[:, :, i:i + 1]], dim=2)
-    out_p, lse_p = attend_lse(_heads(qg, heads), k_p, v_p, scale, _proximal_bias(cache, held_idx, i))
+    k_p = torch.cat([held_k, select_heads(key, heads)[:, :, -1:]], dim=2)  # (B, h, n+1, D): small
+    v_p = torch.cat([held_v, select_heads(store.v, heads)[:, :, i:i + 1]], dim=2)
+    out_p, lse_p = attend_lse(select_heads(qg, heads), k_p, v_p, scale, _proximal_bias(cache, held_idx, i))
 
-    lo, hi = int(cache.pad.min()) + plan.ns, i + 1 - plan.nr
+    lo, hi = cache.pad_min + plan.ns, i + 1 - plan.nr
     if hi <= lo:  # every key is proximal
-        _put(out, heads, out_p)
+        put_heads(out, heads, out_p)
         return
     anchors = plan.anchors[layer]
     skip = {}
@@ -111,7 +112,7 @@ def _split_heads(cache, layer, qg, key, scale, policy, out):
     sources = [cache.layers[anchors[h]].anchor_source(h) for h in heads]
     bias = _distant_bias(cache, lo, hi)
     merged = out_p
-    for (p0, p1), (j0, j1) in _runs([heads[n] for n in need], [sources[n][1] for n in need],
+    for (p0, p1), (j0, j1) in head_runs([heads[n] for n in need], [sources[n][1] for n in need],
                                     [id(sources[n][0]) for n in need]):
         n0, n1 = need[p0], need[p0] + p1 - p0  # consecutive heads of a run are consecutive positions too
         h0 = heads[n0]
@@ -124,41 +125,16 @@ def _split_heads(cache, layer, qg, key, scale, policy, out):
     for n, h in enumerate(heads):
         if h in skip:
             merged[:, n] = torch.where(skip[h][..., None], out_p[:, n], merged[:, n])
-    _put(out, heads, merged)
-
-
-def _heads(x: torch.Tensor, heads: list[int]) -> torch.Tensor:
-    """x[:, heads] as a view when the heads are consecutive (the common case), else a copy."""
-    if heads == list(range(heads[0], heads[-1] + 1)):
-        return x[:, heads[0]:heads[-1] + 1]
-    return x[:, heads]
-
-
-def _put(out: torch.Tensor, heads: list[int], value: torch.Tensor) -> None:
-    if heads == list(range(heads[0], heads[-1] + 1)):
-        out[:, heads[0]:heads[-1] + 1] = value
-    else:
-        out[:, heads] = value
-
-
-def _runs(heads: list[int], index: list[int], owner: list | None = None):
-    """Split positions of ``heads`` into runs whose heads are consecutive and whose ``index`` (into one
-    ``owner`` tensor) is consecutive too, so each run is one strided view: yields (p0, p1), (j0, j1)."""
-    owner = owner or [0] * len(heads)
-    start = 0
-    for n in range(1, len(heads) + 1):
-        if n == len(heads) or heads[n] != heads[n - 1] + 1 or index[n] != index[n - 1] + 1 or owner[n] != owner[start]:
-            yield (start, n), (index[start], index[n - 1] + 1)
-            start = n
+    put_heads(out, heads, merged)
 
 
 def _real_keys(cache, T: int):
     """Keys [lo, T) a whole-sequence pass reads, and a padding bias (B, 1, 1, T-lo) when rows differ."""
     pad = cache.pad
-    if bool((pad == pad[0]).all()):
-        return int(pad[0]), None
-    return int(pad.min()), cache.per_step("real_bias", lambda: to_bias(
-        torch.arange(int(pad.min()), T, device=pad.device)[None] >= pad[:, None])[:, None, None])
+    if cache.pad_uniform:
+        return cache.pad_min, None
+    return cache.pad_min, cache.per_step("real_bias", lambda: to_bias(
+        torch.arange(cache.pad_min, T, device=pad.device)[None] >= pad[:, None])[:, None, None])
 
 
 def _proximal_bias(cache, held_idx: torch.Tensor, i: int):
@@ -174,7 +150,7 @@ def _proximal_bias(cache, held_idx: torch.Tensor, i: int):
 def _distant_bias(cache, lo: int, hi: int):
     """Bias (B, 1, 1, hi-lo) hiding a row's padding and sinks when rows are padded differently."""
     pad = cache.pad
-    if bool((pad == pad[0]).all()):
+    if cache.pad_uniform:
         return None
     return cache.per_step("distant_bias", lambda: to_bias(
         (torch.arange(lo, hi, device=pad.device)[None] - pad[:, None]) >= cache.plan.ns)[:, None, None])

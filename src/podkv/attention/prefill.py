@@ -19,7 +19,9 @@ import functools
 
 import torch
 
+from podkv.attention.heads import head_runs
 from podkv.attention.lse import attend_lse, merge_lse_finite, to_bias
+
 
 def pod_prefill(query, q_start: int, src, *, ns: int, nr: int, scale: float, chunk: int) -> torch.Tensor:
     """query (B, Hq, Tq, D) at indices [q_start, q_start+Tq); ``src`` a KeySources with own_start 0."""
@@ -38,7 +40,9 @@ def pod_prefill(query, q_start: int, src, *, ns: int, nr: int, scale: float, chu
     for a in range(first, T, chunk):  # distant pass
         b = min(T, a + chunk)
         rows = slice(a - q_start, b - q_start)
-        for (h0, h1), (t, j0) in _head_runs(src.anchor_keys):
+        for (h0, h1), (j0, _) in head_runs(list(range(H)), [j for _, j in src.anchor_keys],
+                                           [id(t) for t, _ in src.anchor_keys]):
+            t = src.anchor_keys[h0][0]
             o, l = _distant(qg[:, h0:h1, :, rows], a, b, t[:, j0:j0 + h1 - h0], src.values[:, h0:h1], ns, nr, scale)
             out[:, h0:h1, :, rows], lse[:, h0:h1, :, rows] = merge_lse_finite(out[:, h0:h1, :, rows], lse[:, h0:h1, :, rows], o, l)
     return out.reshape(B, Hq, Tq, D).to(query.dtype)
@@ -82,14 +86,3 @@ def _distant(q, a, b, anchor, values, ns, nr, scale):
     o_t, l_t = attend_lse(q.reshape(B, h * G, C, D), k_tri, v_tri, scale, causal=True)
     o_t, l_t = o_t.reshape(B, h, G, C, D), l_t.reshape(B, h, G, C)
     return (o_t, l_t) if o is None else merge_lse_finite(o, l, o_t, l_t)
-
-
-def _head_runs(anchor_keys):
-    """Consecutive heads that read consecutive heads of one anchor tensor: [((h0, h1), (tensor, j0))]."""
-    runs = []
-    for h, (t, j) in enumerate(anchor_keys):
-        if runs and runs[-1][1][0] is t and runs[-1][1][1] + (h - runs[-1][0][0]) == j:
-            runs[-1] = ((runs[-1][0][0], h + 1), runs[-1][1])
-        else:
-            runs.append(((h, h + 1), (t, j)))
-    return runs

@@ -142,7 +142,7 @@ class PodCache(Cache):
             raise ValueError("PodCache needs a plan: pass one, or call podkv.enable_pod(model, plan) first")
         plan.validate_for(config)
         self.plan = plan
-        self.pad: torch.Tensor | None = None  # (B,) left-padding counts, fixed at prefill
+        self.pad = None  # (B,) left-padding counts, fixed at prefill (see the property)
         self._transitions: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.step: tuple[int, int] | None = None  # (tokens before, after) of the forward in progress
         self._per_step: tuple[tuple[int, int] | None, dict] = (None, {})
@@ -158,6 +158,17 @@ class PodCache(Cache):
             self._transitions = {key: _proximal_transition(self.layers[0].prox_idx if before else None,
                                                            before, after, self.pad, self.plan.ns, self.plan.nr)}
         return self._transitions[key]
+
+    @property
+    def pad(self) -> torch.Tensor | None:
+        return self._pad
+
+    @pad.setter
+    def pad(self, pad: torch.Tensor | None) -> None:
+        """Also keep, as Python values, what every layer of every decode step asks of it."""
+        self._pad = pad
+        self.pad_min = None if pad is None else int(pad.min())
+        self.pad_uniform = None if pad is None else bool((pad == pad[0]).all())
 
     def reset_step_state(self) -> None:
         """Forget per-step memos (after the cache was edited in place, e.g. compacted)."""
