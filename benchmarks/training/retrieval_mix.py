@@ -58,6 +58,29 @@ def lookup_document(tok, paragraphs: list[str], rng: random.Random, n_tokens: in
     return text + tail
 
 
+def lookup_documents(tok, paragraphs: list[str], rng: random.Random, n_tokens: int, count: int) -> list[str]:
+    """``count`` lookup documents; a rare paragraph cannot be cut to the exact count: draw again."""
+    docs = []
+    while len(docs) < count:
+        for _ in range(10):
+            try:
+                docs.append(lookup_document(tok, paragraphs, rng, n_tokens))
+                break
+            except RuntimeError:
+                continue
+        else:
+            raise RuntimeError("10 draws in a row missed the exact token count")
+    return docs
+
+
+def prose_paragraphs() -> list[str]:
+    """Help-topic paragraphs from the head of the topics: far from the held-out tail."""
+    from podkv.training.data import default_documents
+
+    topics = default_documents()
+    return [p.strip() for t in topics[: int(len(topics) * 0.8)] for p in t.split("\n\n") if 200 < len(p.strip()) < 1200]
+
+
 def main() -> None:
     import podkv
     from podkv.training.data import default_documents
@@ -70,21 +93,12 @@ def main() -> None:
     args = ap.parse_args()
     _, tok = podkv.load_model(progress=False)
     topics = default_documents()
-    train_topics = topics[: int(len(topics) * 0.8)]  # prose from the head: far from the held-out tail
-    paragraphs = [p.strip() for t in train_topics for p in t.split("\n\n") if 200 < len(p.strip()) < 1200]
+    paragraphs = prose_paragraphs()
     rng = random.Random(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    names = []
-    for i in range(args.docs):
-        for _ in range(10):  # a rare paragraph cannot be cut to the exact count: draw another document
-            try:
-                text = lookup_document(tok, paragraphs, rng, args.seq_len - 1)
-                break
-            except RuntimeError:
-                continue
+    for i, text in enumerate(lookup_documents(tok, paragraphs, rng, args.seq_len - 1, args.docs)):
         (out / f"a_lookup_{i:04d}.txt").write_text(text)
-        names.append(f"a_lookup_{i:04d}.txt")
     for i, text in enumerate(topics):  # then the help topics, in podkv's default order
         if text.strip():
             (out / f"b_topic_{i:04d}.txt").write_text(text)
