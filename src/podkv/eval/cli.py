@@ -10,7 +10,8 @@ COMPARE_METHODS = ("dense", "pod", "streaming", "snapkv", "h2o")
 def register(sub) -> None:
     from podkv.eval.tasks import TASKS
 
-    p = sub.add_parser("eval", help="evaluate KV methods: ppl, passkey, niah, multikey, longbench, ruler, compare")
+    p = sub.add_parser("eval", help="evaluate KV methods: ppl, passkey, niah, multikey, RULER-style niah_*/vt, "
+                                    "retrieval_logprob, longbench, ruler, compare")
     tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
     for name in TASKS:
         t = tasks.add_parser(name, help=(TASKS[name].__doc__ or f"the {name} task").strip().splitlines()[0])
@@ -40,14 +41,19 @@ def _common(p) -> None:
     p.add_argument("--budget", type=float, default=None,
                    help="KV fraction every compressed method must hold at most (default: what the PoD plan holds)")
     p.add_argument("--lengths", type=_ints, default=(1024, 2048, 4096), help="token lengths, e.g. 1024,2048,4096")
-    p.add_argument("--depths", type=_floats, default=(0.0, 0.25, 0.5, 0.75, 1.0), help="needle depths in [0,1]")
+    p.add_argument("--depths", type=_floats, default=None,
+                   help="needle depths in [0,1] (default: 0,0.25,0.5,0.75,1; RULER tasks draw one per sample)")
     p.add_argument("--depths-long", type=_floats, default=None, help="depths used at lengths >= --long-from")
     p.add_argument("--long-from", type=int, default=8192)
-    p.add_argument("--haystack", choices=("filler", "prose"), default=None)
-    p.add_argument("--samples", type=int, default=1, help="prompts per (length, depth) cell")
+    p.add_argument("--haystack", choices=("filler", "prose"), default=None,
+                   help="passkey/niah/multikey only (RULER tasks name theirs); prose = held-out stdlib docstrings")
+    p.add_argument("--samples", type=int, default=1,
+                   help="prompts per (length, depth) cell; RULER tasks without --depths: per length, >= 10")
     p.add_argument("--needles", type=int, default=4, help="multikey: needles per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=12)
-    p.add_argument("--files", nargs="+", default=(), help="ppl: text files to score (default: pydoc_data topics)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's own (12-48)")
+    p.add_argument("--files", nargs="+", default=(),
+                   help="ppl: text files to score, refused if they repeat the train/plan text "
+                        "(default: the held-out stdlib docstrings)")
     p.add_argument("--data", default=None, help="longbench/ruler: local jsonl file or directory")
     p.add_argument("--subset", default=None, help="longbench: subset name (file <subset>.jsonl)")
     p.add_argument("--seed", type=int, default=0)

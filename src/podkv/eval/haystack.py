@@ -1,4 +1,8 @@
-"""Haystack text: repetitive filler (the classic passkey test) and real prose (pydoc_data).
+"""Haystack text: repetitive filler (the classic passkey test, RULER's "noise") and real prose.
+
+The prose is the *held-out* split (:func:`podkv.texts.text` ``("heldout")``: standard-library
+docstrings that no plan or training run reads), never the help topics that ``podkv analyze`` and
+``podkv train`` see, so a retrieval score is not helped by text the model was adapted on.
 
 A haystack is a list of token-id *units* (sentences), so a needle can be dropped between two
 sentences and the prompt length controlled to the token.
@@ -14,14 +18,14 @@ from podkv.errors import PodError
 # Mohtashami & Jaggi (2023), "Landmark Attention": the passkey filler.
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 HAYSTACKS = ("filler", "prose")
+MAX_UNIT_CHARS = 300  # docstrings hold long code runs without a full stop: cut them so depths stay exact
 
 
-@lru_cache(maxsize=1)
 def prose_text() -> str:
-    """The Python docs topics shipped with the standard library (~465K characters), in a fixed order."""
-    from pydoc_data.topics import topics
+    """The held-out evaluation text (stdlib docstrings, ~700K characters), in a fixed order."""
+    from podkv.texts import text
 
-    return "\n\n".join(topics[k] for k in sorted(topics))
+    return text("heldout")
 
 
 @lru_cache(maxsize=4)
@@ -30,9 +34,24 @@ def sentences(kind: str) -> tuple[str, ...]:
     if kind == "filler":
         return tuple(" " + s for s in re.split(r"(?<=\.)\s+", FILLER))
     if kind == "prose":
-        text = re.sub(r"\s+", " ", prose_text())
-        return tuple(" " + s for s in re.split(r"(?<=[.!?])\s+", text) if s.strip())
+        out = []
+        for para in re.split(r"\n\s*\n", prose_text()):
+            for s in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", para).strip()):
+                out += [" " + piece for piece in _pieces(s, MAX_UNIT_CHARS) if piece]
+        return tuple(out)
     raise PodError(f"--haystack must be one of {HAYSTACKS}, got {kind!r}")
+
+
+def _pieces(sentence: str, limit: int) -> list[str]:
+    """``sentence`` cut at spaces into pieces of at most ``limit`` characters (a longer word stays whole)."""
+    pieces, line = [], ""
+    for word in sentence.split(" "):
+        if line and len(line) + 1 + len(word) > limit:
+            pieces.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return pieces + [line]
 
 
 def haystack_units(tok, kind: str, n_tokens: int, start: int = 0) -> list[list[int]]:

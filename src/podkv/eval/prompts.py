@@ -21,6 +21,7 @@ _SLOT = "\x00PODKV_CONTENT\x00"
 WORDS = ("amber", "bison", "cobalt", "dune", "ember", "fjord", "garnet", "harbor", "iris", "jade", "kestrel",
          "lagoon", "maple", "nectar", "onyx", "pepper", "quartz", "raven", "saffron", "tundra", "umber",
          "velvet", "willow", "yarrow", "zephyr")
+KEYS = tuple(f"{a}-{b}" for a in WORDS for b in WORDS if a != b)  # RULER-style two-word needle keys
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class NeedlePrompt:
     hay_before: int  # haystack tokens (needles excluded) before the asked needle
     hay_tokens: int  # haystack tokens in all (needles excluded)
     meta: dict = field(default_factory=dict)
+    positions: tuple[int, ...] = ()  # token index where each needle starts, in ``placements`` order
 
     @property
     def actual_depth(self) -> float:
@@ -69,13 +71,19 @@ def fact_needle(rng: random.Random, key: str | None = None) -> Needle:
 
 
 def build_prompt(tok, length: int, placements: list[tuple[Needle, float]], ask: int = 0, haystack: str = "filler",
-                 seed: int = 0, chat: bool = True) -> NeedlePrompt:
+                 seed: int = 0, chat: bool = True, instruction: str = INSTRUCTION,
+                 start: int | None = None) -> NeedlePrompt:
     """Token ids of a haystack of ``length`` tokens holding each needle at its depth, asking for ``placements[ask]``.
 
     Parameters
     ----------
     placements : list of (Needle, depth)
         Depth in [0, 1] of each needle inside the haystack.
+    instruction : str
+        The line before the haystack (RULER tasks use RULER's own wording).
+    start : int, optional
+        Index of the haystack's first sentence; default: drawn from ``seed``. Tasks that must give every
+        sample its own stretch of text pass it explicitly.
     """
     if not placements:
         raise PodError("a needle prompt needs at least one needle")
@@ -83,13 +91,14 @@ def build_prompt(tok, length: int, placements: list[tuple[Needle, float]], ask: 
         if not 0.0 <= depth <= 1.0:
             raise PodError(f"needle depth {depth} is outside the haystack: depths are fractions in [0, 1]")
     asked = placements[ask][0]
-    pre, post = _frame(tok, asked, chat)
+    pre, post = _frame(tok, asked, chat, instruction)
     needles = [list(tok.encode(n.text, add_special_tokens=False)) for n, _ in placements]
     n_hay = length - len(pre) - len(post) - sum(map(len, needles))
     if n_hay < 1:
         raise PodError(f"--lengths {length} is too short: the question and needles alone take "
                        f"{length - n_hay} tokens")
-    start = random.Random(f"{seed}-{haystack}-{length}").randrange(len(sentences(haystack)))
+    if start is None:
+        start = random.Random(f"{seed}-{haystack}-{length}").randrange(len(sentences(haystack)))
     units = haystack_units(tok, haystack, n_hay, start=start)
     hay = [t for u in units for t in u][:n_hay]
     bounds = _boundaries(units, n_hay)
@@ -106,10 +115,11 @@ def build_prompt(tok, length: int, placements: list[tuple[Needle, float]], ask: 
     ids += post
     assert len(ids) == length, (len(ids), length)
     return NeedlePrompt(ids, asked.answer, length, placements[ask][1], pos[ask], (len(pre), end), len(needles[ask]),
-                        cuts[ask], n_hay, meta={"haystack": haystack, "question": asked.question, "needles": len(placements)})
+                        cuts[ask], n_hay, meta={"haystack": haystack, "question": asked.question, "needles": len(placements)},
+                        positions=tuple(pos[i] for i in range(len(placements))))
 
 
-def _frame(tok, needle: Needle, chat: bool) -> tuple[list[int], list[int]]:
+def _frame(tok, needle: Needle, chat: bool, instruction: str = INSTRUCTION) -> tuple[list[int], list[int]]:
     """Token ids before and after the haystack: chat template, instruction, question, answer prefix."""
     question = f"\n\n{needle.question}"
     if chat and getattr(tok, "chat_template", None):
@@ -117,8 +127,8 @@ def _frame(tok, needle: Needle, chat: bool) -> tuple[list[int], list[int]]:
                                            tokenize=False)
         before, after = rendered.split(_SLOT)
     else:
-        before, after = "", "\nAnswer: "
-    pre = tok.encode(before + INSTRUCTION, add_special_tokens=False)
+        before, after = "", "\n" if needle.answer_prefix.startswith("Answer:") else "\nAnswer: "
+    pre = tok.encode(before + instruction, add_special_tokens=False)
     post = tok.encode(question + after + needle.answer_prefix, add_special_tokens=False)
     return list(pre), list(post)
 

@@ -31,29 +31,40 @@ def split_timings(results: dict) -> tuple[dict, dict]:
     return results, timings
 
 
+PERCENT = ("accuracy", "string_match_all")  # metrics on [0, 1], printed as percentages
+
+
 def markdown(results: dict) -> str:
-    """One table: a row per method, KV held and saved, then each task's score overall and per length."""
+    """One table: a row per method, KV held and saved, then each task's score [95% CI] and n, overall and per length."""
     methods = results["methods"]
-    tasks = list(next(iter(methods.values()))["tasks"])
+    first = next(iter(methods.values()))["tasks"]
     head = ["method", "KV held", "KV saved"]
-    for t in tasks:
-        task = next(iter(methods.values()))["tasks"][t]
-        head += [f"{t} {task['metric']}"] + [f"{t} @{n}" for n in task["summary"]["by_length"]]
+    for t, task in first.items():
+        s = task["summary"]
+        head += [f"{t} {task['metric']}"] + [f"{t} @{n}" for n in s["by_length"]] + [f"{t} {a}" for a in s.get("also", {})]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for mname, entry in methods.items():
-        fracs = [entry["tasks"][t]["summary"]["kv_fraction"] for t in tasks]
+        fracs = [task["summary"]["kv_fraction"] for task in entry["tasks"].values()]
         held = sum(fracs) / len(fracs)
         row = [_label(entry, results), f"{held:.3f}", f"{100 * (1 - held):.1f}%"]
-        for t in tasks:
-            s = entry["tasks"][t]["summary"]
-            key = "ppl" if "ppl" in s else "accuracy"
-            row += [_fmt(s[key], key)] + [_fmt(v, key) for v in s["by_length"].values()]
+        for task in entry["tasks"].values():
+            s, metric = task["summary"], task["metric"]
+            row += [_cell(overall(s), metric)] + [_cell(v, metric) for v in s["by_length"].values()]
+            row += [_cell(a, a["metric"]) for a in s.get("also", {}).values()]
         lines.append("| " + " | ".join(row) + " |")
     p = results
     info = (f"\nModel: {p['model']} ({p['model_type']}); plan: {p['plan_source']} — {p['plan_summary']}.  \n"
             f"Seed {p['seed']}; versions: " + ", ".join(f"{k} {v}" for k, v in p["versions"].items()) + ".  \n"
-            "KV held = bytes in the cache after prefill / dense bytes (mean over prompts).\n")
+            "KV held = bytes in the cache after prefill / dense bytes (mean over prompts).  \n"
+            "Cells: score [95% CI], n prompts (Wilson for 0/1 scores, seeded bootstrap otherwise).\n")
     return "\n".join(lines) + "\n" + info
+
+
+def overall(summary: dict):
+    """The task's overall stats ``{mean, ci95, n}``; a bare number for results written before intervals."""
+    if "mean" in summary:
+        return summary
+    return summary["ppl"] if "ppl" in summary else summary["accuracy"]
 
 
 def _label(entry: dict, results: dict) -> str:
@@ -65,8 +76,24 @@ def _label(entry: dict, results: dict) -> str:
     return label
 
 
-def _fmt(v: float, key: str) -> str:
-    return f"{v:.2f}" if key == "ppl" else f"{100 * v:.0f}%"
+def _cell(stats, metric: str) -> str:
+    if not isinstance(stats, dict):
+        return _fmt(stats, metric)
+    lo, hi = stats["ci95"]
+    if metric in PERCENT:
+        return f"{100 * stats['mean']:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}] n={stats['n']}"
+    return f"{_fmt(stats['mean'], metric)} [{_fmt(lo, metric)}, {_fmt(hi, metric)}] n={stats['n']}"
+
+
+def _fmt(v: float, metric: str) -> str:
+    if metric in PERCENT:
+        return f"{100 * v:.0f}%"
+    return f"{v:.2f}" if metric == "ppl" else f"{v:.3f}"
+
+
+def _mean(summary: dict) -> float:
+    o = overall(summary)
+    return o["mean"] if isinstance(o, dict) else o
 
 
 def grid_matrix(summary: dict) -> tuple[list[int], list[float], list[list[float]]]:
@@ -88,7 +115,7 @@ def figures(results: dict, out: Path) -> list[Path]:
     for tname, task in tasks.items():
         if "grid" in task["summary"] and task["summary"]["n"] > 1:
             paths.append(save_figure(heatmaps(methods, tname), out / f"{tname}_heatmap.png"))
-    if any("accuracy" in t["summary"] for t in tasks.values()):
+    if any(t["metric"] in PERCENT for t in tasks.values()):
         paths.append(save_figure(accuracy_vs_saving(methods), out / "accuracy_vs_kv_saving.png"))
     return paths
 
@@ -109,31 +136,31 @@ def heatmaps(methods: dict, tname: str):
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
         ax.set_xlabel("context length")
-        ax.set_title(f"{mname}\nacc {100 * s['accuracy']:.0f}%, KV {100 * s['kv_fraction']:.0f}%", fontsize=9)
+        ax.set_title(f"{mname}\nscore {100 * _mean(s):.0f}%, KV {100 * s['kv_fraction']:.0f}%", fontsize=9)
         for i, row in enumerate(acc):
             for j, v in enumerate(row):
                 if v == v:
                     ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7)
     axes[0][0].set_ylabel("needle depth")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
-    fig.suptitle(f"{tname}: accuracy by context length and needle depth (grey: not run)", fontsize=10, y=1.06)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="score")
+    fig.suptitle(f"{tname}: score by context length and needle depth (grey: not run)", fontsize=10, y=1.06)
     return fig
 
 
 def accuracy_vs_saving(methods: dict):
-    """Mean accuracy over the accuracy tasks against the KV memory saved."""
+    """Mean score over the tasks scored on [0, 1] (accuracy, string_match_all) against the KV memory saved."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for mname, entry in methods.items():
-        sums = [t["summary"] for t in entry["tasks"].values() if "accuracy" in t["summary"]]
-        acc = sum(s["accuracy"] for s in sums) / len(sums)
+        sums = [t["summary"] for t in entry["tasks"].values() if t["metric"] in PERCENT]
+        acc = sum(_mean(s) for s in sums) / len(sums)
         saved = 100 * (1 - sum(s["kv_fraction"] for s in sums) / len(sums))
         ax.scatter([saved], [100 * acc], s=60)
         ax.annotate(mname, (saved, 100 * acc), textcoords="offset points", xytext=(5, 5), fontsize=9)
     ax.set_xlabel("KV cache saved (%)")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel("score (%)")
     ax.set_ylim(-5, 105)
     ax.grid(alpha=0.3)
-    ax.set_title("accuracy vs KV saving (same prompts, same budget)", fontsize=10)
+    ax.set_title("score vs KV saving (same prompts, same budget)", fontsize=10)
     return fig

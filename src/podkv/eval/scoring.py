@@ -1,4 +1,4 @@
-"""Scores: exact match of greedy answers and perplexity from summed negative log-likelihoods."""
+"""Scores: exact match of greedy answers, RULER's string_match_all, and perplexity from summed NLLs."""
 
 from __future__ import annotations
 
@@ -20,6 +20,18 @@ def exact_match(generated: str, answer: str) -> bool:
         return found is not None and found.group(0) == answer
     norm = re.sub(r"^[\s\W]+", "", generated).lower()
     return bool(answer) and norm.startswith(answer.strip().lower())
+
+
+def string_match_all(generated: str, references) -> float:
+    """RULER's per-sample score: the fraction of ``references`` found, ignoring case, anywhere in ``generated``.
+
+    Partial credit is the point: a method that recalls 3 of 4 values differs from one that recalls none.
+    """
+    references = [references] if isinstance(references, str) else list(references)
+    if not references:
+        raise ValueError("string_match_all needs at least one reference")
+    text = generated.lower()
+    return sum(r.lower() in text for r in references) / len(references)
 
 
 def perplexity(nll_sum: float, n_tokens: int) -> float:

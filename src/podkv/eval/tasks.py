@@ -6,6 +6,7 @@ method-agnostic helpers of :mod:`podkv.eval.generation`.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import ClassVar
@@ -15,7 +16,8 @@ import torch
 from podkv.errors import PodError
 from podkv.eval import prompts
 from podkv.eval.generation import continuation_nll, eos_ids, greedy_answer
-from podkv.eval.scoring import accuracy, exact_match, perplexity
+from podkv.eval.scoring import exact_match, perplexity
+from podkv.eval.stats import describe, mapped, weighted_mean
 
 
 @dataclass
@@ -27,35 +29,56 @@ class Case:
 
 
 class Task:
-    """Base for generation tasks scored by exact match."""
+    """Base for generation tasks scored by exact match.
+
+    ``run_case`` records the per-prompt score under ``score_key``; ``summarize`` reports its mean with
+    a 95% interval (Wilson when ``binary``, else bootstrap), overall and per length.
+    """
 
     name: ClassVar[str]
     metric: ClassVar[str] = "accuracy"
     default_haystack: ClassVar[str] = "prose"
+    score_key: ClassVar[str] = "correct"
+    binary: ClassVar[bool] = True  # every score is 0 or 1
+    min_samples: ClassVar[int] = 1  # --samples below this is refused before any model loads
+    max_new_tokens: ClassVar[int] = 12  # greedy tokens when --max-new-tokens is not given
 
     def cases(self, tok, cfg, plan) -> list[Case]:
         raise NotImplementedError
 
     def run_case(self, model, tok, method, case: Case, cfg) -> dict:
         ids = torch.tensor([case.input_ids])
-        out, pre = greedy_answer(model, method, ids, cfg.max_new_tokens, eos_ids(tok))
+        out, pre = greedy_answer(model, method, ids, cfg.max_new_tokens or self.max_new_tokens, eos_ids(tok))
         text = tok.decode(out, skip_special_tokens=True)
-        return {**case.info, "answer": case.answer, "generated": text, "correct": self.score(text, case.answer),
+        return {**case.info, "answer": case.answer, "generated": text, self.score_key: self.score(text, case.answer),
                 "kv_bytes": pre.kv_bytes, "kv_fraction": pre.kv_fraction, "prefill_s": round(pre.seconds, 3)}
 
     def score(self, text: str, answer) -> bool:
         return exact_match(text, answer)
 
     def summarize(self, records: list[dict]) -> dict:
-        by_len: dict[int, list] = {}
+        """Mean score with its 95% interval, overall and per length; mean score per (length, depth) cell."""
+        out = per_length(records, lambda rs: describe([float(r[self.score_key]) for r in rs], self.binary))
         grid: dict[str, list] = {}
         for r in records:
-            by_len.setdefault(r["length"], []).append(r["correct"])
-            grid.setdefault(f"{r['length']}@{r.get('depth', 0):g}", []).append(r["correct"])
-        return {"accuracy": accuracy(r["correct"] for r in records),
-                "by_length": {str(k): accuracy(v) for k, v in sorted(by_len.items())},
-                "grid": {k: accuracy(v) for k, v in grid.items()},
-                "kv_fraction": _mean(r["kv_fraction"] for r in records), "n": len(records)}
+            grid.setdefault(f"{r['length']}@{r.get('depth_bin', r.get('depth', 0)):g}", []).append(r[self.score_key])
+        out["grid"] = {k: weighted_mean(v) for k, v in grid.items()}
+        if self.metric == "accuracy":
+            out["accuracy"] = out["mean"]
+        return out
+
+
+def by_length(records: list[dict], stat) -> dict:
+    """``stat(records)`` (a dict with mean, ci95, n) overall, and under ``by_length`` per prompt length."""
+    groups: dict[int, list] = {}
+    for r in records:
+        groups.setdefault(r["length"], []).append(r)
+    return {**stat(records), "by_length": {str(k): stat(v) for k, v in sorted(groups.items())}}
+
+
+def per_length(records: list[dict], stat) -> dict:
+    """:func:`by_length` plus the mean KV fraction the method held."""
+    return {**by_length(records, stat), "kv_fraction": weighted_mean(r["kv_fraction"] for r in records)}
 
 
 class NeedleTask(Task):
@@ -100,7 +123,7 @@ class MultiKey(NeedleTask):
     name = "multikey"
 
     def placements(self, rng, depth, cfg):
-        keys = rng.sample([f"{a}-{b}" for a in prompts.WORDS for b in prompts.WORDS if a != b], cfg.needles)
+        keys = rng.sample(prompts.KEYS, cfg.needles)
         placed = [(prompts.fact_needle(rng, key=keys[0]), depth)]
         placed += [(prompts.fact_needle(rng, key=k), rng.random()) for k in keys[1:]]
         return placed, 0
@@ -116,7 +139,7 @@ class Perplexity(Task):
     name, metric = "ppl", "ppl"
 
     def cases(self, tok, cfg, plan) -> list[Case]:
-        text = _read_files(cfg.files) if cfg.files else prompts_prose()
+        text = user_text(cfg.files) if cfg.files else prompts_prose()
         ids = list(tok.encode(text, add_special_tokens=False))
         proximal = plan.ns + plan.nr if plan is not None else 256
         out = []
@@ -139,34 +162,37 @@ class Perplexity(Task):
                 "kv_fraction": pre.kv_fraction, "prefill_s": round(pre.seconds, 3)}
 
     def summarize(self, records: list[dict]) -> dict:
-        by_len: dict[int, list] = {}
-        for r in records:
-            by_len.setdefault(r["length"], []).append(r)
-        ppl = lambda rs: perplexity(sum(r["nll"] for r in rs), sum(r["tokens"] for r in rs))  # noqa: E731
-        return {"ppl": ppl(records), "by_length": {str(k): ppl(v) for k, v in sorted(by_len.items())},
-                "kv_fraction": _mean(r["kv_fraction"] for r in records), "n": len(records)}
+        """Token-weighted perplexity; its interval is exp of a bootstrap (over windows) of the mean NLL per token."""
+        def stat(rs):
+            nll = describe([r["nll"] / r["tokens"] for r in rs], binary=False, weights=[r["tokens"] for r in rs])
+            return mapped(nll, math.exp)
+
+        out = per_length(records, stat)
+        out["ppl"] = perplexity(sum(r["nll"] for r in records), sum(r["tokens"] for r in records))
+        return out
 
 
 def prompts_prose() -> str:
+    """The default ``ppl`` text: the held-out split (stdlib docstrings), never the train/plan help topics."""
     from podkv.eval.haystack import prose_text
 
     return prose_text()
 
 
-def _read_files(paths) -> str:
+def user_text(paths) -> str:
+    """The text of ``--files``, refused (one-line :class:`PodError`) if it repeats the train/plan text."""
     from pathlib import Path
+
+    from podkv.texts import check_disjoint
 
     texts = []
     for p in map(Path, paths):
         if not p.is_file():
             raise PodError(f"--files {p} does not exist")
         texts.append(p.read_text(errors="replace"))
-    return "\n\n".join(texts)
-
-
-def _mean(xs) -> float:
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else float("nan")
+    text = "\n\n".join(texts)
+    check_disjoint(text, what="--files")
+    return text
 
 
 def _dataset_tasks() -> dict:
@@ -175,7 +201,15 @@ def _dataset_tasks() -> dict:
     return {LongBench.name: LongBench, Ruler.name: Ruler}
 
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (Perplexity, Passkey, Niah, MultiKey)} | _dataset_tasks()
+def _synthetic_tasks() -> dict:
+    from podkv.eval.retrieval import RetrievalLogprob
+    from podkv.eval.ruler import RULER_TASKS
+
+    return {t.name: t for t in (*RULER_TASKS, RetrievalLogprob)}
+
+
+TASKS: dict[str, type[Task]] = ({t.name: t for t in (Perplexity, Passkey, Niah, MultiKey)} | _dataset_tasks()
+                                | _synthetic_tasks())
 
 
 def make_task(name: str) -> Task:
