@@ -81,9 +81,9 @@ class RulerTask(Task):
                                  start=draw.start)
                 depth_bin = draw.depth if fixed else (min(int(draw.depth * DEPTH_BINS), DEPTH_BINS - 1) + 0.5) / DEPTH_BINS
                 info = {"length": length, "depth": round(draw.depth, 4), "depth_bin": depth_bin, "sample": i,
-                        "actual_depth": round(p.actual_depth, 4), "needle_pos": p.needle_pos,
+                        "actual_depth": round(p.actual_depth, 4), "hay_tokens": p.hay_tokens, "needle_pos": p.needle_pos,
                         "needle_positions": list(p.positions), "haystack": self.haystack,
-                        "haystack_start": draw.start, "key": draw.keys[0]}
+                        "haystack_start": draw.start, "key": draw.keys[0], "value": draw.values[0]}
                 out.append(Case(p.input_ids, info, refs))
         return out
 
