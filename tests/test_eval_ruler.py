@@ -2,6 +2,7 @@
 too-few-samples refusal, teacher-forced retrieval log-probs, and a tiny end-to-end run with intervals."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ HAYSTACK = {"niah_single_noise": "filler", "vt": "filler"}
 
 
 def _cfg(**kw):
-    return EvalConfig(**{**dict(tasks=ALL, lengths=(1200, 2000), samples=10, out="unused"), **kw})
+    return EvalConfig(**{**dict(tasks=ALL, lengths=(2000, 3000), samples=10, out="unused"), **kw})
 
 
 def _needle_texts(task, case):
@@ -46,7 +47,7 @@ def _needle_texts(task, case):
 def test_prompts_exact_length_and_needles_at_the_recorded_positions(task):
     tok = CharTokenizer()
     cases = make_task(task).cases(tok, _cfg(), PLAN)
-    assert [c.info["length"] for c in cases] == [1200] * 10 + [2000] * 10
+    assert [c.info["length"] for c in cases] == [2000] * 10 + [3000] * 10
     for c in cases:
         assert len(c.input_ids) == c.info["length"]
         expected = _needle_texts(task, c)
@@ -61,7 +62,7 @@ def test_prompts_exact_length_and_needles_at_the_recorded_positions(task):
 
 @pytest.mark.parametrize("task", RULER)
 def test_every_sample_draws_its_own_key_value_depth_and_haystack(task):
-    cases = [c for c in make_task(task).cases(CharTokenizer(), _cfg(), PLAN) if c.info["length"] == 1200]
+    cases = [c for c in make_task(task).cases(CharTokenizer(), _cfg(), PLAN) if c.info["length"] == 2000]
     keys = [c.info["key"] for c in cases]
     values = [v for c in cases for v in ([c.info["value"]] if task == "vt" else c.answer)]
     depths = [c.info["depth"] for c in cases]
@@ -71,13 +72,13 @@ def test_every_sample_draws_its_own_key_value_depth_and_haystack(task):
     starts = {c.info["haystack_start"] for c in cases}
     assert len(starts) == (5 if HAYSTACK.get(task) == "filler" else 10)  # the noise has 5 sentences
     # Seeded: the same settings give the same prompts, another seed others.
-    again = [c.input_ids for c in make_task(task).cases(CharTokenizer(), _cfg(), PLAN) if c.info["length"] == 1200]
+    again = [c.input_ids for c in make_task(task).cases(CharTokenizer(), _cfg(), PLAN) if c.info["length"] == 2000]
     other = make_task(task).cases(CharTokenizer(), _cfg(seed=1), PLAN)
     assert again == [c.input_ids for c in cases] and other[0].input_ids != cases[0].input_ids
 
 
 def test_given_depths_replace_the_random_ones():
-    cases = make_task("niah_single_prose").cases(CharTokenizer(), _cfg(depths=(0.25, 0.75), lengths=(1200,)), PLAN)
+    cases = make_task("niah_single_prose").cases(CharTokenizer(), _cfg(depths=(0.25, 0.75), lengths=(2000,)), PLAN)
     assert [c.info["depth"] for c in cases] == [0.25] * 10 + [0.75] * 10
     assert [c.info["depth_bin"] for c in cases] == [0.25] * 10 + [0.75] * 10
     random_bins = {c.info["depth_bin"] for c in make_task("niah_single_prose").cases(CharTokenizer(), _cfg(), PLAN)}
@@ -86,18 +87,23 @@ def test_given_depths_replace_the_random_ones():
 
 def test_multivalue_and_vt_ask_for_all_answers():
     tok = CharTokenizer()
-    mv = make_task("niah_multivalue").cases(tok, _cfg(lengths=(1200,)), PLAN)[0]
+    mv = make_task("niah_multivalue").cases(tok, _cfg(lengths=(2000,)), PLAN)[0]
     key = mv.info["key"]
     assert tok.decode(mv.input_ids).endswith(
         f"What are all the special magic numbers for {key} mentioned in the provided text?\n"
         f"Answer: The special magic numbers for {key} mentioned in the provided text are")
-    vt = make_task("vt").cases(tok, _cfg(lengths=(1200,)), PLAN)[0]
+    vt = make_task("vt").cases(tok, _cfg(lengths=(2000,)), PLAN)[0]
     value = vt.info["value"]
     text = tok.decode(vt.input_ids)
     assert text.startswith("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n")
     assert text.endswith(f"Question: Find all variables that are assigned the value {value} in the text above.\n"
                          "Answer: According to the chain(s) of variable assignment in the text above, 5 variables "
                          f"are assigned the value {value}, they are:")
+    # RULER's answered example comes first: its own chain of 3-letter names, listed after "they are:".
+    example = re.search(r"they are: ([A-Z]{3}) ([A-Z]{3}) ([A-Z]{3}) ([A-Z]{3}) ([A-Z]{3})\n\n", text)
+    assert example is not None and text.count("Memorize and track the chain(s)") == 2
+    assert all(f"VAR {n} = " in text[:example.start()] for n in example.groups())
+    assert text.index(f"\nVAR {vt.answer[0]} = {value}\n") > example.end()
     # The chain is in reading order: every hop after the variable it copies.
     assert vt.info["needle_positions"] == sorted(vt.info["needle_positions"])
     assert len(value) == 5 and all(len(n) == 5 and n.isupper() for n in vt.answer)
@@ -153,10 +159,18 @@ def test_too_few_samples_fails_before_any_model_loads(monkeypatch, capsys, tmp_p
     assert "too few samples for a CI" in err and len(err.splitlines()) == 1
 
 
-def test_end_to_end_two_tasks_with_intervals(model, tmp_path):
-    cfg = EvalConfig(tasks=("niah_single_noise", "vt"), methods=("dense", "pod"), lengths=(420,), samples=10,
+@pytest.fixture(scope="module")
+def long_model():
+    """The eval tiny Llama with room for vt's character-level prompts (its answered example is ~700 characters)."""
+    from tiny import tiny_model
+
+    return tiny_model("llama", layers=4, heads=4, kv_heads=2, head_dim=16, max_pos=2048)
+
+
+def test_end_to_end_two_tasks_with_intervals(long_model, tmp_path):
+    cfg = EvalConfig(tasks=("niah_single_noise", "vt"), methods=("dense", "pod"), lengths=(1400,), samples=10,
                      max_new_tokens=4, out=str(tmp_path))
-    methods = evaluate(model, CharTokenizer(), cfg, PLAN, progress=False)
+    methods = evaluate(long_model, CharTokenizer(), cfg, PLAN, progress=False)
     results = {"model": "tiny", "model_type": "llama", "plan_source": "test", "plan_summary": "", "seed": 0,
                "versions": {}, "settings": cfg.to_dict(), "methods": methods}
     write_results(results, tmp_path)
@@ -173,10 +187,10 @@ def test_end_to_end_two_tasks_with_intervals(model, tmp_path):
             assert s["n"] == 10 and s["mean"] == pytest.approx(sum(scores) / 10)
             # 0/1 scores (one answer): Wilson; fractional (5 variables): bootstrap.
             ci = list(wilson(int(sum(scores)), 10)) if tname == "niah_single_noise" else list(bootstrap(scores))
-            assert s["ci95"] == pytest.approx(ci) and s["by_length"]["420"]["ci95"] == pytest.approx(ci)
+            assert s["ci95"] == pytest.approx(ci) and s["by_length"]["1400"]["ci95"] == pytest.approx(ci)
             cell = f"{100 * s['mean']:.0f}% [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}] n=10"
             row = next(line for line in md.splitlines() if line.startswith(f"| {mname} "))
-            assert row.count(cell) >= 2  # overall and @420
+            assert row.count(cell) >= 2  # overall and @1400
     same = [[r["needle_positions"] for r in data["methods"][m]["tasks"]["vt"]["records"]] for m in ("dense", "pod")]
     assert same[0] == same[1]
     assert (tmp_path / "niah_single_noise_heatmap.png").stat().st_size > 1000

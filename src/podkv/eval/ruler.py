@@ -5,8 +5,8 @@ and two KV methods cannot be told apart. Here every sample draws its own key, va
 (uniform in [0, 1] unless ``--depths`` is given) and stretch of haystack; scores are RULER's
 ``string_match_all`` (share of the expected strings in the greedy answer); a task refuses fewer than
 :data:`~podkv.eval.stats.MIN_SAMPLES` prompts per length, and its summary carries a 95% interval.
-Templates follow RULER (instruction, needle, question and answer prefix); the ICL example RULER
-prepends to ``vt`` is left out. Prompts are built to the token by :func:`podkv.eval.prompts.build_prompt`.
+Templates follow RULER (instruction, needle, question, answer prefix, and the one answered example
+``vt`` opens with). Prompts are built to the token by :func:`podkv.eval.prompts.build_prompt`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from podkv.errors import PodError
-from podkv.eval.haystack import sentences
+from podkv.eval.haystack import FILLER, sentences
 from podkv.eval.prompts import KEYS, Needle, build_prompt
 from podkv.eval.scoring import string_match_all
 from podkv.eval.stats import MIN_SAMPLES
@@ -69,6 +69,10 @@ class RulerTask(Task):
     def score(self, text: str, answer) -> float:
         return string_match_all(text, answer)
 
+    def instruction_for(self, rng: random.Random, draw: Draw) -> str:
+        """The text before the haystack."""
+        return self.instruction
+
     def cases(self, tok, cfg, plan) -> list[Case]:
         out = []
         for length in cfg.lengths:
@@ -77,8 +81,8 @@ class RulerTask(Task):
             rng = random.Random(f"{cfg.seed}-{self.prompt_family or self.name}-{length}")
             for i, draw in enumerate(self.draws(rng, slots)):
                 placed, refs = self.placements(rng, draw)
-                p = build_prompt(tok, length, placed, 0, haystack=self.haystack, instruction=self.instruction,
-                                 start=draw.start)
+                p = build_prompt(tok, length, placed, 0, haystack=self.haystack,
+                                 instruction=self.instruction_for(rng, draw), start=draw.start)
                 depth_bin = draw.depth if fixed else (min(int(draw.depth * DEPTH_BINS), DEPTH_BINS - 1) + 0.5) / DEPTH_BINS
                 info = {"length": length, "depth": round(draw.depth, 4), "depth_bin": depth_bin, "sample": i,
                         "actual_depth": round(p.actual_depth, 4), "hay_tokens": p.hay_tokens, "needle_pos": p.needle_pos,
@@ -154,15 +158,33 @@ class VariableTracking(RulerTask):
     keys_per_sample, digits, binary, max_new_tokens = 5, 5, False, 32
 
     def placements(self, rng, draw):
+        """The chain's first statement at the sample's depth, each hop later, at uniform depths after it."""
         names, value = draw.keys, draw.values[0]
-        question = f"Question: Find all variables that are assigned the value {value} in the text above."
-        prefix = (f"Answer: According to the chain(s) of variable assignment in the text above, {len(names)} "
-                  f"variables are assigned the value {value}, they are:")
+        question, prefix = _vt_question(value), _vt_prefix(len(names), value)
         first = Needle(f"\nVAR {names[0]} = {value}\n", question, value, prefix)
         hops = sorted(draw.depth + (1 - draw.depth) * rng.random() for _ in names[1:])
         placed = [(first, draw.depth)]
         placed += [(Needle(f"\nVAR {b} = VAR {a}\n", question, b, prefix), d) for a, b, d in zip(names, names[1:], hops)]
         return placed, list(names)
+
+    def instruction_for(self, rng, draw):
+        """RULER's in-context example first: a chain of 3-letter names among 5 noise lines, answered in full.
+
+        Without it a small model continues the noise instead of listing variables.
+        """
+        names = rng.sample([a + b + c for a in "ABCDEFGHIJ" for b in "KLMNOPQRS" for c in "TUVWXYZ"],
+                           self.keys_per_sample)
+        value = draw.values[0]
+        while value == draw.values[0]:
+            value = str(rng.randint(10 ** (self.digits - 1), 10 ** self.digits - 1))
+        chain = [f"VAR {names[0]} = {value}"] + [f"VAR {b} = VAR {a}" for a, b in zip(names, names[1:])]
+        slots = set(rng.sample(range(5 + len(chain)), len(chain)))
+        lines, links, noise = [], iter(chain), iter([FILLER] * 5)
+        for i in range(5 + len(chain)):
+            lines.append(next(links) if i in slots else next(noise))
+        example = (self.instruction + "\n".join(lines) + f"\n{_vt_question(value)}\n"
+                   f"{_vt_prefix(len(names), value)} {' '.join(names)}\n\n")
+        return example + self.instruction
 
     def unique_keys(self, rng, total):
         """RULER's variable names: 5 random capital letters, all different."""
@@ -170,6 +192,15 @@ class VariableTracking(RulerTask):
         while len(seen) < total:
             seen.setdefault("".join(rng.choices(string.ascii_uppercase, k=5)))
         return list(seen)
+
+
+def _vt_question(value: str) -> str:
+    return f"Question: Find all variables that are assigned the value {value} in the text above."
+
+
+def _vt_prefix(n: int, value: str) -> str:
+    return (f"Answer: According to the chain(s) of variable assignment in the text above, {n} variables are "
+            f"assigned the value {value}, they are:")
 
 
 RULER_TASKS = (NiahSingleNoise, NiahSingleProse, NiahMultikey, NiahMultivalue, VariableTracking)
