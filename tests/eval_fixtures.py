@@ -18,3 +18,26 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def model():
     return tiny_model("llama", layers=4, heads=4, kv_heads=2, head_dim=16)
+
+
+@pytest.fixture(scope="module")
+def real_tokenizer():
+    """The default model's tokenizer (no weights); skips where the model is not cached."""
+    transformers = pytest.importorskip("transformers")
+    from podkv.models import default_model
+
+    path = default_model.default_model_dir()
+    if not (path / "tokenizer.json").is_file():
+        pytest.skip("default model not cached")
+    return transformers.AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if anything loads a model: for errors that must come before any compute."""
+    import podkv.models.loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(podkv.models.loading, "load_model", no_load)

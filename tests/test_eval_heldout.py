@@ -2,7 +2,7 @@
 
 import pytest
 
-from podkv import texts
+from podkv import SharingPlan, texts
 from podkv.cli import main
 from podkv.errors import PodError
 from podkv.eval.config import EvalConfig
@@ -10,7 +10,9 @@ from podkv.eval.haystack import prose_text, sentences
 from podkv.eval.tasks import make_task
 from test_eval_prompts import CharTokenizer
 
-PLAN_NS_NR = type("P", (), {"ns": 4, "nr": 28})()
+from eval_fixtures import no_model_load  # noqa: F401  (pytest fixture)
+
+PLAN = SharingPlan.uniform(4, 2, 2, ns=4, nr=28)
 
 
 def _copied_topic() -> str:
@@ -36,21 +38,15 @@ def test_prose_haystack_and_ppl_default_are_the_heldout_split():
     texts.check_disjoint("".join(sentences("prose")))  # the haystack as built: no 12-word run of the topics
     assert max(map(len, sentences("prose"))) <= 1 + 300  # long docstring code runs are cut: depths stay exact
     cfg = EvalConfig(tasks=("ppl",), lengths=(400,), samples=2, out="unused")
-    case = make_task("ppl").cases(CharTokenizer(), cfg, PLAN_NS_NR)[1]
+    case = make_task("ppl").cases(CharTokenizer(), cfg, PLAN)[1]
     assert CharTokenizer().decode(case.input_ids) == prose_text()[400:800]
 
 
-def test_user_files_repeating_the_topics_are_refused_before_any_compute(tmp_path, monkeypatch, capsys):
+def test_user_files_repeating_the_topics_are_refused_before_any_compute(tmp_path, no_model_load, capsys):
     bad = tmp_path / "copied.txt"
     bad.write_text("Intro.\n\n" + _copied_topic())
     with pytest.raises(PodError, match="--files overlaps the 'train' text"):
         EvalConfig(tasks=("ppl",), files=(str(bad),), out="unused")
-    import podkv.models.loading
-
-    def no_load(*a, **k):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(podkv.models.loading, "load_model", no_load)
     assert main(["eval", "ppl", "--method", "dense", "--files", str(bad), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert "--files overlaps the 'train' text" in err and len(err.splitlines()) == 1

@@ -8,6 +8,8 @@ from podkv.errors import PodError
 from podkv.eval import prompts
 from podkv.eval.scoring import exact_match, perplexity
 
+from eval_fixtures import real_tokenizer  # noqa: F401  (pytest fixture)
+
 
 class CharTokenizer:
     """A tokenizer for tiny models: one id per ASCII character (ids 3..127), no chat template."""
@@ -43,14 +45,8 @@ def test_needle_at_requested_depth_and_exact_length(haystack, length, depth):
 
 
 @pytest.mark.integration
-def test_real_tokenizer_length_within_one_percent():
-    transformers = pytest.importorskip("transformers")
-    from podkv.models import default_model
-
-    path = default_model.default_model_dir()
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip("default model not cached")
-    tok = transformers.AutoTokenizer.from_pretrained(path)
+def test_real_tokenizer_length_within_one_percent(real_tokenizer):
+    tok = real_tokenizer
     for length, depth in [(1024, 0.5), (4096, 0.1)]:
         p = prompts.build_prompt(tok, length, [(prompts.fact_needle(random.Random(0)), depth)], haystack="prose")
         assert abs(len(p.input_ids) - length) <= 0.01 * length

@@ -20,7 +20,7 @@ from podkv.eval.stats import bootstrap, wilson
 from podkv.eval.tasks import make_task
 from test_eval_prompts import CharTokenizer
 
-from eval_fixtures import _one_thread, model  # noqa: F401  (pytest fixtures)
+from eval_fixtures import _one_thread, model, no_model_load, real_tokenizer  # noqa: F401  (pytest fixtures)
 
 PLAN = SharingPlan.uniform(4, 2, 2, ns=4, nr=28)
 RULER = ("niah_single_noise", "niah_single_prose", "niah_multikey", "niah_multivalue", "vt")
@@ -146,13 +146,7 @@ def test_too_few_samples_is_refused(task):
     EvalConfig(tasks=("niah",), samples=1)  # the grid tasks keep one prompt per cell
 
 
-def test_too_few_samples_fails_before_any_model_loads(monkeypatch, capsys, tmp_path):
-    import podkv.models.loading
-
-    def no_load(*a, **k):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(podkv.models.loading, "load_model", no_load)
+def test_too_few_samples_fails_before_any_model_loads(no_model_load, capsys, tmp_path):
     assert main(["eval", "compare", "--methods", "dense", "--tasks", "niah_single_noise,vt", "--samples", "5",
                  "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
@@ -207,14 +201,8 @@ def test_cli_runs_new_tasks_on_a_saved_tiny_model(tiny_lm_dir, tmp_path, capsys)
     assert "retrieval_logprob p(answer)" in capsys.readouterr().out
 
 
-def test_real_tokenizer_prompts_are_exact():
-    transformers = pytest.importorskip("transformers")
-    from podkv.models import default_model
-
-    path = default_model.default_model_dir()
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip("default model not cached")
-    tok = transformers.AutoTokenizer.from_pretrained(path)
+def test_real_tokenizer_prompts_are_exact(real_tokenizer):
+    tok = real_tokenizer
     for task in RULER:
         for c in make_task(task).cases(tok, _cfg(lengths=(1024,)), PLAN):
             assert len(c.input_ids) == 1024
