@@ -38,18 +38,19 @@ def greedy_anchors(sim: torch.Tensor, delta: float) -> list[int]:
     return anchors
 
 
-def best_splits(sim: torch.Tensor) -> list[tuple[float, list[int]]]:
+def best_splits(sim: torch.Tensor, cost: torch.Tensor | None = None) -> list[tuple[float, list[int]]]:
     """For every block count b = 1..L, the split with the highest summed anchor similarity.
 
     Returns ``out[b - 1] = (score, anchors)`` where score = sum over non-anchor layers of
-    ``sim[anchor, layer]``.
+    ``sim[anchor, layer] - cost[layer]`` (``cost``: (L,) price of sharing that layer, default 0).
     """
     L = sim.shape[0]
+    cost = torch.zeros(L) if cost is None else cost
     # gain[j][i] = score of one block spanning layers j..i-1 with anchor j
     gain = [[0.0] * (L + 1) for _ in range(L)]
     for j in range(L):
         for i in range(j + 2, L + 1):
-            gain[j][i] = gain[j][i - 1] + float(sim[j, i - 1])
+            gain[j][i] = gain[j][i - 1] + float(sim[j, i - 1]) - float(cost[i - 1])
     neg = -math.inf
     f = [[neg] * (L + 1) for _ in range(L + 1)]  # f[b][i]: layers 0..i-1 in b blocks
     back = [[0] * (L + 1) for _ in range(L + 1)]
@@ -97,16 +98,23 @@ def plan_by_threshold(sim_kv: torch.Tensor, delta: float, granularity: str = "he
 
 
 def plan_for_saving(sim_kv: torch.Tensor, saving: float, context: int, granularity: str = "head",
-                    ns: int = 16, nr: int = 240, **plan_kw) -> SharingPlan:
-    """sim_kv (Hkv, L, L) -> the most similar plan whose KV saving at ``context`` reaches ``saving``."""
+                    ns: int = 16, nr: int = 240, cost: torch.Tensor | None = None, **plan_kw) -> SharingPlan:
+    """sim_kv (Hkv, L, L) -> the most similar plan whose KV saving at ``context`` reaches ``saving``.
+
+    ``cost`` (L, Hkv), optional: the price of sharing each (layer, KV head), subtracted from its
+    similarity to the anchor — a retrieval-aware plan prices retrieval heads out of sharing.
+    """
     _check(sim_kv, granularity)
     H, L = sim_kv.shape[0], sim_kv.shape[1]
     k = pairs_for_saving(saving, L, H, context, ns, nr)
+    if cost is not None and tuple(cost.shape) != (L, H):
+        raise PodError(f"sharing cost must be (layers, kv_heads) = ({L}, {H}), got {tuple(cost.shape)}")
     if granularity == "layer":
         shared_layers = math.ceil(k / H)
-        _, per_layer = best_splits(sim_kv.mean(0))[L - shared_layers - 1]
+        layer_cost = None if cost is None else cost.sum(1) / H
+        _, per_layer = best_splits(sim_kv.mean(0), layer_cost)[L - shared_layers - 1]
         return SharingPlan(anchors=[[a] * H for a in per_layer], ns=ns, nr=nr, **plan_kw)
-    splits = [best_splits(sim_kv[h]) for h in range(H)]
+    splits = [best_splits(sim_kv[h], None if cost is None else cost[:, h]) for h in range(H)]
     choice = _split_pairs(splits, k, L)
     per_head = [splits[h][L - shared - 1][1] for h, shared in enumerate(choice)]
     return SharingPlan(anchors=[list(row) for row in zip(*per_head)], ns=ns, nr=nr, **plan_kw)

@@ -68,7 +68,7 @@ def probe_attention_forward(module, query, key, value, attention_mask, scaling=N
 
     probe = _ACTIVE.get()
     scale = module.scaling if scaling is None else scaling
-    if isinstance(probe, DistantProbe):
+    if hasattr(probe, "observe"):  # DistantProbe, analysis.retrieval.RowProbe
         probe.observe(module.layer_idx, query, key, scale)
     elif isinstance(probe, ProximalProbe):
         attention_mask = probe.mask(key.shape[2], key.device)

@@ -13,6 +13,8 @@ def register(sub) -> None:
     p.add_argument("--data", nargs="*", default=[], help="UTF-8 text files, one document each "
                                                          "(default: Python's pydoc_data.topics)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per packed sequence")
+    p.add_argument("--long-range", type=int, default=0,
+                   help="generated long-range documents (passage repeats, lookups) added to the training text")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--max-steps", type=int, help="optimizer steps")
     budget.add_argument("--max-tokens", type=int, help="training tokens (rounded up to whole steps)")
@@ -47,7 +49,7 @@ def run(args) -> int:
         objective=args.objective, trainable=args.trainable, lora_rank=args.lora_rank, batch_size=args.batch_size,
         grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing, save_steps=args.save_steps,
         eval_every=args.eval_every, eval_tokens=args.eval_tokens, precision=args.precision, threads=args.threads,
-        seed=args.seed, resume=args.resume,
+        seed=args.seed, resume=args.resume, long_range=args.long_range,
     )
     result = train(cfg)
     if result:

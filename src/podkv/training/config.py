@@ -28,6 +28,9 @@ class TrainConfig:
     trainable : ``"qk"`` (q/k of layers that read anchor keys, k of anchors), ``"attention"`` or ``"all"``.
     lora_rank : 0 = train the selected weights directly; > 0 = LoRA adapters on them (peft).
     eval_fraction : share of the packed token stream held out for evaluation (the tail; never trained on).
+        With the default text the held-out curve is measured on the ``heldout`` split instead.
+    long_range : generated long-range documents (repeat / lookup, :mod:`podkv.training.longrange`)
+        added to the training rows; 0 = none.
     eval_every : optimizer steps between held-out perplexity measurements (0 = only at start and end).
     """
 
@@ -55,6 +58,7 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     threads: int | None = None
+    long_range: int = 0
 
     def __post_init__(self):
         for name in ("seq_len", "batch_size", "grad_accum", "save_steps", "eval_tokens"):
@@ -76,6 +80,8 @@ class TrainConfig:
             raise PodError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if not 0 <= self.warmup_ratio < 1:
             raise PodError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.long_range < 0:
+            raise PodError(f"--long-range must be >= 0 documents, got {self.long_range}")
         if self.eval_every < 0:
             raise PodError(f"eval_every must be >= 0, got {self.eval_every}")
         self.data = [str(p) for p in self.data]

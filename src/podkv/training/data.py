@@ -1,8 +1,10 @@
-"""Training text: documents -> one token stream -> packed fixed-length sequences, tail held out.
+"""Training text: documents -> one token stream -> packed fixed-length sequences, held-out text apart.
 
 Packing (documents joined by EOS, cut into ``seq_len`` blocks) keeps every position a real token,
-so PoD's distant range is exercised from the first step; the held-out tail is a fixed slice of
-the same stream that training never sees.
+so PoD's distant range is exercised from the first step. With the default text (the ``train``
+split of :mod:`podkv.texts`) the held-out curve is measured on the ``heldout`` split, another
+source; with ``--data`` files it is the stream's tail, which training never sees.
+Generated long-range documents (:mod:`podkv.training.longrange`) come from the training part only.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from podkv.errors import PodError
 
 
 def default_documents() -> list[str]:
-    """The standard library's help topics (``pydoc_data.topics``): ~465K characters, always offline."""
-    from pydoc_data.topics import topics
+    """The ``train`` split: the standard library's help topics (~465K characters), always offline."""
+    from podkv import texts
 
-    return [topics[k] for k in sorted(topics)]
+    return texts.documents("train")
 
 
 def read_documents(paths: list[str]) -> list[str]:
@@ -67,9 +69,21 @@ def split_stream(stream: torch.Tensor, seq_len: int, eval_fraction: float) -> Sp
     return Split(train=train, heldout=stream[len(stream) - n_eval:])
 
 
-def load_split(tok, paths: list[str], seq_len: int, eval_fraction: float) -> Split:
+def load_split(tok, paths: list[str], seq_len: int, eval_fraction: float, long_range: int = 0,
+               seed: int = 0) -> Split:
+    """Packed training rows (``long_range`` generated documents first) and the held-out tokens."""
     docs = read_documents(paths) if paths else default_documents()
-    return split_stream(token_stream(tok, docs), seq_len, eval_fraction)
+    split = split_stream(token_stream(tok, docs), seq_len, eval_fraction)
+    if not paths:
+        from podkv import texts
+
+        split.heldout = token_stream(tok, texts.documents("heldout"))
+    if long_range:
+        from podkv.training.longrange import long_range_blocks
+
+        rows = long_range_blocks(tok, split.train.flatten().tolist(), seq_len, long_range, seed=seed)
+        split.train = torch.cat([torch.tensor(rows, dtype=torch.long), split.train])
+    return split
 
 
 class PackedDataset(torch.utils.data.Dataset):
