@@ -115,7 +115,8 @@ def build_prompt(tok, length: int, placements: list[tuple[Needle, float]], ask: 
     ids += post
     assert len(ids) == length, (len(ids), length)
     return NeedlePrompt(ids, asked.answer, length, placements[ask][1], pos[ask], (len(pre), end), len(needles[ask]),
-                        cuts[ask], n_hay, meta={"haystack": haystack, "question": asked.question, "needles": len(placements)},
+                        cuts[ask], n_hay,
+                        meta={"haystack": haystack, "question": asked.question, "needles": len(placements)},
                         positions=tuple(pos[i] for i in range(len(placements))))
 
 

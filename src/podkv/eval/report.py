@@ -41,7 +41,8 @@ def markdown(results: dict) -> str:
     head = ["method", "KV held", "KV saved"]
     for t, task in first.items():
         s = task["summary"]
-        head += [f"{t} {task['metric']}"] + [f"{t} @{n}" for n in s["by_length"]] + [f"{t} {a}" for a in s.get("also", {})]
+        head += [f"{t} {task['metric']}"] + [f"{t} @{n}" for n in s["by_length"]]
+        head += [f"{t} {a}" for a in s.get("also", {})]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for mname, entry in methods.items():
         fracs = [task["summary"]["kv_fraction"] for task in entry["tasks"].values()]

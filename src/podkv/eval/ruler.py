@@ -83,10 +83,10 @@ class RulerTask(Task):
                 placed, refs = self.placements(rng, draw)
                 p = build_prompt(tok, length, placed, 0, haystack=self.haystack,
                                  instruction=self.instruction_for(rng, draw), start=draw.start)
-                depth_bin = draw.depth if fixed else (min(int(draw.depth * DEPTH_BINS), DEPTH_BINS - 1) + 0.5) / DEPTH_BINS
+                depth_bin = draw.depth if fixed else _bin_centre(draw.depth)
                 info = {"length": length, "depth": round(draw.depth, 4), "depth_bin": depth_bin, "sample": i,
-                        "actual_depth": round(p.actual_depth, 4), "hay_tokens": p.hay_tokens, "needle_pos": p.needle_pos,
-                        "needle_positions": list(p.positions), "haystack": self.haystack,
+                        "actual_depth": round(p.actual_depth, 4), "hay_tokens": p.hay_tokens,
+                        "needle_pos": p.needle_pos, "needle_positions": list(p.positions), "haystack": self.haystack,
                         "haystack_start": draw.start, "key": draw.keys[0], "value": draw.values[0]}
                 out.append(Case(p.input_ids, info, refs))
         return out
@@ -164,7 +164,8 @@ class VariableTracking(RulerTask):
         first = Needle(f"\nVAR {names[0]} = {value}\n", question, value, prefix)
         hops = sorted(draw.depth + (1 - draw.depth) * rng.random() for _ in names[1:])
         placed = [(first, draw.depth)]
-        placed += [(Needle(f"\nVAR {b} = VAR {a}\n", question, b, prefix), d) for a, b, d in zip(names, names[1:], hops)]
+        placed += [(Needle(f"\nVAR {b} = VAR {a}\n", question, b, prefix), d)
+                   for a, b, d in zip(names, names[1:], hops)]
         return placed, list(names)
 
     def instruction_for(self, rng, draw):
@@ -192,6 +193,11 @@ class VariableTracking(RulerTask):
         while len(seen) < total:
             seen.setdefault("".join(rng.choices(string.ascii_uppercase, k=5)))
         return list(seen)
+
+
+def _bin_centre(depth: float) -> float:
+    """The centre of the fifth of [0, 1] that ``depth`` falls in (0.1, 0.3, ..., 0.9)."""
+    return (min(int(depth * DEPTH_BINS), DEPTH_BINS - 1) + 0.5) / DEPTH_BINS
 
 
 def _vt_question(value: str) -> str:

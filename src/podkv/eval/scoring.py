@@ -40,7 +40,3 @@ def perplexity(nll_sum: float, n_tokens: int) -> float:
         raise ValueError("perplexity needs at least one scored token")
     return math.exp(nll_sum / n_tokens)
 
-
-def accuracy(flags) -> float:
-    flags = list(flags)
-    return sum(bool(f) for f in flags) / len(flags) if flags else float("nan")
