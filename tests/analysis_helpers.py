@@ -4,10 +4,13 @@ from podkv.analysis.run import AnalysisConfig
 
 
 class CharTokenizer:
-    """Enough of a tokenizer for `make_samples`: one id per character, inside a 128 vocab."""
+    """Enough of a tokenizer for `make_samples` and lookup prompts: one id per character, inside a 128 vocab."""
 
     def __call__(self, text, add_special_tokens=False, verbose=False):
-        return {"input_ids": [3 + ord(c) % 125 for c in text]}
+        return {"input_ids": self.encode(text)}
+
+    def encode(self, text, add_special_tokens=False):
+        return [3 + ord(c) % 125 for c in text]
 
 
 def tiny_cfg(**kw) -> AnalysisConfig:

@@ -103,3 +103,28 @@ def test_pairs_for_saving_is_the_smallest_count():
     per = (T - ns - nr) / (2 * L * H * T)
     assert k * per >= 0.35 > (k - 1) * per
     assert math.isclose(SharingPlan.uniform(L, H, L).kv_saving(T), (L - 1) * H * per)
+
+
+def test_sharing_cost_keeps_a_priced_pair_an_anchor():
+    """A huge cost on (layer 3, head 1) keeps it an anchor; the similarity-only plan shares it."""
+    sim = random_sim(2, 6, 4)
+    sim[1, 2, 3] = sim[1, 3, 2] = 1.0  # make sharing layer 3 of head 1 attractive
+    free = planner.plan_for_saving(sim, 0.25, 64, "head", ns=4, nr=12)
+    assert not free.is_anchor(3, 1)
+    cost = torch.zeros(6, 2, dtype=torch.float64)
+    cost[3, 1] = 1e6
+    for gran in ("head", "layer"):
+        priced = planner.plan_for_saving(sim, 0.25, 64, gran, ns=4, nr=12, cost=cost)
+        assert priced.is_anchor(3, 1) and priced.kv_saving(64) >= 0.25
+        assert planner.retrieval_shared(priced, cost) == 0.0
+
+
+def test_no_cost_is_the_similarity_plan():
+    """cost=None and an all-zero cost give the same plan (the brute-force optimum tested above)."""
+    sim = random_sim(3, 7, 5)
+    for gran in ("head", "layer"):
+        a = planner.plan_for_saving(sim, 0.3, 64, gran, ns=4, nr=12)
+        b = planner.plan_for_saving(sim, 0.3, 64, gran, ns=4, nr=12, cost=torch.zeros(7, 3, dtype=torch.float64))
+        assert a.anchors == b.anchors
+    with pytest.raises(PodError, match=r"sharing cost must be \(layers, kv_heads\)"):
+        planner.plan_for_saving(sim, 0.3, 64, ns=4, nr=12, cost=torch.zeros(3, 7))

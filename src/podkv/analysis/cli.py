@@ -20,6 +20,8 @@ def register(sub) -> None:
     p.add_argument("--proximal-sizes", type=_int_list, default="64,128,256,512,1024",
                    help="comma-separated proximal sizes (ns sinks + recent) for observation 1")
     p.add_argument("--proximal-samples", type=int, default=2, help="samples used for observation 1 (default 2)")
+    p.add_argument("--retrieval-samples", type=int, default=None,
+                   help="lookup prompts scoring retrieval heads (default 16 with --kind retrieval, else 0)")
     _plan_flags(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="output directory")
@@ -34,9 +36,16 @@ def register(sub) -> None:
 
 
 def _plan_flags(p, ns_nr: bool = True) -> None:
+    p.add_argument("--kind", default=None, metavar="KIND",
+                   help="greedy (paper, --delta), similarity (most similar plan at --target-saving), retrieval "
+                        "(same, sharing priced by retrieval scores), uniform (blocks of --block-size); "
+                        "default: similarity with --target-saving, else greedy")
     p.add_argument("--delta", type=float, default=0.5, help="similarity threshold of the greedy (default 0.5)")
     p.add_argument("--target-saving", type=float, default=None,
                    help="instead of --delta: the most similar plan reaching this KV saving (0-1) at --context")
+    p.add_argument("--retrieval-weight", type=float, default=4.0,
+                   help="--kind retrieval: price of sharing a pair = weight x its retrieval score (default 4)")
+    p.add_argument("--block-size", type=int, default=None, help="--kind uniform: layers per block")
     p.add_argument("--granularity", choices=("head", "layer"), default="head",
                    help="head: PoD (per KV head); layer: PoD-L (all heads of a layer share one anchor)")
     p.add_argument("--context", type=int, default=4096, help="context length the KV saving refers to")
@@ -58,34 +67,29 @@ def run(args) -> int:
     cfg = AnalysisConfig(model=args.model, data=list(args.data or []), samples=args.samples, length=args.length,
                          last_q=args.last_q, delta=args.delta, target_saving=args.target_saving,
                          granularity=args.granularity, ns=args.ns, nr=args.nr, seed=args.seed, context=args.context,
-                         proximal_sizes=args.proximal_sizes, proximal_samples=args.proximal_samples)
+                         proximal_sizes=args.proximal_sizes, proximal_samples=args.proximal_samples,
+                         kind=args.kind, retrieval_weight=args.retrieval_weight,
+                         retrieval_samples=args.retrieval_samples, block_size=args.block_size)
     result = analyze(cfg, args.out, progress=not args.no_progress)
     _print_plan(result["plan_object"], cfg.context)
-    print(f"wrote {args.out}/plan.json, analysis.json, analysis.md, proximal.png, similarity.png "
+    extra = ", retrieval.png" if result["retrieval"] else ""
+    print(f"wrote {args.out}/plan.json, analysis.json, analysis.md, proximal.png, similarity.png{extra} "
           f"({result['runtime']['seconds']:.0f} s)")
     return 0
 
 
 def run_plan(args) -> int:
-    import torch
-
-    from podkv.analysis.run import AnalysisConfig, make_plan
+    from podkv.analysis.run import replan
 
     if not args.analysis.is_file():
         raise PodError(f"--analysis file {args.analysis} does not exist")
     try:
         data = json.loads(args.analysis.read_text())
-        sim_kv = torch.tensor(data["similarity"]["kv_heads"], dtype=torch.float64)
-        settings = dict(data["settings"])
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PodError(f"--analysis file {args.analysis} is not an analysis.json from `podkv analyze` ({exc})") from None
-    settings.update(delta=args.delta, target_saving=args.target_saving, granularity=args.granularity,
-                    context=args.context)
-    cfg = AnalysisConfig(**settings)
-    meta = {k: data[k] for k in ("model", "model_type", "data_sha256", "seed", "podkv_version", "versions")
-            if k in data}
-    meta["settings"] = {**settings, "proximal_sizes": list(cfg.proximal_sizes), "from_analysis": str(args.analysis)}
-    plan = make_plan(cfg, sim_kv, meta=meta)
+    plan, cfg = replan(data, str(args.analysis), kind=args.kind, delta=args.delta,
+                       target_saving=args.target_saving, granularity=args.granularity, context=args.context,
+                       retrieval_weight=args.retrieval_weight, block_size=args.block_size)
     plan.save(args.out)
     _print_plan(plan, cfg.context)
     print(f"wrote {args.out}")

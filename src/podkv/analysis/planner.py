@@ -26,6 +26,9 @@ from podkv.errors import PodError
 from podkv.plan import SharingPlan
 
 GRANULARITIES = ("head", "layer")
+# Plan kinds of `podkv analyze --kind`: the paper's greedy (threshold delta), the most similar plan at a
+# target saving, the same priced by retrieval scores (analysis/retrieval.py), and uniform blocks.
+KINDS = ("greedy", "similarity", "retrieval", "uniform")
 
 
 def greedy_anchors(sim: torch.Tensor, delta: float) -> list[int]:
@@ -118,6 +121,12 @@ def plan_for_saving(sim_kv: torch.Tensor, saving: float, context: int, granulari
     choice = _split_pairs(splits, k, L)
     per_head = [splits[h][L - shared - 1][1] for h, shared in enumerate(choice)]
     return SharingPlan(anchors=[list(row) for row in zip(*per_head)], ns=ns, nr=nr, **plan_kw)
+
+
+def retrieval_shared(plan: SharingPlan, retrieval: torch.Tensor) -> float:
+    """Summed retrieval score (L, Hkv) of the shared pairs: how much retrieval a plan gives up."""
+    return sum(float(retrieval[l, h]) for l in range(plan.num_layers) for h in range(plan.num_kv_heads)
+               if not plan.is_anchor(l, h))
 
 
 def _split_pairs(splits, k: int, L: int) -> list[int]:

@@ -1,4 +1,5 @@
-"""Files written by `podkv analyze`: plan.json, analysis.json, analysis.md, proximal.png, similarity.png."""
+"""Files written by `podkv analyze`: plan.json, analysis.json, analysis.md, proximal.png, similarity.png
+(and retrieval.png when retrieval heads were measured)."""
 
 from __future__ import annotations
 
@@ -31,23 +32,37 @@ def similarity_summary(sim_q: torch.Tensor, sim_kv: torch.Tensor) -> dict:
     }
 
 
-def plan_summary(plan: SharingPlan, sim_kv: torch.Tensor, context: int) -> dict:
-    from podkv.analysis.planner import plan_similarity
+def retrieval_summary(scores: dict, cfg) -> dict:
+    """head_scores output + settings -> JSON-ready (layers, kv_heads) matrices."""
+    return {"measure": "max over a KV head's query heads of attention mass: distant_mass = last queries on "
+                       "distant tokens; retrieval = answer tokens on the needle's value (lookup prompts, plan split)",
+            "samples": cfg.retrieval_samples, "length": cfg.length, "last_q": cfg.last_q,
+            "distant_mass": _r(scores["distant_mass"]), "retrieval": _r(scores["retrieval"])}
+
+
+def plan_summary(plan: SharingPlan, sim_kv: torch.Tensor, context: int, retrieval: torch.Tensor | None = None) -> dict:
+    from podkv.analysis.planner import plan_similarity, retrieval_shared
 
     shared = sum(len(plan.shared_heads(l)) for l in range(plan.num_layers))
-    return {"context": context, "kv_saving": round(plan.kv_saving(context), 6), "shared_pairs": shared,
-            "pairs": plan.num_layers * plan.num_kv_heads, "layer_granular": plan.is_layer_granular,
-            "anchor_similarity_sum": round(plan_similarity(plan, sim_kv), 4),
-            "blocks": [plan.blocks(h) for h in range(plan.num_kv_heads)], "grid": plan.grid().splitlines()}
+    out = {"kind": plan.meta.get("kind"), "context": context, "kv_saving": round(plan.kv_saving(context), 6),
+           "shared_pairs": shared, "pairs": plan.num_layers * plan.num_kv_heads,
+           "layer_granular": plan.is_layer_granular, "anchor_similarity_sum": round(plan_similarity(plan, sim_kv), 4),
+           "blocks": [plan.blocks(h) for h in range(plan.num_kv_heads)], "grid": plan.grid().splitlines()}
+    if retrieval is not None:
+        out["retrieval_shared"] = round(retrieval_shared(plan, retrieval), 4)
+    return out
 
 
-def write_all(out: Path, result: dict, plan: SharingPlan, sim_q: torch.Tensor, sim_kv: torch.Tensor) -> None:
+def write_all(out: Path, result: dict, plan: SharingPlan, sim_q: torch.Tensor, sim_kv: torch.Tensor,
+              scores: dict | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     plan.save(out / "plan.json")
     write_json(out / "analysis.json", result)
     atomic_write_text(out / "analysis.md", markdown(result))
     proximal_figure(result.get("proximal"), out / "proximal.png")
     similarity_figure(sim_kv, out / "similarity.png")
+    if scores is not None:
+        retrieval_figure(scores, out / "retrieval.png")
 
 
 def markdown(result: dict) -> str:
@@ -71,12 +86,24 @@ def markdown(result: dict) -> str:
               f"over all layer pairs: {sim['offdiag_mean']:.3f}.", "",
               "| KV head | adjacent-layer mean |", "|---:|---:|"]
     lines += [f"| {h} | {a:.3f} |" for h, a in enumerate(sim["adjacent_mean_per_kv_head"])]
+    retr = result.get("retrieval")
+    if retr:
+        lines += ["", "## Retrieval heads", "",
+                  f"{retr['samples']} lookup prompts x {retr['length']} tokens. (Layer, KV head) pairs with the "
+                  "highest retrieval score (attention of the answer on the needle's value):", "",
+                  "| layer | KV head | retrieval | distant mass |", "|---:|---:|---:|---:|"]
+        flat = sorted(((v, l, h) for l, row in enumerate(retr["retrieval"]) for h, v in enumerate(row)), reverse=True)
+        lines += [f"| {l} | {h} | {v:.3f} | {retr['distant_mass'][l][h]:.3f} |" for v, l, h in flat[:10]]
     plan = result["plan"]
-    how = (f"target saving {s['target_saving']}" if s["target_saving"] is not None else f"threshold δ={s['delta']}")
+    kind = s.get("kind") or ("similarity" if s["target_saving"] is not None else "greedy")
+    how = {"greedy": f"threshold δ={s['delta']}", "uniform": f"blocks of {s.get('block_size')} layers",
+           "retrieval": f"target saving {s['target_saving']}, retrieval weight {s.get('retrieval_weight')}"
+           }.get(kind, f"target saving {s['target_saving']}")
+    lost = f"; retrieval score of the shared pairs {plan['retrieval_shared']:.2f}" if "retrieval_shared" in plan else ""
     lines += ["", "## Sharing plan", "",
-              f"{how}, granularity {s['granularity']}: {plan['shared_pairs']}/{plan['pairs']} (layer, KV head) pairs "
-              f"share keys; expected KV saving at {plan['context']} tokens: **{100 * plan['kv_saving']:.1f}%**.", "",
-              "```", *plan["grid"], "```", ""]
+              f"kind {kind} ({how}), granularity {s['granularity']}: {plan['shared_pairs']}/{plan['pairs']} "
+              f"(layer, KV head) pairs share keys; expected KV saving at {plan['context']} tokens: "
+              f"**{100 * plan['kv_saving']:.1f}%**{lost}.", "", "```", *plan["grid"], "```", ""]
     return "\n".join(lines)
 
 
@@ -134,5 +161,27 @@ def similarity_figure(sim_kv: torch.Tensor, path: Path) -> None:
         ax.set_axis_off()
     fig.suptitle("Inter-layer similarity of distant-token attention\n(1 − JS divergence, base 2)", y=1.06)
     fig.colorbar(im, ax=axes, shrink=0.8, label="similarity")
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def retrieval_figure(scores: dict, path: Path) -> None:
+    """Distant-attention mass and retrieval score per (layer, KV head), side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(7, 6), layout="constrained")
+    for ax, key, title in zip(axes, ("distant_mass", "retrieval"), ("distant-attention mass", "retrieval score")):
+        mat = scores[key].float()
+        im = ax.imshow(mat.numpy(), vmin=0, vmax=max(1e-6, float(mat.max())), cmap="magma", aspect="auto",
+                       origin="lower")
+        ax.set_title(title)
+        ax.set_xlabel("KV head")
+        ax.set_ylabel("layer")
+        ax.set_xticks(range(mat.shape[1]))
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle("Retrieval heads (lookup prompts)")
     save_figure(fig, path)
     plt.close(fig)

@@ -2,8 +2,10 @@
 
 One full pass per sample records the last Q queries' distant-token attention in every layer
 (similarity) and, for the first ``proximal_samples`` samples, the full model's logits; one
-masked pass per proximal size then measures observation 1. The planner turns the similarity
-into a :class:`SharingPlan`; :mod:`podkv.analysis.report` writes the files.
+masked pass per proximal size then measures observation 1. With ``retrieval_samples`` (default
+for ``kind="retrieval"``) lookup prompts score every (layer, KV head) as a retrieval head
+(:mod:`podkv.analysis.retrieval`). The planner turns the similarity (and retrieval scores) into a
+:class:`SharingPlan` of the chosen ``kind``; :mod:`podkv.analysis.report` writes the files.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from podkv.analysis.probe import DistantProbe, active, probed
 from podkv.analysis.proximal import ProximalStudy
 from podkv.analysis.similarity import SimilarityAccumulator
 from podkv.errors import PodError
+from podkv.plan import SharingPlan
 
 # Defaults sized so the default model finishes on 2 shared CPU cores in < 15 min (docs/analysis.md).
 DEFAULT_SIZES = (64, 128, 256, 512, 1024)
@@ -44,8 +47,13 @@ class AnalysisConfig:
     context: int = 4096
     proximal_sizes: tuple[int, ...] = DEFAULT_SIZES
     proximal_samples: int = 2
+    kind: str | None = None  # None: "similarity" with target_saving, else "greedy"
+    retrieval_weight: float = 4.0
+    retrieval_samples: int | None = None  # None: 16 for kind "retrieval", else 0 (not measured)
+    block_size: int | None = None
 
     def __post_init__(self):
+        self._check_kind()
         for name in ("samples", "length", "last_q", "ns", "nr", "context"):
             if int(getattr(self, name)) < 1:
                 raise PodError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -64,6 +72,30 @@ class AnalysisConfig:
         if self.length < self.ns + self.nr + self.last_q:
             raise PodError(f"--length {self.length} leaves no distant tokens for the last {self.last_q} queries: "
                            f"it must be >= ns + nr + last_q = {self.ns + self.nr + self.last_q}")
+
+    def _check_kind(self) -> None:
+        """Resolve the default kind and refuse a kind without (or with a foreign) option, before any model work."""
+        if self.kind is None:
+            self.kind = "similarity" if self.target_saving is not None else "greedy"
+        if self.kind not in planner.KINDS:
+            raise PodError(f"--kind must be one of {planner.KINDS}, got {self.kind!r}")
+        needs_saving = self.kind in ("similarity", "retrieval")
+        if needs_saving and self.target_saving is None:
+            raise PodError(f"--kind {self.kind} needs --target-saving (the KV saving at --context to reach)")
+        if not needs_saving and self.target_saving is not None:
+            raise PodError(f"--target-saving applies to --kind similarity or retrieval, not {self.kind}")
+        if (self.kind == "uniform") != (self.block_size is not None):
+            raise PodError("--kind uniform needs --block-size" if self.kind == "uniform"
+                           else f"--block-size applies to --kind uniform, not {self.kind}")
+        if self.block_size is not None and int(self.block_size) < 1:
+            raise PodError(f"--block-size must be >= 1, got {self.block_size}")
+        if not self.retrieval_weight >= 0:
+            raise PodError(f"--retrieval-weight must be >= 0, got {self.retrieval_weight}")
+        if self.retrieval_samples is None:
+            self.retrieval_samples = 16 if self.kind == "retrieval" else 0
+        if self.retrieval_samples < (1 if self.kind == "retrieval" else 0):
+            raise PodError(f"--retrieval-samples must be >= {1 if self.kind == 'retrieval' else 0} "
+                           f"for --kind {self.kind}, got {self.retrieval_samples}")
 
     def sizes_below_length(self) -> list[int]:
         return [s for s in self.proximal_sizes if s < self.length - 1]
@@ -103,32 +135,80 @@ def analyze(cfg: AnalysisConfig, out_dir: str | Path, model=None, tokenizer=None
     cfg.check_model(model.config)
     torch.manual_seed(cfg.seed)
     samples = make_samples(tokenizer, corpus.text, cfg.samples, cfg.length, cfg.seed)
+    scores = None
+    if cfg.retrieval_samples:  # first: a prompt too short for a lookup fails before the long passes
+        from podkv.analysis.retrieval import head_scores
+
+        scores = head_scores(model, tokenizer, cfg.retrieval_samples, cfg.length, cfg.ns, cfg.nr, cfg.last_q,
+                             cfg.seed, progress)
     sim, study = _collect(model, samples, cfg, progress)
     sim_kv = sim.kv_heads_sim()
-    plan = make_plan(cfg, sim_kv, meta=_meta(cfg, name, model, corpus))
+    plan = make_plan(cfg, sim_kv, meta=_meta(cfg, name, model, corpus),
+                     retrieval=None if scores is None else scores["retrieval"])
     result = {
         **_meta(cfg, name, model, corpus),
         "data": {"source": corpus.source, "sha256": corpus.sha256, "samples_used": int(samples.shape[0])},
         "proximal": study.result() if study is not None else None,
         "similarity": report.similarity_summary(sim.query_heads(), sim_kv),
-        "plan": report.plan_summary(plan, sim_kv, cfg.context),
+        "retrieval": report.retrieval_summary(scores, cfg) if scores is not None else None,
+        "plan": report.plan_summary(plan, sim_kv, cfg.context, None if scores is None else scores["retrieval"]),
         "runtime": {"seconds": round(time.perf_counter() - started, 1), "threads": torch.get_num_threads()},
     }
-    report.write_all(Path(out_dir), result, plan, sim.query_heads(), sim_kv)
+    report.write_all(Path(out_dir), result, plan, sim.query_heads(), sim_kv, scores)
     result["plan_object"] = plan
     return result
 
 
-def make_plan(cfg: AnalysisConfig, sim_kv: torch.Tensor, meta: dict | None = None):
-    """Similarity (Hkv, L, L) -> plan, by target saving when set, else by threshold delta."""
+def make_plan(cfg: AnalysisConfig, sim_kv: torch.Tensor, meta: dict | None = None,
+              retrieval: torch.Tensor | None = None):
+    """Similarity (Hkv, L, L) [+ retrieval scores (L, Hkv)] -> the plan of ``cfg.kind``.
+
+    greedy: threshold ``delta``; similarity: the most similar plan at ``target_saving``; retrieval:
+    the same with sharing priced at ``retrieval_weight * retrieval``; uniform: blocks of ``block_size``.
+    """
     meta = dict(meta or {})
-    kw = dict(ns=cfg.ns, nr=cfg.nr)
-    if cfg.target_saving is not None:
-        plan = planner.plan_for_saving(sim_kv, cfg.target_saving, cfg.context, cfg.granularity, meta=meta, **kw)
+    meta["kind"] = cfg.kind
+    kw = dict(ns=cfg.ns, nr=cfg.nr, meta=meta)
+    if cfg.kind == "uniform":
+        meta["block_size"] = cfg.block_size
+        plan = SharingPlan.uniform(sim_kv.shape[1], sim_kv.shape[0], int(cfg.block_size), **kw)
+    elif cfg.kind == "greedy":
+        plan = planner.plan_by_threshold(sim_kv, cfg.delta, cfg.granularity, **kw)
     else:
-        plan = planner.plan_by_threshold(sim_kv, cfg.delta, cfg.granularity, meta=meta, **kw)
+        cost = None
+        if cfg.kind == "retrieval":
+            if retrieval is None:
+                raise PodError("--kind retrieval needs retrieval scores: run `podkv analyze` with --retrieval-samples")
+            meta["retrieval_weight"] = cfg.retrieval_weight
+            cost = cfg.retrieval_weight * retrieval.to(sim_kv.dtype)
+        plan = planner.plan_for_saving(sim_kv, cfg.target_saving, cfg.context, cfg.granularity, cost=cost, **kw)
+    if cfg.target_saving is not None:
+        plan.meta["target_saving"] = cfg.target_saving
+    if retrieval is not None:
+        plan.meta["retrieval_shared"] = round(planner.retrieval_shared(plan, retrieval), 4)
     plan.meta["kv_saving"] = {"context": cfg.context, "saving": round(plan.kv_saving(cfg.context), 6)}
     return plan
+
+
+def replan(data: dict, source: str = "analysis.json", **changes):
+    """A plan from an ``analysis.json`` dict with settings ``changes`` (kind, target_saving, ...): no model run."""
+    try:
+        sim_kv = torch.tensor(data["similarity"]["kv_heads"], dtype=torch.float64)
+        settings = dict(data["settings"])
+    except (KeyError, TypeError) as exc:
+        raise PodError(f"{source} is not an analysis.json from `podkv analyze` (missing {exc})") from None
+    scores = data.get("retrieval")
+    settings.update(changes)
+    settings["retrieval_samples"] = scores["samples"] if scores else 0
+    if settings.get("kind") == "retrieval" and not scores:
+        raise PodError(f"{source} has no retrieval scores: re-run `podkv analyze` with --kind retrieval "
+                       "or --retrieval-samples N")
+    cfg = AnalysisConfig(**settings)
+    meta = {k: data[k] for k in ("model", "model_type", "data_sha256", "seed", "podkv_version", "versions")
+            if k in data}
+    meta["settings"] = {**asdict(cfg), "proximal_sizes": list(cfg.proximal_sizes), "from_analysis": source}
+    retrieval = torch.tensor(scores["retrieval"], dtype=torch.float64) if scores else None
+    return make_plan(cfg, sim_kv, meta=meta, retrieval=retrieval), cfg
 
 
 def _collect(model, samples: torch.Tensor, cfg: AnalysisConfig, progress: bool):
