@@ -113,14 +113,19 @@ def test_attached_restores_a_pod_model(model, plan):
         disable_pod(model)
 
 
-def test_demo_passkey_comparison_on_tiny_model(model, plan):
+def test_demo_needle_comparison_on_tiny_model(model, plan):
     pytest.importorskip("kvpress", reason="the demo's StreamingLLM row needs kvpress")
-    from podkv.eval.demo import _figure, passkey_compare
+    from podkv.eval.demo import _figure, _row, needle_compare
     from test_eval_prompts import CharTokenizer
 
-    rows = passkey_compare(model, CharTokenizer(), plan, length=400, depth=0.2, seed=0)
-    assert [r["method"] for r in rows] == ["dense", "pod", "streaming"]
+    entries = needle_compare(model, CharTokenizer(), plan, length=400, samples=10, seed=0)
+    assert list(entries) == ["dense", "pod", "streaming"]
+    rows = [_row(m, e) for m, e in entries.items()]
+    assert [r["n"] for r in rows] == [10, 10, 10]
     assert rows[0]["kv_fraction"] == 1.0
     assert all(r["kv_fraction"] <= r["budget"] + 1e-6 for r in rows[1:])
-    assert all(isinstance(r["correct"], bool) and r["kv_mb"] > 0 for r in rows)
+    assert rows[0]["depths"] == [0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95]
+    for r in rows:
+        lo, hi = r["ci95"]
+        assert lo <= r["found"] / r["n"] <= hi
     _figure(rows, 400)

@@ -141,7 +141,10 @@ def test_retrieval_logprob_is_the_teacher_forced_log_probability(model):
 def test_too_few_samples_is_refused(task):
     with pytest.raises(PodError, match="too few samples for a CI") as err:
         _cfg(tasks=(task,), samples=9)
-    assert "\n" not in str(err.value) and "--samples >= 10" in str(err.value)
+    assert "\n" not in str(err.value) and ">= 10 prompts per length" in str(err.value) and "got 9" in str(err.value)
+    with pytest.raises(PodError, match="got 6"):
+        _cfg(tasks=(task,), samples=2, depths=(0.2, 0.5, 0.8))  # 2 per depth x 3 depths
+    _cfg(tasks=(task,), samples=2, depths=(0.1, 0.3, 0.5, 0.7, 0.9))  # 10 per length
     _cfg(tasks=(task,), samples=10)  # the minimum itself is fine
     EvalConfig(tasks=("niah",), samples=1)  # the grid tasks keep one prompt per cell
 

@@ -26,10 +26,10 @@ def register(sub) -> None:
                    help="instead of running: merge the results.json of runs made separately (same prompts)")
     c.set_defaults(func=run_compare)
 
-    d = sub.add_parser("demo", help="capital-of-France check through PoD, then a long passkey: dense vs PoD vs StreamingLLM")
+    d = sub.add_parser("demo", help="capital-of-France check through PoD, then needles at several depths: dense vs PoD vs StreamingLLM")
     d.add_argument("--model", default=None, help="default: smollm2-pod if available, else the default model + plan")
-    d.add_argument("--length", type=int, default=3500, help="passkey prompt length in tokens (default 3500)")
-    d.add_argument("--depth", type=float, default=0.2, help="needle depth in [0, 1] (default 0.2)")
+    d.add_argument("--length", type=int, default=2048, help="prompt length in tokens (default 2048)")
+    d.add_argument("--samples", type=int, default=10, help="needles, one prompt each, depths spread 5%%..95%% (>= 10)")
     d.add_argument("--out", default="demo_out", help="where the figure goes (default demo_out/)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=run_demo)
@@ -134,4 +134,4 @@ def _print_table(results, out) -> None:
 def run_demo(args) -> int:
     from podkv.eval.demo import demo
 
-    return demo(model_name=args.model, length=args.length, depth=args.depth, out=args.out, seed=args.seed)
+    return demo(model_name=args.model, length=args.length, samples=args.samples, out=args.out, seed=args.seed)

@@ -74,10 +74,11 @@ class EvalConfig:
         for name in ("samples", "needles", "max_new_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise PodError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        per_length = self.samples * len(self.depths or (None,))  # --samples counts per depth when depths are given
         for t in self.tasks:
-            if self.samples < TASKS[t].min_samples:
-                raise PodError(f"too few samples for a CI: task {t!r} needs --samples >= {TASKS[t].min_samples} "
-                               f"per length, got {self.samples}")
+            if per_length < TASKS[t].min_samples:
+                raise PodError(f"too few samples for a CI: task {t!r} needs >= {TASKS[t].min_samples} prompts "
+                               f"per length (--samples x --depths), got {per_length}")
         self.lengths = tuple(sorted(int(n) for n in self.lengths))
         self.depths = None if self.depths is None else tuple(float(d) for d in self.depths)
         if self.files:

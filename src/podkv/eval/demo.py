@@ -1,8 +1,9 @@
 """`podkv demo`: the README's first command.
 
 1. The classic check: "What is the capital of France?" answered through PoD (must say Paris).
-2. A long passkey prompt prefilled with dense, PoD and StreamingLLM at PoD's KV budget: answers,
-   correctness and KV MB held, plus a PNG.
+2. Several RULER needles at depths spread over held-out prose, prefilled with dense, PoD and
+   StreamingLLM at PoD's KV budget: how many each finds, with a 95% interval (one prompt says
+   nothing), and a PNG.
 """
 
 from __future__ import annotations
@@ -42,70 +43,63 @@ def capital_check(model, tok, plan) -> str:
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def passkey_compare(model, tok, plan, length: int, depth: float, seed: int, base=None) -> list[dict]:
-    """Dense, PoD and StreamingLLM on one passkey prompt; ``base`` (if given) runs dense and StreamingLLM.
+def needle_compare(model, tok, plan, length: int, samples: int, seed: int, base=None) -> dict:
+    """Dense, PoD and StreamingLLM on the same ``samples`` needle prompts (held-out prose, depths
+    spread evenly over the haystack); ``base`` (if given) runs dense and StreamingLLM.
 
-    With an adapted PoD model, the baselines run on the original weights, as in the paper.
+    With an adapted PoD model the baselines run on the original weights, as in the paper.
+    Returns the runner's per-method entries (summaries carry a 95% interval).
     """
-    import torch
+    from podkv.eval.config import EvalConfig
+    from podkv.eval.runner import default_budget, evaluate
 
-    from podkv.eval import prompts
-    from podkv.eval.generation import eos_ids, greedy_answer
-    from podkv.eval.methods import make_method
-    from podkv.eval.runner import default_budget
-    from podkv.eval.scoring import exact_match
-
-    needle = prompts.passkey_needle(random.Random(f"demo-{seed}"))
-    p = prompts.build_prompt(tok, length, [(needle, depth)], haystack="filler", seed=seed)
-    budget = default_budget(plan, [length])
-    rows = []
-    for name in ("dense", "pod", "streaming"):
-        method = make_method(name, plan=plan, budget=None if name == "dense" else budget)
-        try:
-            method.check(model.config, [length])
-        except PodError as exc:
-            print(f"[demo] skipping {name}: {exc}", file=sys.stderr)
-            continue
-        runner = model if base is None or name == "pod" else base
-        with method.attached(runner):
-            out, pre = greedy_answer(runner, method, torch.tensor([p.input_ids]), 12, eos_ids(tok))
-        text = tok.decode(out, skip_special_tokens=True).strip()
-        rows.append({"method": name, "answer": text, "correct": exact_match(text, p.answer), "kv_mb": pre.kv_bytes / 2**20,
-                     "kv_fraction": pre.kv_fraction, "prefill_s": pre.seconds})
-    for r in rows:
-        r.update(passkey=p.answer, length=length, needle_pos=p.needle_pos, budget=budget)
-    return rows
+    depths = tuple(round((i + 0.5) / samples, 4) for i in range(samples))
+    common = dict(tasks=("niah_single_prose",), lengths=(length,), depths=depths, samples=1, seed=seed,
+                  budget=default_budget(plan, [length]), compare=True)
+    out = {}
+    for names, runner in ((("dense", "streaming"), base if base is not None else model), (("pod",), model)):
+        cfg = EvalConfig(methods=names, **common)
+        out.update(evaluate(runner, tok, cfg, plan, progress=True))
+    return {name: out[name] for name in ("dense", "pod", "streaming") if name in out}
 
 
-def demo(model_name: str | None = None, length: int = 3500, depth: float = 0.2, out: str = "demo_out",
+def demo(model_name: str | None = None, length: int = 2048, samples: int = 10, out: str = "demo_out",
          seed: int = 0) -> int:
     from podkv.io import save_figure, write_json
 
-    if not 0.0 <= depth <= 1.0:
-        raise PodError(f"--depth {depth} is outside the haystack: use a fraction in [0, 1]")
     model, tok, plan, source, name = load_demo_model(model_name)
     print(f"model: {name}; PoD plan: {source}\n{plan.summary(length)}\n")
     answer = capital_check(model, tok, plan)
     print(f"Q: {QUESTION}\nA (PoD): {answer}\n")
-    print(f"Passkey at depth {depth:.0%} of a {length}-token prompt (greedy):")
+    print(f"{samples} needles (RULER magic numbers) in {length}-token held-out prose, depths 5%..95%, greedy:")
     base = None
     if name == "smollm2-pod":  # baselines on the original weights, PoD on the adapted ones
         from podkv.models.loading import load_model
 
         base, _ = load_model(None, progress=False)
-    rows = passkey_compare(model, tok, plan, length, depth, seed, base=base)
+    entries = needle_compare(model, tok, plan, length, samples, seed, base=base)
+    rows = [_row(m, e) for m, e in entries.items()]
     if base is not None:
         print("(dense and streaming run on the original weights, pod on smollm2-pod)")
-    print(f"{'method':<10} {'answer':<28} {'correct':<8} {'KV MB':>7} {'KV held':>8}")
+    print(f"{'method':<10} {'found':>7} {'95% CI':>13} {'KV held':>8}   by depth (o found, . missed)")
     for r in rows:
-        print(f"{r['method']:<10} {r['answer'][:28]!s:<28} {str(r['correct']):<8} {r['kv_mb']:7.1f} "
-              f"{r['kv_fraction']:8.1%}")
-    print(f"(passkey {rows[0]['passkey']}; needle at token {rows[0]['needle_pos']})")
+        print(f"{r['method']:<10} {r['found']:>3}/{r['n']:<3} [{r['ci95'][0]:4.0%}, {r['ci95'][1]:4.0%}] "
+              f"{r['kv_fraction']:8.1%}   {''.join('o' if c else '.' for c in r['by_depth'])}")
     out = Path(out)
-    write_json(out / "demo.json", {"model": name, "plan_source": source, "capital_answer": answer, "passkey": rows})
+    write_json(out / "demo.json", {"model": name, "plan_source": source, "capital_answer": answer,
+                                   "length": length, "needles": rows})
     path = save_figure(_figure(rows, length), out / "demo.png")
     print(f"figure: {path}")
     return 0
+
+
+def _row(method: str, entry: dict) -> dict:
+    task = entry["tasks"]["niah_single_prose"]
+    recs = sorted(task["records"], key=lambda r: r["depth"])
+    s = task["summary"]
+    return {"method": method, "found": sum(r["score"] == 1.0 for r in recs), "n": len(recs), "ci95": s["ci95"],
+            "kv_fraction": s["kv_fraction"], "by_depth": [r["score"] == 1.0 for r in recs],
+            "depths": [r["depth"] for r in recs], "budget": entry["method"].get("budget")}
 
 
 def _figure(rows: list[dict], length: int):
@@ -114,14 +108,15 @@ def _figure(rows: list[dict], length: int):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    names = [r["method"] for r in rows]
-    colors = ["tab:green" if r["correct"] else "tab:red" for r in rows]
-    ax.bar(names, [r["kv_mb"] for r in rows], color=colors)
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
     for i, r in enumerate(rows):
-        ax.text(i, r["kv_mb"], f"{'found' if r['correct'] else 'missed'}\n{r['kv_fraction']:.0%} KV",
-                ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("KV cache held after prefill (MB)")
-    ax.set_title(f"passkey in a {length}-token prompt (green = answered correctly)", fontsize=9)
-    ax.set_ylim(0, max(r["kv_mb"] for r in rows) * 1.3)
+        acc = r["found"] / r["n"]
+        lo, hi = r["ci95"]
+        ax.bar(i, 100 * acc, color=f"C{i}")
+        ax.errorbar(i, 100 * acc, yerr=[[100 * (acc - lo)], [100 * (hi - acc)]], color="k", capsize=4)
+        ax.text(i, 100 * hi + 2, f"{r['found']}/{r['n']}\n{r['kv_fraction']:.0%} KV", ha="center", fontsize=8)
+    ax.set_xticks(range(len(rows)), [r["method"] for r in rows])
+    ax.set_ylabel("needles found (%), 95% CI")
+    ax.set_ylim(0, 125)
+    ax.set_title(f"{rows[0]['n']} needles in {length}-token held-out prose", fontsize=9)
     return fig

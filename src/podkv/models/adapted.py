@@ -31,9 +31,13 @@ def load_adapted_default(dtype: torch.dtype = torch.float32, progress: bool = Tr
         if not (asset_dir / name).is_file():
             raise PodError(f"the adapted model 'smollm2-pod' is incomplete: {asset_dir / name} is missing; "
                            "reinstall podkv or train your own with `podkv train`")
+    from podkv.training.init import init_from_anchor
+
     model, tok = load_model(None, dtype=torch.float32, progress=progress)
+    plan = SharingPlan.load(asset_dir / PLAN_FILE)
+    init_from_anchor(model, plan, plan.meta.get("init", "none"))  # deterministic: replayed, not stored
     apply_deltas(model, asset_dir / DELTA_FILE)  # deltas are added in fp32, then cast once
-    enable_pod(model, SharingPlan.load(asset_dir / PLAN_FILE))
+    enable_pod(model, plan)
     model.to(dtype)
     return model.eval(), tok
 

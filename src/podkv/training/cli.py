@@ -23,6 +23,8 @@ def register(sub) -> None:
     p.add_argument("--objective", choices=("lm", "distill"), default="lm",
                    help="lm: next-token loss; distill: KL to the same model with dense attention")
     p.add_argument("--trainable", choices=("qk", "attention", "all"), default="qk")
+    p.add_argument("--init", choices=("none", "anchor-q", "anchor-qk"), default="none",
+                   help="start shared heads from their anchor's q (and k) projections: score sharing at step 0")
     p.add_argument("--lora-rank", type=int, default=0, help="0: train weights directly; R > 0: LoRA (peft)")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per device per micro-step")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
@@ -49,7 +51,7 @@ def run(args) -> int:
         objective=args.objective, trainable=args.trainable, lora_rank=args.lora_rank, batch_size=args.batch_size,
         grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing, save_steps=args.save_steps,
         eval_every=args.eval_every, eval_tokens=args.eval_tokens, precision=args.precision, threads=args.threads,
-        seed=args.seed, resume=args.resume, long_range=args.long_range,
+        seed=args.seed, resume=args.resume, long_range=args.long_range, init=args.init,
     )
     result = train(cfg)
     if result:

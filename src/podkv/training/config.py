@@ -31,6 +31,8 @@ class TrainConfig:
         With the default text the held-out curve is measured on the ``heldout`` split instead.
     long_range : generated long-range documents (repeat / lookup, :mod:`podkv.training.longrange`)
         added to the training rows; 0 = none.
+    init : ``"none"``, ``"anchor-q"`` or ``"anchor-qk"`` — start shared heads from their anchor's
+        projections (:mod:`podkv.training.init`); recorded in the saved plan's ``meta["init"]``.
     eval_every : optimizer steps between held-out perplexity measurements (0 = only at start and end).
     """
 
@@ -59,6 +61,7 @@ class TrainConfig:
     resume: bool = False
     threads: int | None = None
     long_range: int = 0
+    init: str = "none"
 
     def __post_init__(self):
         for name in ("seq_len", "batch_size", "grad_accum", "save_steps", "eval_tokens"):
@@ -74,6 +77,9 @@ class TrainConfig:
         _choice("objective", self.objective, OBJECTIVES)
         _choice("trainable", self.trainable, TRAINABLE)
         _choice("precision", self.precision, PRECISIONS)
+        from podkv.training.init import INITS
+
+        _choice("init", self.init, INITS)
         if self.lora_rank < 0:
             raise PodError(f"--lora-rank must be >= 0, got {self.lora_rank}")
         if not 0 < self.eval_fraction < 1:

@@ -67,6 +67,11 @@ def train(cfg: TrainConfig, callbacks=None) -> dict:
     t0 = time.time()
     dense_nll = heldout_nll(model, split.heldout, cfg.seq_len, cfg.eval_tokens)
     teacher = copy.deepcopy(model) if cfg.objective == "distill" else None  # dense attention, frozen
+    if cfg.init != "none":
+        from podkv.training.init import init_from_anchor
+
+        init_from_anchor(model, plan, cfg.init)
+        plan.meta = {**plan.meta, "init": cfg.init}  # the loader replays it before applying the deltas
     enable_pod(model, plan)
     base_state = {n: p.detach().clone() for n, p in model.named_parameters()} if not cfg.lora_rank else None
     if cfg.lora_rank:
