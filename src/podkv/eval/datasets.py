@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from podkv.errors import PodError
-from podkv.eval.tasks import Case, Task
+from podkv.eval.task_base import Case, Task
 
 
 def load_jsonl(path: Path):

@@ -16,7 +16,7 @@ import torch
 from podkv.eval.generation import continuation_nll
 from podkv.eval.ruler import NiahSingleProse
 from podkv.eval.stats import describe
-from podkv.eval.tasks import Case, by_length
+from podkv.eval.task_base import Case, by_length
 
 
 class RetrievalLogprob(NiahSingleProse):

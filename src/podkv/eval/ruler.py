@@ -21,7 +21,7 @@ from podkv.eval.haystack import FILLER, sentences
 from podkv.eval.prompts import KEYS, Needle, build_prompt
 from podkv.eval.scoring import string_match_all
 from podkv.eval.stats import MIN_SAMPLES
-from podkv.eval.tasks import Case, Task
+from podkv.eval.task_base import Case, Task
 
 NIAH_INSTRUCTION = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
                     "I will quiz you about the numbers afterwards.\n")
