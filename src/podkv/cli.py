@@ -1,7 +1,8 @@
 """The `podkv` command line. Thin: each subcommand parses its flags and calls one library function.
 
 Subcommands live next to the code they drive (``podkv/<area>/cli.py`` with ``register(subparsers)``);
-this file only dispatches and turns :class:`PodError` into a one-line message and exit code 2.
+this file only dispatches and turns :class:`PodError` (from a flag's value or from the command) into a
+one-line message and exit code 2. Flag values follow one convention: :mod:`podkv.cli_args`.
 """
 
 from __future__ import annotations
@@ -56,11 +57,11 @@ def _reset(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 1
     try:
+        args = parser.parse_args(argv)  # a bad list flag raises PodError here (podkv.cli_args)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 1
         return int(args.func(args) or 0)
     except PodError as exc:
         print(f"podkv: error: {exc}", file=sys.stderr)

@@ -4,23 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from podkv.errors import PodError
+from podkv.cli_args import Floats, Int, Ints
 
 DEFAULT_OUT = Path("benchmarks")
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise PodError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise PodError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def register(sub) -> None:
@@ -29,7 +15,7 @@ def register(sub) -> None:
     common = dict(model=None, plan=None, out=DEFAULT_OUT)
 
     p = cmds.add_parser("memory", help="KV bytes held vs context length, measured and by formula")
-    p.add_argument("--lengths", type=_ints, default=(1024, 2048, 4096, 8192))
+    p.add_argument("--lengths", action=Ints, default=(1024, 2048, 4096, 8192))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--decode", type=int, default=4, help="greedy tokens decoded after the prefill")
     p.add_argument("--selection-budget", type=float, default=0.1,
@@ -37,7 +23,7 @@ def register(sub) -> None:
     _common(p, "memory")
 
     p = cmds.add_parser("batch", help="largest batch under a fixed KV budget, dense vs PoD (real runs)")
-    p.add_argument("--length", type=int, default=2048)
+    p.add_argument("--length", action=Int, default=2048)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--budget-requests", type=float, default=4.5, help="KV budget in dense requests (default 4.5)")
     p.add_argument("--budget-mb", type=float, default=None, help="KV budget in MiB (overrides --budget-requests)")
@@ -46,18 +32,18 @@ def register(sub) -> None:
     _common(p, "batch")
 
     p = cmds.add_parser("speed", help="prefill/decode latency and one layer's attention, dense vs PoD")
-    p.add_argument("--prefill-lengths", type=_ints, default=(512, 1024, 2048))
-    p.add_argument("--decode-lengths", type=_ints, default=(1024, 4096))
+    p.add_argument("--prefill-lengths", action=Ints, default=(512, 1024, 2048))
+    p.add_argument("--decode-lengths", action=Ints, default=(1024, 4096))
     p.add_argument("--decode-steps", type=int, default=12)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--attn-lengths", type=_ints, default=(1024, 2048, 4096, 8192))
+    p.add_argument("--attn-lengths", action=Ints, default=(1024, 2048, 4096, 8192))
     p.add_argument("--attn-reps", type=int, default=5)
     p.add_argument("--chunk", type=int, default=128, help="PoD prefill query chunk (enable_pod's chunk)")
     _common(p, "speed")
 
     p = cmds.add_parser("skip", help="gate skipping swept over tau: skipped share, time, perplexity, passkey")
-    p.add_argument("--taus", type=_floats, default=None, help="comma-separated (default 1.01,0.95,...,0)")
-    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--taus", action=Floats, default=None, help="default 1.01,0.95,...,0")
+    p.add_argument("--context", action=Int, default=4096)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--ppl-prefix", type=int, default=1024)
     p.add_argument("--ppl-tokens", type=int, default=48)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from podkv.cli_args import Floats, Int, Ints, Names
 from podkv.errors import PodError
 
 COMPARE_METHODS = ("dense", "pod", "streaming", "snapkv", "h2o")
@@ -20,15 +21,15 @@ def register(sub) -> None:
         t.set_defaults(func=run_task, tasks_=(name,))
     c = tasks.add_parser("compare", help="several methods on the same tasks at one KV budget; one table + figures")
     _common(c)
-    c.add_argument("--methods", type=_names, default=COMPARE_METHODS, help=f"comma list (default {','.join(COMPARE_METHODS)})")
-    c.add_argument("--tasks", type=_names, default=("niah",), help="comma list of tasks (default niah)")
+    c.add_argument("--methods", action=Names, default=COMPARE_METHODS, help=f"comma list (default {','.join(COMPARE_METHODS)})")
+    c.add_argument("--tasks", action=Names, default=("niah",), help="comma list of tasks (default niah)")
     c.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                    help="instead of running: merge the results.json of runs made separately (same prompts)")
     c.set_defaults(func=run_compare)
 
     d = sub.add_parser("demo", help="capital-of-France check through PoD, then needles at several depths: dense vs PoD vs StreamingLLM")
     d.add_argument("--model", default=None, help="default: smollm2-pod if available, else the default model + plan")
-    d.add_argument("--length", type=int, default=2048, help="prompt length in tokens (default 2048)")
+    d.add_argument("--length", action=Int, default=2048, help="prompt length in tokens (default 2048)")
     d.add_argument("--samples", type=int, default=10, help="needles, one prompt each, depths spread 5%%..95%% (>= 10)")
     d.add_argument("--out", default="demo_out", help="where the figure goes (default demo_out/)")
     d.add_argument("--seed", type=int, default=0)
@@ -40,11 +41,11 @@ def _common(p) -> None:
     p.add_argument("--plan", default=None, help="PoD plan JSON (default: the model's own, the shipped plan, or uniform)")
     p.add_argument("--budget", type=float, default=None,
                    help="KV fraction every compressed method must hold at most (default: what the PoD plan holds)")
-    p.add_argument("--lengths", type=_ints, default=(1024, 2048, 4096), help="token lengths, e.g. 1024,2048,4096")
-    p.add_argument("--depths", type=_floats, default=None,
+    p.add_argument("--lengths", action=Ints, default=(1024, 2048, 4096), help="token lengths, e.g. 1k,2k,4k")
+    p.add_argument("--depths", action=Floats, default=None,
                    help="needle depths in [0,1] (default: 0,0.25,0.5,0.75,1; RULER tasks draw one per sample)")
-    p.add_argument("--depths-long", type=_floats, default=None, help="depths used at lengths >= --long-from")
-    p.add_argument("--long-from", type=int, default=8192)
+    p.add_argument("--depths-long", action=Floats, default=None, help="depths used at lengths >= --long-from")
+    p.add_argument("--long-from", action=Int, default=8192)
     p.add_argument("--haystack", choices=("filler", "prose"), default=None,
                    help="passkey/niah/multikey only (RULER tasks name theirs); prose = held-out stdlib docstrings")
     p.add_argument("--samples", type=int, default=1,
@@ -60,28 +61,6 @@ def _common(p) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
-
-
-def _split(text: str) -> list[str]:
-    return [x for x in text.replace(" ", ",").split(",") if x]
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(_split(text))
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x.lower().replace("k", "")) * (1024 if x.lower().endswith("k") else 1) for x in _split(text))
-    except ValueError:
-        raise PodError(f"--lengths must be integers like 1024,2048 or 1k,2k; got {text!r}") from None
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in _split(text))
-    except ValueError:
-        raise PodError(f"--depths must be numbers in [0, 1] like 0,0.5,1; got {text!r}") from None
 
 
 def config_from(args, tasks, methods, compare=False):
