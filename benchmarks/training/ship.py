@@ -3,7 +3,7 @@
     python benchmarks/training/ship.py RUN_DIR "exact podkv train command"
 
 Copies pod_deltas.safetensors and pod_plan.json, writes recipe.json (command, tokens, wall time,
-held-out numbers) and results/run_<name>.json for the report.
+held-out numbers, machine and versions: podkv.provenance) and results/run_<name>.json for the report.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 import podkv
 from podkv.io import write_json
 from podkv.models.adapted import ASSET_DIR, DELTA_FILE, PLAN_FILE, RECIPE_FILE
+from podkv.provenance import machine, versions
 
 
 def main(run_dir: str, command: str) -> None:
@@ -35,7 +36,9 @@ def main(run_dir: str, command: str) -> None:
         "heldout_tokens": result["config"]["eval_tokens"],
         "heldout_ppl": {"dense": math.exp(result["dense_heldout_nll"]), "pod_training_free": math.exp(first["nll"]),
                         "pod_adapted": math.exp(last["nll"])},
-        "hardware": "2 shared CPU cores (fp32)",
+        # the training run's machine when it recorded one, else this process's (ship on the machine that trained)
+        "hardware": {**(result.get("machine") or machine()), "dtype": "float32"},  # podkv train loads fp32
+        "versions": result.get("versions") or versions(),
     })
     print(f"shipped {run} -> {ASSET_DIR}")
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import platform
 import statistics
 import threading
 import time
@@ -44,19 +43,15 @@ def default_plan(config) -> tuple[SharingPlan, str]:
 
 
 def machine_info(device: str = "cpu") -> dict:
-    import transformers
+    """Date, versions, the machine (:mod:`podkv.provenance`) and the load average of this run."""
+    from podkv.provenance import machine, versions
 
-    import podkv
-
-    info = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "podkv": podkv.__version__,
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "device": device}
+    info = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **versions(("torch", "transformers")),
+            **machine(device), "device": device}
     with contextlib.suppress(OSError, AttributeError):
         import os
 
         info["load_avg_1m"] = round(os.getloadavg()[0], 2)  # other users of the CPU make timings noisy
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(device)
     return info
 
 

@@ -27,7 +27,7 @@ def md_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
 
 def machine_line(info: dict) -> str:
-    keys = ("date", "device", "cpu", "threads", "load_avg_1m", "torch", "transformers", "podkv", "gpu")
+    keys = ("date", "device", "cpu", "cpu_count", "threads", "load_avg_1m", "torch", "transformers", "podkv", "gpu")
     return "Machine: " + ", ".join(f"{k} {info[k]}" for k in keys if k in info)
 
 

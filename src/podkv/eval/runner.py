@@ -6,9 +6,7 @@ No method- or task-specific branches: both come from their registries.
 from __future__ import annotations
 
 import math
-import platform
 from importlib import resources
-from importlib.metadata import PackageNotFoundError, version
 
 from podkv.errors import PodError
 from podkv.eval.config import EvalConfig
@@ -100,18 +98,13 @@ def _log(path, record: dict) -> None:
 
 
 def provenance(cfg: EvalConfig, model, plan: SharingPlan, plan_source: str) -> dict:
-    """Everything a rerun needs: model, plan, settings, seed and package versions."""
-    import podkv
+    """Everything a rerun needs: model, plan, settings, seed, package versions and the machine."""
+    from podkv.provenance import machine, versions
 
-    versions = {"podkv": podkv.__version__, "python": platform.python_version()}
-    for pkg in ("torch", "transformers", "kvpress"):
-        try:
-            versions[pkg] = version(pkg)
-        except PackageNotFoundError:
-            versions[pkg] = None
     return {"model": cfg.model or "smollm2 (embedded default)", "model_type": model.config.model_type,
             "plan_source": plan_source, "plan": plan.to_dict(), "plan_summary": plan.summary(max(cfg.lengths)),
-            "settings": cfg.to_dict(), "seed": cfg.seed, "versions": versions}
+            "settings": cfg.to_dict(), "seed": cfg.seed, "versions": versions(),
+            "machine": machine(str(model.device))}
 
 
 def load(cfg: EvalConfig):
