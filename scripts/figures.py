@@ -8,7 +8,8 @@ that reads one results JSON (the row names it, with the command that writes it) 
 rerun a benchmark, then this script, and the docs follow. Where a doc and its file disagreed, the file won.
 
 To add a row: a function decorated ``@row(DOC, RESULTS_FILE, COMMAND)`` taking the parsed JSON (a list of
-them when RESULTS_FILE is a glob) and returning the table's cells other than the source.
+them when RESULTS_FILE is a glob) and returning the table's cells other than the source. Rows appear in
+the order they are defined.
 """
 
 from __future__ import annotations
@@ -113,16 +114,21 @@ def readme_kv_saving(m):
 
 @row("README.md", "benchmarks/memory.json", "podkv bench memory")
 def readme_pod_snapkv(m):
-    kept = [r for r in m["rows"] if "pod_snapkv_saving" in r]
-    refused = [r for r in m["rows"] if "pod_snapkv_note" in r]
+    kept, refused, exact = _snapkv(m)
     saved = sorted({pct(r["pod_snapkv_saving"], 0) for r in kept})
-    exact = "=" if all(r["pod_snapkv_matches_formula"] for r in kept) else "≠"
+    exact = "=" if exact else "≠"
     text = (f"**{' / '.join(saved)} saved** at {' and '.join(kilo(r['T']) for r in kept)} "
             f"(measured {exact} formula at the kept length)")
     if refused:
         text += (f"; below {kilo(kept[0]['T'])} the {_proximal(refused[0])} proximal tokens alone exceed "
                  f"{pct(m['selection_budget'], 0)}")
     return f"PoD + SnapKV at a {pct(m['selection_budget'], 0)} budget", text
+
+
+def _snapkv(m) -> tuple[list, list, bool]:
+    """Lengths where PoD + SnapKV ran, lengths it refused, and whether every kept cache matched the formula."""
+    kept = [r for r in m["rows"] if "pod_snapkv_saving" in r]
+    return kept, [r for r in m["rows"] if "pod_snapkv_note" in r], all(r["pod_snapkv_matches_formula"] for r in kept)
 
 
 def _proximal(mem_row) -> str:
@@ -132,9 +138,12 @@ def _proximal(mem_row) -> str:
 
 @row("README.md", "benchmarks/batch.json", "podkv bench batch")
 def readme_batch(b):
+    return f"largest batch at a fixed KV budget ({b['length']}+{b['new_tokens']} tokens)", f"{_batch(b, 1)}, by running"
+
+
+def _batch(b, digits: int) -> str:
     d, p = b["methods"]["dense"], b["methods"]["pod"]
-    return (f"largest batch at a fixed KV budget ({b['length']}+{b['new_tokens']} tokens)",
-            f"dense {d['max_batch']} → PoD {p['max_batch']} (**{b['ratio']:.1f}×**), by running")
+    return f"dense {d['max_batch']} → PoD {p['max_batch']} (**{b['ratio']:.{digits}f}×**)"
 
 
 @row("README.md", "benchmarks/speed.json", "podkv bench speed")
@@ -179,38 +188,42 @@ def readme_vllm_capacity(runs):
 
 # --- docs/bench.md: "Measured" ---------------------------------------------------------------------------
 
+bench_memory = row("docs/bench.md", "benchmarks/memory.json", "podkv bench memory")
+bench_speed = row("docs/bench.md", "benchmarks/speed.json", "podkv bench speed --threads 1")
+bench_skip = row("docs/bench.md", "benchmarks/adapted/skip.json", "podkv bench skip --model smollm2-pod --threads 2")
+
+
 def _by_t(rows, t):
     return next(r for r in rows if r["T"] == t)
 
 
-@row("docs/bench.md", "benchmarks/memory.json", "podkv bench memory")
+@bench_memory
 def bench_kv_4k(m):
     r = _by_t(m["rows"], 4096)
     return "KV saved at 4K (measured / plan formula)", f"{pct(r['saving'])} / {pct(r['plan_saving'])} — plan {m['plan']}"
 
 
-@row("docs/bench.md", "benchmarks/memory.json", "podkv bench memory")
+@bench_memory
 def bench_kv_other(m):
     rows = [r for r in m["rows"] if r["T"] != 4096]
     return (f"KV saved at {' / '.join(kilo(r['T']) for r in rows)}", " / ".join(pct(r["saving"]) for r in rows))
 
 
-@row("docs/bench.md", "benchmarks/memory.json", "podkv bench memory")
+@bench_memory
 def bench_formula(m):
     return "measured bytes == analytic formula (all lengths)", str(m["all_match_formula"])
 
 
-@row("docs/bench.md", "benchmarks/memory.json", "podkv bench memory")
+@bench_memory
 def bench_bytes_per_token(m):
     r = _by_t(m["rows"], 4096)
     return "KV bytes/token dense → PoD at 4K", f"{r['dense_bytes_per_token']:.0f} → {r['pod_bytes_per_token']:.0f}"
 
 
-@row("docs/bench.md", "benchmarks/memory.json", "podkv bench memory")
+@bench_memory
 def bench_pod_snapkv(m):
-    kept = [r for r in m["rows"] if "pod_snapkv_saving" in r]
-    refused = [r for r in m["rows"] if "pod_snapkv_note" in r]
-    exact = "==" if all(r["pod_snapkv_matches_formula"] for r in kept) else "!="
+    kept, refused, exact = _snapkv(m)
+    exact = "==" if exact else "!="
     parts = [f"{pct(r['pod_snapkv_saving'], 0)} saved at {kilo(r['T'])} ({r['pod_snapkv_tokens']} tokens kept)"
              for r in kept]
     text = f"{'; '.join(parts)}, measured {exact} formula"
@@ -220,7 +233,7 @@ def bench_pod_snapkv(m):
     return f"PoD + SnapKV (`pod+snapkv`) at a {pct(m['selection_budget'], 0)} budget, after prefill", text
 
 
-@row("docs/bench.md", "benchmarks/memory.json", "podkv bench memory")
+@bench_memory
 def bench_peak(m):
     rows = [r for r in m["rows"] if r["T"] >= 4096]
     return (f"peak process RSS growth at {' / '.join(kilo(r['T']) for r in rows)}, dense → PoD",
@@ -229,12 +242,11 @@ def bench_peak(m):
 
 @row("docs/bench.md", "benchmarks/batch.json", "podkv bench batch")
 def bench_batch(b):
-    d, p = b["methods"]["dense"], b["methods"]["pod"]
     return (f"max batch at {mib(b['budget_bytes'])} MiB KV budget, {b['length']}+{b['new_tokens']} tokens",
-            f"dense {d['max_batch']} → PoD {p['max_batch']} (**{b['ratio']:.2f}×**), plan {b['plan']}")
+            f"{_batch(b, 2)}, plan {b['plan']}")
 
 
-@row("docs/bench.md", "benchmarks/speed.json", "podkv bench speed --threads 1")
+@bench_speed
 def bench_prefill(s):
     pre, cfg = s["prefill"], s["config"]
     worst = max(r["ratio"] for r in pre)
@@ -244,7 +256,7 @@ def bench_prefill(s):
             f"{cfg['reps']} reps)", f"{ratios} ({secs})")
 
 
-@row("docs/bench.md", "benchmarks/speed.json", "podkv bench speed --threads 1")
+@bench_speed
 def bench_decode(s):
     dec = s["decode"]
     cells = [f"{bold_if(times(r['ratio']), r is dec[-1])} ({1e3 * r['dense']['median']:.3g} → {1e3 * r['pod']['median']:.3g} ms/token)"
@@ -253,14 +265,14 @@ def bench_decode(s):
             " / ".join(cells))
 
 
-@row("docs/bench.md", "benchmarks/speed.json", "podkv bench speed --threads 1")
+@bench_speed
 def bench_attention_prefill(s):
     rows = s["attention_prefill"]
     return (f"one layer's attention, prefill {' / '.join(kilo(r['T']) for r in rows)}, PoD/dense",
             " / ".join(times(r["ratio"]) for r in rows))
 
 
-@row("docs/bench.md", "benchmarks/speed.json", "podkv bench speed --threads 1")
+@bench_speed
 def bench_attention_decode(s):
     rows = s["attention_decode"]
     fixed = rows[0]["pod"]["median"] - rows[0]["dense"]["median"]
@@ -268,7 +280,7 @@ def bench_attention_decode(s):
             f"{' / '.join(times(r['ratio']) for r in rows)} (fixed cost ~{1e3 * fixed:.1f} ms per step and layer)")
 
 
-@row("docs/bench.md", "benchmarks/adapted/skip.json", "podkv bench skip --model smollm2-pod --threads 2")
+@bench_skip
 def bench_skip_pod(k):
     by = {r["method"]: r for r in k["rows"]}
     pod, dense = by["pod"], by["dense (reference)"]
@@ -276,7 +288,7 @@ def bench_skip_pod(k):
             f"step {pod['step_ms']:.1f} ms, ppl {pod['ppl']:.2f} (dense attention on the same weights {dense['ppl']:.2f})")
 
 
-@row("docs/bench.md", "benchmarks/adapted/skip.json", "podkv bench skip --model smollm2-pod --threads 2")
+@bench_skip
 def bench_skip_taus(k):
     at = {r["tau"]: r for r in k["rows"]}
     rows = [at[t] for t in (0.9, 0.7, 0.0)]

@@ -81,23 +81,12 @@ class _Parsed(argparse.Action):
         setattr(namespace, self.dest, type(self).parse(values, option_string or self.dest))
 
 
-class Int(_Parsed):
-    """One integer that may be written ``4k`` (token counts)."""
-
-    parse = staticmethod(parse_int)
-    default_metavar = "N"
+def _action(name: str, parse, metavar: str) -> type:
+    return type(name, (_Parsed,), {"parse": staticmethod(parse), "default_metavar": metavar,
+                                   "__doc__": f"Store {parse.__name__}(value, flag)."})
 
 
-class Ints(_Parsed):
-    parse = staticmethod(parse_ints)
-    default_metavar = "N,N"
-
-
-class Floats(_Parsed):
-    parse = staticmethod(parse_floats)
-    default_metavar = "X,X"
-
-
-class Names(_Parsed):
-    parse = staticmethod(parse_names)
-    default_metavar = "NAME,NAME"
+Int = _action("Int", parse_int, "N")  # one integer that may be written 4k (token counts)
+Ints = _action("Ints", parse_ints, "N,N")
+Floats = _action("Floats", parse_floats, "X,X")
+Names = _action("Names", parse_names, "NAME,NAME")
