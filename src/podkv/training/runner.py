@@ -123,6 +123,7 @@ def _build_trainer(cfg, model, tok, split, teacher, callbacks):
 
 def _finish(cfg, trainer, tok, plan, names, base_state, probe, dense_nll, wall, world, n_trainable) -> dict:
     from podkv.io import write_json
+    from podkv.provenance import machine, versions
     from podkv.training.deltas import full_deltas, lora_factors, save_deltas
 
     model = trainer.model
@@ -146,6 +147,7 @@ def _finish(cfg, trainer, tok, plan, names, base_state, probe, dense_nll, wall, 
         "world_size": world, "trainable_params": n_trainable, "wall_s": round(wall, 1), "kv_saving_4096": plan.kv_saving(4096),
         "dense_heldout_nll": dense_nll, "heldout": probe.curve,
         "train_loss": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
+        "machine": machine(), "versions": versions(),
     }
     write_json(final / RESULT_FILE, result)
     os.replace(final, cfg.out)  # atomic: <out> appears complete or not at all
@@ -159,6 +161,7 @@ class HeldOut(TrainerCallback):
     def __init__(self, heldout: torch.Tensor, cfg: TrainConfig, dense_nll: float):
         super().__init__()
         self.heldout, self.cfg, self.dense_nll = heldout, cfg, dense_nll
+        self.start = time.time()  # curves are also plotted per training second
         self.curve: list[dict] = []
 
     def measure(self, model, step: int, force: bool = False):
@@ -170,7 +173,7 @@ class HeldOut(TrainerCallback):
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.curve = [p for p in self.curve if p["step"] != step]
         self.curve.append({"step": step, "tokens": step * self.cfg.tokens_per_step * world, "nll": nll,
-                           "nll_gap": nll - self.dense_nll})
+                           "nll_gap": nll - self.dense_nll, "seconds": round(time.time() - self.start, 1)})
 
     def on_train_begin(self, args, state, control, model=None, **kw):
         if state.is_world_process_zero and state.global_step == 0:
