@@ -165,7 +165,8 @@ def _met(ok: bool) -> str:
 def _skip_row(k):
     at = {r["tau"]: r for r in k["rows"]}[0.7]
     saved = "time saved" if at["vs_pod"] < 0.98 else "break-even" if at["vs_pod"] <= 1.02 else "no time saved"
-    return (f"gate skipping, τ = 0.7, adapted model at {kilo(k['context'])}",
+    return (f"gate skipping, τ = 0.7, at {kilo(k['context'])}, on the *earlier* adapted model (uniform blocks of 4, "
+            "keys mode; not today's smollm2-pod)",
             f"{pct(at['skip_share'], 0)} of shared distant passes skipped for {signed(at['ppl_change_pct'])} "
             f"perplexity; the step is {times(at['vs_pod'])} PoD's ({saved} on {k['machine']['device'].upper()})")
 
