@@ -1,0 +1,119 @@
+"""Long-range training documents and the anchor initialisations (podkv.training.longrange / .init)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from tiny import tiny_model
+
+import podkv
+from podkv.errors import PodError
+from podkv.training.init import init_from_anchor
+from podkv.training.longrange import long_range_blocks, lookup_document, repeat_document
+
+
+class WordTok:
+    """Whitespace tokenizer over a growing vocabulary: enough to count and decode tokens exactly."""
+
+    eos_token_id = 0
+
+    def __init__(self):
+        self.vocab, self.words = {"<eos>": 0}, ["<eos>"]
+
+    def encode(self, text, add_special_tokens=False):
+        out = []
+        for w in text.split(" "):
+            if w not in self.vocab:
+                self.vocab[w] = len(self.words)
+                self.words.append(w)
+            out.append(self.vocab[w])
+        return out
+
+    def decode(self, ids):
+        return " ".join(self.words[i] if i < len(self.words) else f"x{i}" for i in ids)
+
+
+STREAM = list(range(100_000, 105_000))  # token ids that never collide with WordTok's small vocabulary
+
+
+def test_repeat_document_repeats_its_passage_beyond_the_gap():
+    doc = repeat_document(STREAM, 1023, random.Random(0), min_gap=256)
+    assert len(doc) == 1023
+    for p in range(1023 // 8, (1023 - 256) // 2 + 1):  # find the passage length used
+        if doc[:p] == doc[-p:] and 1023 - 2 * p >= 256:
+            break
+    else:
+        pytest.fail("the document does not end with a copy of its beginning")
+
+
+def test_lookup_document_is_exact_length_and_answers_from_its_records():
+    tok = WordTok()
+    doc = lookup_document(tok, STREAM, 700, random.Random(1))
+    assert len(doc) == 700
+    text = tok.decode(doc)
+    questions = text.split("Which access code belongs to ")[1:]
+    assert len(questions) == 3
+    for q in questions:
+        name, code = q.split("? ")[0], q.split("? ")[1].split(".")[0]
+        assert f"the access code of {name} is {code}." in text
+
+
+def test_long_range_blocks_are_seq_len_rows_ending_in_eos():
+    rows = long_range_blocks(WordTok(), STREAM, 1024, 4, seed=0)
+    assert [len(r) for r in rows] == [1024] * 4 and all(r[-1] == 0 for r in rows)
+    with pytest.raises(PodError, match="--seq-len 512 is too short"):
+        long_range_blocks(WordTok(), STREAM, 512, 1)
+
+
+def test_anchor_q_init_copies_the_anchor_rows_of_shared_heads_only():
+    model = tiny_model("llama")
+    plan = podkv.SharingPlan(anchors=[[0, 0], [0, 1], [2, 1], [2, 3]], ns=4, nr=8)
+    layers = model.model.layers
+    for layer in layers:  # distinct norm gains, so the rescaling is exercised
+        layer.input_layernorm.weight.data.uniform_(0.5, 1.5)
+    before = [l.self_attn.q_proj.weight.clone() for l in layers]
+    k_before = [l.self_attn.k_proj.weight.clone() for l in layers]
+    assert init_from_anchor(model, plan, "anchor-q") == 3  # (1, 0), (2, 1), (3, 0)
+    attn = layers[0].self_attn
+    d, group = attn.head_dim, model.config.num_attention_heads // 2
+    for l, row in enumerate(plan.anchors):
+        for h, a in enumerate(row):
+            rows = slice(h * group * d, (h + 1) * group * d)
+            got = layers[l].self_attn.q_proj.weight[rows]
+            if a == l:
+                torch.testing.assert_close(got, before[l][rows], rtol=0, atol=0)
+            else:
+                ratio = layers[a].input_layernorm.weight / layers[l].input_layernorm.weight
+                torch.testing.assert_close(got, before[a][rows] * ratio, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(layers[l].self_attn.k_proj.weight, k_before[l], rtol=0, atol=0)
+
+
+def test_anchor_qk_init_makes_a_shared_head_score_like_its_anchor():
+    """With equal norm gains and the same input, a shared head's q and k equal its anchor's after anchor-qk."""
+    model = tiny_model("llama")
+    plan = podkv.SharingPlan.uniform(4, 2, 2, ns=4, nr=8)
+    init_from_anchor(model, plan, "anchor-qk")
+    x = torch.randn(3, model.config.hidden_size)
+    a1, a0 = model.model.layers[1].self_attn, model.model.layers[0].self_attn
+    torch.testing.assert_close(a1.q_proj(x), a0.q_proj(x))
+    torch.testing.assert_close(a1.k_proj(x), a0.k_proj(x))
+
+
+def test_init_none_changes_nothing_and_a_bad_name_is_refused():
+    model = tiny_model("llama")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert init_from_anchor(model, podkv.SharingPlan.uniform(4, 2, 2, ns=4, nr=8), "none") == 0
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(PodError, match="--init must be one of"):
+        init_from_anchor(model, podkv.SharingPlan.uniform(4, 2, 2, ns=4, nr=8), "anchor")
+
+
+def test_train_config_refuses_bad_long_range_and_init():
+    from podkv.training.config import TrainConfig
+
+    with pytest.raises(PodError, match="--long-range must be >= 0"):
+        TrainConfig(plan="p.json", out="o", max_steps=1, long_range=-1)
+    with pytest.raises(PodError, match="--init must be one of"):
+        TrainConfig(plan="p.json", out="o", max_steps=1, init="anchor-v")
