@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -51,6 +52,7 @@ def parse(argv=None):
     p.add_argument("--modes", default="keys,scores")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=HERE)
+    p.add_argument("--report-only", action="store_true", help="rewrite .md and .png from an existing plan_kinds.json")
     return p.parse_args(argv)
 
 
@@ -61,7 +63,7 @@ def build_plans(data: dict, args) -> list[tuple[str, str, object]]:
     from podkv.analysis.run import replan
     from podkv.plan import SharingPlan
 
-    src, ts, ctx = str(args.analysis), args.target_saving, args.context
+    src, ts, ctx = os.path.relpath(args.analysis), args.target_saving, args.context
     plans = []
     deltas = [round(0.01 * i, 2) for i in range(101)]
     greedy = [replan(data, src, kind="greedy", delta=d, target_saving=None, context=ctx)[0] for d in deltas]
@@ -136,7 +138,28 @@ def markdown(result: dict) -> str:
         retr = "" if r["retrieval_shared"] is None else f"{r['retrieval_shared']:.2f}"
         lines.append(f"| {r['kind']} | {r['granularity']} | {100 * r['kv_saving']:.1f}% | {r['shared_pairs']} | "
                      f"{retr} | {r['mode']} | {ci(r['nll'])} | {ci(r['answer_logprob'])} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + paired(result["rows"])) + "\n"
+
+
+def paired(rows: list[dict]) -> list[str]:
+    """Each plan minus the similarity head plan in the same mode, per window / prompt (same text for all)."""
+    from podkv.eval.stats import bootstrap
+
+    ref = {r["mode"]: r for r in rows if r["kind"] == "similarity" and r["granularity"] == "head"}
+    out = ["", "Paired differences against the similarity head plan in the same mode (per window / per prompt, "
+           "95% bootstrap CI; NLL: negative = better, answer log-prob: positive = better):", "",
+           "| kind | granularity | mode | ΔNLL [CI] | Δanswer logprob [CI] |", "|---|---|---|---|---|"]
+    for r in rows:
+        base = ref.get(r["mode"])
+        if base is None or base is r:
+            continue
+        cells = []
+        for key in ("nll_windows", "answer_logprob_prompts"):
+            d = [a - b for a, b in zip(r[key], base[key])]
+            lo, hi = bootstrap(d)
+            cells.append(f"{sum(d) / len(d):+.3f} [{lo:+.3f}, {hi:+.3f}]")
+        out.append(f"| {r['kind']} | {r['granularity']} | {r['mode']} | {cells[0]} | {cells[1]} |")
+    return out
 
 
 def figure(result: dict, path: Path) -> None:
@@ -173,10 +196,16 @@ def main(argv=None) -> int:
     import podkv
     from podkv import texts
     from podkv.analysis import planner
-    from podkv.analysis.run import AnalysisConfig, analyze
+    from podkv.analysis.run import DEFAULT_MODEL_NAME, AnalysisConfig, analyze
     from podkv.eval.haystack import prose_text
     from podkv.eval.methods import make_method
     from podkv.io import atomic_write_text, write_json
+
+    if args.report_only:
+        result = json.loads((args.out / "plan_kinds.json").read_text())
+        atomic_write_text(args.out / "plan_kinds.md", markdown(result))
+        figure(result, args.out / "plan_kinds.png")
+        return 0
 
     if prose_text() != texts.text("heldout"):
         sys.exit("podkv.eval.haystack.prose_text() is not the held-out split: the needles would sit in seen text")
@@ -198,8 +227,8 @@ def main(argv=None) -> int:
             plan.save(args.out / "plans" / f"{kind}_{gran}.json")
     windows, cases = heldout_windows(tok, args.windows, args.length), needle_cases(tok, args.prompts, args.length)
     skip = plans[0][2].ns + plans[0][2].nr
-    result = {"model": data["model"], "analysis": str(args.analysis), "rows": [],
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    result = {"model": DEFAULT_MODEL_NAME, "analysis": os.path.relpath(args.analysis), "rows": [],
+              "settings": {k: (os.path.relpath(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "versions": {"podkv": podkv.__version__, "torch": torch.__version__}}
     todo = [("dense", "-", None, "dense")] + [(k, g, p, m) for k, g, p in plans for m in modes]
     for kind, gran, plan, mode in todo:
