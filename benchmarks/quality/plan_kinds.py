@@ -75,7 +75,8 @@ def build_plans(data: dict, args) -> list[tuple[str, str, object]]:
                              retrieval_weight=args.retrieval_weight)
             plans.append((kind, gran, plan))
     layers = len(data["similarity"]["kv_heads"][0])
-    uniform = [replan(data, src, kind="uniform", block_size=b, target_saving=None, context=ctx)[0] for b in range(2, layers + 1)]
+    uniform = [replan(data, src, kind="uniform", block_size=b, target_saving=None, context=ctx)[0]
+               for b in range(2, layers + 1)]
     plans.append(("uniform", "layer", min((p for p in uniform if p.kv_saving(ctx) >= ts),
                                           key=lambda p: p.kv_saving(ctx))))
     shipped = SharingPlan.load(files("podkv") / "assets" / SHIPPED_UNIFORM)
@@ -173,8 +174,8 @@ def figure(result: dict, path: Path) -> None:
     rows = result["rows"]
     labels = [f"{r['kind']} / {r['granularity']} / {r['mode']} ({100 * r['kv_saving']:.1f}%)" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(rows) + 1.5), sharey=True, layout="constrained")
-    for ax, key, title in zip(axes, ("nll", "answer_logprob"),
-                              ("held-out NLL (nats/token, lower is better)", "answer log-prob per token (higher is better)")):
+    titles = ("held-out NLL (nats/token, lower is better)", "answer log-prob per token (higher is better)")
+    for ax, key, title in zip(axes, ("nll", "answer_logprob"), titles):
         mean = [r[key]["mean"] for r in rows]
         err = [[m - r[key]["ci95"][0] for m, r in zip(mean, rows)], [r[key]["ci95"][1] - m for m, r in zip(mean, rows)]]
         colors = ["tab:gray" if r["mode"] == "dense" else "tab:blue" if r["mode"] == "keys" else "tab:orange"

@@ -86,7 +86,8 @@ def run_plan(args) -> int:
     try:
         data = json.loads(args.analysis.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PodError(f"--analysis file {args.analysis} is not an analysis.json from `podkv analyze` ({exc})") from None
+        raise PodError(f"--analysis file {args.analysis} is not an analysis.json from `podkv analyze` "
+                       f"({exc})") from None
     plan, cfg = replan(data, str(args.analysis), kind=args.kind, delta=args.delta,
                        target_saving=args.target_saving, granularity=args.granularity, context=args.context,
                        retrieval_weight=args.retrieval_weight, block_size=args.block_size)
