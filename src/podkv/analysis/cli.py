@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from podkv.cli_args import Int, Ints
 from podkv.errors import PodError
 
 
@@ -15,9 +16,9 @@ def register(sub) -> None:
     p.add_argument("--data", nargs="+", default=None, metavar="FILE",
                    help=".txt or .jsonl (field 'text') files; default: Python's pydoc_data.topics text")
     p.add_argument("--samples", type=int, default=8, help="samples of --length tokens (default 8)")
-    p.add_argument("--length", type=int, default=2048, help="tokens per sample (default 2048)")
+    p.add_argument("--length", action=Int, default=2048, help="tokens per sample (default 2048)")
     p.add_argument("--last-q", type=int, default=64, help="last queries whose distant attention is compared")
-    p.add_argument("--proximal-sizes", type=_int_list, default="64,128,256,512,1024",
+    p.add_argument("--proximal-sizes", action=Ints, default=(64, 128, 256, 512, 1024),
                    help="comma-separated proximal sizes (ns sinks + recent) for observation 1")
     p.add_argument("--proximal-samples", type=int, default=2, help="samples used for observation 1 (default 2)")
     p.add_argument("--retrieval-samples", type=int, default=None,
@@ -48,17 +49,10 @@ def _plan_flags(p, ns_nr: bool = True) -> None:
     p.add_argument("--block-size", type=int, default=None, help="--kind uniform: layers per block")
     p.add_argument("--granularity", choices=("head", "layer"), default="head",
                    help="head: PoD (per KV head); layer: PoD-L (all heads of a layer share one anchor)")
-    p.add_argument("--context", type=int, default=4096, help="context length the KV saving refers to")
+    p.add_argument("--context", action=Int, default=4096, help="context length the KV saving refers to")
     if ns_nr:
         p.add_argument("--ns", type=int, default=16, help="attention sinks (default 16)")
         p.add_argument("--nr", type=int, default=240, help="recent window incl. the query (default 240)")
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in str(text).split(",") if x.strip())
-    except ValueError:
-        raise PodError(f"--proximal-sizes must be comma-separated integers, got {text!r}") from None
 
 
 def run(args) -> int:
