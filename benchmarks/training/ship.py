@@ -17,6 +17,7 @@ from pathlib import Path
 import podkv
 from podkv.io import write_json
 from podkv.models.adapted import ASSET_DIR, DELTA_FILE, PLAN_FILE, RECIPE_FILE
+from podkv import texts
 from podkv.provenance import machine, versions
 
 
@@ -34,6 +35,8 @@ def main(run_dir: str, command: str) -> None:
         "wall_s": result["wall_s"], "trainable_params": result.get("trainable_params"),
         "kv_saving_4096": plan.kv_saving(4096), "plan_summary": plan.summary(4096),
         "heldout_tokens": result["config"]["eval_tokens"],
+        "heldout_text": (texts.describe("heldout") if not result["config"].get("data")
+                         else "the tail of the --data stream"),
         "heldout_ppl": {"dense": math.exp(result["dense_heldout_nll"]), "pod_training_free": math.exp(first["nll"]),
                         "pod_adapted": math.exp(last["nll"])},
         # the training run's machine when it recorded one, else this process's (ship on the machine that trained)
