@@ -67,10 +67,9 @@ def _lp(r: dict) -> float:
 
 
 def ppl_section(res: dict) -> dict:
+    """Every method of the ppl run, including the control ``dense [smollm2-pod]`` (adapted weights, dense attention)."""
     out = {}
-    for m in ORDER:
-        if m not in res["methods"]:
-            continue
+    for m in [*[m for m in ORDER if m in res["methods"]], *[m for m in res["methods"] if m not in ORDER]]:
         recs = records(res, m)
         nll = describe([r["nll"] / r["tokens"] for r in recs], binary=False, weights=[r["tokens"] for r in recs])
         out[m] = {"nll": nll, "ppl": math.exp(nll["mean"]), "n": len(recs)}
@@ -146,7 +145,9 @@ def markdown(report: dict) -> str:
 
 
 def _name(m: str) -> str:
-    return "smollm2-pod (PoD)" if m == POD else m
+    if m == POD:
+        return "smollm2-pod (PoD)"
+    return "smollm2-pod weights, dense attention (control)" if m.startswith("dense [") else m
 
 
 def figure(report: dict):

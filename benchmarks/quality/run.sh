@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The quality benchmark of the shipped smollm2-pod: RULER needles (50 prompts per length), the teacher-forced
-# answer log-prob (20 per length) and held-out perplexity, for dense, smollm2-pod, StreamingLLM and SnapKV.
+# answer log-prob (20 per length, optional steps) and held-out perplexity, for dense, smollm2-pod, StreamingLLM and SnapKV.
 #   benchmarks/quality/run.sh [STEP ...]     steps: needles-<method> logprob-<method> ppl-<method> merge
 # Every method sees the same prompts (same seed and settings). The eviction baselines run on the original
 # weights at --budget 0.76 = the KV fraction smollm2-pod holds at 1K (its largest); at 2K/4K PoD holds
@@ -12,7 +12,10 @@ LENGTHS=1024,2048,4096
 NEEDLES="--tasks niah_single_prose --lengths $LENGTHS --samples 50 --seed 0 --threads 1 --budget 0.76 --quiet"
 LOGPROB="--tasks retrieval_logprob --lengths $LENGTHS --samples 20 --seed 0 --threads 1 --budget 0.76 --quiet"
 PPL="--tasks ppl --lengths 2048 --samples 24 --seed 0 --threads 1 --budget 0.76 --quiet"
-model_of() { [ "$1" = smollm2-pod ] && echo "--model smollm2-pod --methods pod" || echo "--methods $1"; }
+model_of() {  # smollm2-pod = the adapted model with PoD; control = its weights with dense attention
+  case $1 in smollm2-pod) echo "--model smollm2-pod --methods pod";; control) echo "--model smollm2-pod --methods dense";;
+    *) echo "--methods $1";; esac
+}
 run() {  # run STEP: what-method
   local what=${1%%-*} method=${1#*-} args
   case $what in needles) args=$NEEDLES;; logprob) args=$LOGPROB;; ppl) args=$PPL;; *) echo "unknown step $1" >&2; exit 2;; esac
@@ -25,5 +28,5 @@ merge() {
   done
   python benchmarks/quality/report.py
 }
-steps=${*:-needles-dense needles-smollm2-pod needles-streaming needles-snapkv logprob-dense logprob-smollm2-pod logprob-streaming logprob-snapkv ppl-dense ppl-smollm2-pod merge}
+steps=${*:-needles-dense needles-smollm2-pod needles-streaming needles-snapkv ppl-dense ppl-smollm2-pod ppl-control merge}
 for s in $steps; do if [ "$s" = merge ]; then merge; else run "$s"; fi; done
