@@ -129,3 +129,13 @@ def test_demo_needle_comparison_on_tiny_model(model, plan):
         lo, hi = r["ci95"]
         assert lo <= r["found"] / r["n"] <= hi
     _figure(rows, 400)
+
+
+def test_pod_method_runs_the_plan_in_its_own_mode(plan):
+    """An adapted model trained in "scores" mode must be evaluated in that mode, not silently in "keys"."""
+    from podkv.eval.methods import make_method
+
+    scores = podkv.SharingPlan(plan.anchors, ns=plan.ns, nr=plan.nr, mode="scores")
+    assert make_method("pod", plan=scores).sharing_plan().mode == "scores"
+    assert make_method("pod", plan=plan).sharing_plan().mode == plan.mode
+    assert make_method("pod-scores", plan=plan).sharing_plan().mode == "scores"

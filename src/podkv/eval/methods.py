@@ -88,12 +88,12 @@ class Pod(Method):
 
     name = "pod"
     budgeted = True
-    mode: ClassVar[str] = "keys"
+    mode: ClassVar[str | None] = None  # None: the plan's own mode (an adapted model runs as it was trained)
 
     def sharing_plan(self) -> SharingPlan:
         if self.plan is None:
             raise PodError(f"method {self.name!r} needs a plan (--plan)")
-        if self.plan.mode == self.mode:
+        if self.mode is None or self.plan.mode == self.mode:
             return self.plan
         return SharingPlan(self.plan.anchors, ns=self.plan.ns, nr=self.plan.nr, mode=self.mode, meta=self.plan.meta)
 
