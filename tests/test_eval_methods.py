@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import podkv
 from podkv import SharingPlan
 from podkv.cache.memory import dense_kv_bytes
 from podkv.errors import PodError
