@@ -1,6 +1,6 @@
 """The headline quality table of the shipped smollm2-pod, from the merged results files.
 
-    python benchmarks/quality/report.py      # reads needles/ logprob/ ppl/ results.json here
+    python benchmarks/quality/report.py      # reads needles/ logprob/ ppl/ <method>.jsonl here (records)
 
 Writes quality.json, quality.md and quality.png next to this file. Differences to dense are
 *paired* (the same prompts for every method): the 95% interval is a seeded bootstrap over prompts
@@ -16,7 +16,7 @@ import json
 import math
 from pathlib import Path
 
-from podkv.eval.stats import bootstrap, describe
+from podkv.eval.stats import bootstrap, describe, wilson
 from podkv.io import atomic_write_text, save_figure, write_json
 
 HERE = Path(__file__).resolve().parent
@@ -25,13 +25,16 @@ ORDER = ("dense", POD, "streaming", "snapkv")
 
 
 def load(what: str) -> dict | None:
-    path = HERE / what / "results.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    """``{method: records}`` from ``<what>/<method>.jsonl`` (records as `podkv eval` logs them), or None."""
+    files = sorted((HERE / what).glob("*.jsonl"))
+    if not files:
+        return None
+    return {"methods": {f.stem: [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+                        for f in files}}
 
 
 def records(results: dict, method: str) -> list[dict]:
-    entry = results["methods"][method]
-    return next(iter(entry["tasks"].values()))["records"]
+    return results["methods"][method]
 
 
 def paired(results: dict, method: str, value) -> dict:
@@ -40,7 +43,13 @@ def paired(results: dict, method: str, value) -> dict:
     out = {}
     for length in sorted({r["length"] for r in base.values()}):
         pairs = [(value(r), value(base[(r["length"], r["sample"])])) for r in records(results, method)
-                 if r["length"] == length]
+                 if r["length"] == length and (r["length"], r["sample"]) in base]
+        if not pairs:
+            continue
+        for r in records(results, method):  # the same prompt for both, or the pairing is meaningless
+            b = base.get((r["length"], r["sample"]))
+            if b is not None and "value" in r and r["value"] != b["value"]:
+                raise SystemExit(f"{method} sample {r['sample']} at {r['length']} is not dense's prompt")
         diffs = [a - b for a, b in pairs]
         out[str(length)] = {"mean": sum(a for a, _ in pairs) / len(pairs), "dense": sum(b for _, b in pairs) / len(pairs),
                             "diff": sum(diffs) / len(diffs), "diff_ci95": list(bootstrap(diffs)), "n": len(pairs)}
@@ -52,8 +61,13 @@ def needles_section(res: dict) -> dict:
     for m in ORDER:
         if m not in res["methods"]:
             continue
-        s = next(iter(res["methods"][m]["tasks"].values()))["summary"]
-        rows[m] = {"kv_fraction": s["kv_fraction"], "by_length": s["by_length"],
+        recs = records(res, m)
+        by_len = {}
+        for length in sorted({r["length"] for r in recs}):
+            scores = [r["score"] for r in recs if r["length"] == length]
+            by_len[str(length)] = {"mean": sum(scores) / len(scores), "ci95": list(wilson(int(sum(scores)), len(scores))),
+                                   "n": len(scores)}
+        rows[m] = {"kv_fraction": sum(r["kv_fraction"] for r in recs) / len(recs), "by_length": by_len,
                    "vs_dense": paired(res, m, lambda r: r["score"]) if m != "dense" else None}
     return rows
 
@@ -91,8 +105,9 @@ def goals(report: dict) -> dict:
             v["diff"] >= -0.05 for v in nd[POD]["vs_dense"].values())
         for base in ("streaming", "snapkv"):
             if base in nd:
-                g[f"ahead of {base} at every length"] = all(
-                    nd[POD]["by_length"][L]["mean"] > nd[base]["by_length"][L]["mean"] for L in nd[POD]["by_length"])
+                common = [L for L in nd[POD]["by_length"] if L in nd[base]["by_length"]]
+                g[f"ahead of {base} at every length it ran ({', '.join(common)})"] = all(
+                    nd[POD]["by_length"][L]["mean"] > nd[base]["by_length"][L]["mean"] for L in common)
     return g
 
 
@@ -100,17 +115,18 @@ def markdown(report: dict) -> str:
     lines = ["# Quality of the shipped `smollm2-pod` on held-out text and prompts", ""]
     nd = report.get("needles")
     if nd:
-        lengths = list(next(iter(nd.values()))["by_length"])
+        lengths = list(nd["dense"]["by_length"])
         lines += ["## RULER needle in held-out prose (`niah_single_prose`), accuracy [95% CI]", "",
                   "| method | KV held | " + " | ".join(f"{L} tokens" for L in lengths) + " | " +
                   " | ".join(f"Δ vs dense @{L} [paired CI]" for L in lengths) + " |",
                   "|---|---|" + "---|" * (2 * len(lengths))]
         for m, row in nd.items():
             cells = [f"{100 * row['by_length'][L]['mean']:.0f}% [{100 * row['by_length'][L]['ci95'][0]:.0f}, "
-                     f"{100 * row['by_length'][L]['ci95'][1]:.0f}] n={row['by_length'][L]['n']}" for L in lengths]
+                     f"{100 * row['by_length'][L]['ci95'][1]:.0f}] n={row['by_length'][L]['n']}"
+                     if L in row["by_length"] else "not run" for L in lengths]
             deltas = ["—"] * len(lengths) if row["vs_dense"] is None else [
                 f"{100 * row['vs_dense'][L]['diff']:+.0f} [{100 * row['vs_dense'][L]['diff_ci95'][0]:+.0f}, "
-                f"{100 * row['vs_dense'][L]['diff_ci95'][1]:+.0f}]" for L in lengths]
+                f"{100 * row['vs_dense'][L]['diff_ci95'][1]:+.0f}]" if L in row["vs_dense"] else "—" for L in lengths]
             lines.append(f"| {_name(m)} | {row['kv_fraction']:.2f} | " + " | ".join(cells + deltas) + " |")
         lines.append("")
     lp = report.get("logprob")
@@ -147,7 +163,7 @@ def markdown(report: dict) -> str:
 def _name(m: str) -> str:
     if m == POD:
         return "smollm2-pod (PoD)"
-    return "smollm2-pod weights, dense attention (control)" if m.startswith("dense [") else m
+    return "smollm2-pod weights, dense attention (control)" if m == "control" else m
 
 
 def figure(report: dict):
@@ -157,20 +173,21 @@ def figure(report: dict):
     import matplotlib.pyplot as plt
 
     nd = report["needles"]
-    lengths = list(next(iter(nd.values()))["by_length"])
+    lengths = list(nd["dense"]["by_length"])
     fig, ax = plt.subplots(figsize=(6, 3.6))
     width = 0.8 / len(nd)
     for i, (m, row) in enumerate(nd.items()):
-        xs = [j + (i - (len(nd) - 1) / 2) * width for j in range(len(lengths))]
-        means = [100 * row["by_length"][L]["mean"] for L in lengths]
-        err = [[means[j] - 100 * row["by_length"][L]["ci95"][0] for j, L in enumerate(lengths)],
-               [100 * row["by_length"][L]["ci95"][1] - means[j] for j, L in enumerate(lengths)]]
+        have = [L for L in lengths if L in row["by_length"]]
+        xs = [lengths.index(L) + (i - (len(nd) - 1) / 2) * width for L in have]
+        means = [100 * row["by_length"][L]["mean"] for L in have]
+        err = [[means[j] - 100 * row["by_length"][L]["ci95"][0] for j, L in enumerate(have)],
+               [100 * row["by_length"][L]["ci95"][1] - means[j] for j, L in enumerate(have)]]
         ax.bar(xs, means, width, yerr=err, capsize=3, label=f"{_name(m)} (KV {row['kv_fraction']:.2f})")
     ax.set_xticks(range(len(lengths)), [f"{int(L) // 1024}K" for L in lengths])
     ax.set_ylabel("needles found (%), 95% CI")
     ax.set_ylim(0, 115)
     ax.legend(fontsize=7, loc="lower left")
-    ax.set_title("RULER niah_single_prose on held-out prose, 50 prompts per length", fontsize=9)
+    ax.set_title("RULER niah_single_prose on held-out prose (n per bar in quality.md)", fontsize=9)
     return fig
 
 

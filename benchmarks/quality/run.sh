@@ -11,7 +11,7 @@ OUT=${OUT:-runs/quality}
 LENGTHS=1024,2048,4096
 NEEDLES="--tasks niah_single_prose --lengths $LENGTHS --samples 50 --seed 0 --threads 1 --budget 0.76 --quiet"
 LOGPROB="--tasks retrieval_logprob --lengths $LENGTHS --samples 20 --seed 0 --threads 1 --budget 0.76 --quiet"
-PPL="--tasks ppl --lengths 2048 --samples 24 --seed 0 --threads 1 --budget 0.76 --quiet"
+PPL="--tasks ppl --lengths 2048 --samples 16 --seed 0 --threads 1 --budget 0.76 --quiet"
 model_of() {  # smollm2-pod = the adapted model with PoD; control = its weights with dense attention
   case $1 in smollm2-pod) echo "--model smollm2-pod --methods pod";; control) echo "--model smollm2-pod --methods dense";;
     *) echo "--methods $1";; esac
@@ -21,10 +21,14 @@ run() {  # run STEP: what-method
   case $what in needles) args=$NEEDLES;; logprob) args=$LOGPROB;; ppl) args=$PPL;; *) echo "unknown step $1" >&2; exit 2;; esac
   podkv eval compare $(model_of "$method") $args --out "$OUT/$what/$method"
 }
-merge() {
+merge() {  # records of every run -> benchmarks/quality/<what>/<method>.jsonl (smollm2-pod-<len> runs joined), report
   for what in needles logprob ppl; do
-    dirs=$(ls -d "$OUT/$what"/*/ 2>/dev/null | sed 's:/$::' | sort) || true
-    [ -n "$dirs" ] && podkv eval compare --merge $dirs --out "benchmarks/quality/$what"
+    [ -d "$OUT/$what" ] || continue
+    rm -rf "benchmarks/quality/$what"; mkdir -p "benchmarks/quality/$what"
+    for d in "$OUT/$what"/*/; do
+      name=$(basename "$d"); name=${name%-[0-9]*}; [ "$name" = smollm2-pod ] && name=pod
+      cat "$d/records.jsonl" >> "benchmarks/quality/$what/$name.jsonl"
+    done
   done
   python benchmarks/quality/report.py
 }
