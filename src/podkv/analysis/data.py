@@ -28,9 +28,10 @@ class Corpus:
 
 
 def default_text() -> str:
-    from pydoc_data.topics import topics
+    """The ``plan`` split of :mod:`podkv.texts` (one loader for the help topics)."""
+    from podkv import texts
 
-    return "\n\n".join(topics[key] for key in sorted(topics))
+    return texts.text("plan")
 
 
 def read_file(path: Path) -> list[str]:

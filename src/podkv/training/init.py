@@ -30,7 +30,7 @@ def init_from_anchor(model, plan: SharingPlan, init: str) -> int:
     from podkv.models.enable import attention_modules
 
     attn = attention_modules(model)
-    layers = [a for a in _decoder_layers(model)]
+    layers = _decoder_layers(model)
     d = attn[0].head_dim
     group = model.config.num_attention_heads // plan.num_kv_heads
     changed = 0
