@@ -10,7 +10,7 @@ from podkv.cli import main
 from podkv.errors import PodError
 from podkv.eval.config import EvalConfig
 from podkv.eval.report import write_results
-from podkv.eval.runner import default_budget, evaluate, resolve_plan
+from podkv.eval.runner import default_budget, evaluate
 from podkv.eval.tasks import TASKS, make_task
 from test_eval_prompts import CharTokenizer
 from tiny import tiny_model
@@ -90,10 +90,6 @@ def test_dataset_tasks_need_local_data(tmp_path):
             TASKS[name]().cases(CharTokenizer(), _cfg(tmp_path, tasks=(name,)), PLAN)
 
 
-def test_plan_resolution_falls_back_to_uniform(model):
-    plan, source = resolve_plan(None, model)
-    plan.validate_for(model.config)
-    assert "uniform" in source or "assets" in source
 
 
 def test_cli_bad_input_exits_2(capsys, tmp_path):

@@ -18,7 +18,8 @@ import torch
 import podkv
 from podkv.io import write_json
 from podkv.training.data import load_split
-from podkv.training.evaluate import heldout_nll, passkey_accuracy, perplexity
+from podkv.eval.scoring import perplexity, window_nll
+from podkv.training.evaluate import passkey_accuracy
 
 HERE = Path(__file__).parent
 
@@ -41,10 +42,10 @@ def main() -> None:
         podkv.enable_pod(model, podkv.SharingPlan.load(args.plan))
     plan = getattr(model.config, "pod_plan", None)
     heldout = load_split(tok, [], 1024, 0.1).heldout  # the same fixed slice `podkv train` never sees
-    nll = heldout_nll(model, heldout, 1024, args.eval_tokens)
+    total, n = window_nll(model, heldout, 1024, max_tokens=args.eval_tokens)
     row = {"variant": args.variant, "model": args.model if args.variant == "adapted" else "smollm2",
-           "plan": plan, "heldout_tokens": min(args.eval_tokens, len(heldout)), "heldout_nll": nll,
-           "heldout_ppl": perplexity(nll), "passkey": []}
+           "plan": plan, "heldout_tokens": min(args.eval_tokens, len(heldout)), "heldout_nll": total / n,
+           "heldout_ppl": perplexity(total, n), "passkey": []}
     for length in args.lengths:
         row["passkey"].append(passkey_accuracy(model, tok, length, n=args.n))
         print(args.variant, length, row["passkey"][-1]["accuracy"], flush=True)

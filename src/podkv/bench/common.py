@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: model/plan choice, machine facts, timing statistics, memory probes.
+"""Shared pieces of the benchmarks: machine facts, timing statistics, memory probes.
 
 Timing follows gpt-fast: warm-up excluded, CUDA synchronised around timers, and (because the CPU is
 shared) repetitions of the compared methods are interleaved and summarised by median and spread.
@@ -12,34 +12,10 @@ import statistics
 import threading
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
 from podkv.plan import SharingPlan
-
-SHIPPED_PLAN = Path(__file__).resolve().parent.parent / "assets" / "smollm2_plan_35.json"
-
-
-def default_plan(config) -> tuple[SharingPlan, str]:
-    """The model's own plan (an adapted model such as ``smollm2-pod`` was trained for it), else the
-    shipped SmolLM2 plan when valid for ``config``, else uniform blocks of 4 layers."""
-    from podkv.plan import plan_from_config
-
-    own = plan_from_config(config)
-    if own is not None:
-        return own, "the model's own plan (config.pod_plan)"
-    if SHIPPED_PLAN.exists():
-        plan = SharingPlan.load(SHIPPED_PLAN)
-        try:
-            plan.validate_for(config)
-            return plan, str(SHIPPED_PLAN.name)
-        except Exception:  # a plan for another model: fall through to the uniform one
-            pass
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    ns, nr = (16, 240) if config.max_position_embeddings >= 2048 else (4, 28)
-    plan = SharingPlan.uniform(config.num_hidden_layers, heads, 4, ns=ns, nr=nr)
-    return plan, f"uniform(block=4, ns={ns}, nr={nr})"
 
 
 def machine_info(device: str = "cpu") -> dict:
@@ -163,7 +139,7 @@ def prefill_decode(model, ids: torch.Tensor, cache, new_tokens: int, step_times:
 
 
 def token_ids(tok, vocab: int, batch: int, length: int, seed: int = 0) -> torch.Tensor:
-    """Prompt ids (B, T): held-out text (pydoc_data.topics) when a tokenizer is given, else random ids."""
+    """Prompt ids (B, T): the held-out text (:mod:`podkv.texts`) when a tokenizer is given, else random ids."""
     if tok is None:
         return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
     ids = _text_ids(tok)
@@ -174,11 +150,8 @@ def token_ids(tok, vocab: int, batch: int, length: int, seed: int = 0) -> torch.
 
 @functools.lru_cache(maxsize=2)
 def _text_ids(tok) -> torch.Tensor:
-    return tok(held_out_text(), return_tensors="pt").input_ids[0]
+    """Why held-out: `bench skip` scores perplexity on these ids, and an adapted model trained on the plan/train
+    split (help topics) would be flattered there."""
+    from podkv.texts import text
 
-
-def held_out_text() -> str:
-    """Python's own documentation topics: always installed, never used to build plans."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
+    return tok(text("heldout"), return_tensors="pt").input_ids[0]

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from podkv.bench import batch, memory, skip, speed
-from podkv.bench.common import default_plan, machine_info
+from podkv.bench.common import machine_info
 from podkv.bench.report import machine_line, write_results
+from podkv.models.default_plan import default_plan
 from podkv.plan import SharingPlan
 
 # name -> (run(model, tok, plan, cfg) -> dict, markdown(result) -> str, plot(result, path), title)
@@ -24,11 +25,9 @@ def run_bench(name: str, model, tok, cfg, out_dir: str | Path = "benchmarks", pl
     run, markdown, plot, title = BENCHES[name]
     if plan is not None:
         plan_name = "given"
-    elif plan_path is not None:
-        plan, plan_name = SharingPlan.load(plan_path), str(plan_path)
+        plan.validate_for(model.config)
     else:
-        plan, plan_name = default_plan(model.config)
-    plan.validate_for(model.config)
+        plan, plan_name = default_plan(model.config, plan_path)
     info = machine_info(str(model.device))
     result = run(model, tok, plan, cfg)
     result.update(machine=info, plan=plan_name, plan_saving_4k=plan.kv_saving(4096),

@@ -3,13 +3,13 @@
 For each tau: the share of shared heads' distant passes skipped, decode step time (interleaved with
 plain PoD and with the gate-skip path that never skips, tau > 1, so the saving from skipping is
 separated from the two-pass kernel itself), teacher-forced perplexity of held-out text computed in
-decode steps (skipping only acts there), and passkey accuracy with the key beyond the recent window.
+decode steps (skipping only acts there), and passkey accuracy (the eval task's prompts) with the key
+beyond the recent window.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +28,7 @@ class SkipConfig:
     ppl_prefix: int = 1024
     ppl_tokens: int = 48
     passkeys: int = 3
-    passkey_filler: int = 60  # filler sentences on each side of the key
+    passkey_length: int = 2048  # tokens of each passkey prompt
     predictor: str = "anchor_gate"
 
     def __post_init__(self):
@@ -36,6 +36,8 @@ class SkipConfig:
             raise PodError(f"bench skip field 'taus' must be >= 0, got {self.taus}")
         if self.context < 2 or self.steps < 1 or self.ppl_prefix < 1 or self.ppl_tokens < 1:
             raise PodError("bench skip needs context >= 2 and steps, ppl_prefix, ppl_tokens >= 1")
+        if self.passkeys < 0:
+            raise PodError(f"bench skip field 'passkeys' must be >= 0, got {self.passkeys}")
 
 
 def _methods(taus):
@@ -72,7 +74,12 @@ def time_decode(model, tok, plan, methods: dict, T: int, steps: int, warmup: int
 
 @torch.no_grad()
 def perplexity(model, tok, plan, methods: dict, prefix: int, n: int) -> dict:
-    """Teacher-forced next-token perplexity of ``n`` tokens after a ``prefix``-token prompt, in decode steps."""
+    """Teacher-forced next-token perplexity of ``n`` tokens after a ``prefix``-token prompt, in decode steps.
+
+    Decode steps, not :func:`podkv.eval.scoring.window_nll`'s one forward: skipping acts only there.
+    """
+    from podkv.eval.scoring import perplexity as ppl, token_nll
+
     ids = token_ids(tok, model.config.vocab_size, 1, prefix + n + 1, seed=1)
     base = new_cache(model, "dense" if methods == DENSE else "pod", plan)
     rt = getattr(model, "pod_runtime", None)
@@ -80,12 +87,11 @@ def perplexity(model, tok, plan, methods: dict, prefix: int, n: int) -> dict:
     first = model(ids[:, :prefix], past_key_values=base, logits_to_keep=1).logits[:, -1]
     out = {}
     for m, tau in methods.items():
-        cache, logits, nll = copy.deepcopy(base), first, []
+        cache, logits = copy.deepcopy(base), [first]
         _set_tau(rt, tau)
-        for i in range(prefix, prefix + n):
-            nll.append(-torch.log_softmax(logits.float(), -1)[0, ids[0, i]].item())
-            logits = model(ids[:, i:i + 1], past_key_values=cache).logits[:, -1]
-        out[m] = math.exp(sum(nll) / len(nll))
+        for i in range(prefix, prefix + n - 1):
+            logits.append(model(ids[:, i:i + 1], past_key_values=cache).logits[:, -1])
+        out[m] = ppl(token_nll(torch.cat(logits), ids[0, prefix:prefix + n]), n)  # (n, V) against (n,)
     _set_tau(rt, None)
     return out
 
@@ -98,22 +104,18 @@ def _set_tau(runtime, tau):
         runtime.skip_tau = tau
 
 
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-
-
 @torch.no_grad()
-def passkey(model, tok, plan, methods: dict, prompts: int, filler: int) -> dict | None:
-    """Share of prompts whose greedy continuation contains the hidden 5-digit key, per method."""
+def passkey(model, tok, plan, methods: dict, prompts: int, length: int) -> dict | None:
+    """Share of ``podkv eval passkey``'s prompts (``length`` tokens, key in the first half, so beyond the
+    recent window) answered exactly in 8 greedy tokens, per method; each method decodes from one prefill."""
     if tok is None:
         return None
-    hits = {m: 0 for m in methods}
-    rt = getattr(model, "pod_runtime", None)
-    for i in range(prompts):
-        key = str(10000 + (7919 * (i + 3) ** 3) % 90000)
-        text = ("There is a pass key hidden inside a lot of irrelevant text. Find it and remember it.\n"
-                + FILLER * (filler // 5) + f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
-                + FILLER * filler + "\nWhat is the pass key? The pass key is")
-        ids = tok(text, return_tensors="pt").input_ids
+    from podkv.eval.tasks import Passkey, passkey_cases
+
+    task, hits = Passkey(), {m: 0 for m in methods}
+    cases = passkey_cases(tok, length, [0.5 * (i + 0.5) / prompts for i in range(prompts)]) if prompts else []
+    for case in cases:
+        ids = torch.tensor([case.input_ids])  # (1, length)
         base = new_cache(model, "dense" if methods == DENSE else "pod", plan)
         rt = getattr(model, "pod_runtime", None)  # dense runs without PoD, PoD with it
         _set_tau(rt, None)
@@ -124,8 +126,8 @@ def passkey(model, tok, plan, methods: dict, prompts: int, filler: int) -> dict 
             for _ in range(7):
                 nxt = model(nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
                 toks.append(nxt.item())
-            hits[m] += key in tok.decode(toks).replace(" ", "")
-    _set_tau(rt, None)
+            hits[m] += task.score(tok.decode(toks, skip_special_tokens=True), case.answer)
+        _set_tau(rt, None)
     return {m: h / max(1, prompts) for m, h in hits.items()}
 
 
@@ -133,14 +135,14 @@ def run_skip(model, tok, plan, cfg: SkipConfig) -> dict:
     from podkv.models.enable import disable_pod
 
     dense_ppl = perplexity(model, tok, plan, DENSE, cfg.ppl_prefix, cfg.ppl_tokens)["dense"]
-    dense_keys = passkey(model, tok, plan, DENSE, cfg.passkeys, cfg.passkey_filler)
+    dense_keys = passkey(model, tok, plan, DENSE, cfg.passkeys, cfg.passkey_length)
     new_cache(model, "pod", plan)  # enables PoD on the model
     model.pod_runtime.skip.predictor = cfg.predictor
     methods = _methods(cfg.taus)
     try:
         timing = time_decode(model, tok, plan, methods, cfg.context, cfg.steps)
         ppl = perplexity(model, tok, plan, methods, cfg.ppl_prefix, cfg.ppl_tokens)
-        keys = passkey(model, tok, plan, methods, cfg.passkeys, cfg.passkey_filler)
+        keys = passkey(model, tok, plan, methods, cfg.passkeys, cfg.passkey_length)
     finally:
         disable_pod(model)
     pod_ms, never_ms = timing["pod"]["step"]["median"], timing[_never_label(methods)]["step"]["median"]

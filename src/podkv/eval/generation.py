@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from podkv.cache.memory import cache_bytes, dense_kv_bytes
+from podkv.eval.scoring import token_nll
 
 
 @dataclass
@@ -70,8 +71,7 @@ def continuation_nll(model, method, context: torch.Tensor, target: torch.Tensor)
     logits = model(input_ids=target[:, :-1], past_key_values=pre.cache, position_ids=pos, cache_position=pos[0],
                    use_cache=True).logits.float()
     logits = torch.cat([pre.next_logits[:, None], logits], dim=1)  # (1, S, V)
-    nll = torch.nn.functional.cross_entropy(logits[0], target[0], reduction="sum")
-    return float(nll), int(target.shape[1]), pre
+    return token_nll(logits[0], target[0]), int(target.shape[1]), pre
 
 
 def eos_ids(tok) -> tuple[int, ...]:

@@ -6,35 +6,13 @@ No method- or task-specific branches: both come from their registries.
 from __future__ import annotations
 
 import math
-from importlib import resources
 
 from podkv.errors import PodError
 from podkv.eval.config import EvalConfig
 from podkv.eval.methods import METHODS, make_method
 from podkv.eval.tasks import make_task
-from podkv.plan import SharingPlan, plan_from_config
-
-SHIPPED_PLAN = "smollm2_plan_35.json"
-
-
-def resolve_plan(path: str | None, model) -> tuple[SharingPlan, str]:
-    """The PoD plan to run and where it came from: --plan, the model's own, the shipped one, or uniform blocks of 3."""
-    if path is not None:
-        return SharingPlan.load(path), str(path)
-    own = plan_from_config(model.config)
-    if own is not None:
-        return own, "model config"
-    shipped = resources.files("podkv").joinpath("assets", SHIPPED_PLAN)
-    if shipped.is_file():
-        plan = SharingPlan.load(shipped)
-        try:
-            plan.validate_for(model.config)
-            return plan, f"podkv/assets/{SHIPPED_PLAN}"
-        except PodError:
-            pass  # a plan for another model: fall through to the uniform plan
-    cfg = model.config
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    return SharingPlan.uniform(cfg.num_hidden_layers, heads, 3, ns=16, nr=240), "uniform(block=3, ns=16, nr=240)"
+from podkv.models.default_plan import default_plan
+from podkv.plan import SharingPlan
 
 
 def default_budget(plan: SharingPlan, lengths) -> float:
@@ -124,7 +102,7 @@ def load(cfg: EvalConfig):
         model, tok = load_model(cfg.model, progress=False)
     except ModuleNotFoundError as exc:
         raise PodError(f"--model {cfg.model}: not available in this install ({exc})") from None
-    plan, source = resolve_plan(cfg.plan, model)
+    plan, source = default_plan(model.config, cfg.plan)
     return model, tok, plan, source
 
 

@@ -1,4 +1,9 @@
-"""Scores: exact match of greedy answers, RULER's string_match_all, and perplexity from summed NLLs."""
+"""Scores: exact match of greedy answers, RULER's string_match_all, and the one perplexity (NLL over windows).
+
+Every perplexity in podkv comes from here: the ``ppl`` task and ``retrieval_logprob`` (a continuation
+after a method's prefill), training's held-out curve (:func:`window_nll`), and `podkv bench skip`
+(NLL of decode steps) all sum :func:`token_nll` and report :func:`perplexity`.
+"""
 
 from __future__ import annotations
 
@@ -40,3 +45,41 @@ def perplexity(nll_sum: float, n_tokens: int) -> float:
         raise ValueError("perplexity needs at least one scored token")
     return math.exp(nll_sum / n_tokens)
 
+
+
+def token_nll(logits, targets) -> float:
+    """Summed negative log-likelihood of ``targets`` (T,) under ``logits`` (T, V), computed in fp32."""
+    import torch
+
+    return float(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
+
+
+def window_nll(model, ids, length: int, skip: int = 0, max_tokens: int | None = None) -> tuple[float, int]:
+    """Summed next-token NLL and the count of scored tokens of ``ids`` (N,) cut into ``length``-token windows.
+
+    One cache-less forward per window (exact attention of whatever the model runs, PoD included); the
+    last partial window is kept. Only positions ``>= skip`` inside a window are scored: with ``skip =
+    ns + nr`` the score counts only tokens where PoD differs from dense. ``max_tokens`` cuts ``ids`` first.
+    """
+    import torch
+
+    if length < 2 or skip < 0 or skip >= length - 1:
+        raise ValueError(f"window_nll needs length >= 2 and 0 <= skip < length - 1, got length={length}, skip={skip}")
+    ids = ids if max_tokens is None else ids[:max_tokens]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(ids) - 1, length):
+                window = ids[start:start + length][None].to(device)  # (1, T)
+                keep = window.shape[1] - 1 - skip  # scored positions: skip+1 .. T-1
+                if keep < 1:
+                    break
+                logits = model(input_ids=window, use_cache=False, logits_to_keep=keep + 1).logits[0, :-1]
+                total += token_nll(logits, window[0, skip + 1:])
+                count += keep
+    finally:
+        model.train(was_training)
+    return total, count

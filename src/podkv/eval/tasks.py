@@ -48,6 +48,18 @@ class Passkey(NeedleTask):
         return [(prompts.passkey_needle(rng), depth)], 0
 
 
+def passkey_cases(tok, length: int, depths, seed: int = 0) -> list[Case]:
+    """The passkey task's own prompts (``length`` tokens, one per depth) for callers outside the harness.
+
+    Why one source: the training table (:func:`podkv.training.evaluate.passkey_accuracy`) and
+    `podkv bench skip` score the same prompts, with :meth:`Passkey.score`, as `podkv eval passkey`.
+    """
+    from podkv.eval.config import EvalConfig
+
+    cfg = EvalConfig(tasks=("passkey",), lengths=(length,), depths=tuple(depths), seed=seed)
+    return Passkey().cases(tok, cfg, None)
+
+
 class Niah(NeedleTask):
     """Key-value fact needle; the runner draws the length x depth heatmap (paper Figure 3)."""
 
