@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from podkv.training.config import OBJECTIVES
+
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="adapt a model to a PoD plan (transformers Trainer; LoRA optional)",
@@ -20,8 +22,9 @@ def register(sub) -> None:
     budget.add_argument("--max-tokens", type=int, help="training tokens (rounded up to whole steps)")
     p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (cosine decay after warm-up)")
     p.add_argument("--warmup-ratio", type=float, default=0.05)
-    p.add_argument("--objective", choices=("lm", "distill"), default="lm",
-                   help="lm: next-token loss; distill: KL to the same model with dense attention")
+    p.add_argument("--objective", choices=OBJECTIVES, default="lm",
+                   help="lm: next-token loss; distill: KL to the same model with dense attention; "
+                        "local: each layer's attention output matched to the dense teacher's, on its inputs")
     p.add_argument("--trainable", choices=("qk", "attention", "all"), default="qk")
     p.add_argument("--init", choices=("none", "anchor-q", "anchor-qk"), default="none",
                    help="start shared heads from their anchor's q (and k) projections: score sharing at step 0")

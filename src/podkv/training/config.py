@@ -7,7 +7,7 @@ from pathlib import Path
 
 from podkv.errors import PodError
 
-OBJECTIVES = ("lm", "distill")
+OBJECTIVES = ("lm", "distill", "local")
 TRAINABLE = ("qk", "attention", "all")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -24,7 +24,8 @@ class TrainConfig:
     data : text files; empty = the standard library's ``pydoc_data.topics`` (held-out slice excluded).
     seq_len : tokens per packed training sequence.
     max_steps / max_tokens : budget; exactly one may be set (tokens are rounded up to whole steps).
-    objective : ``"lm"`` (next-token loss) or ``"distill"`` (KL to the dense-attention teacher).
+    objective : ``"lm"`` (next-token loss), ``"distill"`` (KL to the dense-attention teacher) or
+        ``"local"`` (each layer's attention output matched to the teacher's, on the teacher's inputs).
     trainable : ``"qk"`` (q/k of layers that read anchor keys, k of anchors), ``"attention"`` or ``"all"``.
     lora_rank : 0 = train the selected weights directly; > 0 = LoRA adapters on them (peft).
     eval_fraction : share of the packed token stream held out for evaluation (the tail; never trained on).

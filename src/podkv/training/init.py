@@ -29,8 +29,10 @@ def init_from_anchor(model, plan: SharingPlan, init: str) -> int:
         return 0
     from podkv.models.enable import attention_modules
 
+    from podkv.training.objectives import decoder_layers
+
     attn = attention_modules(model)
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     d = attn[0].head_dim
     group = model.config.num_attention_heads // plan.num_kv_heads
     changed = 0
@@ -45,11 +47,6 @@ def init_from_anchor(model, plan: SharingPlan, init: str) -> int:
                 attn[layer].k_proj.weight[k] = attn[a].k_proj.weight[k] * ratio
             changed += 1
     return changed
-
-
-def _decoder_layers(model):
-    inner = getattr(model, "model", model)
-    return list(inner.layers)
 
 
 def _gain(layer) -> torch.Tensor:

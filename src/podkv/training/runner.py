@@ -66,7 +66,7 @@ def train(cfg: TrainConfig, callbacks=None) -> dict:
     model, tok, plan, split = prepare(cfg)
     t0 = time.time()
     dense_nll = heldout_nll(model, split.heldout, cfg.seq_len, cfg.eval_tokens)
-    teacher = copy.deepcopy(model) if cfg.objective == "distill" else None  # dense attention, frozen
+    teacher = copy.deepcopy(model) if cfg.objective in ("distill", "local") else None  # dense attention, frozen
     if cfg.init != "none":
         from podkv.training.init import init_from_anchor
 
@@ -115,7 +115,7 @@ def _build_trainer(cfg, model, tok, split, teacher, callbacks):
         ddp_backend="gloo" if world > 1 and not torch.cuda.is_available() else None, ddp_find_unused_parameters=False,
         disable_tqdm=False, save_only_model=False,
     )
-    kwargs = {"teacher": teacher} if cfg.objective == "distill" else {}
+    kwargs = {"teacher": teacher} if teacher is not None else {}
     return TRAINERS[cfg.objective](model=model, args=args, train_dataset=PackedDataset(split.train),
                                    data_collator=default_data_collator, processing_class=tok,
                                    callbacks=callbacks, **kwargs)
