@@ -22,14 +22,12 @@ def model():
 
 @pytest.fixture(scope="module")
 def real_tokenizer():
-    """The default model's tokenizer (no weights); skips where the model is not cached."""
-    transformers = pytest.importorskip("transformers")
+    """The default model's tokenizer (no weights), fetched and converted once like the default model itself."""
+    import transformers
+
     from podkv.models import default_model
 
-    path = default_model.default_model_dir()
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip("default model not cached")
-    return transformers.AutoTokenizer.from_pretrained(path)
+    return transformers.AutoTokenizer.from_pretrained(default_model.ensure_default_model(progress=False))
 
 
 @pytest.fixture

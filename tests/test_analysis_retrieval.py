@@ -14,6 +14,7 @@ from podkv.analysis.retrieval import RowProbe, head_scores, lookup_prompt
 from podkv.analysis.run import AnalysisConfig, analyze, replan
 from podkv.cli import main
 from tiny import tiny_model
+from tolerances import assert_close
 
 LENGTH = 160  # a lookup needs ~85 characters of record and question around its haystack
 
@@ -57,8 +58,8 @@ def test_head_scores_match_eager_attention():
         w = w[0].double()
         retr = w[:, a0:a1, v0:v1].sum(-1).mean(-1).view(2, 2).amax(-1)
         mass = (w[:, a0 - last_q:a0] * distant).sum(-1).mean(-1).view(2, 2).amax(-1)
-        torch.testing.assert_close(scores["retrieval"][layer].double(), retr, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(scores["distant_mass"][layer].double(), mass, atol=1e-5, rtol=1e-4)
+        assert_close(scores["retrieval"][layer].double(), retr, what=f"retrieval score, layer {layer}")
+        assert_close(scores["distant_mass"][layer].double(), mass, what=f"distant mass, layer {layer}")
 
 
 @pytest.fixture(scope="module")

@@ -129,8 +129,7 @@ def test_jsonl_data_is_read(tmp_path):
                                                   ("smollm2_plan_layer_35.json", True)])
 def test_shipped_plans(name, layer_granular):
     path = files("podkv") / "assets" / name
-    if not path.is_file():
-        pytest.skip(f"{name} not generated yet")
+    assert path.is_file(), f"the shipped plan {name} is missing from the package"
     plan = SharingPlan.load(path)
     assert (plan.num_layers, plan.num_kv_heads, plan.ns, plan.nr) == (30, 3, 16, 240)
     assert plan.kv_saving(4096) >= 0.35 and plan.is_layer_granular == layer_granular

@@ -54,8 +54,9 @@ def test_compare_writes_reproducible_results(model, tmp_path):
 
 
 def test_default_budget_is_pods_own(model, tmp_path):
-    assert default_budget(PLAN, [420, 500]) == pytest.approx(
-        round(1 - PLAN.kv_saving(420) + 0.005, 2), abs=0.011)
+    held = 1 - PLAN.kv_saving(420)  # the shorter length holds the larger fraction
+    budget = default_budget(PLAN, [420, 500])
+    assert held <= budget < held + 0.01 and round(100 * budget) == pytest.approx(100 * budget)  # rounded up to 0.01
     cfg = _cfg(tmp_path, tasks=("passkey",), methods=("pod",), lengths=(420,), depths=(0.5,))
     rec = evaluate(model, CharTokenizer(), cfg, PLAN, progress=False)["pod"]["tasks"]["passkey"]["records"][0]
     assert rec["kv_fraction"] <= default_budget(PLAN, [420])
@@ -128,7 +129,6 @@ def test_merge_separate_runs(model, tmp_path, capsys):
 
 
 def test_longbench_loader_reads_local_jsonl(tmp_path):
-    pytest.importorskip("datasets", reason="longbench/ruler need the 'data' extra")
     rows = [{"context": "x" * 900, "input": "who?", "answers": ["Ann"]}, {"context": "short", "input": "q", "answers": ["b"]}]
     (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     cfg = _cfg(tmp_path, tasks=("longbench",), data=str(tmp_path), subset="qa", lengths=(300,))

@@ -7,6 +7,7 @@ import pytest
 from podkv.eval.scoring import string_match_all
 from podkv.eval.stats import MIN_SAMPLES, bootstrap, describe, mapped, wilson
 from podkv.eval.tasks import make_task
+from tolerances import BOOTSTRAP_VS_NORMAL
 
 
 @pytest.mark.parametrize("k,n,lo,hi", [
@@ -40,7 +41,8 @@ def test_bootstrap_is_seeded_and_close_to_the_normal_interval():
     values = [1.0] * 30 + [0.0] * 70
     half = 1.96 * math.sqrt(0.3 * 0.7 / 100)  # 0.0898
     lo, hi = bootstrap(values)
-    assert lo == pytest.approx(0.3 - half, abs=0.015) and hi == pytest.approx(0.3 + half, abs=0.015)
+    assert lo == pytest.approx(0.3 - half, abs=BOOTSTRAP_VS_NORMAL)
+    assert hi == pytest.approx(0.3 + half, abs=BOOTSTRAP_VS_NORMAL)
 
 
 def test_describe_picks_the_interval():

@@ -1,16 +1,62 @@
-"""One table of numeric tolerances for every oracle comparison (STYLE: flash-attention tests)."""
+"""One table of numeric tolerances for every oracle comparison (STYLE: flash-attention tests), and of the
+skips the suite allows. ``tests/test_skips.py`` fails on a tolerance above 1e-4 written as a number in a test
+(it must be a name from here, with its reason) and on a skip that is not listed in :data:`SKIPS`.
+
+Each tolerance says what it compares, the difference measured on this machine, and why it is not tighter.
+"""
 
 import torch
 
-# (rtol, atol) by dtype for fast path vs fp32 reference.
+# (rtol, atol) by dtype for fast path vs fp32 reference. Measured: ~1e-7 (fp32) on the tiny models;
+# atol 2e-5 covers outputs near zero, where rtol means nothing.
 TOL = {
     torch.float32: (1e-5, 2e-5),
-    torch.bfloat16: (2e-2, 2e-2),
+    torch.bfloat16: (2e-2, 2e-2),  # bf16 keeps 8 mantissa bits: one rounding is 2^-8 = 3.9e-3 relative
+}
+
+# Gradients of the chunked PoD path vs the materialised reference, fp32. Measured max 4.5e-8
+# (tiny llama, chunk 16, with and without checkpointing); backward re-associates the sums.
+GRAD = (1e-5, 1e-6)
+
+# Scalars computed from fp32 log-probabilities (an NLL, a log-prob per token, a perplexity) by two paths
+# over the same logits (one forward vs prefill + cache; plain PoD vs the never-skipping gate path).
+# Measured: 0 to 4e-8.
+SCALAR = 1e-6
+
+# Weights merged from deltas stored in bf16 vs the fp32 weights they came from: bf16 rounds a weight of
+# magnitude <= 0.5 by at most 2^-9 = 2e-3 (the tiny model's weights are that small).
+BF16_STORAGE_ATOL = 2e-3
+
+# A percentile bootstrap interval (2000 resamples) vs the normal-approximation interval of a proportion
+# (n = 100, p = 0.3): they are different estimators. The bootstrap's quantiles move by ~1/sqrt(2000) of
+# the spread and the normal interval ignores the skew; 0.015 is 1/6 of the half-width (0.09).
+BOOTSTRAP_VS_NORMAL = 0.015
+
+# "These two must differ": a difference above this is far beyond fp32 noise (a cut gradient is O(1)).
+DIFFERS = (1e-3, 1e-5)
+
+# The skips the suite allows, as (file, text on the skip's line) -> why it is not a hidden failure.
+# Anything podkv needs to run (transformers, the shipped plans and adapted model, the default model)
+# is never skipped: its absence is a packaging bug and fails.
+SKIPS = {
+    ("peers.py", "pytest.skip("): "kvpress 0.5.5 (the eval baselines, extra 'peers') requires transformers<5.3: "
+                                  "the newest-transformers venv of CI has no kvpress, and says so",
+    ("peers.py", "importorskip(\"kvpress\""): "kvpress is an optional peer (extra 'peers'), not a dependency",
+    ("test_default_model.py", "PODKV_TEST_FRESH_HOME"): "re-downloading the default model into an empty home "
+                                                        "needs the network and minutes: opt-in",
+    ("test_compat.py", "pytest.skip("): "the expected values are tabled per transformers release CI runs; "
+                                        "another release has no table row",
+    ("test_serving_vllm.py", "importorskip(\"vllm\")"): "vLLM runs in its own venv (scripts/test_vllm.sh, opt-in): "
+                                                        "the CI venvs have no vllm",
+    ("test_serving_vllm.py", "no podkv reference venv"): "the reference side runs in podkv's venv; only "
+                                                         "scripts/test_vllm.sh sets it up",
+    ("test_readme_commands.py", "pytest.skip("): "README commands run in the venv the README sets up (.venv); "
+                                                 "the other CI venvs run the rest of the suite",
 }
 
 
-def assert_close(actual, expected, dtype=torch.float32, what=""):
-    rtol, atol = TOL[dtype]
+def assert_close(actual, expected, dtype=torch.float32, what="", tol=None):
+    rtol, atol = tol if tol is not None else TOL[dtype]
     diff = (actual.float() - expected.float()).abs().max().item()
     print(f"{what} max abs diff {diff:.3g} (rtol={rtol}, atol={atol})")
     torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol)
