@@ -9,6 +9,7 @@ from podkv.cache.memory import dense_kv_bytes
 from podkv.errors import PodError
 from podkv.eval.generation import continuation_nll, greedy_answer
 from podkv.eval.methods import METHODS, make_method
+from peers import kvpress_or_skip
 from tiny import tiny_model
 
 RUNNABLE = list(METHODS)
@@ -26,7 +27,7 @@ def plan():
 
 def _needs(name):
     if name in KVPRESS:
-        pytest.importorskip("kvpress", reason="token-eviction baselines need kvpress (extra 'peers')")
+        kvpress_or_skip("the token-eviction baselines")
 
 
 @pytest.mark.parametrize("name", RUNNABLE)
@@ -115,7 +116,7 @@ def test_attached_restores_a_pod_model(model, plan):
 
 
 def test_demo_needle_comparison_on_tiny_model(model, plan):
-    pytest.importorskip("kvpress", reason="the demo's StreamingLLM row needs kvpress")
+    kvpress_or_skip("the demo's StreamingLLM row")
     from podkv.eval.demo import _figure, _row, needle_compare
     from test_eval_prompts import CharTokenizer
 

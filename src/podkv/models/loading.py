@@ -51,11 +51,13 @@ def load_model(name_or_path: str | None = None, dtype: torch.dtype | str = torch
 
 
 def _load_dir(path, dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from podkv.compat import load_tokenizer
 
     model = _from_pretrained(AutoModelForCausalLM, path, dtype)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = load_tokenizer(path)
     except (OSError, ValueError) as exc:
         raise PodError(f"could not load a tokenizer from {path}: {exc}") from None
     if getattr(model.config, "pod_plan", None) is not None:
