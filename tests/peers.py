@@ -9,6 +9,6 @@ from podkv.compat import TRANSFORMERS_VERSION
 def kvpress_or_skip(what: str):
     """Import kvpress, or skip ``what`` saying why it is absent here."""
     if TRANSFORMERS_VERSION >= (5, 3):
-        pytest.skip(f"{what} needs kvpress 0.5.5, which requires transformers<5.3: this is the transformers "
-                    f"{transformers.__version__} venv, and the baselines run in the oldest one (scripts/env.sh)")
-    return pytest.importorskip("kvpress", reason=f"{what} needs kvpress (extra 'peers')")
+        pytest.skip(f"{what}: kvpress 0.5.5 requires transformers<5.3, and this is the transformers "
+                    f"{transformers.__version__} venv; the baselines run in the oldest one (scripts/env.sh)")
+    return pytest.importorskip("kvpress", reason=f"{what}: kvpress is not installed (extra 'peers')")
