@@ -90,3 +90,34 @@ def test_misnamed_byte_level_tokenizer_loads_as_saved(tmp_path):
 def test_other_tokenizers_load_as_named(tmp_path, tiny_lm_dir):
     assert not compat.misnamed_tokenizer(tiny_lm_dir)  # a character tokenizer: named by its own class
     assert not compat.misnamed_tokenizer(tmp_path)  # no tokenizer at all
+
+
+def _tiny_gguf(path):
+    """A llama-arch GGUF with a byte-level BPE (SmolLM2's layout): one token per byte, no BOS by its metadata."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [chr(b) for b in range(256)]
+    for add, value in [(w.add_block_count, 1), (w.add_context_length, 64), (w.add_embedding_length, 8),
+                       (w.add_feed_forward_length, 16), (w.add_head_count, 2), (w.add_head_count_kv, 1),
+                       (w.add_rope_freq_base, 1e4), (w.add_layer_norm_rms_eps, 1e-5), (w.add_vocab_size, len(tokens)),
+                       (w.add_tokenizer_model, "gpt2"), (w.add_tokenizer_pre, "smollm"), (w.add_token_list, tokens),
+                       (w.add_token_types, [3] * 3 + [1] * 256), (w.add_token_scores, [0.0] * len(tokens)),
+                       (w.add_token_merges, []), (w.add_bos_token_id, 1), (w.add_eos_token_id, 2),
+                       (w.add_unk_token_id, 0), (w.add_add_bos_token, False)]:
+        add(value)
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_tokenizer_reads_like_transformers_5_2(tmp_path):
+    _tiny_gguf(tmp_path / "t.gguf")
+    tok = compat.gguf_tokenizer(tmp_path, "t.gguf")
+    ids = [1, 3 + ord("a"), 3 + ord("b")]  # BOS first, as the default model was converted
+    assert tok("ab").input_ids == ids
+    tok.save_pretrained(tmp_path / "saved")
+    assert compat.load_tokenizer(tmp_path / "saved")("ab").input_ids == ids

@@ -16,6 +16,9 @@ cache argument of ``forward`` and        ``past_key_values``                  ``
 ``tokenizer_class: CodeLlamaTokenizer``  ignored: ``tokenizer.json`` loads    applied: a SentencePiece-style
 on a byte-level BPE (the 5.2 GGUF        as is                                tokenizer that puts
 reader writes it for SmolLM2)                                                 ``<|endoftext|>`` between words
+SmolLM2's GGUF tokenizer, read by the    BOS (``<|im_start|>``) first,        follows the GGUF: no BOS
+GGUF reader                              although the GGUF's                  (5.19 too)
+                                         ``add_bos_token`` is false
 =======================================  ===================================  ===================================
 
 Two more differences need no shim, only a signature that fits both: ``Cache.update`` calls a layer's
@@ -23,15 +26,11 @@ Two more differences need no shim, only a signature that fits both: ``Cache.upda
 and a mask function registered with ``AttentionMaskInterface`` gets ``cache_position=`` in 5.2 and
 ``q_length=, q_offset=`` in 5.24 (take its arguments by keyword, the rest as ``**kwargs``).
 
-Not shimmed, because only the default model's conversion meets it: the GGUF reader of 5.2 adds a BOS
-token (``<|im_start|>`` for SmolLM2) although the GGUF says ``add_bos_token = false``; later releases
-follow the GGUF. A default model converted under 5.2 (the recorded results) keeps its BOS on every release.
-
 Each path is picked by what the installed transformers has (feature detection), not by its version
 number, so a release between the tested ones takes whichever API it has. The rows did not change
 together: 5.10 already tells layers the query length, 5.16 has the new ``crop``, 5.19 (vLLM 0.32's)
-still names the cache ``past_key_values``. ``tests/test_compat.py``
-checks the pick against the version for the releases CI runs.
+still names the cache ``past_key_values``. ``tests/test_compat.py`` checks the pick against the version
+for the releases CI runs.
 """
 
 from __future__ import annotations
@@ -137,3 +136,18 @@ def load_tokenizer(path, **kwargs):
     if misnamed_tokenizer(path):
         return PreTrainedTokenizerFast.from_pretrained(path, **kwargs)
     return AutoTokenizer.from_pretrained(path, **kwargs)
+
+
+def gguf_tokenizer(directory, gguf_file: str):
+    """A GGUF file's tokenizer as transformers 5.2 reads it (BOS first), on every release.
+
+    podkv's default model was converted with 5.2's reading, and every recorded result tokenized with it;
+    keeping it makes the converted checkpoint the same whichever release converts it. Later releases
+    follow the GGUF's ``add_bos_token`` (false for SmolLM2); this turns it back on.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    if tok.bos_token is not None and not getattr(tok, "add_bos_token", True):
+        tok.add_bos_token = True  # the backend tokenizer's post-processor follows (and is saved with it)
+    return tok
