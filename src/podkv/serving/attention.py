@@ -1,16 +1,17 @@
 """PoD attention inside vLLM: a CPU attention backend whose shared layers read their anchor
-layer's paged keys for distant tokens (reference path: per-request PyTorch over gathered caches).
+layer's paged keys for distant tokens.
 
 Two KV layouts (``config.pod_kv_layout``):
 
-* ``"shared"`` (stage 2, default; :class:`PodSharedKVBackend`): the anchor of a block of B layers owns
-  one page per token and KV head, ``[K_a | V_a | ... | V_a+B-1]`` (token-major, written and read
-  here, never by vLLM's kernel); a non-anchor layer owns only a proximal-key cache (sinks + recent
-  window, :mod:`podkv.serving.kv_specs`) and writes its values into its column of the anchor's page.
-  Every layer (anchors too) runs :func:`podkv.attention.chunked.pod_attention_chunked`.
+* ``"shared"`` (stage 2, default; :class:`PodSharedKVBackend`): an anchor keeps ``[K | V]`` pages, a shared
+  layer keeps its values (full length) and, in a second cache ``<layer>.pod_keys``, its proximal keys
+  (sinks + recent window) (:mod:`podkv.serving.kv_specs`). Pages are token-major and written and read
+  here only, never by vLLM's kernel. Decoding requests of a step go through one batched call per layer
+  (:func:`podkv.serving.batched.pod_decode`); prefill chunks run
+  :func:`podkv.attention.chunked.pod_attention_chunked` one request at a time.
 * ``"full"`` (stage 1; :class:`PodTorchBackend`): every layer keeps vLLM's full CPU cache
   (num_blocks, H_kv, block_size, 2*D), read as keys | values halves along the token axis; anchors
-  run vLLM's CPU kernel, shared layers gather and run the same PoD function.
+  run vLLM's CPU kernel, shared layers gather and run the same PoD function per request.
 
 vLLM runs layers in order, so the anchor has already written the current step's keys when a shared
 layer reads them. Written against vLLM 0.32 (``vllm.v1.attention.backends.cpu_attn``).
@@ -25,6 +26,8 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentio
 
 from podkv.attention.chunked import DEFAULT_CHUNK, KeySources, pod_attention_chunked
 from podkv.serving.attention_names import BACKEND_NAME
+from podkv.serving.batched import (causal_attention, decode_attention, decode_positions, flat_positions, gather_rows, proximal_positions,
+                                   token_index, token_rows, write_own_keys)
 
 
 class PodTorchBackend(CPUAttentionBackend):
@@ -53,33 +56,45 @@ class PodTorchImpl(CPUAttentionBackendImpl):
     """CPU attention for anchors; PoD attention over paged caches for shared layers.
 
     Extra keyword arguments (passed through ``vllm.Attention(**extra_impl_args)``):
-    pod_anchor_layer (str or None: None = this layer is an anchor), pod_ns, pod_nr, pod_chunk.
+    pod_anchor_layer (str or None: None = this layer is an anchor), pod_ns, pod_nr, pod_chunk,
+    pod_shared_kv (stage 2), pod_keys_layer (stage 2, shared layers: the attention module holding the
+    proximal-key cache).
     """
 
     def __init__(self, *args, pod_anchor_layer: str | None = None, pod_ns: int = 16, pod_nr: int = 240,
-                 pod_chunk: int = DEFAULT_CHUNK, pod_shared_kv: bool = False, pod_block_pos: int = 0, **kwargs):
+                 pod_chunk: int = DEFAULT_CHUNK, pod_shared_kv: bool = False, pod_keys_layer: str | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.pod_anchor_layer = pod_anchor_layer
         self.pod_ns, self.pod_nr, self.pod_chunk = pod_ns, pod_nr, pod_chunk
-        # Stage 2 (podkv.serving.kv_specs): the anchor's page holds [K | V of every layer of the block];
-        # this layer's values sit at column block (1 + pod_block_pos); a non-anchor keeps proximal keys only.
-        self.pod_shared_kv, self.pod_block_pos = pod_shared_kv, pod_block_pos
+        self.pod_shared_kv, self.pod_keys_layer = pod_shared_kv, pod_keys_layer
+        # An anchor's keys of the current decode step (gathered once, read by its block's shared layers) and
+        # the K_eff buffer those layers share: (step, anchor keys, K_eff or None).
+        self.step_keys: tuple | None = None
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
         if not self.pod_shared_kv:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        D = self.head_size
-        if self.pod_anchor_layer is None:
-            write_slots(kv_cache, slot_mapping, key, 0)
-            write_slots(kv_cache, slot_mapping, value, D)
-            return
         ctx = get_forward_context()
-        write_slots(kv_cache, slot_mapping, key, 0)  # proximal-key cache: (blocks, H, bs, D)
-        anchor_slots = ctx.slot_mapping.get(self.pod_anchor_layer)
-        if anchor_slots is None:
-            raise RuntimeError(f"PoD: no slot mapping for anchor {self.pod_anchor_layer} in this forward pass")
-        write_slots(ctx.no_compile_layers[self.pod_anchor_layer].kv_cache, anchor_slots, value,
-                    (1 + self.pod_block_pos) * D)
+        meta = ctx.attn_metadata.get(layer.layer_name) if isinstance(ctx.attn_metadata, dict) else None
+        # tokens of this pass; vLLM may pad the batch after them (slot -1)
+        n = self._step(ctx, meta).n_tokens if meta is not None else int((slot_mapping >= 0).sum())
+        if self.pod_anchor_layer is None:  # [K | V] rows
+            write_rows(kv_cache, slot_mapping[:n], key[:n], 0)
+            write_rows(kv_cache, slot_mapping[:n], value[:n], self.head_size)
+            return
+        write_rows(kv_cache, slot_mapping[:n], value[:n], 0)  # values rows (.., H, D)
+        keys_slots = ctx.slot_mapping.get(self.pod_keys_layer)
+        if keys_slots is None:
+            raise RuntimeError(f"PoD: no slot mapping for {self.pod_keys_layer} in this forward pass")
+        write_rows(ctx.no_compile_layers[self.pod_keys_layer].kv_cache, keys_slots[:n], key[:n], 0)
+
+    def _step(self, ctx, meta) -> Step:
+        """This forward pass's :class:`Step`, made by its first PoD layer (a new ForwardContext every pass)."""
+        step = getattr(ctx, "podkv_step", None)
+        if step is None:
+            step = ctx.podkv_step = Step(meta, self.pod_ns, self.pod_nr)
+        return step
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
@@ -110,29 +125,64 @@ class PodTorchImpl(CPUAttentionBackendImpl):
             output[a:b] = out[0].transpose(0, 1).to(output.dtype)
         return output
 
-    def _forward_shared(self, query, kv_cache, attn_metadata, output):
-        """Stage 2: every layer reads its block's page (anchor keys, its own values) and, if it is not
-        the anchor, its proximal keys (sinks + recent window; freed blocks read as garbage, never used)."""
-        D, j = self.head_size, self.pod_block_pos
-        if self.pod_anchor_layer is None:
-            anchor_cache, anchor_meta = kv_cache, attn_metadata
-        else:
-            ctx = get_forward_context()
-            anchor_cache = ctx.no_compile_layers[self.pod_anchor_layer].kv_cache
-            anchor_meta = ctx.attn_metadata[self.pod_anchor_layer]
-        starts = attn_metadata.query_start_loc.tolist()
-        for i, seq_len in enumerate(attn_metadata.seq_lens.tolist()):
-            a, b = starts[i], starts[i + 1]
-            if b <= a:
-                continue
-            anchor_keys = gather_columns(anchor_cache, anchor_meta.block_table[i], seq_len, 0, D)
-            values = gather_columns(anchor_cache, anchor_meta.block_table[i], seq_len, (1 + j) * D, (2 + j) * D)
-            keys = anchor_keys if self.pod_anchor_layer is None else \
-                gather_columns(kv_cache, attn_metadata.block_table[i], seq_len, 0, D)
-            q = query[a:b].transpose(0, 1).unsqueeze(0)
-            out = self._pod(q, seq_len - (b - a), keys, values, anchor_keys)
-            output[a:b] = out[0].transpose(0, 1).to(output.dtype)
+    def _forward_shared(self, query, kv_cache, meta, output):
+        """Stage 2: decoding requests in one batched call, prefill chunks one request at a time."""
+        step = self._step(get_forward_context(), meta)
+        if step.decode_tokens is not None:
+            output[step.decode_tokens] = self._decode(step, query[step.decode_tokens], kv_cache, meta).to(output.dtype)
+        for i, a, b in step.prefills:
+            output[a:b] = self._prefill(query[a:b], i, kv_cache, meta).to(output.dtype)
         return output
+
+    def _caches(self, kv_cache, meta):
+        """(anchor [K | V] cache, its metadata, proximal-key cache, its metadata) for this layer."""
+        if self.pod_anchor_layer is None:
+            return kv_cache, meta, None, None
+        ctx = get_forward_context()
+        return (ctx.no_compile_layers[self.pod_anchor_layer].kv_cache, ctx.attn_metadata[self.pod_anchor_layer],
+                ctx.no_compile_layers[self.pod_keys_layer].kv_cache, ctx.attn_metadata[self.pod_keys_layer])
+
+    def _decode(self, step: Step, q, kv_cache, meta):
+        """q (R, Hq, D) of the step's decoding requests -> (R, Hq, D)."""
+        D = self.head_size
+        if self.pod_anchor_layer is None:
+            kv = gather_rows(token_rows(kv_cache), step.index(meta, kv_cache))  # (R, T, H, 2D)
+            self.step_keys = (step, kv[..., :D], None)
+            return decode_attention(q, kv[..., :D], kv[..., D:], step.visible, self.scale)
+        anchor_cache, anchor_meta, keys_cache, keys_meta = self._caches(kv_cache, meta)
+        anchor = get_forward_context().no_compile_layers[self.pod_anchor_layer].impl
+        if anchor.step_keys is None or anchor.step_keys[0] is not step:  # not expected: anchors run first
+            rows = gather_rows(token_rows(anchor_cache), step.index(anchor_meta, anchor_cache))
+            anchor.step_keys = (step, rows[..., :D], None)
+        _, anchor_keys, keys = anchor.step_keys
+        if keys is None:
+            keys = anchor_keys.clone()
+            anchor.step_keys = (step, anchor_keys, keys)
+        own = gather_rows(token_rows(keys_cache), step.index(keys_meta, keys_cache, proximal=True))  # (R, P, H, D)
+        write_own_keys(keys, own, step.proximal_rows)
+        values = gather_rows(token_rows(kv_cache), step.index(meta, kv_cache))
+        return decode_attention(q, keys, values, step.visible, self.scale)
+
+    def _prefill(self, q, i, kv_cache, meta):
+        """Request ``i``'s query chunk q (Tq, Hq, D) -> (Tq, Hq, D), through podkv's own PoD function."""
+        D = self.head_size
+        seq_len = int(meta.seq_lens[i])
+        anchor_cache, anchor_meta, keys_cache, keys_meta = self._caches(kv_cache, meta)
+        if seq_len <= self.pod_ns + self.pod_nr:  # every key proximal: causal attention over the layer's own
+            if self.pod_anchor_layer is None:
+                kv = gather(kv_cache, meta.block_table[i:i + 1], seq_len)[0]
+                return causal_attention(q, kv[..., :D], kv[..., D:], self.scale)
+            keys = gather(keys_cache, keys_meta.block_table[i:i + 1], seq_len)[0]
+            return causal_attention(q, keys, gather(kv_cache, meta.block_table[i:i + 1], seq_len)[0], self.scale)
+        anchor_kv = gather(anchor_cache, anchor_meta.block_table[i:i + 1], seq_len)  # (1, L, H, C)
+        if self.pod_anchor_layer is None:
+            keys, values = anchor_kv[..., :D], anchor_kv[..., D:]
+        else:  # own keys outside the sinks and the window are freed blocks: PoD never reads them
+            keys = gather(keys_cache, keys_meta.block_table[i:i + 1], seq_len)
+            values = gather(kv_cache, meta.block_table[i:i + 1], seq_len)
+        out = self._pod(q.transpose(0, 1).unsqueeze(0), seq_len - q.shape[0], keys.transpose(1, 2),
+                        values.transpose(1, 2), anchor_kv[..., :D].transpose(1, 2))
+        return out[0].transpose(0, 1)
 
     def _pod(self, q, q_start, keys, values, anchor_keys):
         H = keys.shape[1]
@@ -165,21 +215,50 @@ def paged_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, seq_len: int) -> tupl
     return k.unsqueeze(0), v.unsqueeze(0)
 
 
-def write_slots(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, col: int) -> None:
-    """Stage-2 layout: cache (num_blocks, H, bs, C) token-major; x (N, H, D) -> cache[slot, :, col:col+D]."""
-    nb, H, bs, _ = cache.shape
-    n = slots.shape[0]
-    slots = slots.long()
-    keep = slots >= 0  # padded tokens carry slot -1
-    if not bool(keep.all()):
-        slots, x = slots[keep], x[:n][keep]
-    cache[slots // bs, :, slots % bs, col:col + x.shape[-1]] = x[:n].to(cache.dtype)
+def write_rows(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, col: int) -> None:
+    """Stage-2 layout (:func:`~podkv.serving.batched.token_rows`): x (N, H, d) -> rows ``slots`` (N,),
+    columns [col, col + d)."""
+    token_rows(cache)[:, :, col:col + x.shape[-1]].index_copy_(0, slots.long(), x.to(cache.dtype))
 
 
-def gather_columns(cache: torch.Tensor, blocks: torch.Tensor, seq_len: int, c0: int, c1: int) -> torch.Tensor:
-    """Columns [c0, c1) of one request's first ``seq_len`` tokens -> (1, H, seq_len, c1-c0)."""
-    nb, H, bs, _ = cache.shape
-    used = blocks[: -(-seq_len // bs)].long()
-    x = cache[used, :, :, c0:c1]  # (n, H, bs, d)
-    n = x.shape[0]
-    return x.permute(1, 0, 2, 3).reshape(H, n * bs, c1 - c0)[:, :seq_len].unsqueeze(0)
+def gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` token rows of each request: block_table (R, max_blocks) -> (R, length, H, C)."""
+    pos = torch.arange(length, device=cache.device)[None, :].expand(block_table.shape[0], -1)
+    return gather_rows(token_rows(cache), token_index(block_table, pos, cache.shape[2]))
+
+
+class Step:
+    """What the PoD layers of one forward pass share (kept on vLLM's ForwardContext, new every pass): which
+    requests decode (one query token) or prefill, their lengths, the visibility mask of the decoding ones,
+    their proximal positions, and per cache group the token rows to gather."""
+
+    def __init__(self, meta, ns: int, nr: int):
+        starts = meta.query_start_loc
+        self.n_tokens = int(starts[-1])  # tokens of this pass; vLLM may pad the batch after them
+        q_lens = starts[1:] - starts[:-1]  # (R,); padded requests have 0
+        decode = q_lens == 1
+        prefill = (q_lens > 1).nonzero().squeeze(1).tolist()
+        self.prefills = [(i, int(starts[i]), int(starts[i + 1])) for i in prefill]
+        self.decode_tokens = self.rows = None
+        self._index: dict[tuple[int, bool], torch.Tensor] = {}
+        if not bool(decode.any()):
+            return
+        if bool(decode.all()):
+            self.rows, self.decode_tokens = slice(None), slice(0, int(q_lens.shape[0]))
+        else:
+            self.rows = decode.nonzero().squeeze(1)
+            self.decode_tokens = starts[self.rows]
+        seq_lens = meta.seq_lens[self.rows].long()
+        T = int(seq_lens.max())
+        self.visible = torch.arange(T, device=seq_lens.device)[None, :] < seq_lens[:, None]  # (R, T)
+        self.positions = decode_positions(seq_lens, T)  # (R, T)
+        self.proximal = proximal_positions(seq_lens, ns, nr)  # (R, ns + nr)
+        self.proximal_rows = flat_positions(self.proximal, T)  # in the (R * T) rows of a gathered batch
+
+    def index(self, meta, cache: torch.Tensor, proximal: bool = False) -> torch.Tensor:
+        """Token rows of the decoding requests in a cache group (its block table, its block size)."""
+        key = (id(meta), proximal)
+        if key not in self._index:
+            pos = self.proximal if proximal else self.positions
+            self._index[key] = token_index(meta.block_table[self.rows], pos, cache.shape[2])
+        return self._index[key]

@@ -60,6 +60,19 @@ def write_pod_checkpoint(model_dir: str | Path, plan: SharingPlan, out_dir: str 
     return out
 
 
+def write_dense_checkpoint(model_dir: str | Path, out_dir: str | Path) -> Path:
+    """Copy ``model_dir`` unchanged but for a portable tokenizer (the dense baseline served next to PoD)."""
+    src, out = Path(model_dir), Path(out_dir)
+    load_hf_config(src)
+    _check_new_dir(src, out)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file():
+            _link_or_copy(f, out / f.name)
+    _write_config(src / "config.json", out, {})
+    return out
+
+
 def is_adapted_dir(path: Path) -> bool:
     """An adapted model stored as deltas on a base model (no weights of its own)."""
     from podkv.models.adapted import DELTA_FILE, PLAN_FILE

@@ -97,3 +97,9 @@ def anchor_layer_name(prefix: str, layer: int, anchor: int) -> str:
     marker = f"layers.{layer}."
     head, _, tail = (prefix + ".").rpartition(marker)
     return f"{head}layers.{anchor}.{tail}attn"
+
+
+def proximal_layer_name(prefix: str) -> str:
+    """'model.layers.5.self_attn' -> 'model.layers.5.self_attn.pod_keys' (the cache of a shared layer's
+    proximal keys, stage 2)."""
+    return f"{prefix}.pod_keys"

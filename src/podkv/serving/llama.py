@@ -7,22 +7,21 @@ and sampling are vLLM's own, so a checkpoint loads unchanged.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from vllm.config import get_current_vllm_config
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
 
 from podkv.serving.attention import PodSharedKVBackend, PodTorchBackend
-from podkv.serving.checks import anchor_layer_name, kv_layout, layer_anchors, plan_for_serving
+from podkv.serving.checks import anchor_layer_name, kv_layout, layer_anchors, plan_for_serving, proximal_layer_name
+from podkv.serving.kv_specs import group_tags
 
 
 class PodAttention(Attention):
     """``vllm.Attention`` whose KV-cache spec follows the PoD plan (stage 2, ``pod_kv_layout="shared"``).
 
-    An anchor of a block of B layers declares one page for [K | V x B]; another layer declares a
-    :class:`~podkv.serving.kv_specs.PodProximalSpec` (its keys, sinks + recent window only).
+    ``pod_spec``: None (stage 1: vLLM's own spec) or {"role": "anchor" | "values" | "proximal",
+    "group": int, "ns": int, "nr": int} (:mod:`podkv.serving.kv_specs`).
     """
 
     def __init__(self, *args, pod_spec: dict | None = None, **kwargs):
@@ -33,17 +32,25 @@ class PodAttention(Attention):
         spec = super().get_kv_cache_spec(vllm_config)
         if self.pod_spec is None or spec is None:
             return spec
-        if self.pod_spec["anchor"]:
-            return replace(spec, head_size_v=self.pod_spec["block_len"] * self.head_size)
-        from podkv.serving.kv_specs import PodProximalSpec
+        from podkv.serving.kv_specs import PodAnchorSpec, PodProximalSpec, PodValueSpec
 
-        return PodProximalSpec(block_size=spec.block_size, num_kv_heads=spec.num_kv_heads, head_size=spec.head_size,
-                               head_size_v=0, dtype=spec.dtype, kv_quant_mode=spec.kv_quant_mode,
-                               sliding_window=self.pod_spec["nr"], sink_len=self.pod_spec["ns"])
+        common = dict(block_size=spec.block_size, num_kv_heads=spec.num_kv_heads, head_size=spec.head_size,
+                      dtype=spec.dtype, kv_quant_mode=spec.kv_quant_mode, pod_group=self.pod_spec["group"])
+        role = self.pod_spec["role"]
+        if role == "anchor":
+            return PodAnchorSpec(head_size_v=self.head_size, **common)
+        if role == "values":
+            return PodValueSpec(head_size_v=0, **common)
+        return PodProximalSpec(head_size_v=0, sliding_window=self.pod_spec["nr"], sink_len=self.pod_spec["ns"],
+                               **common)
 
 
 class PodLlamaAttention(LlamaAttention):
-    """LlamaAttention whose ``self.attn`` runs PoD attention (anchor from ``config.pod_plan``)."""
+    """LlamaAttention whose ``self.attn`` runs PoD attention (anchor from ``config.pod_plan``).
+
+    Stage 2: a shared layer also owns ``self.pod_keys``, an attention module that is never called and
+    only declares (and is bound to) the cache of the layer's proximal keys.
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -53,20 +60,26 @@ class PodLlamaAttention(LlamaAttention):
         anchors = layer_anchors(plan)
         anchor = anchors[layer]
         shared = kv_layout(config) == "shared"
-        pod_spec = None
-        if shared:
-            pod_spec = dict(anchor=anchor == layer, block_len=anchors.count(anchor), ns=plan.ns, nr=plan.nr)
+        is_anchor = anchor == layer
+        group = group_tags(anchors)[layer]
+        spec = dict(group=group, ns=plan.ns, nr=plan.nr)
         # LlamaAttention builds its Attention inline; rebuild it with our backend. The old one
         # registered its name in the static forward context, which must stay unique.
         context = get_current_vllm_config().compilation_config.static_forward_context
         context.pop(self.attn.layer_name, None)
+        common = dict(num_kv_heads=self.num_kv_heads, cache_config=kwargs.get("cache_config"),
+                      quant_config=kwargs.get("quant_config"),
+                      attn_backend=PodSharedKVBackend if shared else PodTorchBackend,
+                      pod_ns=plan.ns, pod_nr=plan.nr, pod_shared_kv=shared)
+        keys_name = proximal_layer_name(prefix) if shared and not is_anchor else None
         self.attn = PodAttention(
-            self.num_heads, self.head_dim, self.scaling, num_kv_heads=self.num_kv_heads,
-            cache_config=kwargs.get("cache_config"), quant_config=kwargs.get("quant_config"),
-            prefix=f"{prefix}.attn", attn_backend=PodSharedKVBackend if shared else PodTorchBackend,
-            pod_anchor_layer=None if anchor == layer else anchor_layer_name(prefix, layer, anchor),
-            pod_ns=plan.ns, pod_nr=plan.nr, pod_shared_kv=shared, pod_block_pos=layer - anchor, pod_spec=pod_spec,
-        )
+            self.num_heads, self.head_dim, self.scaling, prefix=f"{prefix}.attn",
+            pod_anchor_layer=None if is_anchor else anchor_layer_name(prefix, layer, anchor),
+            pod_keys_layer=keys_name, pod_spec={**spec, "role": "anchor" if is_anchor else "values"} if shared else None,
+            **common)
+        if keys_name is not None:
+            self.pod_keys = PodAttention(self.num_heads, self.head_dim, self.scaling, prefix=keys_name,
+                                         pod_spec={**spec, "role": "proximal"}, **common)
 
 
 class PodLlamaDecoderLayer(LlamaDecoderLayer):

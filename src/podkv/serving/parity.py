@@ -32,6 +32,8 @@ def tiny_plans(layers: int, kv_heads: int) -> dict[str, SharingPlan]:
         "block4": SharingPlan.uniform(layers, kv_heads, 4, ns=2, nr=16),
         # blocks of 3 and 1 layers: anchors with different page widths ([K | 3V] and [K | V])
         "uneven": SharingPlan(anchors=[[0] * kv_heads] * 3 + [[3] * kv_heads] * (layers - 3), ns=4, nr=8),
+        # every prompt within sinks + window (ns + nr = 100 > 75 + 8): prefill is plain causal attention
+        "window": SharingPlan.uniform(layers, kv_heads, 2, ns=4, nr=96),
     }
 
 
@@ -53,8 +55,33 @@ def save_tiny_llama(out: Path, seed: int = 0) -> Path:
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 p.mul_(4.0)
     model.save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_model_dir() / name, out / name)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (default_model_dir() / name).is_file():
+            shutil.copy(default_model_dir() / name, out / name)
+    return out
+
+
+def save_tiny_adapted(out: Path, base_dir: Path, plan: SharingPlan, rank: int = 2, seed: int = 0) -> Path:
+    """An adapted model stored like the shipped smollm2-pod (plan + LoRA factors of the shared layers' q/k
+    projections, :mod:`podkv.training.deltas`) on ``base_dir``; returns its folder."""
+    from transformers import AutoConfig
+
+    from podkv.training.deltas import save_deltas
+
+    config = AutoConfig.from_pretrained(base_dir)
+    d, hd = config.hidden_size, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rows = {"q_proj": config.num_attention_heads * hd, "k_proj": config.num_key_value_heads * hd}
+    g = torch.Generator().manual_seed(seed)
+    factors = {}
+    for layer in range(plan.num_layers):
+        if plan.is_anchor(layer, 0):
+            continue
+        for proj, n in rows.items():
+            name = f"model.layers.{layer}.self_attn.{proj}.weight"
+            factors[f"{name}::lora_A"] = torch.randn(rank, d, generator=g) / d ** 0.5
+            factors[f"{name}::lora_B"] = torch.randn(n, rank, generator=g)
+    plan.save(out / "pod_plan.json")
+    save_deltas(factors, out / "pod_deltas.safetensors")
     return out
 
 
@@ -126,6 +153,10 @@ def main(argv=None) -> int:
     ap.add_argument("--long", action="store_true",
                     help="tiny model, prompts of 300 and 700 tokens (reference_long.json): with small KV blocks the "
                          "proximal-key caches free blocks between the sinks and the window")
+    ap.add_argument("--adapted", action="store_true",
+                    help="tiny model adapted by LoRA deltas, merged by write_adapted_checkpoint (reference_adapted.json)")
+    ap.add_argument("--from-config", action="store_true",
+                    help="with --vllm: serve the plan in the checkpoint's config.json (no hf_overrides)")
     ap.add_argument("--block-size", type=int, default=None, help="with --vllm: vLLM's KV block size")
     ap.add_argument("--max-model-len", type=int, default=None, help="with --vllm (default 512)")
     ap.add_argument("--kv-layout", choices=["shared", "full"], default=None,
@@ -141,6 +172,14 @@ def main(argv=None) -> int:
         plans = {"dense": None, "block3": SharingPlan.uniform(30, 3, 3, ns=16, nr=64)}
         prompt_ids = prompts(49152, lengths=(300,))
         name = "reference_default.json"
+    elif args.adapted:
+        from podkv.serving.checkpoint import write_adapted_checkpoint
+
+        plan = tiny_plans(TINY["layers"], TINY["kv_heads"])["block2"]
+        base = save_tiny_llama(args.out / "tiny")
+        asset = save_tiny_adapted(args.out / "adapted_deltas", base, plan)
+        model_dir = write_adapted_checkpoint(asset, args.out / "adapted", base)
+        plans, prompt_ids, name = {"adapted": plan}, prompts(TINY["vocab"]), "reference_adapted.json"
     else:
         model_dir = save_tiny_llama(args.out / "tiny")
         plans = dict(tiny_plans(TINY["layers"], TINY["kv_heads"]))
@@ -159,7 +198,7 @@ def _main_vllm(args) -> int:
 
     ref = json.loads(args.vllm.read_text())
     raw = ref["plans"][args.plan_name]
-    plan = SharingPlan.from_dict(raw) if raw is not None else None
+    plan = SharingPlan.from_dict(raw) if raw is not None and not args.from_config else None
     prompt_ids = [r["prompt"] for r in ref["runs"][args.plan_name]]
     kw = {}
     if args.max_num_batched_tokens:

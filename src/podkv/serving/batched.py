@@ -1,0 +1,112 @@
+"""PoD attention for a batch of decoding requests over paged caches (plain torch, no vLLM import).
+
+Page layout (stage 2, only podkv reads and writes these pages): a layer's cache is ``num_blocks`` pages of
+``block_size`` token rows, each row ``(H, C)``; :func:`token_rows` views it as one table of token rows,
+so vLLM's slot number (``block * block_size + offset``) is a row index and a request's tokens are gathered
+with one indexing op (:func:`token_index`).
+
+vLLM hands an attention layer every request of a step at once; a decoding request brings one query
+at position ``L - 1`` (``L`` = its tokens so far). For a shared layer (paper §2.2, mode "keys") that
+query scores its *own* keys at proximal positions (sinks ``j < ns`` and the recent window
+``j >= L - nr``) and its anchor layer's keys at the distant ones, with its own values everywhere. So a
+decode step is one attention call over ``K_eff``, the anchor's keys with the layer's own keys written at
+the proximal positions (:func:`write_own_keys`).
+
+The oracle is :func:`podkv.attention.chunked.pod_attention_chunked`, run one request at a time
+(tests/test_serving.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def token_rows(cache: torch.Tensor) -> torch.Tensor:
+    """A layer's paged cache as vLLM allocates it, (num_blocks, H, block_size, C) contiguous, read as
+    (num_blocks * block_size, H, C) token rows (a reinterpretation: only podkv uses these pages)."""
+    if not cache.is_contiguous():
+        raise RuntimeError("PoD stage-2 caches must be contiguous (one tensor per layer)")
+    return cache.view(-1, cache.shape[1], cache.shape[-1])
+
+
+def gather_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """rows (N, H, C), index (R, P) -> (R, P, H, C). ``index_select`` copies whole rows: about 4x faster on
+    CPU than advanced indexing (``rows[index]``), which goes element-wise."""
+    return torch.index_select(rows, 0, index.reshape(-1)).view(*index.shape, *rows.shape[1:])
+
+
+def token_index(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Row of each token: block_table (R, max_blocks), positions (R, P) -> (R, P) row indices."""
+    blocks = block_table.long().gather(1, positions // block_size)
+    return blocks * block_size + positions % block_size
+
+
+def decode_positions(seq_lens: torch.Tensor, length: int) -> torch.Tensor:
+    """Positions 0..length-1 of every request, clamped to its own last token: (R,) -> (R, length)."""
+    j = torch.arange(length, device=seq_lens.device)[None, :]
+    return torch.minimum(j, seq_lens.long()[:, None] - 1)
+
+
+def proximal_positions(seq_lens: torch.Tensor, ns: int, nr: int) -> torch.Tensor:
+    """The sinks and the recent window of a query at ``L - 1``, clamped into [0, L - 1]: (R,) -> (R, ns + nr).
+
+    A clamped or repeated position names a key that is proximal anyway, so writing it twice is harmless.
+    """
+    L = seq_lens.long()[:, None]
+    pos = torch.cat([torch.arange(ns, device=L.device)[None, :].expand(L.shape[0], -1),
+                     L - nr + torch.arange(nr, device=L.device)[None, :]], dim=1)
+    return torch.minimum(pos.clamp_min(0), L - 1)
+
+
+def flat_positions(positions: torch.Tensor, length: int) -> torch.Tensor:
+    """positions (R, P) in requests of ``length`` rows -> (R * P,) rows of the flattened (R * length) batch."""
+    rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+    return (rows * length + positions).reshape(-1)
+
+
+def write_own_keys(keys: torch.Tensor, own_keys: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """K_eff in place: keys (R, T, H, D) contiguous (the anchor's) get own_keys (R, P, H, D) at the rows
+    ``flat`` = :func:`flat_positions` of the proximal positions.
+
+    Every shared layer of a block writes the same positions, so one copy of the anchor's keys serves them
+    all, one after the other."""
+    R, T, H, D = keys.shape
+    keys.view(R * T, H, D).index_copy_(0, flat, own_keys.reshape(-1, H, D))
+    return keys
+
+
+def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """query (R, Hq, D); keys, values (R, T, H, D) (unit stride in D); visible (R, T) bool -> (R, Hq, D).
+
+    A KV head's ``Hq / H`` query heads act as its query rows (no causal mask: one position per request).
+    """
+    R, Hq, D = query.shape
+    H = keys.shape[2]
+    q = query.reshape(R, H, Hq // H, D)
+    out = F.scaled_dot_product_attention(q, keys.transpose(1, 2), values.transpose(1, 2),
+                                         attn_mask=visible[:, None, None, :], scale=scale)
+    return out.reshape(R, Hq, D)
+
+
+def causal_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """One request's query chunk at the last Tq of L positions: query (Tq, Hq, D); keys, values (L, H, D)
+    -> (Tq, Hq, D). PoD equals this when no query of the chunk has a distant key (L <= ns + nr)."""
+    Tq, L = query.shape[0], keys.shape[0]
+    visible = torch.ones(Tq, L, dtype=torch.bool, device=query.device).tril(L - Tq)
+    out = F.scaled_dot_product_attention(query.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+                                         attn_mask=visible, scale=scale, enable_gqa=True)
+    return out.transpose(0, 1)
+
+
+def pod_decode(query, keys, values, seq_lens, *, scale: float, ns: int = 0, nr: int = 0, own_keys=None):
+    """Reference-shaped entry for tests: query (R, Hq, D); keys (anchor's) and values (R, T, H, D); own_keys
+    None (an anchor: plain causal attention) or the layer's own keys (R, T, H, D) -> (R, Hq, D)."""
+    T = keys.shape[1]
+    visible = torch.arange(T, device=keys.device)[None, :] < seq_lens.long()[:, None]
+    if own_keys is not None:
+        pos = proximal_positions(seq_lens, ns, nr)
+        rows = torch.arange(keys.shape[0], device=keys.device)[:, None]
+        keys = write_own_keys(keys.clone(), own_keys[rows, pos], flat_positions(pos, T))
+    return decode_attention(query, keys, values, visible, scale)
