@@ -1,9 +1,9 @@
 """`podkv bench batch`: the largest batch that fits a fixed KV memory budget, dense vs PoD (paper Table 2).
 
 Each probe really prefills ``batch`` requests of ``length`` tokens and decodes ``new_tokens`` tokens;
-it fits when the bytes held by the cache (and, if an RSS budget is given, the peak process memory
-above the start) stay within budget. The search starts at the analytic guess and then bisects, so
-it needs a handful of real runs per method; the formula only orders the probes.
+it fits when the bytes held by the cache stay within budget. The search starts at the analytic guess
+and then bisects, so it needs a handful of real runs per method; the formula only orders the probes.
+The whole process's memory is another budget: :mod:`podkv.bench.batch_rss` (``--rss-budget``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ class BatchConfig:
     new_tokens: int = 16
     budget_requests: float = 4.5  # KV budget = this many dense requests of length + new_tokens tokens
     budget_mb: float | None = None  # explicit KV budget; overrides budget_requests
-    rss_budget_mb: float | None = None  # also require peak RSS above start <= this (CPU)
     max_batch: int = 64
 
     def __post_init__(self):
@@ -53,15 +52,14 @@ def run_batch(model, tok, plan, cfg: BatchConfig) -> dict:
     held = cfg.length + cfg.new_tokens
     per_request = dense_kv_bytes(config, held, 1, dtype)
     budget = int(cfg.budget_mb * 2**20) if cfg.budget_mb is not None else int(cfg.budget_requests * per_request)
-    rss_budget = None if cfg.rss_budget_mb is None else int(cfg.rss_budget_mb * 2**20)
-    result = {"budget_bytes": budget, "rss_budget_bytes": rss_budget, "length": cfg.length,
+    result = {"budget_bytes": budget, "length": cfg.length,
               "new_tokens": cfg.new_tokens, "probes": [], "methods": {}}
     for method in ("dense", "pod"):
         one = per_request if method == "dense" else pod_kv_bytes(config, plan, held, 1, dtype)
         probes = []
 
         def fits(b, method=method):
-            probe = _probe(model, tok, plan, method, b, cfg, budget, rss_budget)
+            probe = _probe(model, tok, plan, method, b, cfg, budget)
             probes.append(probe)
             return probe["fits"]
 
@@ -79,7 +77,7 @@ def run_batch(model, tok, plan, cfg: BatchConfig) -> dict:
     return result
 
 
-def _probe(model, tok, plan, method, batch, cfg, budget, rss_budget) -> dict:
+def _probe(model, tok, plan, method, batch, cfg, budget) -> dict:
     """One real prefill + decode of ``batch`` requests; stops after prefill once the KV budget is exceeded."""
     ids = token_ids(tok, model.config.vocab_size, batch, cfg.length).to(model.device)
     cache = new_cache(model, method, plan)
@@ -89,8 +87,8 @@ def _probe(model, tok, plan, method, batch, cfg, budget, rss_budget) -> dict:
         if not over:
             _decode_more(model, ids, cache, cfg.new_tokens)
     kv = cache_bytes(cache)
-    ok = kv <= budget and (rss_budget is None or (peak.peak is not None and peak.peak <= rss_budget))
-    return {"batch": batch, "kv_bytes": kv, "peak_bytes": peak.peak, "fits": bool(ok), "stopped_after_prefill": over}
+    return {"batch": batch, "kv_bytes": kv, "peak_bytes": peak.peak, "fits": kv <= budget,
+            "stopped_after_prefill": over}
 
 
 def _decode_more(model, ids, cache, n):

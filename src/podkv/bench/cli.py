@@ -22,12 +22,15 @@ def register(sub) -> None:
                    help="also measure pod+snapkv holding this fraction of the dense KV (0: skip)")
     _common(p, "memory")
 
-    p = cmds.add_parser("batch", help="largest batch under a fixed KV budget, dense vs PoD (real runs)")
+    p = cmds.add_parser("batch", help="largest batch under a fixed KV budget, or (--rss-budget) a process-memory "
+                                      "budget, dense vs PoD (real runs)")
     p.add_argument("--length", action=Int, default=2048)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--budget-requests", type=float, default=4.5, help="KV budget in dense requests (default 4.5)")
     p.add_argument("--budget-mb", type=float, default=None, help="KV budget in MiB (overrides --budget-requests)")
-    p.add_argument("--rss-budget-mb", type=float, default=None, help="also cap peak process memory (MiB)")
+    p.add_argument("--rss-budget", type=float, default=None, metavar="GIB",
+                   help="measure instead: the largest batch whose whole process (peak RSS, one child process per "
+                        "try) stays under GIB GiB; writes batch_rss.json")
     p.add_argument("--max-batch", type=int, default=64)
     _common(p, "batch")
 
@@ -73,13 +76,19 @@ def run(args) -> int:
 
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
-    path = run_bench(args.bench_name, model, tok, config, out_dir=args.out, plan_path=args.plan)
+    path = run_bench(bench_name(args), model, tok, config, out_dir=args.out, plan_path=args.plan)
     print(f"wrote {path} and {Path(args.out) / 'RESULTS.md'}")
     return 0
 
 
+def bench_name(args) -> str:
+    """The benchmark (and results file) a command runs: `batch --rss-budget` is the measured-memory one."""
+    return "batch_rss" if args.bench_name == "batch" and args.rss_budget is not None else args.bench_name
+
+
 def build_config(args):
     from podkv.bench.batch import BatchConfig
+    from podkv.bench.batch_rss import RssBatchConfig
     from podkv.bench.memory import MemoryConfig
     from podkv.bench.skip import SkipConfig
     from podkv.bench.speed import SpeedConfig
@@ -88,9 +97,12 @@ def build_config(args):
     if name == "memory":
         return MemoryConfig(lengths=args.lengths, batch=args.batch, decode=args.decode,
                             selection_budget=args.selection_budget or None)
+    if bench_name(args) == "batch_rss":
+        return RssBatchConfig(rss_budget_gib=args.rss_budget, length=args.length, new_tokens=args.new_tokens,
+                              max_batch=args.max_batch, model=args.model, threads=args.threads)
     if name == "batch":
         return BatchConfig(length=args.length, new_tokens=args.new_tokens, budget_requests=args.budget_requests,
-                           budget_mb=args.budget_mb, rss_budget_mb=args.rss_budget_mb, max_batch=args.max_batch)
+                           budget_mb=args.budget_mb, max_batch=args.max_batch)
     if name == "speed":
         return SpeedConfig(prefill_lengths=args.prefill_lengths, decode_lengths=args.decode_lengths,
                            decode_steps=args.decode_steps, reps=args.reps, attn_lengths=args.attn_lengths,

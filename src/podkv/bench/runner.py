@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from podkv.bench import batch, memory, skip, speed
+from podkv.bench import batch, batch_rss, memory, skip, speed
 from podkv.bench.common import machine_info
 from podkv.bench.report import machine_line, write_results
 from podkv.models.default_plan import default_plan
@@ -14,6 +14,8 @@ from podkv.plan import SharingPlan
 BENCHES = {
     "memory": (memory.run_memory, memory.memory_markdown, memory.memory_plot, "KV memory"),
     "batch": (batch.run_batch, batch.batch_markdown, batch.batch_plot, "Max batch at a fixed KV budget"),
+    "batch_rss": (batch_rss.run_batch_rss, batch_rss.batch_rss_markdown, batch_rss.batch_rss_plot,
+                  "Max batch under a process-memory budget (peak RSS measured)"),
     "speed": (speed.run_speed, speed.speed_markdown, speed.speed_plot, "Prefill and decode speed"),
     "skip": (skip.run_skip, skip.skip_markdown, skip.skip_plot, "Gate skipping (paper §2.3, Fig. 4)"),
 }
