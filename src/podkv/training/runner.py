@@ -145,6 +145,7 @@ def _finish(cfg, trainer, tok, plan, names, base_state, probe, dense_nll, wall, 
     result = {
         "config": cfg.to_dict(), "steps": steps, "tokens": steps * cfg.tokens_per_step * world,
         "world_size": world, "trainable_params": n_trainable, "wall_s": round(wall, 1), "kv_saving_4096": plan.kv_saving(4096),
+        "plan_mode": plan.mode,
         "dense_heldout_nll": dense_nll, "heldout": probe.curve,
         "train_loss": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
         "machine": machine(), "versions": versions(),
@@ -161,7 +162,10 @@ class HeldOut(TrainerCallback):
     def __init__(self, heldout: torch.Tensor, cfg: TrainConfig, dense_nll: float):
         super().__init__()
         self.heldout, self.cfg, self.dense_nll = heldout, cfg, dense_nll
-        self.start = time.time()  # curves are also plotted per training second
+        # Curves are also plotted per training second: wall and process-CPU time, minus the time
+        # spent in these measurements (CPU time stays honest when other jobs share the machine).
+        self.start, self.start_cpu = time.time(), time.process_time()
+        self.eval_wall = self.eval_cpu = 0.0
         self.curve: list[dict] = []
 
     def measure(self, model, step: int, force: bool = False):
@@ -169,11 +173,15 @@ class HeldOut(TrainerCallback):
 
         if not force and any(p["step"] == step for p in self.curve):
             return
+        wall, cpu = time.time(), time.process_time()
+        seconds, cpu_seconds = wall - self.start - self.eval_wall, cpu - self.start_cpu - self.eval_cpu
         nll = heldout_nll(model, self.heldout, self.cfg.seq_len, self.cfg.eval_tokens)
+        self.eval_wall, self.eval_cpu = self.eval_wall + time.time() - wall, self.eval_cpu + time.process_time() - cpu
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.curve = [p for p in self.curve if p["step"] != step]
         self.curve.append({"step": step, "tokens": step * self.cfg.tokens_per_step * world, "nll": nll,
-                           "nll_gap": nll - self.dense_nll, "seconds": round(time.time() - self.start, 1)})
+                           "nll_gap": nll - self.dense_nll, "seconds": round(seconds, 1),
+                           "cpu_seconds": round(cpu_seconds, 1)})
 
     def on_train_begin(self, args, state, control, model=None, **kw):
         if state.is_world_process_zero and state.global_step == 0:
