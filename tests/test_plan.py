@@ -30,6 +30,25 @@ def test_validation_names_field(kwargs, needle):
         SharingPlan(**kwargs)
 
 
+@pytest.mark.parametrize("data,needle", [
+    ({"anchors": [[0]], "ns": "16"}, "'ns'"),
+    ({"anchors": [[0]], "nr": 2.5}, "'nr'"),
+    ({"anchors": [[0]], "ns": True}, "'ns'"),
+    ({"anchors": [["0"]]}, "anchors[0][0]"),
+    ({"anchors": [[0], [0.0]]}, "anchors[1][0]"),
+    ({"anchors": [[0], [True]]}, "anchors[1][0]"),
+    ({"anchors": [0, 0]}, "'anchors'"),
+    ({"anchors": "0"}, "'anchors'"),
+    ({"anchors": [[0]], "mode": ["keys"]}, "'mode'"),
+    ({"anchors": [[0]], "meta": "x"}, "'meta'"),
+])
+def test_json_with_wrong_types_is_a_pod_error(tmp_path, data, needle):
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(PodError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        SharingPlan.load(path)
+
+
 def test_validate_for_model():
     cfg = tiny_config(layers=4, kv_heads=2)
     SharingPlan.identity(4, 2).validate_for(cfg)

@@ -8,6 +8,7 @@ saved as versioned JSON with its provenance.
 from __future__ import annotations
 
 import json
+import operator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,9 @@ class SharingPlan:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        self.anchors = [[int(a) for a in row] for row in self.anchors]
+        self.anchors = _layer_indices(self.anchors)
+        if not isinstance(self.meta, dict):
+            raise PodError(f"plan field 'meta' must be a JSON object, got {type(self.meta).__name__}")
         if not self.anchors or not self.anchors[0]:
             raise PodError("plan field 'anchors' is empty: it needs one row per layer and one entry per KV head")
         for name in ("ns", "nr"):
@@ -216,6 +219,24 @@ class SharingPlan:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PodError(f"plan file {path} is not valid JSON ({exc}); regenerate it with `podkv analyze`") from None
         return cls.from_dict(data)
+
+
+def _layer_indices(anchors) -> list[list[int]]:
+    """``anchors`` as lists of Python ints; anything else (strings, floats, bools, a flat list) is a PodError."""
+    if not isinstance(anchors, (list, tuple)) or not all(isinstance(row, (list, tuple)) for row in anchors):
+        raise PodError(f"plan field 'anchors' must be a list of lists of layer indices, got {str(anchors)[:80]}")
+    rows = []
+    for layer, row in enumerate(anchors):
+        rows.append([])
+        for head, anchor in enumerate(row):
+            try:
+                if isinstance(anchor, bool):
+                    raise TypeError
+                rows[-1].append(operator.index(anchor))  # ints, numpy ints; not "3" or 3.0
+            except TypeError:
+                raise PodError(f"plan field 'anchors[{layer}][{head}]' must be an integer layer index, "
+                               f"got {anchor!r}") from None
+    return rows
 
 
 def plan_from_config(config) -> SharingPlan | None:
