@@ -1,8 +1,9 @@
 """The ``"pod"`` attention function for transformers' ``AttentionInterface`` registry.
 
 Two sources of keys, one math (:mod:`podkv.attention.chunked`):
-  * a :class:`~podkv.cache.PodCache` just updated this layer (it set ``ACTIVE_LAYER``): held
-    proximal keys + the new tokens' own keys + distant keys read from the anchor layers' storage;
+  * the forward in progress uses a :class:`~podkv.cache.PodCache` (the model's forward hook put it on
+    ``PodRuntime.caches``, see :mod:`podkv.models.forward_scope`), which just updated this layer:
+    held proximal keys + the new tokens' own keys + distant keys read from the anchor layers' storage;
   * anything else (no cache, training, or a cache that returns full keys such as DynamicCache):
     the key tensor covers every position, and anchor keys come from this forward's earlier layers,
     kept in the model's :class:`PodRuntime`. Exact, but no memory is saved.
@@ -18,7 +19,7 @@ from podkv.attention.chunked import DEFAULT_CHUNK, KeySources, pod_attention_chu
 from podkv.attention import gate_skip
 from podkv.attention.decode import decode_applies, pod_decode
 from podkv.attention.reference import pod_attention_reference
-from podkv.cache.pod_cache import ACTIVE_LAYER, PodCache
+from podkv.cache.pod_cache import PodCache
 from podkv.errors import PodError
 from podkv.plan import SharingPlan
 
@@ -40,6 +41,7 @@ class PodRuntime:
     observed: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, Hq, N, D)
     observed_scale: float = 1.0
     decode_fast_path: bool = True  # one-token steps read keys in place (decode.py); False: the chunked path
+    caches: list = field(default_factory=list)  # cache of each forward in progress, innermost last (forward_scope.py)
 
 
 def pod_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -65,15 +67,17 @@ def _forward(module, query, key, value, attention_mask, scaling, dropout, refere
         runtime.observed[layer], runtime.observed_scale = query[:, :, -runtime.observe_window:].detach(), scale
     anchor_query = _anchor_query(runtime, layer, query) if plan.mode == "scores" else None
 
-    active = ACTIVE_LAYER.get()
-    if active is not None and active[1] == layer:
-        ACTIVE_LAYER.set(None)
-        if gate_skip.applies(runtime, active[0], layer, query, anchor_query) and not reference:
-            out = gate_skip.decode_attention(active[0], layer, query, key, scale, runtime)
-        elif runtime.decode_fast_path and decode_applies(active[0], layer, query, anchor_query) and not reference:
-            out = pod_decode(active[0], layer, query, key, scale)
+    cache = runtime.caches[-1] if runtime.caches else None
+    if isinstance(cache, PodCache):
+        if value is not cache.layers[layer].v:  # PodLayer.update returns its value tensor: this very object
+            raise PodError(f"PoD attention of layer {layer} got values its PodCache did not just return: the cache "
+                           "must be updated by this layer's forward right before attention")
+        if gate_skip.applies(runtime, cache, layer, query, anchor_query) and not reference:
+            out = gate_skip.decode_attention(cache, layer, query, key, scale, runtime)
+        elif runtime.decode_fast_path and decode_applies(cache, layer, query, anchor_query) and not reference:
+            out = pod_decode(cache, layer, query, key, scale)
         else:
-            out = _from_pod_cache(active[0], layer, query, key, attention_mask, plan, scale, anchor_query, runtime, dropout, reference)
+            out = _from_pod_cache(cache, layer, query, key, attention_mask, plan, scale, anchor_query, runtime, dropout, reference)
     else:
         out = _from_full_keys(runtime, layer, query, key, value, attention_mask, plan, scale, anchor_query, dropout, reference)
     return out.transpose(1, 2).contiguous(), None
@@ -95,8 +99,6 @@ def _from_full_keys(runtime, layer, query, key, value, mask, plan, scale, anchor
 
 def _from_pod_cache(cache: PodCache, layer, query, key, mask, plan, scale, anchor_query, runtime, dropout, reference):
     store = cache.layers[layer]
-    if cache.plan is not plan and cache.plan.anchors != plan.anchors:
-        raise PodError("the PodCache was built for a different plan than the model's; build it from model.config")
     if store.seen_before == 0 and layer == 0:
         cache.pad = padding_from_mask(mask, key.shape[0], store.seen, key.device)
     held_k, held_v, held_idx = store.held()
@@ -137,15 +139,16 @@ def padding_from_mask(mask, batch: int, kv_len: int, device) -> torch.Tensor:
     mask = mask[:, -kv_len:].bool()
     pad = (mask.long().cumsum(-1) == 0).sum(-1)
     if bool((mask.sum(-1) != kv_len - pad).any()):
-        raise PodError("PoD attention supports left padding only (padding found after the first real token)")
+        raise PodError("PoD attention supports left padding only (padding found after the first real token): "
+                       "set tokenizer.padding_side = 'left'")
     return pad
 
 
-def pod_padding_mask(batch_size, cache_position, kv_length, kv_offset=0, mask_function=None, attention_mask=None,
-                     **kwargs):
+def pod_padding_mask(*, kv_length, kv_offset=0, attention_mask=None, **kwargs):
     """Mask function for the ``"pod"`` implementation: pass the 2D padding mask (B, kv_length) through.
 
     PoD builds its own per-chunk masks from cache indices, so a (B, 1, T, T) mask is never needed.
+    Arguments by keyword: transformers 5.2 also passes ``cache_position``, later releases ``q_length``.
     """
     if attention_mask is None or attention_mask.dim() != 2:
         return None

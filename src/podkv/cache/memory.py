@@ -21,10 +21,17 @@ def dense_kv_bytes(config, seq_len: int, batch: int = 1, dtype: torch.dtype = to
     return 2 * config.num_hidden_layers * kv_heads(config) * head_dim(config) * seq_len * batch * elem
 
 
-def pod_kv_bytes(config, plan: SharingPlan, seq_len: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int:
-    """What a PodCache holds for ``plan`` (paper §2.3): values everywhere, distant keys in anchors only."""
+def pod_kv_bytes(config, plan: SharingPlan, seq_len: int, batch: int = 1, dtype: torch.dtype = torch.float32,
+                 crop_margin: int = 0) -> int:
+    """What a PodCache holds for ``plan`` (paper §2.3): values everywhere, distant keys in anchors only.
+
+    ``crop_margin`` M: each sharing head keeps M more recent keys (PodCache's exact-crop margin).
+    """
     elem = torch.empty((), dtype=dtype).element_size()
-    return plan.kv_elements(seq_len, head_dim(config), batch) * elem
+    shared = sum(len(plan.shared_heads(layer)) for layer in range(plan.num_layers))
+    window = plan.ns + plan.nr
+    margin = shared * (min(seq_len, window + crop_margin) - min(seq_len, window)) * head_dim(config) * batch
+    return (plan.kv_elements(seq_len, head_dim(config), batch) + margin) * elem
 
 
 def cache_bytes(cache) -> int:

@@ -3,33 +3,47 @@
 Per layer it holds
   * values of every token, for every KV head;
   * keys of every token for the heads that are their own anchor (``k_full``, B x Ha x T x D);
-  * for the other heads only proximal keys (``k_prox``, B x Hn x min(T, ns+nr) x D): ``ns`` sink
-    slots and a rolling window of the last ``nr`` tokens, at cache indices ``prox_idx`` (B x n).
+  * for the other heads only proximal keys (``k_prox``, B x Hn x min(T, ns+nr+M) x D): ``ns`` sink
+    slots and a ring of the last ``nr + M`` tokens (``M = crop_margin``), at cache indices
+    ``prox_idx`` (B x n), -1 = empty (layout in :mod:`podkv.cache.window`).
 Distant keys of a sharing head are read from its anchor layer's ``k_full`` at attention time.
 
 The model calls ``update`` right before attention; ``update`` appends what is kept in full and
-hands the layer to PoD attention, which reads the held proximal keys *before* the new tokens
-replace them, then calls ``commit`` to roll the window.
+returns this layer's value tensor. PoD attention, handed this cache by the model's forward hook
+(:mod:`podkv.models.forward_scope`), recognises that tensor, reads the held proximal keys *before*
+the new tokens replace them, then calls ``commit`` to roll the window.
+
+Cache contract used by ``generate``: ``crop`` (assisted and prompt-lookup decoding drop rejected
+candidates), ``reorder_cache`` (beam search), ``batch_repeat_interleave``, ``batch_select_indices``,
+``reset``, ``max_batch_size``.
+
+Cropping is exact or an error. Values and anchor keys are kept for every token, so they crop
+exactly; a sharing head's own key of a token that left its ring is gone for good. ``crop(L)`` needs
+the keys of what the next query reads as proximal (the sinks and tokens [L-nr+1, L)), which the ring
+holds for a crop of at most ``M + 1`` tokens; a deeper crop raises :class:`PodError`. The margin
+costs ``M`` keys per (sharing layer, KV head, batch row), counted by ``kv_bytes`` and by
+:func:`podkv.cache.memory.pod_kv_bytes`; ``generate`` sizes it by itself when it will crop
+(:mod:`podkv.models.enable`). Default 0: plain decoding pays nothing.
 """
 
 from __future__ import annotations
 
-import contextvars
-
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
+from podkv import compat
+from podkv.cache import window
+from podkv.cache.window import transition as _proximal_transition  # noqa: F401  (selection.py)
+from podkv.errors import PodError
 from podkv.plan import SharingPlan
 
-# Set by PodCache.update and consumed by the very next PoD attention call of the same layer.
-ACTIVE_LAYER: contextvars.ContextVar = contextvars.ContextVar("podkv_active_layer", default=None)
 
-
-class PodLayer(CacheLayerMixin):
+class PodLayer(compat.CacheLayer):
     """One layer's PoD storage. Shapes in the module docstring."""
 
     is_sliding = False
     is_compileable = False
+    is_croppable = True  # read by later transformers 5.x: a one-step rollback (crop by 1) is always exact
 
     def __init__(self, cache: PodCache, layer_idx: int):
         super().__init__()
@@ -37,12 +51,17 @@ class PodLayer(CacheLayerMixin):
         plan = cache.plan
         self.anchor_heads = plan.anchor_heads(layer_idx)
         self.shared_heads = plan.shared_heads(layer_idx)
+        self.clear()
+
+    def clear(self) -> None:
+        """Back to empty (``reset``)."""
         self.v: torch.Tensor | None = None
         self.k_full: torch.Tensor | None = None
         self.k_prox: torch.Tensor | None = None
         self.prox_idx: torch.Tensor | None = None  # (B, n) cache index of each k_prox slot, -1 = empty
-        self.seen = 0
+        self.seen = self.seen_before = 0
         self._pending: torch.Tensor | None = None  # new keys of shared heads, until commit
+        self.is_initialized = False
 
     def lazy_initialization(self, key_states, value_states):
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -55,8 +74,10 @@ class PodLayer(CacheLayerMixin):
         self.prox_idx = torch.zeros(B, 0, dtype=torch.long, device=key_states.device)
         self.is_initialized = True
 
-    def update(self, key_states, value_states, cache_kwargs=None):
+    def update(self, key_states, value_states, *args, **kwargs):
         """key/value_states (B, H, C, D) -> (new keys, all values); see the module docstring."""
+        if self._pending is not None:
+            raise PodError(f"PodCache layer {self.layer_idx} was updated twice without PoD attention in between")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.v = torch.cat([self.v, value_states], dim=2)
@@ -65,7 +86,6 @@ class PodLayer(CacheLayerMixin):
         self._pending = _heads(key_states, self.shared_heads) if self.shared_heads else None
         self.seen_before, self.seen = self.seen, self.seen + key_states.shape[2]
         self.cache.step = (self.seen_before, self.seen)
-        ACTIVE_LAYER.set((self.cache, self.layer_idx))
         return key_states, self.v
 
     # ---------------------------------------------------------- attention side
@@ -98,11 +118,10 @@ class PodLayer(CacheLayerMixin):
 
     def commit(self) -> None:
         """Roll the proximal store forward over the tokens added by the last update."""
-        new_idx, pos = self.cache.transition(self.seen_before, self.seen)
+        new_idx, pos = self.cache.transition(self.seen_before, self.seen, self.prox_idx if self.seen_before else None)
         if self.shared_heads:
             cand = torch.cat([self.k_prox, self._pending], dim=2)
-            B, H, _, D = cand.shape
-            self.k_prox = torch.gather(cand, 2, pos[:, None, :, None].expand(B, H, pos.shape[1], D))
+            self.k_prox = _take_slots(cand, pos)
         self.prox_idx = new_idx
         self._pending = None
 
@@ -110,17 +129,19 @@ class PodLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.seen
 
-    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
-        return self.seen + cache_position.shape[0], 0
+    def get_mask_sizes(self, query) -> tuple[int, int]:
+        return self.seen + compat.query_length(query), 0
 
-    def get_max_cache_shape(self) -> int:
+    def get_max_length(self) -> int:
         return -1
+
+    @property
+    def batch_size(self) -> int:
+        """Batch rows held; -1 before the first update (transformers' convention)."""
+        return -1 if self.v is None else self.v.shape[0]
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.v, self.k_full, self.k_prox) if t is not None]
-
-    def reorder_cache(self, beam_idx):
-        raise NotImplementedError("PodCache does not support beam search yet")
 
 
 class PodCache(Cache):
@@ -132,31 +153,57 @@ class PodCache(Cache):
         The model's config; the plan is validated against it.
     plan : SharingPlan, optional
         Defaults to ``config.pod_plan`` (set by :func:`podkv.enable_pod`).
+    crop_margin : int
+        Extra recent keys kept per sharing head so that ``crop`` can go back ``crop_margin + 1``
+        tokens exactly (module docstring). ``generate`` raises it when it needs to.
     """
 
-    def __init__(self, config, plan: SharingPlan | None = None):
+    def __init__(self, config, plan: SharingPlan | None = None, crop_margin: int = 0):
         from podkv.plan import plan_from_config
 
         plan = plan or plan_from_config(config)
         if plan is None:
-            raise ValueError("PodCache needs a plan: pass one, or call podkv.enable_pod(model, plan) first")
+            raise PodError("PodCache needs a plan: pass one, or call podkv.enable_pod(model, plan) first")
         plan.validate_for(config)
-        self.plan = plan
+        if not isinstance(crop_margin, int) or isinstance(crop_margin, bool) or crop_margin < 0:
+            raise PodError(f"PodCache field 'crop_margin' must be an integer >= 0, got {crop_margin!r}")
+        self.plan, self.crop_margin = plan, crop_margin
         self.pad = None  # (B,) left-padding counts, fixed at prefill (see the property)
-        self._transitions: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.step: tuple[int, int] | None = None  # (tokens before, after) of the forward in progress
-        self._per_step: tuple[tuple[int, int] | None, dict] = (None, {})
+        self.in_forward = 0  # forwards of a PoD model using this cache right now (forward_scope.py)
+        self.reset_step_state()
         super().__init__(layers=[PodLayer(self, i) for i in range(plan.num_layers)])
 
-    def transition(self, before: int, after: int) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def window(self) -> int:
+        """Ring slots of a sharing head: the proximal window nr plus the crop margin."""
+        return self.plan.nr + self.crop_margin
+
+    def reserve_crop_margin(self, margin: int) -> None:
+        """Keep at least ``margin`` extra recent keys from now on (tokens already evicted stay evicted)."""
+        if margin > self.crop_margin:
+            self.crop_margin = margin
+            self.reset_step_state()
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if not self.in_forward:
+            raise PodError(f"PodCache.update(layer_idx={layer_idx}) outside a forward of a PoD model: a PodCache "
+                           "only works with a model prepared by podkv.enable_pod(model, plan); a stock model needs "
+                           "a DynamicCache")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def check_ready(self) -> None:
+        """Raise if a previous forward stopped half-way (layers of different lengths cannot continue)."""
+        if len({layer.seen for layer in self.layers}) > 1 or any(layer._pending is not None for layer in self.layers):
+            raise PodError("this PodCache was left half-updated (a forward failed part-way); start a new PodCache")
+
+    def transition(self, before: int, after: int, old_idx) -> tuple[torch.Tensor, torch.Tensor]:
         """New proximal slot indices (B, n) and, for each, its position among [old slots | new tokens].
 
         The same for every layer, so it is computed once per step.
         """
         key = (before, after)
         if key not in self._transitions:
-            self._transitions = {key: _proximal_transition(self.layers[0].prox_idx if before else None,
-                                                           before, after, self.pad, self.plan.ns, self.plan.nr)}
+            self._transitions = {key: window.transition(old_idx, before, after, self.pad, self.plan.ns, self.window)}
         return self._transitions[key]
 
     @property
@@ -171,7 +218,7 @@ class PodCache(Cache):
         self.pad_uniform = None if pad is None else bool((pad == pad[0]).all())
 
     def reset_step_state(self) -> None:
-        """Forget per-step memos (after the cache was edited in place, e.g. compacted)."""
+        """Forget per-step memos (after the cache was edited in place: crop, reorder, compaction)."""
         self._transitions, self.step, self._per_step = {}, None, (None, {})
 
     def per_step(self, name: str, build):
@@ -184,12 +231,83 @@ class PodCache(Cache):
             memo[name] = build()
         return memo[name]
 
+    # ------------------------------------------------------- cache contract
+    def crop(self, n: int) -> None:
+        """transformers' ``crop``: ``n < 0`` drops ``-n`` tokens; ``n >= 0`` keeps ``n`` tokens on releases
+        whose crop keeps a length (5.2), and is a no-op (0) or an error on later ones (compat.py).
+
+        Exact, or a PodError when the ring no longer holds a needed key (module docstring).
+        """
+        if compat.CROP_KEEPS_LENGTH and n >= 0:
+            self.crop_to(n)
+        elif n > 0:
+            raise PodError(f"PodCache.crop({n}): pass 0 or a negative number of tokens to remove")
+        else:
+            self.crop_to(self.get_seq_length() + n)
+
+    def crop_to(self, length: int) -> None:
+        """Keep tokens [0, length) in every layer."""
+        seen = self.get_seq_length()
+        if length >= seen:
+            return
+        if length <= 0:
+            self.reset()
+            return
+        self.check_ready()
+        new_idx, pos = window.crop(self.layers[0].prox_idx, length, self.pad, self.plan.ns, self.plan.nr, self.window)
+        for layer in self.layers:
+            layer.v = layer.v[:, :, :length]
+            if layer.k_full is not None:
+                layer.k_full = layer.k_full[:, :, :length]
+            if layer.k_prox is not None:
+                layer.k_prox = _take_slots(layer.k_prox, pos)
+            layer.prox_idx, layer.seen, layer.seen_before = new_idx, length, length
+        self.reset_step_state()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row b becomes row ``beam_idx[b]``, in every tensor, slot index and padding count."""
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+
+    def _map_batch(self, fn) -> None:
+        if not any(layer.is_initialized for layer in self.layers):
+            return
+        self.check_ready()
+        slots = {}  # prox_idx is one tensor shared by all layers: map it once
+        for layer in self.layers:
+            layer.v, layer.k_full, layer.k_prox = (None if t is None else fn(t)
+                                                   for t in (layer.v, layer.k_full, layer.k_prox))
+            if id(layer.prox_idx) not in slots:
+                slots[id(layer.prox_idx)] = (layer.prox_idx, fn(layer.prox_idx))  # keeps the old one alive
+            layer.prox_idx = slots[id(layer.prox_idx)][1]
+        if self.pad is not None:
+            self.pad = fn(self.pad)
+        self.reset_step_state()
+
+    @property
+    def max_batch_size(self) -> int:
+        """Batch rows held; -1 before the first update. (Later transformers releases call it ``batch_size``.)"""
+        return self.layers[0].batch_size
+
+    def reset(self) -> None:
+        """Empty every layer (the object can take a new prompt; the plan and margin stay)."""
+        for layer in self.layers:
+            layer.clear()
+        self.pad = None
+        self.reset_step_state()
+
+    # --------------------------------------------------------------- memory
     def kv_bytes(self) -> int:
         """Bytes held by key and value tensors right now (index bookkeeping excluded)."""
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
 
     def index_bytes(self) -> int:
-        """Bytes of the (B, ns+nr) slot-index tensors: bookkeeping, shared by all layers."""
+        """Bytes of the (B, ns+nr+M) slot-index tensors: bookkeeping, shared by all layers."""
         idx = self.layers[0].prox_idx
         return 0 if idx is None else idx.numel() * idx.element_size()
 
@@ -200,22 +318,7 @@ def _heads(x: torch.Tensor, heads: list[int]) -> torch.Tensor:
     return x[:, heads]
 
 
-def _proximal_transition(old_idx, before, after, pad, ns, nr):
-    """Which cache indices the proximal store keeps after ``after`` tokens, and where to find them."""
-    B = pad.shape[0]
-    device = pad.device
-    new_tokens = torch.arange(before, after, device=device).expand(B, -1)
-    cand = new_tokens if old_idx is None else torch.cat([old_idx, new_tokens], dim=1)
-    if after <= ns + nr:  # still short: keep every token, in order
-        return torch.arange(after, device=device).expand(B, -1), torch.arange(after, device=device).expand(B, -1)
-    sinks = pad[:, None] + torch.arange(ns, device=device)[None]
-    sinks = torch.where(sinks < after, sinks, -1)
-    recent = torch.arange(after - nr, after, device=device)
-    ring = torch.empty_like(recent)
-    ring[recent % nr] = recent  # slot j % nr, like a ring buffer: a step moves one slot
-    ring = ring.expand(B, -1).clone()
-    ring[(ring - pad[:, None]) < ns] = -1  # a sink (or padding) is held in its sink slot only
-    new_idx = torch.cat([sinks, ring], dim=1)  # (B, ns + nr)
-    match = (new_idx[:, :, None] == cand[:, None, :]) & (new_idx[:, :, None] >= 0)
-    pos = match.to(torch.int8).argmax(dim=-1)
-    return new_idx, pos
+def _take_slots(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """x (B, H, K, D), pos (B, n) -> (B, H, n, D)."""
+    B, H, _, D = x.shape
+    return torch.gather(x, 2, pos[:, None, :, None].expand(B, H, pos.shape[1], D))

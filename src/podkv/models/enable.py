@@ -7,11 +7,13 @@ Nothing happens at import time; ``disable_pod`` undoes every change.
 
 from __future__ import annotations
 
-import functools
+import types
 
+from podkv import compat
 from podkv.attention.chunked import DEFAULT_CHUNK
 from podkv.attention.interface import ATTN_NAME, PodRuntime, register
 from podkv.errors import PodError
+from podkv.models import forward_scope
 from podkv.plan import SharingPlan
 
 # Architectures whose attention calls the AttentionInterface with post-RoPE keys right after
@@ -55,8 +57,11 @@ def enable_pod(model, plan: SharingPlan, *, chunk: int = DEFAULT_CHUNK, referenc
     model.config.pod_plan = plan.to_dict()
     model.set_attn_implementation("pod_reference" if reference else ATTN_NAME)
     model.pod_runtime = runtime
-    if "generate" not in vars(model):
-        model.generate = _generate_with_pod_cache(model, type(model).generate.__get__(model))
+    for handle in model._pod_saved.pop("hooks", []):
+        handle.remove()
+    model._pod_saved["hooks"] = forward_scope.install(model)
+    # A bound method, not a closure: copy.deepcopy(model) rebinds it to the copy.
+    model.generate = types.MethodType(_generate_with_pod_cache, model)
     return model
 
 
@@ -67,6 +72,9 @@ def disable_pod(model):
         return model
     for module in attention_modules(model):
         vars(module).pop("pod_runtime", None)
+    for handle in saved.get("hooks", []):
+        handle.remove()
+    vars(model.base_model).pop("pod_runtime", None)
     vars(model).pop("generate", None)
     vars(model).pop("pod_runtime", None)
     if hasattr(model.config, "pod_plan"):
@@ -76,14 +84,50 @@ def disable_pod(model):
     return model
 
 
-def _generate_with_pod_cache(model, generate):
-    @functools.wraps(generate)
-    def wrapper(*args, **kwargs):
-        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) \
-                and model.config._attn_implementation == ATTN_NAME:
-            from podkv.cache.pod_cache import PodCache
+def _generate_with_pod_cache(model, *args, **kwargs):
+    """``generate`` with a :class:`PodCache` unless the call asks for another cache (or none).
 
-            kwargs["past_key_values"] = PodCache(model.config, model.pod_runtime.plan)
-        return generate(*args, **kwargs)
+    Assisted and prompt-lookup decoding crop the cache after each round of candidates; the cache
+    then keeps enough recent keys for that crop to be exact (pod_cache.py: ``crop_margin``).
+    """
+    from podkv.cache.pod_cache import PodCache
 
-    return wrapper
+    if model.config._attn_implementation == ATTN_NAME and _setting(model, kwargs, "use_cache") is not False:
+        margin = _crop_margin(model, args, kwargs)
+        cache = compat.given_cache(kwargs)
+        if cache is None and _setting(model, kwargs, "cache_implementation") is None:
+            kwargs.update(compat.cache_kwargs(PodCache(model.config, model.pod_runtime.plan, crop_margin=margin)))
+        elif isinstance(cache, PodCache):
+            cache.reserve_crop_margin(margin)
+    return type(model).generate(model, *args, **kwargs)
+
+
+def _setting(model, kwargs, name):
+    """A generation setting as generate will see it: the call, its generation_config, the model's."""
+    if name in kwargs:
+        return kwargs[name]
+    config = kwargs.get("generation_config") or model.generation_config
+    return getattr(config, name, None)
+
+
+def _crop_margin(model, args, kwargs) -> int:
+    """Extra recent keys so that one round of candidate decoding can be rolled back exactly.
+
+    A round verifies at most ``per_round`` candidates and crops the rejected ones; PodCache crops
+    ``crop_margin + 1`` tokens exactly. transformers caps a round at the tokens left to generate.
+    """
+    lookup = _setting(model, kwargs, "prompt_lookup_num_tokens")
+    assistant = kwargs.get("assistant_model")
+    if lookup is None and assistant is None and _setting(model, kwargs, "assistant_early_exit") is None:
+        return 0
+    prompt = kwargs.get("input_ids", args[0] if args else None)
+    left = _setting(model, kwargs, "max_new_tokens")
+    if left is None:
+        left = (_setting(model, kwargs, "max_length") or 20) - (0 if prompt is None else prompt.shape[-1])
+    per_round = left
+    if lookup is not None:
+        per_round = min(left, lookup)
+    elif assistant is not None and getattr(assistant.generation_config, "num_assistant_tokens_schedule",
+                                           "constant") in (None, "constant"):
+        per_round = min(left, int(assistant.generation_config.num_assistant_tokens or 20))
+    return max(0, per_round - 1)
