@@ -163,21 +163,30 @@ def batch_rss_markdown(result: dict) -> str:
     from podkv.bench.report import md_table
 
     rows = [{"method": m, **v, "peak_MiB": _mib(v["peak_rss_at_max"]), "loaded_MiB": _mib(v["loaded_rss"]),
-             "kv_MiB": _mib(v["kv_bytes_at_max"])} for m, v in result["methods"].items()]
+             "kv_MiB": _mib(v["kv_bytes_at_max"]), "peaks": _peaks(result, m)} for m, v in result["methods"].items()]
     ratio = "—" if result["ratio"] is None else f"{result['ratio']:.2f}×"
     head = (f"Budget {result['rss_budget_bytes'] / GIB:.2f} GiB of peak process RSS (one child process per try); "
             f"requests of {result['length']} tokens + {result['new_tokens']} decoded. PoD/dense max batch = "
             f"**{ratio}** (the KV bytes alone: {result['kv_ratio']:.2f}× per request).")
     cols = [("method", "method"), ("max_batch", "max batch (measured)"), ("runs", "tries"),
             ("peak_MiB", "peak RSS MiB at max"), ("loaded_MiB", "RSS MiB after loading the model"),
-            ("kv_MiB", "KV MiB at max")]
+            ("kv_MiB", "KV MiB at max"), ("peaks", "tries: batch → peak MiB")]
     failed = [f"{p['method']} batch {p['batch']}: {p['error']}" for p in result["probes"] if p.get("error")]
     tail = f"\n\nTries that failed (counted as not fitting): {'; '.join(failed)}." if failed else ""
     return head + "\n\n" + md_table(rows, cols) + tail
 
 
 def _mib(x):
-    return None if x is None else x / 2**20
+    return None if x is None else round(x / 2**20)
+
+
+def _peaks(result: dict, method: str) -> str:
+    """Every try of ``method``: batch → peak RSS in MiB (">" where it was stopped at the budget)."""
+    out = []
+    for p in sorted((p for p in result["probes"] if p["method"] == method), key=lambda p: p["batch"]):
+        peak = "failed" if p["peak_rss"] is None else (">" if p.get("over_budget") else "") + str(_mib(p["peak_rss"]))
+        out.append(f"{p['batch']} → {peak}")
+    return ", ".join(out)
 
 
 def batch_rss_plot(result: dict, path) -> None:

@@ -19,12 +19,13 @@ BENCHES = {
     "speed": (speed.run_speed, speed.speed_markdown, speed.speed_plot, "Prefill and decode speed"),
     "skip": (skip.run_skip, skip.skip_markdown, skip.skip_plot, "Gate skipping (paper §2.3, Fig. 4)"),
 }
+COMMANDS = {"batch_rss": "batch --rss-budget"}  # the command line of a benchmark, where it is not its name
 
 
 def run_bench(name: str, model, tok, cfg, out_dir: str | Path = "benchmarks", plan_path: str | Path | None = None,
               plan: SharingPlan | None = None) -> Path:
     """Run benchmark ``name`` on ``model`` and write ``<out_dir>/<name>.json``, ``<name>.png`` and RESULTS.md."""
-    run, markdown, plot, title = BENCHES[name]
+    run = BENCHES[name][0]
     if plan is not None:
         plan_name = "given"
         plan.validate_for(model.config)
@@ -35,9 +36,16 @@ def run_bench(name: str, model, tok, cfg, out_dir: str | Path = "benchmarks", pl
     result.update(machine=info, plan=plan_name, plan_saving_4k=plan.kv_saving(4096),
                   model=getattr(model.config, "_name_or_path", "") or model.config.model_type,
                   config={k: v for k, v in vars(cfg).items()})
+    return write_bench(name, result, out_dir)
+
+
+def write_bench(name: str, result: dict, out_dir: str | Path) -> Path:
+    """``<out_dir>/<name>.json``, ``<name>.png`` and the RESULTS.md section of a finished ``result``."""
+    _, markdown, plot, title = BENCHES[name]
     out_dir = Path(out_dir)
     plot(result, out_dir / f"{name}.png")
-    section = (f"## {title}\n\n`podkv bench {name}` — model {result['model']}, plan {plan_name} "
-               f"(analytic KV saving at 4K: {100 * result['plan_saving_4k']:.1f}%).\n{machine_line(info)}\n\n"
-               f"{markdown(result)}\n\n![{name}]({name}.png)")
+    command = COMMANDS.get(name, name)
+    section = (f"## {title}\n\n`podkv bench {command}` — model {result['model']}, plan {result['plan']} "
+               f"(analytic KV saving at 4K: {100 * result['plan_saving_4k']:.1f}%).\n{machine_line(result['machine'])}"
+               f"\n\n{markdown(result)}\n\n![{name}]({name}.png)")
     return write_results(out_dir, name, result, section)
