@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--list", action="store_true", help="print the commands and what is not run, run nothing")
     ap.add_argument("--vllm", action="store_true", help="also run the vLLM block (needs .venv-vllm)")
-    ap.add_argument("--timeout", type=float, default=900, help="seconds per command")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per command (the demo takes longest)")
     args = ap.parse_args(argv)
     readme = README.read_text()
     failed = [f"inline command not in any code block (add it to one, or name it without arguments): `{c}`"
