@@ -13,17 +13,9 @@ from podkv.compat import cache_kwargs
 from podkv.cache.memory import pod_kv_bytes
 from tiny import tiny_model
 from tolerances import assert_close
+from eval_fixtures import _one_thread  # noqa: F401  (pytest fixture: one thread per module)
 
 PLAN = SharingPlan(anchors=[[0, 0], [0, 1], [2, 1], [2, 3]], ns=3, nr=5)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is fastest, and on a shared CI box extra threads spin-wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

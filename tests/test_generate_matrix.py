@@ -15,20 +15,12 @@ from podkv import PodCache, PodError, SharingPlan, enable_pod
 from podkv.compat import cache_kwargs, output_cache
 from tiny import tiny_model
 from tolerances import assert_close
+from eval_fixtures import _one_thread  # noqa: F401  (pytest fixture: one thread per module)
 
 ARCHS = ("llama", "qwen2", "mistral")
 PLAN = dict(anchors=[[0, 0], [0, 1], [0, 1], [3, 1]], ns=2, nr=4)  # both heads share somewhere
 NEW = 12
 KW = dict(max_new_tokens=NEW, pad_token_id=0, eos_token_id=None)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is fastest, and on a shared CI box extra threads spin-wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def pod_model(arch, dtype=torch.float32):

@@ -55,12 +55,13 @@ def _child(args) -> int:
     if args.child == "dense":
         llm = LLM(model=str(args.model), **kw)
     else:
-        llm = make_llm(args.model, _plan(args), kv_layout=args.child, **kw)
+        llm = make_llm(args.model, plan_from_args(args), kv_layout=args.child, **kw)
     print("PODKV_CAPACITY " + json.dumps(engine_numbers(llm)), flush=True)
     return 0
 
 
-def _plan(args) -> SharingPlan:
+def plan_from_args(args) -> SharingPlan:
+    """--plan, or uniform blocks of --block-layers with --ns/--nr (the capacity and throughput commands)."""
     from podkv.serving.engine import load_hf_config
 
     if args.plan is not None:
@@ -71,23 +72,29 @@ def _plan(args) -> SharingPlan:
 
 
 def run_engine(args, which: str) -> dict:
-    cmd = [sys.executable, "-m", "podkv.serving.capacity", "--child", which, "--model", str(args.model),
-           "--max-model-len", str(args.max_model_len), "--block-size", str(args.block_size),
-           "--dense-block-size", str(args.dense_block_size),
-           "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--dtype", args.dtype,
-           "--block-layers", str(args.block_layers), "--ns", str(args.ns), "--nr", str(args.nr)]
+    flags = ["--model", str(args.model), "--max-model-len", str(args.max_model_len), "--block-size", str(args.block_size),
+             "--dense-block-size", str(args.dense_block_size),
+             "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--dtype", args.dtype,
+             "--block-layers", str(args.block_layers), "--ns", str(args.ns), "--nr", str(args.nr)]
     if args.plan is not None:
-        cmd += ["--plan", str(args.plan)]
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("PODKV_CAPACITY ")), None)
+        flags += ["--plan", str(args.plan)]
+    return run_child("podkv.serving.capacity", "PODKV_CAPACITY", which, flags)
+
+
+def run_child(module: str, tag: str, which: str, flags: list[str]) -> dict:
+    """``python -m MODULE --child WHICH FLAGS``: one fresh vLLM engine per measurement (an engine's memory
+    is not given back in-process); returns the JSON of its ``TAG`` line."""
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", module, "--child", which, *flags], env=env, capture_output=True,
+                          text=True)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith(tag + " ")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"{which} engine failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(line[len("PODKV_CAPACITY "):])
+    return json.loads(line[len(tag) + 1:])
 
 
 def measure(args) -> dict:
-    plan = _plan(args)
+    plan = plan_from_args(args)
     dense = run_engine(args, "dense")
     pod = run_engine(args, "shared")
     T = args.max_model_len

@@ -17,12 +17,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from podkv.plan import SharingPlan
+from podkv.serving.capacity import plan_from_args, run_child
 
 
 def prompts(n: int, length: int, vocab: int = 49152, seed: int = 0) -> list[list[int]]:
@@ -43,7 +42,7 @@ def _child(args) -> int:
     if args.child == "dense":
         llm = LLM(model=str(args.model), block_size=args.dense_block_size, **kw)
     else:
-        llm = make_llm(args.model, _plan(args), block_size=args.block_size, **kw)
+        llm = make_llm(args.model, plan_from_args(args), block_size=args.block_size, **kw)
     reqs = [{"prompt_token_ids": p} for p in prompts(args.requests, args.prompt_len)]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, min_tokens=args.max_tokens)
     llm.generate(reqs[:2], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up
@@ -59,32 +58,17 @@ def _child(args) -> int:
     return 0
 
 
-def _plan(args) -> SharingPlan:
-    from podkv.serving.checkpoint import load_hf_config
-
-    if args.plan is not None:
-        return SharingPlan.load(args.plan)
-    config = load_hf_config(args.model)
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return SharingPlan.uniform(config.num_hidden_layers, kv_heads, args.block_layers, ns=args.ns, nr=args.nr)
-
-
 CHILD_FLAGS = ("model", "plan", "block_layers", "ns", "nr", "requests", "prompt_len", "max_tokens", "passes",
                "max_model_len", "block_size", "dense_block_size", "max_num_batched_tokens", "dtype")
 
 
 def run_engine(args, which: str) -> dict:
-    cmd = [sys.executable, "-m", "podkv.serving.throughput", "--child", which]
+    flags = []
     for name in CHILD_FLAGS:
         value = getattr(args, name)
         if value is not None:
-            cmd += ["--" + name.replace("_", "-"), str(value)]
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("PODKV_THROUGHPUT ")), None)
-    if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"{which} engine failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(line[len("PODKV_THROUGHPUT "):])
+            flags += ["--" + name.replace("_", "-"), str(value)]
+    return run_child("podkv.serving.throughput", "PODKV_THROUGHPUT", which, flags)
 
 
 def measure(args) -> dict:
@@ -96,7 +80,7 @@ def measure(args) -> dict:
                        "pod_tokens_per_s": best["pod"], "dense_over_pod": best["dense"] / best["pod"]})
         print(f"round {r}: dense {best['dense']:.1f} tok/s, PoD {best['pod']:.1f} tok/s, "
               f"dense/PoD x{best['dense'] / best['pod']:.2f}", file=sys.stderr, flush=True)
-    plan = _plan(args)
+    plan = plan_from_args(args)
     return {"model": str(args.model), "plan": plan.summary(args.max_model_len),
             "settings": {k: getattr(args, k) for k in CHILD_FLAGS if k != "model"},
             "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE"), "rounds": rounds,
