@@ -112,13 +112,14 @@ def needle_cases(tok, n: int, length: int):
 @torch.no_grad()
 def measure(model, tok, method, windows, cases, skip: int) -> dict:
     from podkv.eval.retrieval import RetrievalLogprob
+    from podkv.eval.scoring import window_nll
     from podkv.eval.stats import describe
 
     nll = []
     with method.attached(model):
         for w in windows:
-            logits = model(w, use_cache=False, logits_to_keep=w.shape[1] - skip).logits[0, :-1].float()
-            nll.append(float(torch.nn.functional.cross_entropy(logits, w[0, skip + 1:])))
+            total, scored = window_nll(model, w[0], w.shape[1], skip=skip)
+            nll.append(total / scored)
         task = RetrievalLogprob()
         lp = [task.run_case(model, tok, method, c, None)["logprob_per_token"] for c in cases]
     return {"nll": describe(nll, False), "answer_logprob": describe(lp, False), "nll_windows": nll,
