@@ -34,6 +34,11 @@ def test_every_command_parses_lists_the_same_way(tmp_path):
     assert (args.prefill_lengths, args.decode_lengths) == ((512, 1024), (4096,))
     args = parser.parse_args(["eval", "compare", "--out", str(tmp_path)])
     assert args.lengths == (1024, 2048, 4096) and args.methods[0] == "dense"  # defaults untouched
+    args = parser.parse_args(["train", "--plan", "p.json", "--max-tokens", "16k", "--seq-len", "1k",
+                              "--eval-tokens", "1k", "--out", str(tmp_path)])
+    assert (args.max_tokens, args.seq_len, args.eval_tokens) == (16384, 1024, 1024)
+    args = parser.parse_args(["generate", "--max-new-tokens", "1K"])
+    assert args.max_new_tokens == 1024
 
 
 @pytest.mark.parametrize("argv, flag, value", [
@@ -45,6 +50,7 @@ def test_every_command_parses_lists_the_same_way(tmp_path):
     (["bench", "memory", "--lengths", "1024,two"], "--lengths", "'two'"),
     (["bench", "skip", "--taus", "0.7,x"], "--taus", "'x'"),
     (["bench", "batch", "--length", "1e3"], "--length", "'1e3'"),
+    (["train", "--plan", "p.json", "--max-steps", "1", "--eval-tokens", "1m"], "--eval-tokens", "'1m'"),
 ])
 def test_bad_list_value_is_one_podError_line(argv, flag, value, tmp_path, capsys, no_model_load):  # noqa: F811
     if argv[0] == "eval":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from podkv.cli_args import Int
 from podkv.errors import PodError
 
 DEFAULT_PROMPT = "What is the capital of France?"
@@ -17,7 +18,7 @@ def register(sub) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help=f"prompt text (default: {DEFAULT_PROMPT!r})")
     src.add_argument("--prompt-file", type=Path, default=None, help="read the prompt from a file")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", action=Int, default=64)
     p.add_argument("--chat", action=argparse_bool(), default=True, help="wrap the prompt in the chat template")
     p.add_argument("--plan", type=Path, default=None, help="PoD sharing plan (JSON) to run with")
     p.set_defaults(func=run)

@@ -25,7 +25,7 @@ def register(sub) -> None:
     p = cmds.add_parser("batch", help="largest batch under a fixed KV budget, or (--rss-budget) a process-memory "
                                       "budget, dense vs PoD (real runs)")
     p.add_argument("--length", action=Int, default=2048)
-    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--new-tokens", action=Int, default=16)
     p.add_argument("--budget-requests", type=float, default=4.5, help="KV budget in dense requests (default 4.5)")
     p.add_argument("--budget-mb", type=float, default=None, help="KV budget in MiB (overrides --budget-requests)")
     p.add_argument("--rss-budget", type=float, default=None, metavar="GIB",
@@ -41,7 +41,7 @@ def register(sub) -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--attn-lengths", action=Ints, default=(1024, 2048, 4096, 8192))
     p.add_argument("--attn-reps", type=int, default=5)
-    p.add_argument("--chunk", type=int, default=128, help="PoD prefill query chunk (enable_pod's chunk)")
+    p.add_argument("--chunk", action=Int, default=128, help="PoD prefill query chunk (enable_pod's chunk)")
     _common(p, "speed")
 
     p = cmds.add_parser("skip", help="gate skipping swept over tau: skipped share, time, perplexity, passkey")
@@ -49,7 +49,7 @@ def register(sub) -> None:
     p.add_argument("--context", action=Int, default=4096)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--ppl-prefix", type=int, default=1024)
-    p.add_argument("--ppl-tokens", type=int, default=48)
+    p.add_argument("--ppl-tokens", action=Int, default=48)
     p.add_argument("--passkeys", type=int, default=3)
     p.add_argument("--predictor", choices=("anchor_gate", "anchor_lse"), default="anchor_gate")
     _common(p, "skip")

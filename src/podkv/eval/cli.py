@@ -51,7 +51,7 @@ def _common(p) -> None:
     p.add_argument("--samples", type=int, default=1,
                    help="prompts per (length, depth) cell; RULER tasks without --depths: per length, >= 10")
     p.add_argument("--needles", type=int, default=4, help="multikey: needles per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's own (12-48)")
+    p.add_argument("--max-new-tokens", action=Int, default=None, help="default: the task's own (12-48)")
     p.add_argument("--files", nargs="+", default=(),
                    help="ppl: text files to score, refused if they repeat the train/plan text "
                         "(default: the held-out stdlib docstrings)")

@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from podkv.cli_args import Int
 from podkv.plan import SharingPlan
 
 
@@ -134,13 +135,13 @@ def main(argv=None) -> int:
     ap.add_argument("--block-layers", type=int, default=3)
     ap.add_argument("--ns", type=int, default=16)
     ap.add_argument("--nr", type=int, default=240)
-    ap.add_argument("--max-model-len", type=int, default=8192)
+    ap.add_argument("--max-model-len", action=Int, default=8192)
     ap.add_argument("--block-size", type=int, default=16,
                     help="PoD engine's block size (the shared layout takes multiples of 8)")
     ap.add_argument("--dense-block-size", type=int, default=32,
                     help="dense engine's block size (vLLM's CPU kernel takes multiples of 32; dense capacity "
                          "does not depend on it when max_model_len is a multiple)")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=32)
+    ap.add_argument("--max-num-batched-tokens", action=Int, default=32)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", type=Path, default=None, help="JSON to write (results appended by model/plan/T)")
     ap.add_argument("--child", choices=["dense", "shared", "full"], default=None, help=argparse.SUPPRESS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from podkv.cli_args import Int
 from podkv.errors import PodError
 
 
@@ -22,12 +23,12 @@ def register(sub) -> None:
                    help="write a checkpoint with the plan in config.json (merged weights for an adapted model), "
                         "servable with python -m vllm.entrypoints.openai.api_server --model OUT")
     p.add_argument("--run", action="store_true", help="also start vLLM and generate greedily (needs vllm installed)")
-    p.add_argument("--capacity", type=int, default=None, metavar="T",
+    p.add_argument("--capacity", action=Int, default=None, metavar="T",
                    help="also start dense and PoD engines (same VLLM_CPU_KVCACHE_SPACE, block size 16, 32-token "
                         "prefill chunks) and compare vLLM's reported KV capacity at max_model_len T with "
                         "plan.kv_saving(T) (needs vllm; see python -m podkv.serving.capacity for all options)")
     p.add_argument("--prompt", default="The capital of France is")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", action=Int, default=16)
     p.set_defaults(func=run)
 
 

@@ -25,6 +25,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from podkv.cli_args import Int
+
 TEXTS = ["The capital of France is", "Hello , world . It 's", "  two spaces,\ttab\nnewline", "héllo wörld 你好 🙂"]
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The three primary colors are",
            "Water boils at", "My favourite book is", "import numpy as np\n", "In 1969, the first",
@@ -208,12 +210,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="HF checkpoint directory (served dense and with --plan)")
     ap.add_argument("--plan", type=Path)
-    ap.add_argument("--max-model-len", type=int, default=4096)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=256)
-    ap.add_argument("--max-tokens", type=int, default=16, help="greedy tokens of the API checks")
+    ap.add_argument("--max-model-len", action=Int, default=4096)
+    ap.add_argument("--max-num-batched-tokens", action=Int, default=256)
+    ap.add_argument("--max-tokens", action=Int, default=16, help="greedy tokens of the API checks")
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--prompt-len", type=int, default=256, help="throughput: random prompt tokens")
-    ap.add_argument("--throughput-tokens", type=int, default=64, help="throughput: tokens per request (0: skip)")
+    ap.add_argument("--prompt-len", action=Int, default=256, help="throughput: random prompt tokens")
+    ap.add_argument("--throughput-tokens", action=Int, default=64, help="throughput: tokens per request (0: skip)")
     ap.add_argument("--passes", type=int, default=2, help="throughput: timed passes per server (best counts)")
     ap.add_argument("--pod-only", action="store_true", help="skip the dense server")
     ap.add_argument("--reference-ids", type=Path, default=None,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from podkv.cli_args import Int
 from podkv.io import write_json
 from podkv.plan import SharingPlan
 
@@ -145,11 +146,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="reference: a folder; --vllm: the JSON to write")
     ap.add_argument("--default-model", action="store_true", help="use the embedded SmolLM2 instead of a tiny Llama")
-    ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--max-new-tokens", action=Int, default=8)
     ap.add_argument("--vllm", type=Path, default=None, metavar="REFERENCE_JSON",
                     help="run the plans and prompts of REFERENCE_JSON through vLLM instead (vLLM venv)")
     ap.add_argument("--plan-name", default=None, help="with --vllm: the one plan of the reference to run")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="with --vllm: < prompt = chunked prefill")
+    ap.add_argument("--max-num-batched-tokens", action=Int, default=None, help="with --vllm: < prompt = chunked prefill")
     ap.add_argument("--long", action="store_true",
                     help="tiny model, prompts of 300 and 700 tokens (reference_long.json): with small KV blocks the "
                          "proximal-key caches free blocks between the sinks and the window")
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
     ap.add_argument("--from-config", action="store_true",
                     help="with --vllm: serve the plan in the checkpoint's config.json (no hf_overrides)")
     ap.add_argument("--block-size", type=int, default=None, help="with --vllm: vLLM's KV block size")
-    ap.add_argument("--max-model-len", type=int, default=None, help="with --vllm (default 512)")
+    ap.add_argument("--max-model-len", action=Int, default=None, help="with --vllm (default 512)")
     ap.add_argument("--kv-layout", choices=["shared", "full"], default=None,
                     help="with --vllm: PoD KV layout (default shared = stage 2)")
     args = ap.parse_args(argv)

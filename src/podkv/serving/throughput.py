@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from podkv.cli_args import Int
 from podkv.serving.capacity import plan_from_args, run_child
 
 
@@ -97,14 +98,14 @@ def main(argv=None) -> int:
     ap.add_argument("--ns", type=int, default=16)
     ap.add_argument("--nr", type=int, default=240)
     ap.add_argument("--requests", type=int, default=16, help="requests in flight together")
-    ap.add_argument("--prompt-len", type=int, default=256)
-    ap.add_argument("--max-tokens", type=int, default=64, help="greedy tokens per request")
+    ap.add_argument("--prompt-len", action=Int, default=256)
+    ap.add_argument("--max-tokens", action=Int, default=64, help="greedy tokens per request")
     ap.add_argument("--passes", type=int, default=2, help="timed passes per engine (the best counts)")
     ap.add_argument("--rounds", type=int, default=2, help="dense-then-PoD engine pairs (median reported)")
-    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--max-model-len", action=Int, default=2048)
     ap.add_argument("--block-size", type=int, default=16, help="PoD engine's KV block size")
     ap.add_argument("--dense-block-size", type=int, default=32, help="dense engine's (its CPU kernel: multiples of 32)")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", action=Int, default=256)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--child", choices=["dense", "shared"], default=None, help=argparse.SUPPRESS)

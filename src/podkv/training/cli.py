@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from podkv.cli_args import Int
 from podkv.training.config import OBJECTIVES
 
 
@@ -14,12 +15,12 @@ def register(sub) -> None:
     p.add_argument("--plan", required=True, help="sharing plan JSON")
     p.add_argument("--data", nargs="*", default=[], help="UTF-8 text files, one document each "
                                                          "(default: Python's pydoc_data.topics)")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per packed sequence")
+    p.add_argument("--seq-len", action=Int, default=1024, help="tokens per packed sequence")
     p.add_argument("--long-range", type=int, default=0,
                    help="generated long-range documents (passage repeats, lookups) added to the training text")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--max-steps", type=int, help="optimizer steps")
-    budget.add_argument("--max-tokens", type=int, help="training tokens (rounded up to whole steps)")
+    budget.add_argument("--max-tokens", action=Int, help="training tokens (rounded up to whole steps)")
     p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (cosine decay after warm-up)")
     p.add_argument("--warmup-ratio", type=float, default=0.05)
     p.add_argument("--objective", choices=OBJECTIVES, default="lm",
@@ -34,7 +35,7 @@ def register(sub) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps (for --resume)")
     p.add_argument("--eval-every", type=int, default=0, help="held-out perplexity every N steps (0: start/end)")
-    p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per measurement")
+    p.add_argument("--eval-tokens", action=Int, default=4096, help="held-out tokens per measurement")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 where the GPU supports it, else fp32")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
