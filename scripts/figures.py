@@ -169,6 +169,15 @@ def readme_batch(b):
     return f"largest batch at a fixed KV budget ({b['length']}+{b['new_tokens']} tokens)", f"{_batch(b, 1)}, by running"
 
 
+@row("README.md", "benchmarks/batch_rss.json", "podkv bench batch --rss-budget 1.25")
+def readme_batch_rss(b):
+    d, p = b["methods"]["dense"], b["methods"]["pod"]
+    return (f"largest batch under a process-memory budget ({b['config']['rss_budget_gib']} GiB peak RSS, "
+            f"{b['length']}+{b['new_tokens']} tokens)",
+            f"dense {d['max_batch']} → PoD {p['max_batch']} (**{p['max_batch'] / d['max_batch']:.2f}×**; KV bytes alone: "
+            f"{b['kv_ratio']:.2f}×): at short context the weights and activations, not the cache, fill the process")
+
+
 def _batch(b, digits: int) -> str:
     d, p = b["methods"]["dense"], b["methods"]["pod"]
     return f"dense {d['max_batch']} → PoD {p['max_batch']} (**{b['ratio']:.{digits}f}×**)"
@@ -273,6 +282,15 @@ def bench_peak(m):
 def bench_batch(b):
     return (f"max batch at {mib(b['budget_bytes'])} MiB KV budget, {b['length']}+{b['new_tokens']} tokens",
             f"{_batch(b, 2)}, plan {b['plan']}")
+
+
+@row("docs/bench.md", "benchmarks/batch_rss.json", "podkv bench batch --rss-budget 1.25")
+def bench_batch_rss(b):
+    d, p = b["methods"]["dense"], b["methods"]["pod"]
+    return (f"max batch under {b['config']['rss_budget_gib']} GiB peak process RSS, {b['length']}+{b['new_tokens']} tokens",
+            f"dense {d['max_batch']} → PoD {p['max_batch']} ({p['max_batch'] / d['max_batch']:.2f}×; KV bytes alone "
+            f"{b['kv_ratio']:.2f}×); peak RSS at batch {p['max_batch']}: dense {mib(d['peak_rss_at_max'])} → PoD "
+            f"{mib(p['peak_rss_at_max'])} MiB")
 
 
 @bench_speed
