@@ -114,3 +114,13 @@ def test_padded_batch_and_predictors():
         from podkv.attention.gate_skip import GateSkipState
 
         GateSkipState(predictor="oracle")
+
+
+def test_bench_skip_refuses_scores_mode_plan():
+    """A scores-mode plan has no distant pass of its own to skip: the bench says so instead of reporting 0%."""
+    from podkv.bench.skip import SkipConfig, run_skip
+
+    model = tiny_model("llama")
+    plan = SharingPlan(anchors=[[0, 0], [0, 0], [2, 2], [2, 2]], ns=2, nr=4, mode="scores")
+    with pytest.raises(PodError, match="mode 'scores'"):
+        run_skip(model, None, plan, SkipConfig())

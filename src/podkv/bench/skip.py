@@ -134,6 +134,9 @@ def passkey(model, tok, plan, methods: dict, prompts: int, length: int) -> dict 
 def run_skip(model, tok, plan, cfg: SkipConfig) -> dict:
     from podkv.models.enable import disable_pod
 
+    if plan.mode != "keys":  # scores mode reuses the anchor's distant scores: there is no distant pass to skip
+        raise PodError(f"bench skip: gate skipping applies to plans of mode 'keys' (a shared head's own distant "
+                       f"pass over the anchor's keys); this plan has mode {plan.mode!r}, where it would skip nothing")
     dense_ppl = perplexity(model, tok, plan, DENSE, cfg.ppl_prefix, cfg.ppl_tokens)["dense"]
     dense_keys = passkey(model, tok, plan, DENSE, cfg.passkeys, cfg.passkey_length)
     new_cache(model, "pod", plan)  # enables PoD on the model
