@@ -262,3 +262,23 @@ def test_causal_attention_is_pod_within_the_window():
     want = pod_attention_chunked(q.transpose(0, 1)[None], L - Tq, src, pad=torch.zeros(1, dtype=torch.long),
                                  ns=ns, nr=nr, scale=0.25)[0].transpose(0, 1)
     assert_close(causal_attention(q, keys, values, 0.25), want, what="window prefill")
+
+
+def test_openai_check_markdown_reports_every_check_and_both_ratios():
+    """The committed results file's table: checks per server, capacity and throughput PoD / dense."""
+    from podkv.serving.openai_check import markdown
+
+    def server(tokens, tps):
+        return {"kv_cache_size_tokens": tokens, "completion": {"text": " Paris"}, "chat": {"text": "Paris"},
+                "stream": {"equals_completion": True, "chunks": 8}, "concurrent": {"equal": 16, "requests": 16},
+                "throughput": {"requests": 16, "prompt_len": 1024, "max_tokens": 64, "passes": [{}, {}],
+                               "tokens_per_s": tps}}
+
+    result = {"command": "python -m podkv.serving.openai_check ...", "model": "m", "plan": "p.json",
+              "plan_summary": "PoD plan", "VLLM_CPU_KVCACHE_SPACE": "2", "pod": server(30000, 40.0),
+              "dense": server(20000, 44.0), "capacity_ratio": 1.5, "measured_saving": 1 / 3,
+              "analytic_saving": 0.35, "dense_over_pod_throughput": 1.1}
+    text = markdown(result)
+    assert "| 16 concurrent == one by one | 16/16 equal | 16/16 equal |" in text
+    assert "| 20,000 | 30,000 | x1.500 (saving 33.3%; analytic 35.0%) |" in text
+    assert "| 44.0 | 40.0 | x0.91 (dense / PoD x1.10) |" in text

@@ -261,6 +261,7 @@ def test_openai_server(reference, tmp_path):
     assert pod["stream"]["equals_completion"] and pod["stream"]["chunks"] > 1
     assert pod["concurrent"]["equal"] == 16, pod["concurrent"]["differing"]
     assert pod["kv_cache_size_tokens"] > 0
+    assert "| 16 concurrent == one by one | 16/16 equal |" in out.with_suffix(".md").read_text()
 
 
 def test_hybrid_manager_off_is_refused(reference):

@@ -206,6 +206,44 @@ def run(args) -> dict:
     return result
 
 
+def markdown(result: dict) -> str:
+    """The results file people read: every check per server, then capacity and throughput, PoD vs dense."""
+    pod, dense = result["pod"], result.get("dense")
+    servers = [("PoD", pod)] + ([("dense", dense)] if dense else [])
+
+    def check_row(name, fn):
+        return f"| {name} | " + " | ".join(fn(s) for _, s in servers) + " |"
+
+    conc = lambda s: f"{s['concurrent']['equal']}/{s['concurrent']['requests']} equal"  # noqa: E731
+    lines = [f"# OpenAI-client check through vLLM's server: PoD vs dense", "",
+             f"`{result['command']}`", "",
+             f"Model `{result['model']}`, plan `{result['plan']}` ({result['plan_summary']}); both servers with "
+             f"`VLLM_CPU_KVCACHE_SPACE={result['VLLM_CPU_KVCACHE_SPACE']}` GiB, fp32, greedy.", "",
+             "| check | " + " | ".join(n for n, _ in servers) + " |", "|---|" + "---|" * len(servers),
+             check_row("text completion", lambda s: repr(s["completion"]["text"])),
+             check_row("chat completion", lambda s: repr(s["chat"]["text"])),
+             check_row("streamed == non-streamed", lambda s: f"{s['stream']['equals_completion']} "
+                                                            f"({s['stream']['chunks']} chunks)"),
+             check_row(f"{pod['concurrent']['requests']} concurrent == one by one", conc)]
+    if "tokenizer_matches_reference" in result:
+        same = result["tokenizer_matches_reference"]
+        lines.append(f"| `/tokenize` == podkv's tokenizer | {sum(same.values())}/{len(same)} |" +
+                     " |" * (len(servers) - 1))
+    if dense:
+        lines += ["", "| at the same KV memory | dense | PoD | PoD / dense |", "|---|---|---|---|",
+                  f"| KV capacity (tokens, vLLM's log) | {dense['kv_cache_size_tokens']:,} | "
+                  f"{pod['kv_cache_size_tokens']:,} | x{result['capacity_ratio']:.3f} (saving "
+                  f"{result['measured_saving']:.1%}; analytic {result['analytic_saving']:.1%}) |"]
+        if "throughput" in pod:
+            t = pod["throughput"]
+            lines.append(f"| generated tokens/s, {t['requests']} concurrent requests, {t['prompt_len']}-token "
+                         f"prompts, {t['max_tokens']} tokens each (best of {len(t['passes'])}) | "
+                         f"{dense['throughput']['tokens_per_s']:.1f} | {t['tokens_per_s']:.1f} | "
+                         f"x{1 / result['dense_over_pod_throughput']:.2f} (dense / PoD "
+                         f"x{result['dense_over_pod_throughput']:.2f}) |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="HF checkpoint directory (served dense and with --plan)")
@@ -233,9 +271,10 @@ def main(argv=None) -> int:
     result["command"] = "python -m podkv.serving.openai_check " + " ".join(argv if argv is not None else sys.argv[1:])
     print(json.dumps(result, indent=1, ensure_ascii=False))
     if args.out is not None:
-        from podkv.io import write_json
+        from podkv.io import atomic_write_text, write_json
 
         write_json(args.out, result)
+        atomic_write_text(args.out.with_suffix(".md"), markdown(result))
     return 0
 
 
