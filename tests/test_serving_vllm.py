@@ -122,16 +122,23 @@ def test_paged_kv_reads_what_the_cpu_kernel_wrote(isa):
 
 @pytest.mark.parametrize("plan_name", ["dense", "block2", "block4", "uneven", "window"])
 def test_greedy_and_logprob_parity(reference, plan_name, tmp_path):
+    """Uniform blocks run on vLLM's CPU kernel (podkv.serving.kernel_layout), uneven ones on the gather path."""
     ref = json.loads(reference.read_text())["runs"][plan_name]
-    got = run_vllm(reference, plan_name, tmp_path / "out.json")["runs"]
-    assert_parity(ref, got)
+    got = run_vllm(reference, plan_name, tmp_path / "out.json")
+    if plan_name != "dense":
+        assert got["engine"]["pod_kv_kernel"] is (plan_name != "uneven"), got["engine"]
+    assert_parity(ref, got["runs"])
 
 
-def test_chunked_prefill_parity(reference, tmp_path):
+@pytest.mark.parametrize("path", ["kernel", "gather"])
+def test_chunked_prefill_parity(reference, path, tmp_path):
+    """32-token prefill chunks: steps that mix decoding and prefilling requests (kernel: decode subset metadata)."""
     ref = json.loads(reference.read_text())["runs"]["block2"]
     assert max(len(r["prompt"]) for r in ref) > 32  # so the prompt really is split
-    got = run_vllm(reference, "block2", tmp_path / "out.json", "--max-num-batched-tokens", "32")["runs"]
-    assert_parity(ref, got)
+    extra = ["--gather-path"] if path == "gather" else []
+    got = run_vllm(reference, "block2", tmp_path / "out.json", "--max-num-batched-tokens", "32", *extra)
+    assert got["engine"]["pod_kv_kernel"] is (path == "kernel")
+    assert_parity(ref, got["runs"])
 
 
 def test_stage1_full_layout_parity(reference, tmp_path):
@@ -150,6 +157,17 @@ def test_long_prompts_free_proximal_blocks(reference_long, plan_name, tmp_path):
     got = run_vllm(reference_long, plan_name, tmp_path / "out.json", "--block-size", "16", "--max-model-len", "1024",
                    "--max-num-batched-tokens", "64")["runs"]
     assert_parity(ref, got)
+
+
+@pytest.mark.parametrize("plan_name", ["block2", "block4"])
+def test_long_prompts_kernel_layout(reference_long, plan_name, tmp_path):
+    """The same long prompts on vLLM's kernel (32-token blocks; proximal blocks of 96 / 160 tokens, freed
+    mid-prefill): own keys swapped into the anchor's key tile at sinks and window, restored after the block."""
+    ref = json.loads(reference_long.read_text())["runs"][plan_name]
+    got = run_vllm(reference_long, plan_name, tmp_path / "out.json", "--max-model-len", "1024",
+                   "--max-num-batched-tokens", "64")
+    assert got["engine"] == {"pod_kv_kernel": True, "block_size": 32}
+    assert_parity(ref, got["runs"])
 
 
 def test_adapted_checkpoint_parity(reference_adapted, tmp_path):

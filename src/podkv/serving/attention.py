@@ -26,8 +26,18 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentio
 
 from podkv.attention.chunked import DEFAULT_CHUNK, KeySources, pod_attention_chunked
 from podkv.serving.attention_names import BACKEND_NAME
-from podkv.serving.batched import (causal_attention, decode_attention, decode_positions, flat_positions, gather_rows, proximal_positions,
-                                   token_index, token_rows, write_own_keys)
+from podkv.serving.batched import (
+    causal_attention,
+    decode_attention,
+    decode_positions,
+    flat_positions,
+    gather_rows,
+    proximal_positions,
+    token_index,
+    token_rows,
+    write_own_keys,
+)
+from podkv.serving.kernel_layout import KERNEL_ISAS, PageViews, decode_metadata, kernel_attention, swap_keys
 
 
 class PodTorchBackend(CPUAttentionBackend):
@@ -63,11 +73,13 @@ class PodTorchImpl(CPUAttentionBackendImpl):
 
     def __init__(self, *args, pod_anchor_layer: str | None = None, pod_ns: int = 16, pod_nr: int = 240,
                  pod_chunk: int = DEFAULT_CHUNK, pod_shared_kv: bool = False, pod_keys_layer: str | None = None,
-                 **kwargs):
+                 pod_kernel: bool = False, pod_block_pos: int = 0, pod_block_len: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         self.pod_anchor_layer = pod_anchor_layer
         self.pod_ns, self.pod_nr, self.pod_chunk = pod_ns, pod_nr, pod_chunk
         self.pod_shared_kv, self.pod_keys_layer = pod_shared_kv, pod_keys_layer
+        # kernel layout (podkv.serving.kernel_layout): this layer's place in its block of pod_block_len layers
+        self.pod_kernel, self.pod_block_pos, self.pod_block_len = pod_kernel, pod_block_pos, pod_block_len
         # An anchor's keys of the current decode step (gathered once, read by its block's shared layers) and
         # the K_eff buffer those layers share: (step, anchor keys, K_eff or None).
         self.step_keys: tuple | None = None
@@ -79,6 +91,8 @@ class PodTorchImpl(CPUAttentionBackendImpl):
         meta = ctx.attn_metadata.get(layer.layer_name) if isinstance(ctx.attn_metadata, dict) else None
         # tokens of this pass; vLLM may pad the batch after them (slot -1)
         n = self._step(ctx, meta).n_tokens if meta is not None else int((slot_mapping >= 0).sum())
+        if self.pod_kernel:
+            return self._update_kernel_layout(layer, ctx, key[:n], value[:n], kv_cache, slot_mapping[:n])
         if self.pod_anchor_layer is None:  # [K | V] rows
             write_rows(kv_cache, slot_mapping[:n], key[:n], 0)
             write_rows(kv_cache, slot_mapping[:n], value[:n], self.head_size)
@@ -88,6 +102,21 @@ class PodTorchImpl(CPUAttentionBackendImpl):
         if keys_slots is None:
             raise RuntimeError(f"PoD: no slot mapping for {self.pod_keys_layer} in this forward pass")
         write_rows(ctx.no_compile_layers[self.pod_keys_layer].kv_cache, keys_slots[:n], key[:n], 0)
+
+    def _update_kernel_layout(self, layer, ctx, key, value, kv_cache, slots) -> None:
+        """Anchor: K and V through vLLM's own writer (its key-tile format). Shared layer ``a + j``: values into
+        tile ``1 + j`` of the anchor's page (anchor's slots), keys into its proximal cache (token rows)."""
+        if self.pod_anchor_layer is None:
+            from vllm import _custom_ops as ops
+
+            page = PageViews(kv_cache, self.head_size)
+            check_kernel_isa(layer)
+            ops.cpu_attn_reshape_and_cache(key, value, page.key, page.values[0], slots, layer.isa)
+            return
+        anchor = ctx.no_compile_layers[self.pod_anchor_layer]
+        page = PageViews(anchor.kv_cache, self.head_size)
+        page.write_values(self.pod_block_pos, ctx.slot_mapping[self.pod_anchor_layer][:key.shape[0]], value)
+        write_rows(kv_cache, slots, key, 0)
 
     def _step(self, ctx, meta) -> Step:
         """This forward pass's :class:`Step`, made by its first PoD layer (a new ForwardContext every pass)."""
@@ -99,6 +128,8 @@ class PodTorchImpl(CPUAttentionBackendImpl):
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         """query (N, Hq, D), key/value (N, H_kv, D) of this step's N tokens -> output (N, Hq, D)."""
+        if attn_metadata is not None and self.pod_kernel:
+            return self._forward_kernel(layer, query, kv_cache, attn_metadata, output)
         if attn_metadata is not None and self.pod_shared_kv:
             return self._forward_shared(query, kv_cache, attn_metadata, output)
         if attn_metadata is None or self.pod_anchor_layer is None:
@@ -124,6 +155,56 @@ class PodTorchImpl(CPUAttentionBackendImpl):
             out = self._pod(q, seq_len - (b - a), keys, values, anchor_keys)
             output[a:b] = out[0].transpose(0, 1).to(output.dtype)
         return output
+
+    def _forward_kernel(self, layer, query, kv_cache, meta, output):
+        """Kernel layout: an anchor is one kernel call (PoD of an anchor is causal attention); a shared layer
+        runs its prefill chunks on gathered copies and its decoding requests on the kernel, with its own keys
+        swapped into the anchor's key tile at their proximal positions."""
+        if self.pod_anchor_layer is None:
+            n = meta.num_actual_tokens
+            kernel_attention(query[:n], PageViews(kv_cache, self.head_size), 0, output[:n], meta.query_start_loc,
+                             meta.seq_lens, meta.block_table, meta.scheduler_metadata, self.scale)
+            return output
+        ctx = get_forward_context()
+        anchor = ctx.no_compile_layers[self.pod_anchor_layer]
+        anchor_meta = ctx.attn_metadata[self.pod_anchor_layer]
+        page = PageViews(anchor.kv_cache, self.head_size)
+        step = self._step(ctx, meta)
+        for i, a, b in step.prefills:
+            output[a:b] = self._prefill_kernel(query[a:b], i, page, kv_cache, meta, anchor_meta).to(output.dtype)
+        if step.decode_tokens is not None:
+            self._decode_kernel(step, query, output, page, anchor, kv_cache, meta, anchor_meta)
+        return output
+
+    def _decode_kernel(self, step: Step, query, output, page: PageViews, anchor, kv_cache, meta, anchor_meta):
+        check_kernel_isa(anchor)
+        d = step.kernel_decode(anchor_meta, page.block_size, query.shape[1], self.num_kv_heads, self.head_size,
+                               query.dtype, anchor.isa)
+        own = gather_rows(token_rows(kv_cache), step.index(meta, kv_cache, proximal=True))  # (R, P, H, D)
+        state = anchor.impl.step_keys
+        saved = state[1] if state is not None and state[0] is step else None
+        saved = swap_keys(page, d.blocks, d.offsets, own.reshape(-1, *own.shape[2:]), saved)
+        anchor.impl.step_keys = (step, saved)
+        q = query[step.decode_tokens]
+        out = torch.empty_like(q)
+        kernel_attention(q, page, self.pod_block_pos, out, d.query_start_loc, d.seq_lens, d.block_table,
+                         d.scheduler_metadata, self.scale)
+        output[step.decode_tokens] = out.to(output.dtype)
+        if self.pod_block_pos == self.pod_block_len - 1:  # the block's last layer: the anchor's keys back
+            page.put_keys(d.blocks, d.offsets, saved)
+            anchor.impl.step_keys = None
+
+    def _prefill_kernel(self, q, i, page: PageViews, kv_cache, meta, anchor_meta):
+        """Request ``i``'s query chunk q (Tq, Hq, D) of shared layer ``a + j`` -> (Tq, Hq, D)."""
+        seq_len = int(meta.seq_lens[i])
+        row = anchor_meta.block_table[i]
+        own = gather(kv_cache, meta.block_table[i:i + 1], seq_len)  # (1, L, H, D); freed rows: never read
+        values = page.gather(row, seq_len, self.pod_block_pos)  # (1, H, L, D)
+        if seq_len <= self.pod_ns + self.pod_nr:
+            return causal_attention(q, own[0], values[0].transpose(0, 1), self.scale)
+        out = self._pod(q.transpose(0, 1).unsqueeze(0), seq_len - q.shape[0], own.transpose(1, 2), values,
+                        page.gather(row, seq_len))
+        return out[0].transpose(0, 1)
 
     def _forward_shared(self, query, kv_cache, meta, output):
         """Stage 2: decoding requests in one batched call, prefill chunks one request at a time."""
@@ -193,6 +274,13 @@ class PodTorchImpl(CPUAttentionBackendImpl):
                                      chunk=self.pod_chunk)
 
 
+def check_kernel_isa(layer) -> None:
+    isa = getattr(layer, "isa", None)
+    if isa not in KERNEL_ISAS:
+        raise NotImplementedError(f"podkv's kernel layout reads CPU caches of ISA {KERNEL_ISAS}, not {isa!r} "
+                                  f"(serve in float32, or with hf_overrides pod_kv_kernel=False)")
+
+
 # CPU kernels whose block layout paged_kv() reads (checked in tests/test_serving_vllm.py).
 KEY_TRANSPOSED_ISAS = ("vec", "vec16")
 
@@ -240,7 +328,7 @@ class Step:
         prefill = (q_lens > 1).nonzero().squeeze(1).tolist()
         self.prefills = [(i, int(starts[i]), int(starts[i + 1])) for i in prefill]
         self.decode_tokens = self.rows = None
-        self._index: dict[tuple[int, bool], torch.Tensor] = {}
+        self._index: dict[tuple, object] = {}
         if not bool(decode.any()):
             return
         if bool(decode.all()):
@@ -255,6 +343,16 @@ class Step:
         self.proximal = proximal_positions(seq_lens, ns, nr)  # (R, ns + nr)
         self.proximal_rows = flat_positions(self.proximal, T)  # in the (R * T) rows of a gathered batch
 
+    def kernel_decode(self, anchor_meta, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype,
+                      isa: str) -> KernelDecode:
+        """The kernel's inputs for the decoding requests, and their proximal (block, offset) pairs in the
+        anchor's group (made once per step and anchor group)."""
+        key = ("kernel", id(anchor_meta))
+        if key not in self._index:
+            self._index[key] = KernelDecode(self, anchor_meta, block_size, num_heads, num_kv_heads, head_dim, dtype,
+                                            isa)
+        return self._index[key]
+
     def index(self, meta, cache: torch.Tensor, proximal: bool = False) -> torch.Tensor:
         """Token rows of the decoding requests in a cache group (its block table, its block size)."""
         key = (id(meta), proximal)
@@ -262,3 +360,20 @@ class Step:
             pos = self.proximal if proximal else self.positions
             self._index[key] = token_index(meta.block_table[self.rows], pos, cache.shape[2])
         return self._index[key]
+
+
+class KernelDecode:
+    """vLLM kernel inputs for a step's decoding requests: the anchor group's rows of them (or its own metadata
+    when every request decodes) and the proximal positions as (block, offset) pairs of the anchor's page."""
+
+    def __init__(self, step: Step, meta, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype,
+                 isa: str):
+        if isinstance(step.rows, slice):  # every request decodes: the group's own metadata
+            self.query_start_loc, self.seq_lens = meta.query_start_loc, meta.seq_lens
+            self.block_table, self.scheduler_metadata = meta.block_table, meta.scheduler_metadata
+        else:
+            self.seq_lens, self.block_table = meta.seq_lens[step.rows], meta.block_table[step.rows]
+            self.query_start_loc, self.scheduler_metadata = decode_metadata(self.seq_lens, num_heads, num_kv_heads,
+                                                                            head_dim, dtype, isa)
+        blocks = self.block_table.long().gather(1, step.proximal // block_size)
+        self.blocks, self.offsets = blocks.reshape(-1), (step.proximal % block_size).reshape(-1)

@@ -87,6 +87,13 @@ def kv_layout(config) -> str:
     return layout
 
 
+def kernel_layout(config) -> bool:
+    """``config.pod_kv_kernel``: the shared layout in vLLM's CPU kernel format (:mod:`podkv.serving.kernel_layout`).
+    The plugin's config hook sets it where the plan's blocks are uniform, the dtype float32 and the block size a
+    multiple of 32; ``hf_overrides={"pod_kv_kernel": False}`` keeps the gather path."""
+    return kv_layout(config) == "shared" and bool(getattr(config, "pod_kv_kernel", False))
+
+
 def layer_anchors(plan: SharingPlan) -> list[int]:
     """Anchor layer of every layer of a layer-granularity plan."""
     return [row[0] for row in plan.anchors]

@@ -13,7 +13,15 @@ from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, 
 from vllm.model_executor.models.utils import extract_layer_index
 
 from podkv.serving.attention import PodSharedKVBackend, PodTorchBackend
-from podkv.serving.checks import anchor_layer_name, kv_layout, layer_anchors, plan_for_serving, proximal_layer_name
+from podkv.serving.checks import (
+    anchor_layer_name,
+    kernel_layout,
+    kv_layout,
+    layer_anchors,
+    plan_for_serving,
+    proximal_layer_name,
+)
+from podkv.serving.kernel_layout import uniform_block_length
 from podkv.serving.kv_specs import group_tags
 
 
@@ -37,8 +45,8 @@ class PodAttention(Attention):
         common = dict(block_size=spec.block_size, num_kv_heads=spec.num_kv_heads, head_size=spec.head_size,
                       dtype=spec.dtype, kv_quant_mode=spec.kv_quant_mode, pod_group=self.pod_spec["group"])
         role = self.pod_spec["role"]
-        if role == "anchor":
-            return PodAnchorSpec(head_size_v=self.head_size, **common)
+        if role == "anchor":  # [K | V] or, in the kernel layout, [K | V_a | ... | V_a+B-1]
+            return PodAnchorSpec(head_size_v=self.head_size * self.pod_spec.get("value_tiles", 1), **common)
         if role == "values":
             return PodValueSpec(head_size_v=0, **common)
         return PodProximalSpec(head_size_v=0, sliding_window=self.pod_spec["nr"], sink_len=self.pod_spec["ns"],
@@ -63,6 +71,8 @@ class PodLlamaAttention(LlamaAttention):
         is_anchor = anchor == layer
         group = group_tags(anchors)[layer]
         spec = dict(group=group, ns=plan.ns, nr=plan.nr)
+        kernel = shared and kernel_layout(config)
+        block_len = uniform_block_length(anchors) if kernel else 1
         # LlamaAttention builds its Attention inline; rebuild it with our backend. The old one
         # registered its name in the static forward context, which must stay unique.
         context = get_current_vllm_config().compilation_config.static_forward_context
@@ -71,12 +81,16 @@ class PodLlamaAttention(LlamaAttention):
                       quant_config=kwargs.get("quant_config"),
                       attn_backend=PodSharedKVBackend if shared else PodTorchBackend,
                       pod_ns=plan.ns, pod_nr=plan.nr, pod_shared_kv=shared)
-        keys_name = proximal_layer_name(prefix) if shared and not is_anchor else None
+        if kernel:  # an anchor's page holds its block's values; a shared layer's own cache is its proximal keys
+            common.update(pod_kernel=True, pod_block_pos=layer - anchor, pod_block_len=block_len)
+            role = {"role": "anchor", "value_tiles": block_len} if is_anchor else {"role": "proximal"}
+        else:
+            role = {"role": "anchor" if is_anchor else "values"}
+        keys_name = proximal_layer_name(prefix) if shared and not is_anchor and not kernel else None
         self.attn = PodAttention(
             self.num_heads, self.head_dim, self.scaling, prefix=f"{prefix}.attn",
             pod_anchor_layer=None if is_anchor else anchor_layer_name(prefix, layer, anchor),
-            pod_keys_layer=keys_name, pod_spec={**spec, "role": "anchor" if is_anchor else "values"} if shared else None,
-            **common)
+            pod_keys_layer=keys_name, pod_spec={**spec, **role} if shared else None, **common)
         if keys_name is not None:
             self.pod_keys = PodAttention(self.num_heads, self.head_dim, self.scaling, prefix=keys_name,
                                          pod_spec={**spec, "role": "proximal"}, **common)

@@ -139,7 +139,9 @@ def vllm_greedy(model_dir: Path, plan: SharingPlan | None, prompt_ids, max_new_t
         gen_lp = [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, tokens)]
         prompt_lp = [lp[t].logprob for lp, t in zip(o.prompt_logprobs[1:], p[1:])]
         runs.append({"prompt": p, "tokens": tokens, "logprobs": gen_lp, "prompt_logprobs": prompt_lp})
-    return runs
+    hf_config = llm.llm_engine.vllm_config.model_config.hf_config
+    return runs, {"pod_kv_kernel": getattr(hf_config, "pod_kv_kernel", None),
+                  "block_size": llm.llm_engine.vllm_config.cache_config.block_size}
 
 
 def main(argv=None) -> int:
@@ -158,6 +160,8 @@ def main(argv=None) -> int:
                     help="tiny model adapted by LoRA deltas, merged by write_adapted_checkpoint (reference_adapted.json)")
     ap.add_argument("--from-config", action="store_true",
                     help="with --vllm: serve the plan in the checkpoint's config.json (no hf_overrides)")
+    ap.add_argument("--gather-path", action="store_true",
+                    help="with --vllm: PoD on gathered copies instead of vLLM's CPU kernel (pod_kv_kernel=False)")
     ap.add_argument("--block-size", type=int, default=None, help="with --vllm: vLLM's KV block size")
     ap.add_argument("--max-model-len", action=Int, default=None, help="with --vllm (default 512)")
     ap.add_argument("--kv-layout", choices=["shared", "full"], default=None,
@@ -210,8 +214,10 @@ def _main_vllm(args) -> int:
         kw["max_model_len"] = args.max_model_len
     if args.kv_layout and plan is not None:
         kw["kv_layout"] = args.kv_layout
-    runs = vllm_greedy(Path(ref["model"]), plan, prompt_ids, ref["max_new_tokens"], **kw)
-    write_json(args.out, {"plan": args.plan_name, "llm_kwargs": kw, "runs": runs})
+    if args.gather_path:
+        kw["hf_overrides"] = {"pod_kv_kernel": False}
+    runs, engine = vllm_greedy(Path(ref["model"]), plan, prompt_ids, ref["max_new_tokens"], **kw)
+    write_json(args.out, {"plan": args.plan_name, "llm_kwargs": kw, "runs": runs, "engine": engine})
     print(args.out)
     return 0
 

@@ -91,6 +91,7 @@ def _tune_shared_layout(vllm_config, plan) -> None:
     """Default a small KV block size for the shared layout, and warn when vLLM's scheduler settings
     make the proximal-key caches reserve much more than ``ns + nr`` tokens per request."""
     cache, sched = vllm_config.cache_config, vllm_config.scheduler_config
+    _choose_kernel_layout(vllm_config, plan)
     if not cache.user_specified_block_size:
         log.info("podkv: KV block size %d for the shared PoD layout (pass --block-size to override)",
                  SHARED_LAYOUT_BLOCK_SIZE)
@@ -104,3 +105,31 @@ def _tune_shared_layout(vllm_config, plan) -> None:
                     "%d tokens per request instead of ns+nr=%d (vLLM frees out-of-window blocks one step late), "
                     "which eats into the PoD saving; use chunked prefill with --max-num-batched-tokens <= %d",
                     in_flight, in_flight + plan.nr + plan.ns, plan.ns + plan.nr, suggest)
+
+
+def _choose_kernel_layout(vllm_config, plan) -> None:
+    """Serve on vLLM's CPU kernel (``config.pod_kv_kernel``) where it applies: blocks of one length, float32
+    (the "vec" kernel's layout) and a block size that is a multiple of 32 (the kernel's; 32 if not given)."""
+    import torch
+
+    from podkv.serving.checks import layer_anchors
+    from podkv.serving.kernel_layout import KERNEL_BLOCK_MULTIPLE, uniform_block_length
+
+    hf_config, cache = vllm_config.model_config.hf_config, vllm_config.cache_config
+    wanted = getattr(hf_config, "pod_kv_kernel", None)
+    why = None
+    if wanted is False:
+        why = "pod_kv_kernel=False"
+    elif uniform_block_length(layer_anchors(plan)) is None:
+        why = "the plan's blocks have different lengths"
+    elif vllm_config.model_config.dtype != torch.float32:
+        why = f"dtype {vllm_config.model_config.dtype} (the kernel layout is float32 only)"
+    elif cache.user_specified_block_size and cache.block_size % KERNEL_BLOCK_MULTIPLE:
+        why = f"--block-size {cache.block_size} is not a multiple of {KERNEL_BLOCK_MULTIPLE}"
+    hf_config.pod_kv_kernel = why is None
+    if why is None:
+        if not cache.user_specified_block_size:
+            cache.block_size, cache.user_specified_block_size = KERNEL_BLOCK_MULTIPLE, True
+        log.info("podkv: KV layout for vLLM's CPU attention kernel (block size %d)", cache.block_size)
+    else:
+        log.info("podkv: gather path for PoD attention (%s)", why)
