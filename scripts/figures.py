@@ -224,6 +224,32 @@ def readme_vllm_capacity(runs):
             "points of the formula")
 
 
+@row("README.md", "benchmarks/serving/throughput_p*.json", "benchmarks/serving/run_throughput.sh")
+def readme_vllm_throughput(runs):
+    def cell(r):
+        cfg, pod = r["settings"], r["rounds"][0]["pod"]
+        path = "vLLM kernel" if pod.get("pod_kv_kernel") else "gather path"
+        return (f"{cfg['prompt_len']}-token prompts, {path}: dense {r['dense_tokens_per_s']:.1f} / PoD "
+                f"{r['pod_tokens_per_s']:.1f} tok/s (dense ÷ PoD **{r['dense_over_pod']:.2f}×**)")
+
+    runs = sorted(runs, key=lambda r: (r["settings"]["prompt_len"], not r["rounds"][0]["pod"].get("pod_kv_kernel")))
+    cfg = runs[0]["settings"]
+    return (f"vLLM (CPU) generation throughput, {cfg['requests']} concurrent requests × {cfg['max_tokens']} tokens, "
+            f"blocks of {cfg['block_layers']} layers (goal: dense ÷ PoD ≤ 1.3×)", "; ".join(cell(r) for r in runs))
+
+
+@row("README.md", "benchmarks/serving/openai_check.json", "python -m podkv.serving.openai_check")
+def readme_openai_check(r):
+    pod, dense = r["pod"], r["dense"]
+    t = pod["throughput"]
+    return (f"vLLM's OpenAI server through the `openai` client, PoD vs dense at the same KV memory",
+            f"completion, chat, streaming and {pod['concurrent']['requests']} concurrent = one by one "
+            f"({pod['concurrent']['equal']}/{pod['concurrent']['requests']}); KV capacity "
+            f"**{times(r['capacity_ratio'])}**; {t['requests']} concurrent {t['prompt_len']}-token requests: "
+            f"{dense['throughput']['tokens_per_s']:.1f} vs {t['tokens_per_s']:.1f} tok/s (dense ÷ PoD "
+            f"{r['dense_over_pod_throughput']:.2f}×)")
+
+
 # --- docs/bench.md: "Measured" ---------------------------------------------------------------------------
 
 bench_memory = row("docs/bench.md", "benchmarks/memory.json", "podkv bench memory")

@@ -332,3 +332,52 @@ def test_default_model_parity(tmp_path):
     small = run_vllm(reference, "block3", tmp_path / "block3_small.json", "--block-size", "16",
                      "--max-num-batched-tokens", "64")["runs"]
     assert_parity(runs["block3"], small)
+
+
+@pytest.mark.parametrize("ns, nr", [(4, 8), (2, 40)])
+def test_kernel_layout_decode_equals_reference(ns, nr):
+    """The kernel layout's shared-layer decode (own keys swapped into the anchor's key tile, vLLM's kernel,
+    anchor keys restored) against the plain-PyTorch oracle, one request at a time; lengths below and above
+    ns + nr, requests in scattered blocks."""
+    import torch
+
+    from tolerances import TOL
+
+    from podkv.attention.reference import pod_attention_reference
+    from podkv.serving.batched import proximal_positions
+    from podkv.serving.kernel_layout import PageViews, decode_metadata, kernel_attention, swap_keys
+
+    torch.manual_seed(0)
+    H, G, D, bs, B, nb = 2, 3, 32, 32, 2, 24
+    lengths = torch.tensor([5, 47, 100, 33], dtype=torch.int32)
+    R, scale = len(lengths), D ** -0.5
+    page = PageViews(torch.zeros(nb, H, bs, (1 + B) * D), D)
+    tables = torch.randperm(nb)[:R * 4].view(R, 4).int()
+    T = int(lengths.max())
+    anchor_k, anchor_v, own_k, own_v = (torch.randn(R, T, H, D) for _ in range(4))
+    for r, L in enumerate(lengths.tolist()):
+        pos = torch.arange(L)
+        slots = tables[r].long()[pos // bs] * bs + pos % bs
+        ops_write(page, anchor_k[r, :L], anchor_v[r, :L], slots)
+        page.write_values(1, slots, own_v[r, :L])
+    before = page.key_t.clone()
+    q = torch.randn(R, H * G, D)
+    pos = proximal_positions(lengths, ns, nr)
+    blocks = tables.long().gather(1, pos // bs).reshape(-1)
+    own = own_k[torch.arange(R)[:, None], pos].reshape(-1, H, D)
+    saved = swap_keys(page, blocks, pos.reshape(-1) % bs, own, None)
+    starts, meta = decode_metadata(lengths, H * G, H, D, torch.float32, "vec")
+    out = torch.empty_like(q)
+    kernel_attention(q, page, 1, out, starts, lengths, tables, meta, scale)
+    page.put_keys(blocks, pos.reshape(-1) % bs, saved)
+    assert torch.equal(page.key_t, before)  # the anchor's keys are back
+    for r, L in enumerate(lengths.tolist()):
+        t = lambda x: x[r:r + 1, :L].transpose(1, 2)  # noqa: E731  (1, H, L, D)
+        ref = pod_attention_reference(q[r][None, :, None], t(own_k), t(anchor_k), t(own_v), ns=ns, nr=nr, scale=scale)
+        torch.testing.assert_close(out[r], ref[0, :, 0], rtol=TOL[torch.float32][0], atol=TOL[torch.float32][1])
+
+
+def ops_write(page, keys, values, slots):
+    from vllm import _custom_ops as ops
+
+    ops.cpu_attn_reshape_and_cache(keys, values, page.key, page.values[0], slots, "vec")

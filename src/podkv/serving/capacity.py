@@ -31,7 +31,8 @@ def engine_numbers(llm) -> dict:
            "max_concurrency": cfg.cache_config.kv_cache_max_concurrency,
            "num_blocks": cfg.cache_config.num_gpu_blocks,
            "max_model_len": cfg.model_config.max_model_len,
-           "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens}
+           "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
+           "pod_kv_kernel": getattr(cfg.model_config.hf_config, "pod_kv_kernel", None)}
     try:
         core = llm.llm_engine.engine_core.engine_core
         groups = core.scheduler.kv_cache_config.kv_cache_groups
@@ -118,14 +119,16 @@ def measure(args) -> dict:
 
 
 def markdown_row(r: dict) -> str:
-    return (f"| {Path(r['model']).name} | {r.get('blocks', 'blocks of %d' % r['block_layers'])}, ns={r['ns']}, nr={r['nr']} | {r['max_model_len']} "
+    path = "vLLM kernel" if r["pod"].get("pod_kv_kernel") else "gather"
+    return (f"| {Path(r['model']).name} | {r.get('blocks', 'blocks of %d' % r['block_layers'])}, ns={r['ns']}, nr={r['nr']} "
+            f"| {r['block_size']} ({path}) | {r['max_model_len']} "
             f"| {r['dense']['kv_cache_size_tokens']:,} | {r['pod']['kv_cache_size_tokens']:,} "
             f"| x{r['capacity_ratio']:.3f} | {100 * r['measured_saving']:.1f}% | {100 * r['analytic_saving']:.1f}% "
             f"| {r['difference_points']:+.2f} |")
 
 
-MARKDOWN_HEADER = ("| model | plan | max_model_len (T) | dense KV tokens | PoD KV tokens | ratio | measured saving "
-                   "| analytic `kv_saving(T)` | diff (points) |\n|---|---|---|---|---|---|---|---|---|")
+MARKDOWN_HEADER = ("| model | plan | PoD block size (layout) | max_model_len (T) | dense KV tokens | PoD KV tokens | ratio "
+                   "| measured saving | analytic `kv_saving(T)` | diff (points) |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv=None) -> int:

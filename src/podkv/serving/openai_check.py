@@ -42,10 +42,12 @@ def free_port() -> int:
 
 
 def server_args(model_dir: Path, port: int, pod: bool, args) -> list[str]:
-    """The documented serving command (docs/serving.md); PoD and dense differ only in the block size."""
+    """The documented serving command (docs/serving.md); PoD and dense differ only in the block size (the
+    plugin picks PoD's: 32 on vLLM's kernel, 16 on the gather path; dense: 32, the CPU kernel's smallest)."""
+    block = [] if pod else ["--block-size", "32"]
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
             "--served-model-name", "model", "--enforce-eager", "--dtype", "float32",
-            "--max-model-len", str(args.max_model_len), "--block-size", str(16 if pod else 32),
+            "--max-model-len", str(args.max_model_len), *block,
             "--enable-chunked-prefill", "--max-num-batched-tokens", str(args.max_num_batched_tokens),
             "--max-num-seqs", str(max(16, args.concurrency)), "--no-enable-prefix-caching", "--seed", "0",
             "--host", "127.0.0.1", "--port", str(port)]

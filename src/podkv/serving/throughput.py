@@ -43,7 +43,10 @@ def _child(args) -> int:
     if args.child == "dense":
         llm = LLM(model=str(args.model), block_size=args.dense_block_size, **kw)
     else:
-        llm = make_llm(args.model, plan_from_args(args), block_size=args.block_size, **kw)
+        pod_kw = {} if args.block_size is None else {"block_size": args.block_size}
+        if args.gather_path:
+            pod_kw["hf_overrides"] = {"pod_kv_kernel": False}
+        llm = make_llm(args.model, plan_from_args(args), **pod_kw, **kw)
     reqs = [{"prompt_token_ids": p} for p in prompts(args.requests, args.prompt_len)]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, min_tokens=args.max_tokens)
     llm.generate(reqs[:2], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up
@@ -54,20 +57,25 @@ def _child(args) -> int:
         wall = time.perf_counter() - t0
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         passes.append({"wall_s": wall, "generated_tokens": tokens, "tokens_per_s": tokens / wall})
-    print("PODKV_THROUGHPUT " + json.dumps({"passes": passes, "kv_cache_size_tokens":
-                                             llm.llm_engine.vllm_config.cache_config.kv_cache_size_tokens}), flush=True)
+    cfg = llm.llm_engine.vllm_config
+    print("PODKV_THROUGHPUT " + json.dumps({"passes": passes, "kv_cache_size_tokens": cfg.cache_config.kv_cache_size_tokens,
+                                             "block_size": cfg.cache_config.block_size,
+                                             "pod_kv_kernel": getattr(cfg.model_config.hf_config, "pod_kv_kernel", None)}),
+          flush=True)
     return 0
 
 
 CHILD_FLAGS = ("model", "plan", "block_layers", "ns", "nr", "requests", "prompt_len", "max_tokens", "passes",
-               "max_model_len", "block_size", "dense_block_size", "max_num_batched_tokens", "dtype")
+               "max_model_len", "block_size", "dense_block_size", "max_num_batched_tokens", "dtype", "gather_path")
 
 
 def run_engine(args, which: str) -> dict:
     flags = []
     for name in CHILD_FLAGS:
         value = getattr(args, name)
-        if value is not None:
+        if isinstance(value, bool):
+            flags += ["--" + name.replace("_", "-")] if value else []
+        elif value is not None:
             flags += ["--" + name.replace("_", "-"), str(value)]
     return run_child("podkv.serving.throughput", "PODKV_THROUGHPUT", which, flags)
 
@@ -103,7 +111,9 @@ def main(argv=None) -> int:
     ap.add_argument("--passes", type=int, default=2, help="timed passes per engine (the best counts)")
     ap.add_argument("--rounds", type=int, default=2, help="dense-then-PoD engine pairs (median reported)")
     ap.add_argument("--max-model-len", action=Int, default=2048)
-    ap.add_argument("--block-size", type=int, default=16, help="PoD engine's KV block size")
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="PoD engine's KV block size (default: the plugin's, 32 on vLLM's kernel, else 16)")
+    ap.add_argument("--gather-path", action="store_true", help="PoD on gathered copies, not vLLM's CPU kernel")
     ap.add_argument("--dense-block-size", type=int, default=32, help="dense engine's (its CPU kernel: multiples of 32)")
     ap.add_argument("--max-num-batched-tokens", action=Int, default=256)
     ap.add_argument("--dtype", default="float32")
