@@ -130,6 +130,16 @@ def test_greedy_and_logprob_parity(reference, plan_name, tmp_path):
     assert_parity(ref, got["runs"])
 
 
+def test_kernel_layout_short_and_long_prefill_in_one_step(reference, tmp_path):
+    """ns + nr = 50, prompts of 40 and 75 tokens in one 100-token step: the short one's whole chunk runs on the
+    kernel with swapped keys (a multi-token row of the kernel subset), the long one in PyTorch."""
+    ref = json.loads(reference.read_text())["runs"]["mixed"]
+    assert sorted(len(r["prompt"]) for r in ref) == [40, 75]
+    got = run_vllm(reference, "mixed", tmp_path / "out.json", "--max-num-batched-tokens", "100")
+    assert got["engine"]["pod_kv_kernel"] is True
+    assert_parity(ref, got["runs"])
+
+
 @pytest.mark.parametrize("path", ["kernel", "gather"])
 def test_chunked_prefill_parity(reference, path, tmp_path):
     """32-token prefill chunks: steps that mix decoding and prefilling requests (kernel: decode subset metadata)."""
@@ -366,7 +376,7 @@ def test_kernel_layout_decode_equals_reference(ns, nr):
     blocks = tables.long().gather(1, pos // bs).reshape(-1)
     own = own_k[torch.arange(R)[:, None], pos].reshape(-1, H, D)
     saved = swap_keys(page, blocks, pos.reshape(-1) % bs, own, None)
-    starts, meta = decode_metadata(lengths, H * G, H, D, torch.float32, "vec")
+    starts, meta = decode_metadata(lengths, None, H * G, H, D, torch.float32, "vec")
     out = torch.empty_like(q)
     kernel_attention(q, page, 1, out, starts, lengths, tables, meta, scale)
     page.put_keys(blocks, pos.reshape(-1) % bs, saved)

@@ -122,7 +122,7 @@ class PodTorchImpl(CPUAttentionBackendImpl):
         """This forward pass's :class:`Step`, made by its first PoD layer (a new ForwardContext every pass)."""
         step = getattr(ctx, "podkv_step", None)
         if step is None:
-            step = ctx.podkv_step = Step(meta, self.pod_ns, self.pod_nr)
+            step = ctx.podkv_step = Step(meta, self.pod_ns, self.pod_nr, kernel=self.pod_kernel)
         return step
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
@@ -317,30 +317,38 @@ def gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch
 
 class Step:
     """What the PoD layers of one forward pass share (kept on vLLM's ForwardContext, new every pass): which
-    requests decode (one query token) or prefill, their lengths, the visibility mask of the decoding ones,
-    their proximal positions, and per cache group the token rows to gather."""
+    requests run batched (``rows``: one query token each; with ``kernel=True`` also prefill chunks whose every
+    key is proximal, ``seq_len <= ns + nr``) and which prefill one by one (``prefills``), the lengths and
+    proximal positions of the batched rows, the visibility mask of decoding rows, and per cache group the
+    token rows to gather."""
 
-    def __init__(self, meta, ns: int, nr: int):
+    def __init__(self, meta, ns: int, nr: int, kernel: bool = False):
         starts = meta.query_start_loc
         self.n_tokens = int(starts[-1])  # tokens of this pass; vLLM may pad the batch after them
         q_lens = starts[1:] - starts[:-1]  # (R,); padded requests have 0
-        decode = q_lens == 1
-        prefill = (q_lens > 1).nonzero().squeeze(1).tolist()
+        batched = q_lens == 1
+        if kernel:  # the key swap is exact for every query of a chunk whose keys are all proximal
+            batched = batched | ((q_lens > 1) & (meta.seq_lens <= ns + nr))
+        prefill = ((q_lens > 0) & ~batched).nonzero().squeeze(1).tolist()
         self.prefills = [(i, int(starts[i]), int(starts[i + 1])) for i in prefill]
         self.decode_tokens = self.rows = None
         self._index: dict[tuple, object] = {}
-        if not bool(decode.any()):
+        if not bool(batched.any()):
             return
-        if bool(decode.all()):
-            self.rows, self.decode_tokens = slice(None), slice(0, int(q_lens.shape[0]))
+        if bool(batched.all()):
+            self.rows, self.decode_tokens = slice(None), slice(0, self.n_tokens)
         else:
-            self.rows = decode.nonzero().squeeze(1)
-            self.decode_tokens = starts[self.rows]
+            self.rows = batched.nonzero().squeeze(1)
+            self.decode_tokens = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1]))
+                                            for i in self.rows.tolist()])
+        self.q_lens = q_lens[self.rows]
         seq_lens = meta.seq_lens[self.rows].long()
+        self.proximal = proximal_positions(seq_lens, ns, nr)  # (R, ns + nr)
+        if kernel:
+            return
         T = int(seq_lens.max())
         self.visible = torch.arange(T, device=seq_lens.device)[None, :] < seq_lens[:, None]  # (R, T)
         self.positions = decode_positions(seq_lens, T)  # (R, T)
-        self.proximal = proximal_positions(seq_lens, ns, nr)  # (R, ns + nr)
         self.proximal_rows = flat_positions(self.proximal, T)  # in the (R * T) rows of a gathered batch
 
     def kernel_decode(self, anchor_meta, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype,
@@ -373,7 +381,7 @@ class KernelDecode:
             self.block_table, self.scheduler_metadata = meta.block_table, meta.scheduler_metadata
         else:
             self.seq_lens, self.block_table = meta.seq_lens[step.rows], meta.block_table[step.rows]
-            self.query_start_loc, self.scheduler_metadata = decode_metadata(self.seq_lens, num_heads, num_kv_heads,
-                                                                            head_dim, dtype, isa)
+            self.query_start_loc, self.scheduler_metadata = decode_metadata(self.seq_lens, step.q_lens, num_heads,
+                                                                            num_kv_heads, head_dim, dtype, isa)
         blocks = self.block_table.long().gather(1, step.proximal // block_size)
         self.blocks, self.offsets = blocks.reshape(-1), (step.proximal % block_size).reshape(-1)

@@ -16,8 +16,9 @@ Decode of a shared layer is then exact PoD on the kernel: PoD attention is atten
 anchor's keys with the layer's own keys at the proximal positions (sinks + window of each query). With one
 query per request the proximal positions are fixed for the call, so the layer writes its own keys into the
 anchor's key tile there (``(R, ns + nr)`` keys, not ``(R, T)``), runs the kernel, and the block's last layer
-writes the anchor's saved keys back (:func:`swap_keys`). Prefill chunks (queries with different windows) run
-:func:`podkv.attention.chunked.pod_attention_chunked` on gathered copies, as in the gather path.
+writes the anchor's saved keys back (:func:`swap_keys`). The same holds for a prefill chunk of a request
+with ``seq_len <= ns + nr`` (every key proximal for every query). Longer prefill chunks (queries with
+different windows) run :func:`podkv.attention.chunked.pod_attention_chunked` on gathered copies.
 
 Capacity is the wide layout's: the proximal caches' blocks are ``(1 + B)`` anchor blocks, so the kernel's
 block size (a multiple of 32) makes their per-request reservation larger than with 16-token blocks.
@@ -96,12 +97,16 @@ def kernel_attention(query, page: PageViews, j: int, out, query_start_loc, seq_l
                                     scheduler_metadata=scheduler_metadata, s_aux=None)
 
 
-def decode_metadata(seq_lens: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, dtype, isa: str):
-    """(query_start_loc, scheduler metadata) for a batch of one-token queries (the decoding subset of a step)."""
+def decode_metadata(seq_lens: torch.Tensor, q_lens: torch.Tensor | None, num_heads: int, num_kv_heads: int,
+                    head_dim: int, dtype, isa: str):
+    """(query_start_loc, scheduler metadata) for a subset of a step's requests, ``q_lens`` query tokens each
+    (None: one each, decoding), at the end of sequences of ``seq_lens`` tokens."""
     from vllm import _custom_ops as ops
     from vllm import envs
 
-    starts = torch.arange(seq_lens.shape[0] + 1, dtype=torch.int32)
+    starts = torch.zeros(seq_lens.shape[0] + 1, dtype=torch.int32)
+    starts[1:] = 1 if q_lens is None else q_lens
+    starts = torch.cumsum(starts, 0, dtype=torch.int32)
     meta = ops.cpu_attn_get_scheduler_metadata(
         num_reqs=int(seq_lens.shape[0]), num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
         seq_lens=seq_lens, dtype=dtype, query_start_loc=starts, causal=True, sliding_window_size=-1, isa=isa,

@@ -35,6 +35,8 @@ def tiny_plans(layers: int, kv_heads: int) -> dict[str, SharingPlan]:
         "uneven": SharingPlan(anchors=[[0] * kv_heads] * 3 + [[3] * kv_heads] * (layers - 3), ns=4, nr=8),
         # every prompt within sinks + window (ns + nr = 100 > 75 + 8): prefill is plain causal attention
         "window": SharingPlan.uniform(layers, kv_heads, 2, ns=4, nr=96),
+        # ns + nr = 50: the 40-token prompt fits, the 75-token one does not (one short and one long prefill)
+        "mixed": SharingPlan.uniform(layers, kv_heads, 2, ns=4, nr=46),
     }
 
 
