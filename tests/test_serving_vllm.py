@@ -355,7 +355,7 @@ def test_kernel_layout_decode_equals_reference(ns, nr):
 
     from podkv.attention.reference import pod_attention_reference
     from podkv.serving.batched import proximal_positions
-    from podkv.serving.kernel_layout import PageViews, decode_metadata, kernel_attention, swap_keys
+    from podkv.serving.kernel_layout import PageViews, decode_metadata, kernel_attention, restore_keys, swap_keys
 
     torch.manual_seed(0)
     H, G, D, bs, B, nb = 2, 3, 32, 32, 2, 24
@@ -375,11 +375,11 @@ def test_kernel_layout_decode_equals_reference(ns, nr):
     pos = proximal_positions(lengths, ns, nr)
     blocks = tables.long().gather(1, pos // bs).reshape(-1)
     own = own_k[torch.arange(R)[:, None], pos].reshape(-1, H, D)
-    saved = swap_keys(page, blocks, pos.reshape(-1) % bs, own, None)
+    saved = swap_keys(page, blocks, pos.reshape(-1) % bs, blocks.unique(), own, None)
     starts, meta = decode_metadata(lengths, None, H * G, H, D, torch.float32, "vec")
     out = torch.empty_like(q)
     kernel_attention(q, page, 1, out, starts, lengths, tables, meta, scale)
-    page.put_keys(blocks, pos.reshape(-1) % bs, saved)
+    restore_keys(page, blocks.unique(), saved)
     assert torch.equal(page.key_t, before)  # the anchor's keys are back
     for r, L in enumerate(lengths.tolist()):
         t = lambda x: x[r:r + 1, :L].transpose(1, 2)  # noqa: E731  (1, H, L, D)

@@ -37,7 +37,8 @@ from podkv.serving.batched import (
     token_rows,
     write_own_keys,
 )
-from podkv.serving.kernel_layout import KERNEL_ISAS, PageViews, decode_metadata, kernel_attention, swap_keys
+from podkv.serving.kernel_layout import (KERNEL_ISAS, PageViews, decode_metadata, kernel_attention, restore_keys,
+                                         swap_keys)
 
 
 class PodTorchBackend(CPUAttentionBackend):
@@ -183,7 +184,7 @@ class PodTorchImpl(CPUAttentionBackendImpl):
         own = gather_rows(token_rows(kv_cache), step.index(meta, kv_cache, proximal=True))  # (R, P, H, D)
         state = anchor.impl.step_keys
         saved = state[1] if state is not None and state[0] is step else None
-        saved = swap_keys(page, d.blocks, d.offsets, own.reshape(-1, *own.shape[2:]), saved)
+        saved = swap_keys(page, d.blocks, d.offsets, d.touched, own.reshape(-1, *own.shape[2:]), saved)
         anchor.impl.step_keys = (step, saved)
         q = query[step.decode_tokens]
         out = torch.empty_like(q)
@@ -191,7 +192,7 @@ class PodTorchImpl(CPUAttentionBackendImpl):
                          d.scheduler_metadata, self.scale)
         output[step.decode_tokens] = out.to(output.dtype)
         if self.pod_block_pos == self.pod_block_len - 1:  # the block's last layer: the anchor's keys back
-            page.put_keys(d.blocks, d.offsets, saved)
+            restore_keys(page, d.touched, saved)
             anchor.impl.step_keys = None
 
     def _prefill_kernel(self, q, i, page: PageViews, kv_cache, meta, anchor_meta):
@@ -385,3 +386,4 @@ class KernelDecode:
                                                                             num_kv_heads, head_dim, dtype, isa)
         blocks = self.block_table.long().gather(1, step.proximal // block_size)
         self.blocks, self.offsets = blocks.reshape(-1), (step.proximal % block_size).reshape(-1)
+        self.touched = self.blocks.unique()

@@ -76,14 +76,23 @@ class PageViews:
         return x.reshape(x.shape[0], -1, self.D)[:, :length].unsqueeze(0)
 
 
-def swap_keys(page: PageViews, blocks: torch.Tensor, offsets: torch.Tensor, own: torch.Tensor,
+def swap_keys(page: PageViews, blocks: torch.Tensor, offsets: torch.Tensor, touched: torch.Tensor, own: torch.Tensor,
               saved: torch.Tensor | None) -> torch.Tensor:
-    """Put a shared layer's own keys (N, H, D) at the proximal (block, offset) pairs of the anchor's key tile;
-    returns the anchor's keys there (saved by the block's first shared layer of the step, for the restore)."""
+    """Put a shared layer's own keys (N, H, D) at the proximal (block, offset) pairs of the anchor's key tile.
+
+    Returns the anchor's key tiles of the ``touched`` blocks (``blocks.unique()``), ``(n, H, D, block_size)``,
+    taken by the block's first shared layer of the step (later layers pass them back in) and written back by
+    :func:`restore_keys`. Whole tiles, not single keys: a tile is one contiguous copy, a key D scattered ones.
+    """
     if saved is None:
-        saved = page.keys_at(blocks, offsets).clone()
+        saved = page.key_t.index_select(0, touched)
     page.put_keys(blocks, offsets, own)
     return saved
+
+
+def restore_keys(page: PageViews, touched: torch.Tensor, saved: torch.Tensor) -> None:
+    """Write back the anchor key tiles :func:`swap_keys` returned."""
+    page.key_t.index_copy_(0, touched, saved)
 
 
 def kernel_attention(query, page: PageViews, j: int, out, query_start_loc, seq_lens, block_table, scheduler_metadata,
