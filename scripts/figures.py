@@ -38,6 +38,7 @@ class Row:
 TABLES: dict[str, tuple[tuple[str, ...], list[Row]]] = {
     "README.md": (("question", "result", "source"), []),
     "docs/bench.md": (("quantity", "measured", "source"), []),
+    "docs/serving.md": (("quantity", "measured", "source"), []),
 }
 
 
@@ -238,7 +239,7 @@ def readme_vllm_throughput(runs):
             f"blocks of {cfg['block_layers']} layers (goal: dense ÷ PoD ≤ 1.3×)", "; ".join(cell(r) for r in runs))
 
 
-@row("README.md", "benchmarks/serving/openai_check.json", "python -m podkv.serving.openai_check")
+@row("README.md", "benchmarks/serving/openai_check.json", "benchmarks/serving/run_openai_check.sh")
 def readme_openai_check(r):
     pod, dense = r["pod"], r["dense"]
     t = pod["throughput"]
@@ -248,6 +249,32 @@ def readme_openai_check(r):
             f"**{times(r['capacity_ratio'])}**; {t['requests']} concurrent {t['prompt_len']}-token requests: "
             f"{dense['throughput']['tokens_per_s']:.1f} vs {t['tokens_per_s']:.1f} tok/s (dense ÷ PoD "
             f"{r['dense_over_pod_throughput']:.2f}×)")
+
+
+# --- docs/serving.md: "Throughput" ---
+
+def _serving_throughput(r):
+    cfg, rounds = r["settings"], r["rounds"]
+    pod = rounds[0]["pod"]
+    path = "vLLM kernel layout" if pod.get("pod_kv_kernel") else "gather layout"
+    each = ", ".join(f"{x['dense_over_pod']:.2f}" for x in rounds)
+    return (f"generated tokens/s, {cfg['requests']} requests × {cfg['max_tokens']} tokens, {cfg['prompt_len']}-token "
+            f"prompts, PoD blocks of {cfg['block_layers']} on the {path} (block size {pod['block_size']})",
+            f"dense {r['dense_tokens_per_s']:.1f} / PoD {r['pod_tokens_per_s']:.1f}: dense ÷ PoD "
+            f"**{r['dense_over_pod']:.2f}×** (rounds: {each}); "
+            f"KV capacity {pod['kv_cache_size_tokens']:,} vs {rounds[0]['dense']['kv_cache_size_tokens']:,} tokens "
+            f"at {r['VLLM_CPU_KVCACHE_SPACE']} GiB")
+
+
+for _name, _command in (("throughput_p256", "benchmarks/serving/run_throughput.sh"),
+                        ("throughput_p1024", "benchmarks/serving/run_throughput.sh"),
+                        ("throughput_p1024_gather", "WITH_GATHER=1 benchmarks/serving/run_throughput.sh")):
+    row("docs/serving.md", f"benchmarks/serving/{_name}.json", _command)(_serving_throughput)
+
+
+@row("docs/serving.md", "benchmarks/serving/openai_check.json", "benchmarks/serving/run_openai_check.sh")
+def serving_openai(r):
+    return readme_openai_check(r)
 
 
 # --- docs/bench.md: "Measured" ---------------------------------------------------------------------------
@@ -264,24 +291,16 @@ def _by_t(rows, t):
 @bench_memory
 def bench_kv_4k(m):
     r = _by_t(m["rows"], 4096)
-    return "KV saved at 4K (measured / plan formula)", f"{pct(r['saving'])} / {pct(r['plan_saving'])} — plan {m['plan']}"
+    return ("KV saved at 4K (measured / plan formula); KV bytes per token, dense → PoD",
+            f"{pct(r['saving'])} / {pct(r['plan_saving'])} — plan {m['plan']}; "
+            f"{r['dense_bytes_per_token']:.0f} → {r['pod_bytes_per_token']:.0f}")
 
 
 @bench_memory
 def bench_kv_other(m):
     rows = [r for r in m["rows"] if r["T"] != 4096]
-    return (f"KV saved at {' / '.join(kilo(r['T']) for r in rows)}", " / ".join(pct(r["saving"]) for r in rows))
-
-
-@bench_memory
-def bench_formula(m):
-    return "measured bytes == analytic formula (all lengths)", str(m["all_match_formula"])
-
-
-@bench_memory
-def bench_bytes_per_token(m):
-    r = _by_t(m["rows"], 4096)
-    return "KV bytes/token dense → PoD at 4K", f"{r['dense_bytes_per_token']:.0f} → {r['pod_bytes_per_token']:.0f}"
+    return (f"KV saved at {' / '.join(kilo(r['T']) for r in rows)}; measured bytes == analytic formula at every length",
+            " / ".join(pct(r["saving"]) for r in rows) + f"; {m['all_match_formula']}")
 
 
 @bench_memory

@@ -64,14 +64,18 @@ def test_cache_decode_equals_reference(arch, ns, nr, prefill):
     assert_close(steps, ref, what=f"{arch} cached decode vs ref")
 
 
+def _logits_before_after(arch: str, length: int, change) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of a tiny model on ``length`` ids before and after ``change(model)`` (no grad)."""
+    model, ids = tiny_model(arch), ids_for(1, length)
+    with torch.no_grad():
+        before = model(ids).logits
+        change(model)
+        return before, model(ids).logits
+
+
 def test_plan_changes_outputs():
     """Guard against a vacuous oracle: a sharing plan must differ from dense on these models."""
-    model = tiny_model("llama")
-    ids = ids_for(1, 40)
-    with torch.no_grad():
-        dense = model(ids).logits
-        enable_pod(model, SharingPlan.uniform(4, 2, 2, ns=2, nr=4))
-        pod = model(ids).logits
+    dense, pod = _logits_before_after("llama", 40, lambda m: enable_pod(m, SharingPlan.uniform(4, 2, 2, ns=2, nr=4)))
     assert (pod - dense).abs().max() > 1e-3
 
 
@@ -192,15 +196,17 @@ def test_generate_uses_pod_cache_by_default():
 
 
 def test_disable_restores_stock_model():
-    model = tiny_model("qwen2")
-    ids = ids_for(1, 30)
-    with torch.no_grad():
-        before = model(ids).logits
+    models = []
+
+    def enable_then_disable(model):
         enable_pod(model, SharingPlan.uniform(4, 2, 2, ns=2, nr=4))
         disable_pod(model)
-        after = model(ids).logits
+        models.append(model)
+
+    before, after = _logits_before_after("qwen2", 30, enable_then_disable)
     assert torch.equal(before, after)
-    assert not hasattr(model.config, "pod_plan") and model.config._attn_implementation == "sdpa"
+    config = models[0].config
+    assert not hasattr(config, "pod_plan") and config._attn_implementation == "sdpa"
 
 
 def test_bad_inputs():

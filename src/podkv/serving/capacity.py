@@ -62,6 +62,15 @@ def _child(args) -> int:
     return 0
 
 
+def add_plan_args(ap) -> None:
+    """The model and plan flags :func:`plan_from_args` reads (the capacity and throughput commands)."""
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--plan", type=Path, default=None, help="plan JSON (default: uniform blocks, see --block-layers)")
+    ap.add_argument("--block-layers", type=int, default=3)
+    ap.add_argument("--ns", type=int, default=16)
+    ap.add_argument("--nr", type=int, default=240)
+
+
 def plan_from_args(args) -> SharingPlan:
     """--plan, or uniform blocks of --block-layers with --ns/--nr (the capacity and throughput commands)."""
     from podkv.serving.engine import load_hf_config
@@ -133,11 +142,7 @@ MARKDOWN_HEADER = ("| model | plan | PoD block size (layout) | max_model_len (T)
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--plan", type=Path, default=None, help="plan JSON (default: uniform blocks, see --block-layers)")
-    ap.add_argument("--block-layers", type=int, default=3)
-    ap.add_argument("--ns", type=int, default=16)
-    ap.add_argument("--nr", type=int, default=240)
+    add_plan_args(ap)
     ap.add_argument("--max-model-len", action=Int, default=8192)
     ap.add_argument("--block-size", type=int, default=16,
                     help="PoD engine's block size (the shared layout takes multiples of 8)")

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from podkv.cli_args import Int
-from podkv.serving.capacity import plan_from_args, run_child
+from podkv.serving.capacity import add_plan_args, plan_from_args, run_child
 
 
 def prompts(n: int, length: int, vocab: int = 49152, seed: int = 0) -> list[list[int]]:
@@ -100,11 +100,7 @@ def measure(args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--plan", type=Path, default=None, help="plan JSON (default: uniform blocks, --block-layers)")
-    ap.add_argument("--block-layers", type=int, default=3)
-    ap.add_argument("--ns", type=int, default=16)
-    ap.add_argument("--nr", type=int, default=240)
+    add_plan_args(ap)
     ap.add_argument("--requests", type=int, default=16, help="requests in flight together")
     ap.add_argument("--prompt-len", action=Int, default=256)
     ap.add_argument("--max-tokens", action=Int, default=64, help="greedy tokens per request")
