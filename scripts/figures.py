@@ -376,7 +376,8 @@ def bench_attention_decode(s):
 def bench_skip_pod(k):
     by = {r["method"]: r for r in k["rows"]}
     pod, dense = by["pod"], by["dense (reference)"]
-    return (f"gate skip on `smollm2-pod`, {kilo(k['context'])}: pod",
+    return (f"gate skip on the earlier adapted model (keys mode, blocks of 4; not today's smollm2-pod), "
+            f"{kilo(k['context'])}: pod",
             f"step {pod['step_ms']:.1f} ms, ppl {pod['ppl']:.2f} (dense attention on the same weights {dense['ppl']:.2f})")
 
 
@@ -384,7 +385,7 @@ def bench_skip_pod(k):
 def bench_skip_taus(k):
     at = {r["tau"]: r for r in k["rows"]}
     rows = [at[t] for t in (0.9, 0.7, 0.0)]
-    return (f"gate skip on `smollm2-pod`, {kilo(k['context'])}: τ = 0.9 / 0.7 / 0",
+    return (f"gate skip on the earlier adapted model, {kilo(k['context'])}: τ = 0.9 / 0.7 / 0",
             f"skipped {' / '.join(pct(r['skip_share'], 0) for r in rows)} of shared distant passes; step "
             f"{' / '.join(times(r['vs_pod']) for r in rows)} PoD; ppl "
             f"{' / '.join(signed(r['ppl_change_pct']) for r in rows)}")
