@@ -272,6 +272,19 @@ for _name, _command in (("throughput_p256", "benchmarks/serving/run_throughput.s
     row("docs/serving.md", f"benchmarks/serving/{_name}.json", _command)(_serving_throughput)
 
 
+@row("docs/serving.md", "benchmarks/serving/capacity_*.json", "benchmarks/serving/run_capacity.sh")
+def serving_capacity(runs):
+    def span(rows):
+        ratios, diffs = [r["capacity_ratio"] for r in rows], [r["difference_points"] for r in rows]
+        return f"x{min(ratios):.2f}–{max(ratios):.2f}, {min(diffs):+.1f} to {max(diffs):+.1f} points from the formula"
+
+    kernel = [r for r in runs if r["pod"].get("pod_kv_kernel")]
+    gather = [r for r in runs if not r["pod"].get("pod_kv_kernel")]
+    return (f"vLLM's KV capacity, PoD ÷ dense at the same memory ({len(runs)} runs over plans and T = "
+            f"{' / '.join(kilo(t) for t in sorted({r['max_model_len'] for r in runs}))})",
+            f"gather layout (block size 16): {span(gather)}; vLLM kernel layout (block size 32): {span(kernel)}")
+
+
 @row("docs/serving.md", "benchmarks/serving/openai_check.json", "benchmarks/serving/run_openai_check.sh")
 def serving_openai(r):
     return readme_openai_check(r)
