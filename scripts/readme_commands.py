@@ -114,7 +114,10 @@ def _is_server(cmd: Command) -> bool:
 def _run_server(cmd: Command, timeout: float) -> tuple[int, float, str]:
     """An OpenAI server never exits: start it as written, wait for /health, ask once, stop it."""
     t0 = time.time()
-    proc = subprocess.Popen(["bash", "-c", f"exec {cmd.text}"], cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+    # not `exec`: the README line starts with an environment assignment (VAR=1 cmd), which exec refuses;
+    # the server runs in its own session, which killpg stops as a whole
+    log = ROOT / "runs" / ".readme_server.log"
+    proc = subprocess.Popen(["bash", "-c", cmd.text], cwd=ROOT, env=_env(), stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     rc, tail = 1, "server did not become healthy"
     try:
@@ -130,8 +133,13 @@ def _run_server(cmd: Command, timeout: float) -> tuple[int, float, str]:
                 break
             except OSError:
                 time.sleep(2)
+        if rc:
+            tail = f"{tail}; its log ends:\n" + "\n".join(log.read_text().splitlines()[-15:])
     finally:
-        os.killpg(proc.pid, 15)
+        try:
+            os.killpg(proc.pid, 15)
+        except ProcessLookupError:  # it exited already (its log says why)
+            pass
         proc.wait(timeout=60)
     return rc, time.time() - t0, tail
 

@@ -131,5 +131,7 @@ def _choose_kernel_layout(vllm_config, plan) -> None:
         if not cache.user_specified_block_size:
             cache.block_size, cache.user_specified_block_size = KERNEL_BLOCK_MULTIPLE, True
         log.info("podkv: KV layout for vLLM's CPU attention kernel (block size %d)", cache.block_size)
-    else:
+    elif wanted is False:
         log.info("podkv: gather path for PoD attention (%s)", why)
+    else:  # a warning: the user did not ask for the slower path (docs/serving.md, Throughput)
+        log.warning("podkv: PoD attention on the gather path, not vLLM's CPU kernel, because %s", why)
