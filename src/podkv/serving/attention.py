@@ -37,8 +37,8 @@ from podkv.serving.batched import (
     token_rows,
     write_own_keys,
 )
-from podkv.serving.kernel_layout import (KERNEL_ISAS, PageViews, decode_metadata, kernel_attention, restore_keys,
-                                         swap_keys)
+from podkv.serving.kernel_layout import (PageViews, check_isa, decode_metadata, kernel_attention, page_views,
+                                         restore_keys, swap_keys)
 
 
 class PodTorchBackend(CPUAttentionBackend):
@@ -110,12 +110,12 @@ class PodTorchImpl(CPUAttentionBackendImpl):
         if self.pod_anchor_layer is None:
             from vllm import _custom_ops as ops
 
-            page = PageViews(kv_cache, self.head_size)
-            check_kernel_isa(layer)
+            check_isa(layer, KERNEL_PATH, KERNEL_FIX)
+            page = page_views(layer, self.head_size)
             ops.cpu_attn_reshape_and_cache(key, value, page.key, page.values[0], slots, layer.isa)
             return
         anchor = ctx.no_compile_layers[self.pod_anchor_layer]
-        page = PageViews(anchor.kv_cache, self.head_size)
+        page = page_views(anchor, self.head_size)
         page.write_values(self.pod_block_pos, ctx.slot_mapping[self.pod_anchor_layer][:key.shape[0]], value)
         write_rows(kv_cache, slots, key, 0)
 
@@ -136,9 +136,7 @@ class PodTorchImpl(CPUAttentionBackendImpl):
         if attn_metadata is None or self.pod_anchor_layer is None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
-        if getattr(layer, "isa", None) not in KEY_TRANSPOSED_ISAS:
-            raise NotImplementedError(f"podkv's reference PoD path reads CPU caches of ISA {KEY_TRANSPOSED_ISAS}, "
-                                      f"not {getattr(layer, 'isa', None)!r} (use dtype float32 or float16)")
+        check_isa(layer, "reference PoD path", "use dtype float32 or float16")
         anchor_cache = get_forward_context().no_compile_layers[self.pod_anchor_layer].kv_cache
         if anchor_cache.shape != kv_cache.shape:
             raise RuntimeError(f"PoD anchor {self.pod_anchor_layer} has cache {tuple(anchor_cache.shape)}, "
@@ -163,13 +161,13 @@ class PodTorchImpl(CPUAttentionBackendImpl):
         swapped into the anchor's key tile at their proximal positions."""
         if self.pod_anchor_layer is None:
             n = meta.num_actual_tokens
-            kernel_attention(query[:n], PageViews(kv_cache, self.head_size), 0, output[:n], meta.query_start_loc,
+            kernel_attention(query[:n], page_views(layer, self.head_size), 0, output[:n], meta.query_start_loc,
                              meta.seq_lens, meta.block_table, meta.scheduler_metadata, self.scale)
             return output
         ctx = get_forward_context()
         anchor = ctx.no_compile_layers[self.pod_anchor_layer]
         anchor_meta = ctx.attn_metadata[self.pod_anchor_layer]
-        page = PageViews(anchor.kv_cache, self.head_size)
+        page = page_views(anchor, self.head_size)
         step = self._step(ctx, meta)
         for i, a, b in step.prefills:
             output[a:b] = self._prefill_kernel(query[a:b], i, page, kv_cache, meta, anchor_meta).to(output.dtype)
@@ -178,7 +176,6 @@ class PodTorchImpl(CPUAttentionBackendImpl):
         return output
 
     def _decode_kernel(self, step: Step, query, output, page: PageViews, anchor, kv_cache, meta, anchor_meta):
-        check_kernel_isa(anchor)
         d = step.kernel_decode(anchor_meta, page.block_size, query.shape[1], self.num_kv_heads, self.head_size,
                                query.dtype, anchor.isa)
         own = gather_rows(token_rows(kv_cache), step.index(meta, kv_cache, proximal=True))  # (R, P, H, D)
@@ -196,13 +193,12 @@ class PodTorchImpl(CPUAttentionBackendImpl):
             anchor.impl.step_keys = None
 
     def _prefill_kernel(self, q, i, page: PageViews, kv_cache, meta, anchor_meta):
-        """Request ``i``'s query chunk q (Tq, Hq, D) of shared layer ``a + j`` -> (Tq, Hq, D)."""
+        """Request ``i``'s query chunk q (Tq, Hq, D) of shared layer ``a + j`` -> (Tq, Hq, D); only chunks with
+        distant keys come here (``seq_len > ns + nr``; :class:`Step` runs the others on the kernel)."""
         seq_len = int(meta.seq_lens[i])
         row = anchor_meta.block_table[i]
         own = gather(kv_cache, meta.block_table[i:i + 1], seq_len)  # (1, L, H, D); freed rows: never read
         values = page.gather(row, seq_len, self.pod_block_pos)  # (1, H, L, D)
-        if seq_len <= self.pod_ns + self.pod_nr:
-            return causal_attention(q, own[0], values[0].transpose(0, 1), self.scale)
         out = self._pod(q.transpose(0, 1).unsqueeze(0), seq_len - q.shape[0], own.transpose(1, 2), values,
                         page.gather(row, seq_len))
         return out[0].transpose(0, 1)
@@ -275,15 +271,7 @@ class PodTorchImpl(CPUAttentionBackendImpl):
                                      chunk=self.pod_chunk)
 
 
-def check_kernel_isa(layer) -> None:
-    isa = getattr(layer, "isa", None)
-    if isa not in KERNEL_ISAS:
-        raise NotImplementedError(f"podkv's kernel layout reads CPU caches of ISA {KERNEL_ISAS}, not {isa!r} "
-                                  f"(serve in float32, or with hf_overrides pod_kv_kernel=False)")
-
-
-# CPU kernels whose block layout paged_kv() reads (checked in tests/test_serving_vllm.py).
-KEY_TRANSPOSED_ISAS = ("vec", "vec16")
+KERNEL_PATH, KERNEL_FIX = "kernel layout", "serve in float32, or with hf_overrides pod_kv_kernel=False"
 
 
 def paged_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

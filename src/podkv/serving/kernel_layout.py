@@ -44,6 +44,7 @@ class PageViews:
     """Views of one anchor's page tensor (num_blocks, H, block_size, (1 + B) * D) as vLLM allocates it."""
 
     def __init__(self, cache: torch.Tensor, head_size: int):
+        self.cache = cache
         nb, H, bs, width = cache.shape
         self.block_size, self.D = bs, head_size
         self.tiles = width // head_size  # 1 + B
@@ -58,10 +59,6 @@ class PageViews:
         slots = slots.long()
         self.values[j][slots // self.block_size, :, slots % self.block_size] = value.to(self.values[j].dtype)
 
-    def keys_at(self, blocks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """Anchor keys at (block, offset) pairs (N,) -> (N, H, D)."""
-        return self.key_t[blocks, :, :, offsets]
-
     def put_keys(self, blocks: torch.Tensor, offsets: torch.Tensor, keys: torch.Tensor) -> None:
         """Overwrite the key tile at (block, offset) pairs (N,) with keys (N, H, D)."""
         self.key_t[blocks, :, :, offsets] = keys.to(self.key_t.dtype)
@@ -74,6 +71,22 @@ class PageViews:
         else:
             x = self.values[j][used].permute(1, 0, 2, 3)
         return x.reshape(x.shape[0], -1, self.D)[:, :length].unsqueeze(0)
+
+
+def page_views(layer, head_size: int) -> PageViews:
+    """The :class:`PageViews` of an anchor attention module's cache, made once per cache tensor: every layer
+    asks for its anchor's page twice a step (write, attend), and a view costs a few microseconds."""
+    page = getattr(layer, "_podkv_page", None)
+    if page is None or page.cache is not layer.kv_cache:
+        page = layer._podkv_page = PageViews(layer.kv_cache, head_size)
+    return page
+
+
+def check_isa(layer, path: str, fix: str) -> None:
+    """podkv's readers of vLLM's CPU pages (stage 1, the kernel layout) assume the "vec"/"vec16" tile format."""
+    isa = getattr(layer, "isa", None)
+    if isa not in KERNEL_ISAS:
+        raise NotImplementedError(f"podkv's {path} reads CPU caches of ISA {KERNEL_ISAS}, not {isa!r} ({fix})")
 
 
 def swap_keys(page: PageViews, blocks: torch.Tensor, offsets: torch.Tensor, touched: torch.Tensor, own: torch.Tensor,
