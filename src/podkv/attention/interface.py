@@ -17,6 +17,7 @@ import torch
 
 from podkv.attention.chunked import DEFAULT_CHUNK, KeySources, pod_attention_chunked
 from podkv.attention import gate_skip
+from podkv.attention.block_pass import block_pass_applies, pod_block_attention
 from podkv.attention.decode import decode_applies, pod_decode
 from podkv.attention.reference import pod_attention_reference
 from podkv.cache.pod_cache import PodCache
@@ -41,6 +42,7 @@ class PodRuntime:
     observed: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, Hq, N, D)
     observed_scale: float = 1.0
     decode_fast_path: bool = True  # one-token steps read keys in place (decode.py); False: the chunked path
+    prefill_chunk: int | None = None  # tokens per forward step of a long input ("scores" mode); None: plan.nr
     caches: list = field(default_factory=list)  # cache of each forward in progress, innermost last (forward_scope.py)
 
 
@@ -61,17 +63,24 @@ def _forward(module, query, key, value, attention_mask, scaling, dropout, refere
     plan, layer = runtime.plan, module.layer_idx
     scale = module.scaling if scaling is None else scaling
     dropout = dropout if module.training else 0.0
-    if plan.mode == "scores":
-        runtime.queries[layer] = query
     if runtime.observe_window:
         runtime.observed[layer], runtime.observed_scale = query[:, :, -runtime.observe_window:].detach(), scale
-    anchor_query = _anchor_query(runtime, layer, query) if plan.mode == "scores" else None
-
     cache = runtime.caches[-1] if runtime.caches else None
     if isinstance(cache, PodCache):
         if value is not cache.layers[layer].v:  # PodLayer.update returns its value tensor: this very object
             raise PodError(f"PoD attention of layer {layer} got values its PodCache did not just return: the cache "
                            "must be updated by this layer's forward right before attention")
+        if layer == 0 and attention_mask is not None or cache.pad is None:
+            # Left padding, from the 2D mask of this forward; a chunked prefill sees more of it chunk by chunk.
+            cache.pad = padding_from_mask(attention_mask, key.shape[0], cache.layers[layer].seen, key.device)
+        if not reference and block_pass_applies(cache, query, runtime.decode_fast_path):
+            out = pod_block_attention(cache, layer, query, key, scale)  # "scores" mode: no anchor query kept
+            return out.transpose(1, 2).contiguous(), None
+    if plan.mode == "scores":
+        runtime.queries[layer] = query
+    anchor_query = _anchor_query(runtime, layer, query) if plan.mode == "scores" else None
+
+    if isinstance(cache, PodCache):
         if gate_skip.applies(runtime, cache, layer, query, anchor_query) and not reference:
             out = gate_skip.decode_attention(cache, layer, query, key, scale, runtime)
         elif runtime.decode_fast_path and decode_applies(cache, layer, query, anchor_query) and not reference:
@@ -99,8 +108,6 @@ def _from_full_keys(runtime, layer, query, key, value, mask, plan, scale, anchor
 
 def _from_pod_cache(cache: PodCache, layer, query, key, mask, plan, scale, anchor_query, runtime, dropout, reference):
     store = cache.layers[layer]
-    if store.seen_before == 0 and layer == 0:
-        cache.pad = padding_from_mask(mask, key.shape[0], store.seen, key.device)
     held_k, held_v, held_idx = store.held()
     sources = [store.anchor_source(h) if a == layer else cache.layers[a].anchor_source(h)
                for h, a in enumerate(plan.anchors[layer])]

@@ -38,6 +38,7 @@ def register(sub) -> None:
     p.add_argument("--prefill-lengths", action=Ints, default=(512, 1024, 2048))
     p.add_argument("--decode-lengths", action=Ints, default=(1024, 4096))
     p.add_argument("--decode-steps", type=int, default=12)
+    p.add_argument("--batches", action=Ints, default=(1,), help="decode batch sizes (default 1)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--attn-lengths", action=Ints, default=(1024, 2048, 4096, 8192))
     p.add_argument("--attn-reps", type=int, default=5)
@@ -105,7 +106,7 @@ def build_config(args):
                            budget_mb=args.budget_mb, max_batch=args.max_batch)
     if name == "speed":
         return SpeedConfig(prefill_lengths=args.prefill_lengths, decode_lengths=args.decode_lengths,
-                           decode_steps=args.decode_steps, reps=args.reps, attn_lengths=args.attn_lengths,
+                           decode_steps=args.decode_steps, batches=args.batches, reps=args.reps, attn_lengths=args.attn_lengths,
                            attn_reps=args.attn_reps, chunk=args.chunk)
     kw = {} if args.taus is None else {"taus": args.taus}
     return SkipConfig(context=args.context, steps=args.steps, ppl_prefix=args.ppl_prefix, ppl_tokens=args.ppl_tokens,

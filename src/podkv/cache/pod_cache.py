@@ -61,6 +61,7 @@ class PodLayer(compat.CacheLayer):
         self.prox_idx: torch.Tensor | None = None  # (B, n) cache index of each k_prox slot, -1 = empty
         self.seen = self.seen_before = 0
         self._pending: torch.Tensor | None = None  # new keys of shared heads, until commit
+        self._v_room = self._k_room = None  # buffers that v / k_full are prefixes of (see _append)
         self.is_initialized = False
 
     def lazy_initialization(self, key_states, value_states):
@@ -80,9 +81,9 @@ class PodLayer(compat.CacheLayer):
             raise PodError(f"PodCache layer {self.layer_idx} was updated twice without PoD attention in between")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.v = torch.cat([self.v, value_states], dim=2)
+        self._v_room, self.v = _append(self._v_room, self.v, value_states)
         if self.anchor_heads:
-            self.k_full = torch.cat([self.k_full, _heads(key_states, self.anchor_heads)], dim=2)
+            self._k_room, self.k_full = _append(self._k_room, self.k_full, _heads(key_states, self.anchor_heads))
         self._pending = _heads(key_states, self.shared_heads) if self.shared_heads else None
         self.seen_before, self.seen = self.seen, self.seen + key_states.shape[2]
         self.cache.step = (self.seen_before, self.seen)
@@ -142,6 +143,12 @@ class PodLayer(compat.CacheLayer):
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.v, self.k_full, self.k_prox) if t is not None]
+
+    def reserved_bytes(self) -> int:
+        """Bytes allocated, spare room of the growth buffers included (at most GROWTH tokens per tensor)."""
+        held = [self.k_prox] + [room if room is not None and t is not None and t.data_ptr() == room.data_ptr() else t
+                                for room, t in ((self._v_room, self.v), (self._k_room, self.k_full))]
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
 
 
 class PodCache(Cache):
@@ -306,10 +313,37 @@ class PodCache(Cache):
         """Bytes held by key and value tensors right now (index bookkeeping excluded)."""
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
 
+    def reserved_bytes(self) -> int:
+        """Bytes allocated for keys and values, growth room included (:func:`_append`); ``kv_bytes`` counts
+        only the tokens held, which is what the analytic formula describes."""
+        return sum(layer.reserved_bytes() for layer in self.layers)
+
     def index_bytes(self) -> int:
         """Bytes of the (B, ns+nr+M) slot-index tensors: bookkeeping, shared by all layers."""
         idx = self.layers[0].prox_idx
         return 0 if idx is None else idx.numel() * idx.element_size()
+
+
+GROWTH = 128  # tokens of spare room a value/key buffer grows by
+
+
+def _append(room: torch.Tensor | None, held: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append ``new`` (B, H, C, D) to ``held`` along the token dim -> (buffer, held + new as a view of it).
+
+    Why: ``torch.cat`` per decode step copies the whole cache (T tokens) to add one; here a step writes
+    its token into spare room, and a copy happens once every GROWTH tokens. ``held`` must be a prefix
+    view of ``room`` to grow in place; anything else (a crop, a batch edit, a compaction made a new
+    tensor) starts a new buffer.
+    """
+    n, C = held.shape[2], new.shape[2]
+    fits = (room is not None and held.numel() and held.data_ptr() == room.data_ptr() and held.shape[:2] == room.shape[:2]
+            and held.stride() == room.stride() and room.shape[2] >= n + C)
+    if not fits:
+        B, H, _, D = new.shape
+        room = new.new_empty(B, H, n + C + GROWTH, D)
+        room[:, :, :n] = held
+    room[:, :, n:n + C] = new
+    return room, room[:, :, :n + C]
 
 
 def _heads(x: torch.Tensor, heads: list[int]) -> torch.Tensor:

@@ -29,6 +29,7 @@ def load_adapted_default(dtype: torch.dtype = torch.float32, progress: bool = Tr
     model, tok = load_model(None, dtype=torch.float32, progress=progress)
     adapt_weights(model, plan, asset_dir)
     enable_pod(model, plan)
+    model.config._name_or_path = "smollm2-pod"  # results name the shipped model, not the base checkpoint
     model.to(dtype)
     return model.eval(), tok
 

@@ -13,7 +13,7 @@ from podkv import compat
 from podkv.attention.chunked import DEFAULT_CHUNK
 from podkv.attention.interface import ATTN_NAME, PodRuntime, register
 from podkv.errors import PodError
-from podkv.models import forward_scope
+from podkv.models import chunked_forward, forward_scope
 from podkv.plan import SharingPlan
 
 # Architectures whose attention calls the AttentionInterface with post-RoPE keys right after
@@ -60,6 +60,7 @@ def enable_pod(model, plan: SharingPlan, *, chunk: int = DEFAULT_CHUNK, referenc
     for handle in model._pod_saved.pop("hooks", []):
         handle.remove()
     model._pod_saved["hooks"] = forward_scope.install(model)
+    chunked_forward.install(model)
     # A bound method, not a closure: copy.deepcopy(model) rebinds it to the copy.
     model.generate = types.MethodType(_generate_with_pod_cache, model)
     return model
@@ -76,6 +77,7 @@ def disable_pod(model):
         handle.remove()
     vars(model.base_model).pop("pod_runtime", None)
     vars(model).pop("generate", None)
+    chunked_forward.uninstall(model)
     vars(model).pop("pod_runtime", None)
     if hasattr(model.config, "pod_plan"):
         del model.config.pod_plan

@@ -1,0 +1,79 @@
+"""A PoD model's ``forward``: a ``PodCache`` by default, and long inputs fed in chunks of at most ``nr``.
+
+Why chunks: in ``scores`` mode a block's distant pass is computed once, by its anchor layer, for every
+layer of the block (:mod:`podkv.attention.block_pass`). That needs the values of the block's later
+layers for every distant token of the step, which holds when a step adds at most ``nr`` tokens. So a
+long prompt goes through the model ``nr`` tokens at a time — exact (chunked prefill equals one-shot,
+tested), and less attention work than dense. ``generate`` calls this ``forward`` too.
+
+Why a default cache: transformers builds a ``DynamicCache`` when ``use_cache`` is on and no cache is
+given; it holds every key of every layer, so a PoD model would save nothing, silently. Inference
+forwards get a ``PodCache`` instead (training forwards keep transformers' behaviour).
+
+Falls back to one forward when the call asks for something chunks cannot give (labels, per-layer
+outputs, a 4D mask, a tensor ``logits_to_keep``) or the plan is in ``keys`` mode.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from podkv import compat
+
+
+def install(model) -> None:
+    """Bind the chunking ``forward`` on ``model`` (a bound method: ``copy.deepcopy`` rebinds it)."""
+    model.forward = types.MethodType(_pod_forward, model)
+
+
+def uninstall(model) -> None:
+    vars(model).pop("forward", None)
+
+
+def _pod_forward(model, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                 logits_to_keep=0, **kwargs):
+    from podkv.cache.pod_cache import PodCache
+
+    base = type(model).forward
+    call = dict(attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=logits_to_keep, **kwargs)
+    inference = not (torch.is_grad_enabled() and model.training) and model.config._attn_implementation == "pod"
+    cache = compat.given_cache(kwargs)
+    if cache is None and inference and kwargs.get("use_cache", model.config.use_cache):
+        cache = PodCache(model.config, model.pod_runtime.plan)
+        for name in compat.CACHE_ARGS:
+            call.pop(name, None)
+        call[compat.CACHE_ARG] = cache
+    tokens = input_ids if input_ids is not None else inputs_embeds
+    chunk = model.pod_runtime.prefill_chunk or model.pod_runtime.plan.nr
+    if not (_chunkable(model, cache, call, inference) and tokens is not None and tokens.shape[1] > chunk):
+        return base(model, input_ids=input_ids, inputs_embeds=inputs_embeds, **call)
+
+    n, past = tokens.shape[1], cache.get_seq_length()
+    logits, out = [], None
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        part = dict(call)
+        if attention_mask is not None:
+            part["attention_mask"] = attention_mask[:, :past + c1]
+        for name in ("position_ids", "cache_position"):
+            if call.get(name) is not None:
+                part[name] = call[name][..., c0:c1]
+        out = base(model, input_ids=None if input_ids is None else input_ids[:, c0:c1],
+                   inputs_embeds=None if inputs_embeds is None else inputs_embeds[:, c0:c1], **part)
+        logits.append(out.logits)
+    out.logits = torch.cat(logits, dim=1)
+    if logits_to_keep:
+        out.logits = out.logits[:, -logits_to_keep:]
+    return out
+
+
+def _chunkable(model, cache, call, inference) -> bool:
+    from podkv.cache.pod_cache import PodCache
+
+    mask = call.get("attention_mask")
+    return (inference and isinstance(cache, PodCache) and model.pod_runtime.plan.mode == "scores"
+            and model.pod_runtime.decode_fast_path and call.get("labels") is None
+            and not call.get("output_attentions") and not call.get("output_hidden_states")
+            and isinstance(call.get("logits_to_keep", 0), int) and (mask is None or mask.dim() == 2))

@@ -1,0 +1,148 @@
+"""``scores`` mode, one distant pass per block (attention/block_pass.py) against the reference oracle.
+
+The exactness argument: in scores mode a block's layers share the distant softmax (anchor query · anchor
+key), so the anchor's probabilities weighted by each member's values, merged with the member's own
+proximal pass by log-sum-exp, is the reference's single softmax. Checked here end to end: logits of a
+PodCache fed in chunks of at most nr tokens and then token by token == the materialised reference on the
+whole sequence, for head-wise and layer plans, left-padded batches, and bf16.
+"""
+
+import pytest
+import torch
+
+from podkv import PodCache, SharingPlan, disable_pod, enable_pod
+from podkv.attention import block_pass
+from podkv.compat import cache_kwargs
+from test_core_model import ids_for, random_plan
+from tiny import ARCHS, tiny_model
+from tolerances import DIFFERS, assert_close
+
+
+def _reference(model, plan, ids, mask=None):
+    enable_pod(model, plan, reference=True)
+    ref = model(ids, attention_mask=mask).logits
+    disable_pod(model)
+    return ref
+
+
+def _fed(model, plan, ids, sizes, mask=None, prefill_chunk=None):
+    """Logits of ids fed into a fresh PodCache in pieces of ``sizes`` (the last size repeats)."""
+    enable_pod(model, plan)
+    model.pod_runtime.prefill_chunk = prefill_chunk
+    cache, outs, t, sizes = PodCache(model.config), [], 0, list(sizes)
+    while t < ids.shape[1]:
+        n = sizes.pop(0) if len(sizes) > 1 else sizes[0]
+        m = None if mask is None else mask[:, :t + n]
+        outs.append(model(ids[:, t:t + n], attention_mask=m, **cache_kwargs(cache)).logits)
+        t += n
+    disable_pod(model)
+    return torch.cat(outs, dim=1)
+
+
+@pytest.fixture
+def count_block_steps(monkeypatch):
+    """Counts calls of the block path, so a test cannot pass by taking the general path."""
+    calls = []
+    real = block_pass.pod_block_attention
+
+    def spy(*a, **k):
+        calls.append(a[1])
+        return real(*a, **k)
+    monkeypatch.setattr("podkv.attention.interface.pod_block_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("granularity", ["head", "layer"])
+@pytest.mark.parametrize("ns,nr,sizes", [(4, 8, (8, 5, 1)), (2, 6, (3,)), (3, 5, (1,))])
+def test_chunks_and_decode_equal_reference(arch, granularity, ns, nr, sizes, count_block_steps):
+    model = tiny_model(arch)
+    plan = random_plan(4, 2, ns, nr, seed=ns + nr, mode="scores")
+    if granularity == "layer":
+        plan = SharingPlan.uniform(4, 2, 2, ns=ns, nr=nr, mode="scores")
+    ids = ids_for(2, 40)
+    with torch.no_grad():
+        ref = _reference(model, plan, ids)
+        fast = _fed(model, plan, ids, sizes)
+    assert_close(fast, ref, what=f"{arch} {granularity} chunks {sizes} vs reference")
+    assert len(count_block_steps) > 0 and set(count_block_steps) == set(range(4))
+
+
+def test_left_padded_batch_equals_reference(count_block_steps):
+    model = tiny_model("llama")
+    plan = random_plan(4, 2, 3, 6, seed=1, mode="scores")
+    ids = ids_for(3, 36, seed=2)
+    mask = torch.ones_like(ids)
+    mask[0, :9], mask[1, :2] = 0, 0  # rows padded by 9, 2 and 0 tokens: the first chunk is all padding in row 0
+    with torch.no_grad():
+        ref = _reference(model, plan, ids, mask)
+        fast = _fed(model, plan, ids, (6, 4, 1), mask)
+    real = mask.bool()
+    assert_close(fast[real], ref[real], what="left-padded chunks + decode vs reference")
+    assert count_block_steps
+
+
+def test_bf16_within_bf16_tolerance():
+    model = tiny_model("llama")
+    plan = random_plan(4, 2, 3, 6, seed=3, mode="scores")
+    ids = ids_for(1, 30, seed=3)
+    with torch.no_grad():
+        ref = _reference(model, plan, ids)
+        fast = _fed(model.to(torch.bfloat16), plan, ids, (6, 1))
+    assert_close(fast, ref, dtype=torch.bfloat16, what="bf16 block path vs fp32 reference")
+
+
+def test_identity_scores_plan_equals_dense():
+    """Every layer its own anchor: the block path is dense attention (a proximal and a distant pass merged)."""
+    model = tiny_model("qwen2")
+    ids = ids_for(2, 30, seed=5)
+    with torch.no_grad():
+        dense = model(ids).logits
+        fast = _fed(model, SharingPlan.identity(4, 2, ns=2, nr=5, mode="scores"), ids, (5, 1))
+    assert_close(fast, dense, what="identity scores plan vs dense")
+
+
+def test_long_chunks_take_the_general_path(count_block_steps):
+    """A step longer than nr needs values later layers have not written yet: the general path, still exact."""
+    model = tiny_model("llama")
+    plan = random_plan(4, 2, 2, 4, seed=4, mode="scores")
+    ids = ids_for(1, 24, seed=4)
+    with torch.no_grad():
+        ref = _reference(model, plan, ids)
+        fast = _fed(model, plan, ids, (20, 1), prefill_chunk=64)  # the model may feed 20 tokens at once
+    assert_close(fast, ref, what="long chunk then decode")
+    assert len(count_block_steps) == 4 * 4  # the 4 decode steps only
+
+
+def test_long_input_is_fed_in_chunks_of_nr(count_block_steps):
+    """One forward over 30 tokens with nr = 4: the model feeds 8 steps of <= 4 tokens, all on the block path,
+    returning the logits of every position as one forward would."""
+    model = tiny_model("mistral")
+    plan = random_plan(4, 2, 2, 4, seed=6, mode="scores")
+    ids = ids_for(2, 30, seed=6)
+    with torch.no_grad():
+        ref = _reference(model, plan, ids)
+        enable_pod(model, plan)
+        cache = PodCache(model.config)
+        out = model(ids, **cache_kwargs(cache))
+        last = model(ids, logits_to_keep=3).logits  # no cache given: a PodCache by default, chunked too
+    assert_close(out.logits, ref, what="one call, chunked inside")
+    assert_close(last, ref[:, -3:], what="logits_to_keep=3")
+    assert len(count_block_steps) == 2 * 8 * 4 and cache.get_seq_length() == 30
+
+
+def test_block_members_follow_the_plan():
+    plan = SharingPlan(anchors=[[0, 0], [0, 1], [2, 1], [2, 1]], ns=1, nr=2, mode="scores")
+    assert list(block_pass.block_members(plan, 0, 0)) == [0, 1]
+    assert list(block_pass.block_members(plan, 1, 1)) == [1, 2, 3]
+    assert list(block_pass.block_members(plan, 2, 0)) == [2, 3]
+
+
+def test_scores_plan_differs_from_dense():
+    """Guard against a vacuous oracle: the scores plans above change the outputs."""
+    model = tiny_model("llama")
+    ids = ids_for(2, 40)
+    with torch.no_grad():
+        dense = model(ids).logits
+        ref = _reference(model, random_plan(4, 2, 3, 5, seed=8, mode="scores"), ids)
+    assert (ref - dense).abs().max() > DIFFERS[0]
