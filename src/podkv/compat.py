@@ -1,11 +1,11 @@
 """Everything in podkv that depends on the installed transformers version.
 
-podkv supports transformers 5.2 up to 5.24 (``pyproject.toml``; CI runs the suite on both ends).
+podkv supports transformers 5.2 up to 5.25 (``pyproject.toml``; CI runs the suite on both ends).
 Within 5.x transformers changed the internals that podkv extends. The rest of podkv imports what
 differs from here:
 
 =======================================  ===================================  ===================================
-what                                     5.2                                  5.24
+what                                     5.2                                  5.24, 5.25
 =======================================  ===================================  ===================================
 a cache layer's abstract methods         ``get_mask_sizes(cache_position)``,  ``get_mask_sizes(query_length)``,
                                          ``get_max_cache_shape()``            ``get_max_length()``
@@ -19,6 +19,11 @@ reader writes it for SmolLM2)                                                 ``
 SmolLM2's GGUF tokenizer, read by the    BOS (``<|im_start|>``) first,        follows the GGUF: no BOS
 GGUF reader                              although the GGUF's                  (5.19 too)
                                          ``add_bos_token`` is false
+a model read with ``gguf_file=`` (the    plain float32 weights, saved as      a quantized ("gguf") model: blocks
+default model's conversion)              any model                            kept where a kernel runs them;
+                                                                              ``save_pretrained`` refuses it
+                                                                              (read dequantized, then rebuilt:
+                                                                              :func:`gguf_model_kwargs`)
 =======================================  ===================================  ===================================
 
 Two more differences need no shim, only a signature that fits both: ``Cache.update`` calls a layer's
@@ -136,6 +141,22 @@ def load_tokenizer(path, **kwargs):
     if misnamed_tokenizer(path):
         return PreTrainedTokenizerFast.from_pretrained(path, **kwargs)
     return AutoTokenizer.from_pretrained(path, **kwargs)
+
+
+def gguf_model_kwargs() -> dict:
+    """``from_pretrained(..., gguf_file=)`` arguments that read every weight dequantized, on every release.
+
+    5.2 always dequantizes a GGUF. Newer releases read it as a quantized model (``GgufConfig``) that keeps
+    the weights in GGUF blocks when a matmul kernel is available (``kernels`` installed, a GPU); asking for
+    ``dequantize=True`` gives plain float tensors, as 5.2 does.
+    """
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    if "dequantize" not in inspect.signature(GgufConfig).parameters:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
 
 
 def gguf_tokenizer(directory, gguf_file: str):

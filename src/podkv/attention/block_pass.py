@@ -85,12 +85,15 @@ def _anchor_distant(cache, layer, qg, i0, i1, G, scale, stash) -> None:
             s = torch.matmul(q[:, a:b], store.k_full[:, j0 + a - h0:j0 + b - h0, lo:hi].transpose(-1, -2))
             if bias is not None:  # only the last `cols` columns are hidden from some rows
                 s[..., s.shape[-1] - cols:] += bias
-            lse = torch.logsumexp(s, dim=-1).float()  # (B, h, G*L); -inf: a row with no distant key
-            p = torch.softmax(s, dim=-1)  # (B, h, G*L, n), one fused pass
-            if bias is not None:
-                p = p.nan_to_num_(0.0)  # rows that see no distant key
+            # Unnormalised softmax in place (max, exp, sum: three passes over the scores); the member outputs
+            # are divided by the sum afterwards, which is cheaper than normalising the scores.
+            peak = s.amax(dim=-1, keepdim=True).nan_to_num_(0.0, neginf=0.0)  # (B, h, G*L, 1); 0: row of -inf
+            s.sub_(peak).exp_()
+            total = s.sum(dim=-1, keepdim=True)  # (B, h, G*L, 1); 0: a row with no distant key
+            lse = (total.log() + peak).squeeze(-1).float()  # -inf where the row saw no distant key
+            inv = total.reciprocal().nan_to_num_(0.0, posinf=0.0).float()
             for m in members[p0]:
-                o = torch.matmul(p, cache.layers[m].v[:, a:b, lo:hi]).float()  # (B, h, G*L, D)
+                o = torch.matmul(s, cache.layers[m].v[:, a:b, lo:hi]).float().mul_(inv)  # (B, h, G*L, D)
                 stash.setdefault(m, []).append((a, b, o, lse))
 
 

@@ -11,6 +11,7 @@ Two sources of keys, one math (:mod:`podkv.attention.chunked`):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,7 @@ class PodRuntime:
     observed: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, Hq, N, D)
     observed_scale: float = 1.0
     decode_fast_path: bool = True  # one-token steps read keys in place (decode.py); False: the chunked path
+    warned_slow: bool = False  # a scores-mode step took the general path (warned once)
     prefill_chunk: int | None = None  # tokens per forward step of a long input ("scores" mode); None: plan.nr
     caches: list = field(default_factory=list)  # cache of each forward in progress, innermost last (forward_scope.py)
 
@@ -76,6 +78,11 @@ def _forward(module, query, key, value, attention_mask, scaling, dropout, refere
         if not reference and block_pass_applies(cache, query, runtime.decode_fast_path):
             out = pod_block_attention(cache, layer, query, key, scale)  # "scores" mode: no anchor query kept
             return out.transpose(1, 2).contiguous(), None
+        if plan.mode == "scores" and not reference and not torch.is_grad_enabled() and not runtime.warned_slow:
+            runtime.warned_slow = True
+            warnings.warn(f"podkv: a {query.shape[2]}-token step of a scores-mode plan takes the general path "
+                          f"(every layer recomputes its anchor's scores): the one-pass-per-block path needs steps of "
+                          f"at most nr={plan.nr} tokens and decode_fast_path on", stacklevel=2)
     if plan.mode == "scores":
         runtime.queries[layer] = query
     anchor_query = _anchor_query(runtime, layer, query) if plan.mode == "scores" else None

@@ -93,17 +93,15 @@ class PodLayer(compat.CacheLayer):
     def held(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Proximal keys and values held before this step, for every KV head: (B, H, n, D) x2, idx (B, n)."""
         idx = self.prox_idx
-        B, n = idx.shape
-        H, D = self.v.shape[1], self.v.shape[-1]
-        gather = idx.clamp(min=0)[:, None, :, None]
-        values = torch.gather(self.v, 2, gather.expand(B, H, n, D))
+        values = _take_slots(self.v, idx.clamp(min=0))
         if not self.anchor_heads:
             return self.k_prox, values, idx
-        keys = self.v.new_empty(B, H, n, D)
-        keys[:, self.anchor_heads] = torch.gather(self.k_full, 2, gather.expand(B, len(self.anchor_heads), n, D))
-        if self.shared_heads:
-            keys[:, self.shared_heads] = self.k_prox
-        return keys, values, idx
+        anchor_keys = _take_slots(self.k_full, idx.clamp(min=0))
+        if not self.shared_heads:
+            return anchor_keys, values, idx
+        keys = torch.cat([anchor_keys, self.k_prox], dim=1)  # heads in [anchor | shared] order
+        order = self.anchor_heads + self.shared_heads
+        return keys[:, [order.index(h) for h in range(len(order))]], values, idx
 
     def held_shared(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`held` for the shared heads only (their order), without gathering anchor keys."""
@@ -353,6 +351,9 @@ def _heads(x: torch.Tensor, heads: list[int]) -> torch.Tensor:
 
 
 def _take_slots(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """x (B, H, K, D), pos (B, n) -> (B, H, n, D)."""
+    """x (B, H, K, D), pos (B, n) -> (B, H, n, D). Rows with the same slots (no padding, the common case)
+    take one ``index_select`` of whole rows, much cheaper on CPU than an element-wise ``gather``."""
+    if pos.shape[0] == 1 or bool((pos == pos[:1]).all()):
+        return x.index_select(2, pos[0])
     B, H, _, D = x.shape
     return torch.gather(x, 2, pos[:, None, :, None].expand(B, H, pos.shape[1], D))

