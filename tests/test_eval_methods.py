@@ -13,7 +13,7 @@ from peers import kvpress_or_skip
 from tiny import tiny_model
 
 RUNNABLE = list(METHODS)
-KVPRESS = ("streaming", "snapkv", "h2o", "pyramidkv")
+KVPRESS = ("kvpress-streaming", "snapkv", "h2o", "pyramidkv")
 T = 160
 
 
@@ -116,7 +116,7 @@ def test_attached_restores_a_pod_model(model, plan):
 
 
 def test_demo_needle_comparison_on_tiny_model(model, plan):
-    kvpress_or_skip("the demo's StreamingLLM row")
+    """Runs without kvpress: the demo's StreamingLLM row is podkv's own method."""
     from podkv.eval.demo import _figure, _row, needle_compare
     from test_eval_prompts import CharTokenizer
 
@@ -141,3 +141,77 @@ def test_pod_method_runs_the_plan_in_its_own_mode(plan):
     assert make_method("pod", plan=scores).sharing_plan().mode == "scores"
     assert make_method("pod", plan=plan).sharing_plan().mode == plan.mode
     assert make_method("pod-scores", plan=plan).sharing_plan().mode == "scores"
+
+
+def _dense_keys(model, ids):
+    from podkv.eval.generation import prefill
+
+    method = make_method("dense")
+    with method.attached(model):
+        return prefill(model, method, ids)
+
+
+def test_own_streaming_keeps_sinks_and_recent_tokens(model):
+    """Every layer holds the dense keys/values of the 4 sinks and the last int(T * budget) - 4 tokens."""
+    from podkv.eval.generation import prefill
+
+    ids = torch.randint(3, 120, (1, T), generator=torch.Generator().manual_seed(3))
+    dense = _dense_keys(model, ids)
+    method = make_method("streaming", budget=0.5)
+    method.check(model.config, [T])
+    with method.attached(model):
+        pre = prefill(model, method, ids)
+    keep = int(T * 0.5)
+    kept = torch.cat([torch.arange(4), torch.arange(T - (keep - 4), T)])
+    for full, held in zip(dense.cache.layers, pre.cache.layers):
+        assert held.keys.shape[-2] == keep
+        assert torch.equal(held.keys, full.keys[..., kept, :]) and torch.equal(held.values, full.values[..., kept, :])
+    assert pre.kv_fraction == pytest.approx(keep / T)
+    assert torch.allclose(pre.next_logits, dense.next_logits)  # prefill itself is dense
+    assert make_method("streaming").describe() == {"name": "streaming", "budget": None, "n_sink": 4}
+
+
+def test_own_streaming_decodes_over_the_evicted_cache(model):
+    """Greedy decoding after eviction equals dense attention restricted, by a mask, to the kept tokens."""
+    ids = torch.randint(3, 120, (1, T), generator=torch.Generator().manual_seed(4))
+    method = make_method("streaming", budget=0.6)
+    with method.attached(model):
+        out, pre = greedy_answer(model, method, ids, 3)
+    keep = int(T * 0.6)
+    mask = torch.zeros(1, T + 2, dtype=torch.long)
+    mask[:, :4] = 1
+    mask[:, T - (keep - 4):] = 1  # the kept prompt tokens and every generated one
+    seq = torch.cat([ids, torch.tensor([out[:2]])], dim=1)
+    with make_method("dense").attached(model), torch.no_grad():
+        step = model(input_ids=seq[:, T:], attention_mask=mask, position_ids=torch.arange(T, T + 2)[None],
+                     past_key_values=_dense_keys(model, ids).cache)
+    assert step.logits[0].argmax(-1).tolist() == out[1:]
+
+
+def test_own_streaming_refuses_a_budget_below_its_sinks(model):
+    with pytest.raises(PodError, match="cannot meet --budget 0.02 at 160 tokens"):
+        make_method("streaming", budget=0.02).check(model.config, [T])
+
+
+def test_own_streaming_matches_kvpress(model):
+    """Same tokens kept as kvpress's StreamingLLMPress: same answers, same KV held (where kvpress runs)."""
+    kvpress_or_skip("the kvpress StreamingLLM reference")
+    ids = torch.randint(3, 120, (1, T), generator=torch.Generator().manual_seed(5))
+    runs = {}
+    for name in ("streaming", "kvpress-streaming"):
+        method = make_method(name, budget=0.5)
+        with method.attached(model):
+            runs[name] = greedy_answer(model, method, ids, 6)
+    (own, own_pre), (ref, ref_pre) = runs["streaming"], runs["kvpress-streaming"]
+    assert own == ref and own_pre.kv_bytes == ref_pre.kv_bytes
+
+
+def test_kvpress_baselines_listed_only_where_kvpress_is(monkeypatch):
+    from podkv.eval import methods
+    from podkv.eval.cli import COMPARE_METHODS, compare_methods
+
+    monkeypatch.setattr(methods, "kvpress_available", lambda: False)
+    assert compare_methods(COMPARE_METHODS) == ("dense", "pod", "streaming")
+    assert compare_methods(("dense", "snapkv")) == ("dense", "snapkv")  # asked by name: the check explains
+    monkeypatch.setattr(methods, "kvpress_available", lambda: True)
+    assert compare_methods(COMPARE_METHODS) == COMPARE_METHODS
