@@ -147,3 +147,17 @@ def test_scores_plan_differs_from_dense():
         dense = model(ids).logits
         ref = _reference(model, random_plan(4, 2, 3, 5, seed=8, mode="scores"), ids)
     assert (ref - dense).abs().max() > DIFFERS[0]
+
+
+@pytest.mark.parametrize("mode", ["keys", "scores"])
+def test_forward_without_a_cache_holds_nothing_afterwards(mode):
+    """use_cache on and no cache given: a PodCache (not a DynamicCache holding every key); use_cache off:
+    the forward's per-layer keys and queries are dropped when it ends."""
+    from podkv.compat import output_cache
+
+    model = enable_pod(tiny_model("llama"), random_plan(4, 2, 2, 4, seed=7, mode=mode))
+    ids = ids_for(1, 20, seed=7)
+    with torch.no_grad():
+        assert isinstance(output_cache(model(ids, use_cache=True)), PodCache)
+        model(ids, use_cache=False)
+    assert not model.pod_runtime.keys and not model.pod_runtime.queries

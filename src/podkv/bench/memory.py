@@ -70,6 +70,8 @@ def run_memory(model, tok, plan, cfg: MemoryConfig) -> dict:
                 prefill_decode(model, ids, cache, cfg.decode)
             row[f"{method}_bytes"] = cache_bytes(cache)
             row[f"{method}_peak_bytes"] = peak.peak
+            if hasattr(cache, "reserved_bytes"):  # growth room of PodCache's buffers (<= GROWTH tokens a tensor)
+                row[f"{method}_reserved_bytes"] = cache.reserved_bytes()
             del cache
         row["dense_formula"] = dense_kv_bytes(config, held, cfg.batch, dtype)
         row["pod_formula"] = pod_kv_bytes(config, plan, held, cfg.batch, dtype)

@@ -18,6 +18,8 @@ another plan, a PodCache left half-updated, and inputs beyond the model's positi
 
 from __future__ import annotations
 
+import torch
+
 from podkv import compat
 from podkv.errors import PodError
 
@@ -48,7 +50,14 @@ def _enter(module, args, kwargs) -> None:
 
 
 def _exit(module, args, kwargs, output) -> None:
-    cache = module.pod_runtime.caches.pop()
+    runtime = module.pod_runtime
+    cache = runtime.caches.pop()
+    if not runtime.caches and not torch.is_grad_enabled():
+        # Per-forward tensors (every layer's keys, scores-mode queries) end with an inference forward. Under
+        # autograd they stay until the next forward: gradient checkpointing recomputes a shared layer in the
+        # backward pass, before its anchor, and reads the anchor's keys of the forward.
+        runtime.keys.clear()
+        runtime.queries.clear()
     from podkv.cache.pod_cache import PodCache
 
     if isinstance(cache, PodCache) and cache.in_forward:
