@@ -72,7 +72,7 @@ def _forward(module, query, key, value, attention_mask, scaling, dropout, refere
         if value is not cache.layers[layer].v:  # PodLayer.update returns its value tensor: this very object
             raise PodError(f"PoD attention of layer {layer} got values its PodCache did not just return: the cache "
                            "must be updated by this layer's forward right before attention")
-        if layer == 0 and attention_mask is not None or cache.pad is None:
+        if cache.pad is None or (layer == 0 and attention_mask is not None):
             # Left padding, from the 2D mask of this forward; a chunked prefill sees more of it chunk by chunk.
             cache.pad = padding_from_mask(attention_mask, key.shape[0], cache.layers[layer].seen, key.device)
         if not reference and block_pass_applies(cache, query, runtime.decode_fast_path):

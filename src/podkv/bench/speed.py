@@ -212,7 +212,7 @@ def run_speed(model, tok, plan, cfg: SpeedConfig) -> dict:
     for r in parts["decode"]:
         goal = DECODE_GOALS.get((r["T"], r["batch"]))
         r["goal"], r["goal_met"] = goal, None if goal is None else r["ratio"] <= goal
-        r["bytes_ratio"] = step_bytes_ratio(model.config, plan, r["T"], r["batch"])
+        r["bytes_ratio"] = step_bytes_ratio(model, plan, r["T"], r["batch"])
     for r in parts["prefill"]:
         r["goal"], r["goal_met"] = PREFILL_GOAL, r["ratio"] <= PREFILL_GOAL
     longest = max(parts["decode"], key=lambda r: (r["T"], -r["batch"]))
@@ -223,26 +223,18 @@ def run_speed(model, tok, plan, cfg: SpeedConfig) -> dict:
     return {**parts, "goals": goals, "plan_mode": plan.mode, "prefill_chunk": plan.nr if plan.mode == "scores" else None}
 
 
-def step_bytes_ratio(config, plan, T: int, batch: int) -> float:
+def step_bytes_ratio(model, plan, T: int, batch: int) -> float:
     """Bytes a decode step reads, PoD / dense (fp32): weights once, plus the KV each attends over. In scores
     mode a block reads its anchor's keys once, and every layer's values; dense reads every key and value.
     The limit a memory-bound step can reach."""
     from podkv.cache.memory import dense_kv_bytes
 
-    weights = 4 * _param_count(config)
-    dense_kv = dense_kv_bytes(config, T, batch, torch.float32)
+    weights = 4 * sum(p.numel() for p in model.parameters())  # tied embeddings are one parameter
+    dense_kv = dense_kv_bytes(model.config, T, batch, torch.float32)
     pairs = plan.num_layers * plan.num_kv_heads
     anchors = sum(plan.is_anchor(l, h) for l in range(plan.num_layers) for h in range(plan.num_kv_heads))
     pod_kv = dense_kv * (0.5 + 0.5 * anchors / pairs) if plan.mode == "scores" else dense_kv
     return (weights + pod_kv) / (weights + dense_kv)
-
-
-def _param_count(config) -> int:
-    """Parameters of a Llama-style decoder (tied embeddings count once)."""
-    D, I, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
-    hd = getattr(config, "head_dim", None) or D // config.num_attention_heads
-    attn = D * hd * (config.num_attention_heads * 2 + config.num_key_value_heads * 2)
-    return V * D * (1 if getattr(config, "tie_word_embeddings", True) else 2) + L * (attn + 3 * D * I + 2 * D) + D
 
 
 def speed_markdown(result: dict) -> str:

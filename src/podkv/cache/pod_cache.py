@@ -51,6 +51,8 @@ class PodLayer(compat.CacheLayer):
         plan = cache.plan
         self.anchor_heads = plan.anchor_heads(layer_idx)
         self.shared_heads = plan.shared_heads(layer_idx)
+        stored = self.anchor_heads + self.shared_heads  # held() stacks [anchor | shared] keys; this undoes it
+        self._head_order = [stored.index(h) for h in range(len(stored))]
         self.clear()
 
     def clear(self) -> None:
@@ -100,8 +102,7 @@ class PodLayer(compat.CacheLayer):
         if not self.shared_heads:
             return anchor_keys, values, idx
         keys = torch.cat([anchor_keys, self.k_prox], dim=1)  # heads in [anchor | shared] order
-        order = self.anchor_heads + self.shared_heads
-        return keys[:, [order.index(h) for h in range(len(order))]], values, idx
+        return keys[:, self._head_order], values, idx
 
     def held_shared(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`held` for the shared heads only (their order), without gathering anchor keys."""

@@ -21,6 +21,8 @@ import types
 import torch
 
 from podkv import compat
+from podkv.attention.interface import ATTN_NAME
+from podkv.cache.pod_cache import PodCache
 
 
 def install(model) -> None:
@@ -34,11 +36,9 @@ def uninstall(model) -> None:
 
 def _pod_forward(model, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                  logits_to_keep=0, **kwargs):
-    from podkv.cache.pod_cache import PodCache
-
     base = type(model).forward
     call = dict(attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=logits_to_keep, **kwargs)
-    inference = not (torch.is_grad_enabled() and model.training) and model.config._attn_implementation == "pod"
+    inference = not (torch.is_grad_enabled() and model.training) and model.config._attn_implementation == ATTN_NAME
     cache = compat.given_cache(kwargs)
     if cache is None and inference and kwargs.get("use_cache", model.config.use_cache):
         cache = PodCache(model.config, model.pod_runtime.plan)
@@ -70,8 +70,6 @@ def _pod_forward(model, input_ids=None, attention_mask=None, position_ids=None, 
 
 
 def _chunkable(model, cache, call, inference) -> bool:
-    from podkv.cache.pod_cache import PodCache
-
     mask = call.get("attention_mask")
     return (inference and isinstance(cache, PodCache) and model.pod_runtime.plan.mode == "scores"
             and model.pod_runtime.decode_fast_path and call.get("labels") is None
