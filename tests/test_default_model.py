@@ -73,13 +73,18 @@ def fresh_home(tmp_path_factory, smollm2_wheel):
     if smollm2_wheel is not None:
         env["PODKV_SMOLLM2_WHEEL"] = str(smollm2_wheel)
     t0 = time.time()
-    procs = [subprocess.Popen([sys.executable, "-c", LOAD], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=900) for p in procs]
+    logs = tmp_path_factory.mktemp("first_run_logs")
+    procs = []
+    for i in range(2):  # output to files, not pipes: a full pipe would stall the process holding the lock
+        out, err = open(logs / f"{i}.out", "w"), open(logs / f"{i}.err", "w")
+        procs.append((subprocess.Popen([sys.executable, "-c", LOAD], env=env, stdout=out, stderr=err), out, err))
+    for p, out, err in procs:
+        p.wait(timeout=900)
+        out.close(), err.close()
     first = time.time() - t0
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-2000:]
-        assert "loaded" in out
+    for i, (p, _, _) in enumerate(procs):
+        assert p.returncode == 0, (logs / f"{i}.err").read_text()[-2000:]
+        assert "loaded" in (logs / f"{i}.out").read_text()
     return home, first
 
 

@@ -40,9 +40,11 @@ for the releases CI runs.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import re
+import sys
 from abc import abstractmethod
 from pathlib import Path
 
@@ -141,6 +143,24 @@ def load_tokenizer(path, **kwargs):
     if misnamed_tokenizer(path):
         return PreTrainedTokenizerFast.from_pretrained(path, **kwargs)
     return AutoTokenizer.from_pretrained(path, **kwargs)
+
+
+@contextlib.contextmanager
+def weight_loading_bar(show: bool):
+    """transformers 5.x prints a "Loading weights" bar per load (272 updates for SmolLM2); off unless asked.
+
+    Off matters beyond looks: a parent reading a child's stderr through a pipe deadlocks once the
+    bar fills the pipe while the child holds the first-run conversion lock.
+    """
+    from transformers.utils import logging as hf_logging
+
+    show = show and sys.stderr.isatty()  # in a log, a redrawn bar is thousands of lines
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if show else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
 def gguf_model_kwargs() -> dict:

@@ -157,8 +157,9 @@ def _plain_model(gguf: Path):
 
     from podkv import compat
 
-    read = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                **compat.gguf_model_kwargs())
+    with compat.weight_loading_bar(False):
+        read = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                    **compat.gguf_model_kwargs())
     config = copy.deepcopy(read.config)
     config.__dict__.pop("quantization_config", None)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

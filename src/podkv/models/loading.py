@@ -28,7 +28,7 @@ def load_model(name_or_path: str | None = None, dtype: torch.dtype | str = torch
     if name_or_path in default_model.DEFAULT_ALIASES:
         path = default_model.ensure_default_model(progress=progress)
         default_model.verify_default_model(path)
-        return _load_dir(path, dtype)
+        return _load_dir(path, dtype, progress)
     if name_or_path == "smollm2-pod":
         from podkv.models.adapted import load_adapted_default
 
@@ -39,23 +39,23 @@ def load_model(name_or_path: str | None = None, dtype: torch.dtype | str = torch
         if not path.is_file():
             raise PodError(f"model file {path} does not exist")
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = _from_pretrained(AutoModelForCausalLM, path.parent, dtype, gguf_file=path.name)
+        model = _from_pretrained(AutoModelForCausalLM, path.parent, dtype, progress, gguf_file=path.name)
         return model.eval(), tok
     if path.exists():
         if not (path / "config.json").is_file():
             raise PodError(f"model directory {path} has no config.json: it is not a transformers checkpoint")
-        return _load_dir(path, dtype)
+        return _load_dir(path, dtype, progress)
     if str(name_or_path).startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise PodError(f"model path {name_or_path} does not exist")
-    return _load_dir(name_or_path, dtype)  # a hub id: works when the user has network access
+    return _load_dir(name_or_path, dtype, progress)  # a hub id: works when the user has network access
 
 
-def _load_dir(path, dtype):
+def _load_dir(path, dtype, progress: bool = False):
     from transformers import AutoModelForCausalLM
 
     from podkv.compat import load_tokenizer
 
-    model = _from_pretrained(AutoModelForCausalLM, path, dtype)
+    model = _from_pretrained(AutoModelForCausalLM, path, dtype, progress)
     try:
         tok = load_tokenizer(path)
     except (OSError, ValueError) as exc:
@@ -68,9 +68,12 @@ def _load_dir(path, dtype):
     return model.eval(), tok
 
 
-def _from_pretrained(auto_cls, path, dtype, **kw):
+def _from_pretrained(auto_cls, path, dtype, progress: bool = False, **kw):
+    from podkv.compat import weight_loading_bar
+
     try:
-        return auto_cls.from_pretrained(path, dtype=dtype, **kw)
+        with weight_loading_bar(progress):
+            return auto_cls.from_pretrained(path, dtype=dtype, **kw)
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc) or "does not appear to have" in str(exc):
             raise PodError(f"{path} is not a causal language model checkpoint ({str(exc).splitlines()[0]})") from None
