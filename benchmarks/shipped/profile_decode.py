@@ -1,0 +1,80 @@
+"""Where a decode step's time goes: smollm2-pod (scores mode, block pass) vs dense on the same weights.
+
+    python benchmarks/shipped/profile_decode.py [--context 4096] [--batch 1] [--steps 8]
+
+Prefills one held-out prompt per method, then profiles ``--steps`` decode steps of each with
+``torch.profiler`` (CPU, operator level) and writes ``profile_decode_<context>x<batch>.md`` here: wall time
+per step, operator count per step, and the operators that take the most self time. The step counts
+(operators per step) show the fixed cost batch-1 decode pays beyond the bytes it reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from podkv.bench.common import new_cache, token_ids
+from podkv.models.loading import load_model
+
+HERE = Path(__file__).parent
+
+
+@torch.no_grad()
+def profile_steps(model, method, plan, ids, steps: int, batch: int):
+    cache = new_cache(model, method, plan)
+    nxt = model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    if batch > 1:
+        cache.batch_repeat_interleave(batch)
+        nxt = nxt.repeat(batch, 1)
+    for _ in range(2):  # warm-up
+        nxt = model(nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            nxt = model(nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+        wall = (time.perf_counter() - t0) / steps
+    return wall, prof.key_averages()
+
+
+def table(name: str, wall: float, events, steps: int, top: int = 15) -> list[str]:
+    rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
+    calls = sum(e.count for e in events if e.key.startswith("aten::"))
+    lines = [f"### {name}: {wall * 1e3:.1f} ms per step, {calls / steps:.0f} aten calls per step", "",
+             "| operator | calls/step | self ms/step |", "|---|---|---|"]
+    for e in rows[:top]:
+        lines.append(f"| `{e.key}` | {e.count / steps:.0f} | {e.self_cpu_time_total / 1e3 / steps:.2f} |")
+    return lines + [""]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=8)
+    args = ap.parse_args(argv)
+    pod, tok = load_model("smollm2-pod", progress=False)
+    plan = pod.pod_runtime.plan
+    dense = copy.deepcopy(pod)
+    ids = token_ids(tok, pod.config.vocab_size, 1, args.context)
+    out = [f"# Decode step profile: smollm2-pod (plan {plan.describe() if hasattr(plan, 'describe') else plan.mode}, "
+           f"scores mode, block pass) vs dense, same weights, context {args.context} x batch {args.batch}, "
+           f"{torch.get_num_threads()} threads", "",
+           f"Command: `python benchmarks/shipped/profile_decode.py --context {args.context} --batch {args.batch} "
+           f"--steps {args.steps}`", ""]
+    for name, model, method in (("dense", dense, "dense"), ("smollm2-pod", pod, "pod")):
+        wall, events = profile_steps(model, method, plan, ids, args.steps, args.batch)
+        out += table(name, wall, events, args.steps)
+    path = HERE / f"profile_decode_{args.context}x{args.batch}.md"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(out))
+    tmp.replace(path)
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
