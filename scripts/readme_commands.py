@@ -1,4 +1,4 @@
-"""Run every command README.md shows, as written, from the repository root; exit 1 if one fails.
+"""Run every command README.md shows, as written, in a temporary copy of the repository root (links); exit 1 if one fails.
 
     python scripts/readme_commands.py            # the commands CI runs (tests/test_readme_commands.py)
     python scripts/readme_commands.py --list     # what would run, and what does not and why
@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -72,11 +73,20 @@ def _strip_comment(line: str) -> str:
     return re.split(r"\s+#\s", line, maxsplit=1)[0].strip()
 
 
-def outputs(cmds: list[Command]) -> list[Path]:
-    """The folders under runs/ (git-ignored scratch) that the commands write: cleared first, as on a fresh clone,
-    so a second run does not stop at "already exists"."""
-    found = {m.group(1) for c in cmds for m in re.finditer(r"--(?:out|write-checkpoint) (runs/[\w./-]+)", c.text)}
-    return [ROOT / f for f in sorted(found) if ".." not in f]
+def workdir() -> Path:
+    """A fresh temporary folder that looks like the repository: every top-level entry linked, except ``runs/``.
+
+    Why: the README's commands write under ``runs/``; run from the repository they would replace a user's own
+    results there (and stop at "already exists" the second time). Here each run starts from an empty ``runs/``,
+    as on a fresh clone, and the user's folder is never touched. Scripts find their root logically
+    (``cd "$(dirname "$0")/.."``), so they stay in this folder and reuse the repository's venvs through the links.
+    """
+    work = Path(tempfile.mkdtemp(prefix="podkv-readme-"))
+    for entry in ROOT.iterdir():
+        if entry.name not in ("runs", ".git"):
+            (work / entry.name).symlink_to(entry)
+    (work / "runs").mkdir()
+    return work
 
 
 def reason_not_run(cmd: Command, vllm: bool) -> str | None:
@@ -87,14 +97,14 @@ def reason_not_run(cmd: Command, vllm: bool) -> str | None:
     return None
 
 
-def run(cmd: Command, timeout: float) -> tuple[int, float, str]:
-    """Run one command as written (bash -c, or python reading the block); (exit code, seconds, output tail)."""
+def run(cmd: Command, timeout: float, cwd: Path) -> tuple[int, float, str]:
+    """Run one command as written (bash -c, or python reading the block) in ``cwd``; (exit code, seconds, output tail)."""
     argv = ["bash", "-c", cmd.text] if cmd.lang == "bash" else [sys.executable, "-"]
     t0 = time.time()
     if _is_server(cmd):
-        return _run_server(cmd, timeout)
+        return _run_server(cmd, timeout, cwd)
     try:
-        proc = subprocess.run(argv, cwd=ROOT, input=cmd.text if cmd.lang == "python" else None, text=True, env=_env(),
+        proc = subprocess.run(argv, cwd=cwd, input=cmd.text if cmd.lang == "python" else None, text=True, env=_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
         rc, out = proc.returncode, proc.stdout
     except subprocess.TimeoutExpired as exc:
@@ -111,13 +121,13 @@ def _is_server(cmd: Command) -> bool:
     return "api_server" in cmd.text
 
 
-def _run_server(cmd: Command, timeout: float) -> tuple[int, float, str]:
+def _run_server(cmd: Command, timeout: float, cwd: Path) -> tuple[int, float, str]:
     """An OpenAI server never exits: start it as written, wait for /health, ask once, stop it."""
     t0 = time.time()
     # not `exec`: the README line starts with an environment assignment (VAR=1 cmd), which exec refuses;
     # the server runs in its own session, which killpg stops as a whole
-    log = ROOT / "runs" / ".readme_server.log"
-    proc = subprocess.Popen(["bash", "-c", cmd.text], cwd=ROOT, env=_env(), stdout=open(log, "w"),
+    log = cwd / "runs" / ".readme_server.log"
+    proc = subprocess.Popen(["bash", "-c", cmd.text], cwd=cwd, env=_env(), stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     rc, tail = 1, "server did not become healthy"
     try:
@@ -154,29 +164,33 @@ def main(argv=None) -> int:
     failed = [f"inline command not in any code block (add it to one, or name it without arguments): `{c}`"
               for c in inline_problems(readme)]
     total = time.time()
-    if not args.list:
-        from filelock import FileLock
+    work = None if args.list else workdir()
+    if work is not None:
+        print(f"running in {work} (the repository linked; its runs/ untouched)", flush=True)
+    try:
+        failed += _run_all(readme, args, work)
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)  # our own temporary folder (links only point into the repository)
+    print(f"total {time.time() - total:.0f} s")
+    for f in failed:
+        print("\n" + f, file=sys.stderr)
+    return 1 if failed else 0
 
-        (ROOT / "runs").mkdir(exist_ok=True)
-        lock = FileLock(str(ROOT / "runs" / ".readme_commands.lock"))  # two runs at once would share runs/
-        lock.acquire()
-        for path in outputs(commands(readme)):
-            for p in (path, path.with_name(path.name + ".tmp-train")):
-                shutil.rmtree(p, ignore_errors=True)
+
+def _run_all(readme: str, args, work: Path | None) -> list[str]:
+    failed = []
     for cmd in commands(readme):
         label = cmd.text.strip().splitlines()[0][:110] + (" [python block]" if cmd.lang == "python" else "")
         why = reason_not_run(cmd, args.vllm)
         if why or args.list:
             print(f"{'not run' if why else 'run':>8}  {label}" + (f"\n          ({why})" if why else ""), flush=True)
             continue
-        rc, secs, tail = run(cmd, args.timeout)
+        rc, secs, tail = run(cmd, args.timeout, work)
         print(f"{'ok' if rc == 0 else f'FAIL {rc}':>8}  {secs:6.1f} s  {label}", flush=True)
         if rc:
             failed.append(f"`{label}` exited {rc}:\n{tail}")
-    print(f"total {time.time() - total:.0f} s")
-    for f in failed:
-        print("\n" + f, file=sys.stderr)
-    return 1 if failed else 0
+    return failed
 
 
 if __name__ == "__main__":

@@ -80,6 +80,14 @@ def test_unmeetable_budget_is_poderror(model, tmp_path):
         evaluate(model, CharTokenizer(), cfg, PLAN, progress=False)
 
 
+def test_lengths_beyond_the_models_positions_are_refused_before_any_prompt(model, tmp_path, monkeypatch):
+    """Issue 20: `podkv demo --length 100k` on an 8K model ran 12 minutes before failing; now nothing runs."""
+    limit = model.config.max_position_embeddings
+    monkeypatch.setattr("podkv.eval.runner.make_task", lambda *a, **k: pytest.fail("a prompt was built"))
+    with pytest.raises(PodError, match=f"--lengths: {limit + 1} tokens exceed .*max_position_embeddings={limit}"):
+        evaluate(model, CharTokenizer(), _cfg(tmp_path, lengths=(256, limit + 1)), PLAN, progress=False)
+
+
 def test_length_shorter_than_proximal_window_for_ppl(model, tmp_path):
     with pytest.raises(PodError, match="too short for ppl"):
         make_task("ppl").cases(CharTokenizer(), _cfg(tmp_path, lengths=(20,)), PLAN)

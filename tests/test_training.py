@@ -203,7 +203,8 @@ def test_out_dir_that_exists_is_refused(setup):
     from podkv.training.runner import prepare
 
     (setup[0] / "exists").mkdir(exist_ok=True)
-    with pytest.raises(PodError, match="already exists"):
+    (setup[0] / "exists" / "model.safetensors").write_text("a user's earlier model")
+    with pytest.raises(PodError, match="already exists: pass --force"):
         prepare(_cfg(setup, "exists"))
 
 

@@ -2,7 +2,8 @@
 
     python benchmarks/quality/report.py      # reads needles/ logprob/ ppl/ <method>.jsonl here (records)
 
-Writes quality.json, quality.md and quality.png next to this file. Differences to dense are
+Writes quality.json, quality.md and quality.png next to this file (``ruler/``: the other four RULER-style
+tasks; with ``needles/`` they make the five-task table). Differences to dense are
 *paired* (the same prompts for every method): the 95% interval is a seeded bootstrap over prompts
 (over windows for perplexity) of the per-prompt difference, so it is much tighter than comparing
 two independent intervals. Goals checked (issue 12): held-out NLL within 2% of dense, needle
@@ -37,16 +38,20 @@ def records(results: dict, method: str) -> list[dict]:
     return results["methods"][method]
 
 
-def paired(results: dict, method: str, value) -> dict:
-    """Per length: mean of ``value(rec)`` for ``method`` and for dense, and the paired difference with its CI."""
-    base = {(r["length"], r["sample"]): r for r in records(results, "dense")}
+def paired(results: dict, method: str, value, task: str | None = None) -> dict:
+    """Per length: mean of ``value(rec)`` for ``method`` and for dense, and the paired difference with its CI
+    (records of ``task`` only, when given)."""
+    def mine(m):
+        return [r for r in records(results, m) if task is None or r.get("task") == task]
+
+    base = {(r["length"], r["sample"]): r for r in mine("dense")}
     out = {}
     for length in sorted({r["length"] for r in base.values()}):
-        pairs = [(value(r), value(base[(r["length"], r["sample"])])) for r in records(results, method)
+        pairs = [(value(r), value(base[(r["length"], r["sample"])])) for r in mine(method)
                  if r["length"] == length and (r["length"], r["sample"]) in base]
         if not pairs:
             continue
-        for r in records(results, method):  # the same prompt for both, or the pairing is meaningless
+        for r in mine(method):  # the same prompt for both, or the pairing is meaningless
             b = base.get((r["length"], r["sample"]))
             if b is not None and "value" in r and r["value"] != b["value"]:
                 raise SystemExit(f"{method} sample {r['sample']} at {r['length']} is not dense's prompt")
@@ -70,6 +75,31 @@ def needles_section(res: dict) -> dict:
         rows[m] = {"kv_fraction": sum(r["kv_fraction"] for r in recs) / len(recs), "by_length": by_len,
                    "vs_dense": paired(res, m, lambda r: r["score"]) if m != "dense" else None}
     return rows
+
+
+def ruler_section(res: dict, needles: dict | None) -> dict:
+    """Every RULER-style task (the four of ``ruler/`` plus ``niah_single_prose`` of ``needles/``), per method and
+    length: score with its 95% CI (Wilson for 0/1 scores, bootstrap for partial credit) and the paired Δ vs dense."""
+    merged = {"methods": {m: list(recs) for m, recs in res["methods"].items()}}
+    for m, recs in (needles or {"methods": {}})["methods"].items():
+        if m in merged["methods"]:
+            merged["methods"][m] += recs
+    out = {}
+    tasks = sorted({r["task"] for recs in merged["methods"].values() for r in recs})
+    for task in tasks:
+        out[task] = {}
+        for m in ORDER:
+            recs = [r for r in merged["methods"].get(m, []) if r["task"] == task]
+            if not recs:
+                continue
+            by_len = {}
+            for length in sorted({r["length"] for r in recs}):
+                scores = [r["score"] for r in recs if r["length"] == length]
+                binary = all(x in (0.0, 1.0) for x in scores)
+                by_len[str(length)] = {**describe(scores, binary=binary), "n": len(scores)}
+            out[task][m] = {"by_length": by_len,
+                            "vs_dense": None if m == "dense" else paired(merged, m, lambda r: r["score"], task)}
+    return out
 
 
 def logprob_section(res: dict) -> dict:
@@ -99,6 +129,14 @@ def goals(report: dict) -> dict:
     ppl = report.get("ppl", {})
     if POD in ppl:
         g["heldout NLL within 2% of dense"] = ppl[POD]["nll_gap_pct"] <= 2.0
+    ru = report.get("ruler", {})
+    if ru and all(POD in rows for rows in ru.values()):
+        g[f"accuracy within 5 points of dense on every RULER-style task ({len(ru)}) and length"] = all(
+            v["diff"] >= -0.05 for rows in ru.values() for v in (rows[POD]["vs_dense"] or {}).values())
+    lp = report.get("logprob", {})
+    if POD in lp:
+        g["answer log-prob within 0.03 nats per answer token of dense at every length"] = all(
+            v["diff"] >= -0.03 for v in lp[POD]["by_length"].values())
     nd = report.get("needles", {})
     if POD in nd and nd[POD]["vs_dense"]:
         g["needle accuracy within 5 points of dense at every length"] = all(
@@ -129,6 +167,26 @@ def markdown(report: dict) -> str:
                 f"{100 * row['vs_dense'][L]['diff_ci95'][1]:+.0f}]" if L in row["vs_dense"] else "—" for L in lengths]
             lines.append(f"| {_name(m)} | {row['kv_fraction']:.2f} | " + " | ".join(cells + deltas) + " |")
         lines.append("")
+    ru = report.get("ruler")
+    if ru:
+        lines += ["## All five RULER-style tasks: score [95% CI] and paired Δ vs dense (points)", "",
+                  "| task | method | " + " | ".join(f"{L} tokens" for L in _lengths(ru)) + " |",
+                  "|---|---|" + "---|" * len(_lengths(ru))]
+        for task, rows in ru.items():
+            for m, row in rows.items():
+                cells = []
+                for L in _lengths(ru):
+                    v = row["by_length"].get(L)
+                    if v is None:
+                        cells.append("not run")
+                        continue
+                    cell = f"{100 * v['mean']:.0f} [{100 * v['ci95'][0]:.0f}, {100 * v['ci95'][1]:.0f}] n={v['n']}"
+                    d = (row["vs_dense"] or {}).get(L)
+                    if d is not None:
+                        cell += f"; Δ {100 * d['diff']:+.1f} [{100 * d['diff_ci95'][0]:+.1f}, {100 * d['diff_ci95'][1]:+.1f}]"
+                    cells.append(cell)
+                lines.append(f"| `{task}` | {_name(m)} | " + " | ".join(cells) + " |")
+        lines.append("")
     lp = report.get("logprob")
     if lp:
         lengths = list(next(iter(lp.values()))["by_length"])
@@ -152,12 +210,16 @@ def markdown(report: dict) -> str:
             lines.append(f"| {_name(m)} | {row['nll']['mean']:.4f} [{row['nll']['ci95'][0]:.4f}, "
                          f"{row['nll']['ci95'][1]:.4f}] | {row['ppl']:.2f} | {gap} | {row['n']} |")
         lines.append("")
-    lines += ["## Goals (issue 12)", ""] + [f"- {'met' if ok else '**not met**'}: {k}" for k, ok in
+    lines += ["## Goals (issues 12 and 19)", ""] + [f"- {'met' if ok else '**not met**'}: {k}" for k, ok in
                                             report["goals"].items()]
     lines += ["", "Made by `benchmarks/quality/run.sh` then `python benchmarks/quality/report.py`; "
               "the baselines run on the original weights at a KV budget of 0.76 (what smollm2-pod holds at 1K, "
               "its largest fraction)."]
     return "\n".join(lines) + "\n"
+
+
+def _lengths(ruler: dict) -> list[str]:
+    return sorted({L for rows in ruler.values() for row in rows.values() for L in row["by_length"]}, key=int)
 
 
 def _name(m: str) -> str:
@@ -197,6 +259,8 @@ def main() -> None:
         res = load(what)
         if res is not None:
             report[what] = section(res)
+    if load("ruler") is not None:
+        report["ruler"] = ruler_section(load("ruler"), load("needles"))
     report["goals"] = goals(report)
     write_json(HERE / "quality.json", report)
     atomic_write_text(HERE / "quality.md", markdown(report))

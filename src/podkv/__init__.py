@@ -13,7 +13,7 @@ from podkv.plan import SharingPlan
 
 
 def __getattr__(name):
-    # Lazy: importing podkv must not register anything or import heavy modules (STYLE rule 6).
+    # Lazy: importing podkv must not register anything or import heavy modules: `import podkv` stays cheap.
     if name == "PodCache":
         from podkv.cache.pod_cache import PodCache
 

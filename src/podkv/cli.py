@@ -33,13 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"podkv {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # that area is not built yet
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)  # a module that fails to import fails the CLI, loudly
     sub.add_parser("reset", help="delete the cached default model (it is rebuilt on next use)").set_defaults(func=_reset)
     return parser
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from podkv.cli_args import Int, Ints
 from podkv.errors import PodError
+from podkv.outputs import add_out_arguments, refuse_existing, staged_dir
 
 
 def register(sub) -> None:
@@ -25,14 +26,14 @@ def register(sub) -> None:
                    help="lookup prompts scoring retrieval heads (default 16 with --kind retrieval, else 0)")
     _plan_flags(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+    add_out_arguments(p, "output directory (refused if it exists, unless --force)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
     q = sub.add_parser("plan", help="make a sharing plan from an analysis.json written by `podkv analyze`")
     q.add_argument("--analysis", type=Path, required=True, help="analysis.json")
     _plan_flags(q, ns_nr=False)
-    q.add_argument("--out", type=Path, required=True, help="plan JSON file to write")
+    add_out_arguments(q, "plan JSON file to write (refused if it exists, unless --force)")
     q.set_defaults(func=run_plan)
 
 
@@ -64,7 +65,8 @@ def run(args) -> int:
                          proximal_sizes=args.proximal_sizes, proximal_samples=args.proximal_samples,
                          kind=args.kind, retrieval_weight=args.retrieval_weight,
                          retrieval_samples=args.retrieval_samples, block_size=args.block_size)
-    result = analyze(cfg, args.out, progress=not args.no_progress)
+    with staged_dir(args.out, args.force) as stage:
+        result = analyze(cfg, stage, progress=not args.no_progress)
     _print_plan(result["plan_object"], cfg.context)
     extra = ", retrieval.png" if result["retrieval"] else ""
     print(f"wrote {args.out}/plan.json, analysis.json, analysis.md, proximal.png, similarity.png{extra} "
@@ -75,6 +77,7 @@ def run(args) -> int:
 def run_plan(args) -> int:
     from podkv.analysis.run import replan
 
+    refuse_existing(args.out, args.force)
     if not args.analysis.is_file():
         raise PodError(f"--analysis file {args.analysis} does not exist")
     try:

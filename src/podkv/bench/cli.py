@@ -61,7 +61,9 @@ def _common(p, name: str) -> None:
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--plan", type=Path, default=None,
                    help="sharing plan JSON (default: the shipped SmolLM2 plan, else uniform blocks of 4)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for <name>.json, RESULTS.md and PNGs")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="folder for <name>.json, RESULTS.md and PNGs (an existing <name>.json is refused unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing <out>/<name>.json")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 gives steadier timings on a CPU shared with other jobs)")
     p.set_defaults(func=run, bench_name=name)
@@ -71,6 +73,9 @@ def run(args) -> int:
     from podkv.bench.runner import run_bench
     from podkv.models.loading import load_model
 
+    from podkv.outputs import refuse_existing
+
+    refuse_existing(Path(args.out) / f"{bench_name(args)}.json", args.force, flag="--out: results file")
     config = build_config(args)
     if args.threads is not None:
         import torch

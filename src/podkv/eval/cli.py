@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from podkv.cli_args import Floats, Int, Ints, Names
 from podkv.errors import PodError
+from podkv.outputs import add_out_arguments, staged_dir
 
 COMPARE_METHODS = ("dense", "pod", "streaming", "snapkv", "h2o")
 
@@ -33,7 +36,8 @@ def register(sub) -> None:
     d.add_argument("--model", default=None, help="default: smollm2-pod if available, else the default model + plan")
     d.add_argument("--length", action=Int, default=2048, help="prompt length in tokens (default 2048)")
     d.add_argument("--samples", type=int, default=10, help="needles, one prompt each, depths spread 5%%..95%% (>= 10)")
-    d.add_argument("--out", default="demo_out", help="where the figure goes (default demo_out/)")
+    add_out_arguments(d, "where the results and figure go (default demo_out/; refused if it exists, unless --force)",
+                      required=False, default=Path("demo_out"))
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=run_demo)
 
@@ -60,12 +64,12 @@ def _common(p) -> None:
     p.add_argument("--data", default=None, help="longbench/ruler: local jsonl file or directory")
     p.add_argument("--subset", default=None, help="longbench: subset name (file <subset>.jsonl)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output directory")
+    add_out_arguments(p, "output directory (refused if it exists, unless --force)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
 
 
-def config_from(args, tasks, methods, compare=False):
+def config_from(args, tasks, methods, compare=False, out=None):
     from podkv.eval.config import EvalConfig
 
     if args.threads is not None:
@@ -78,13 +82,14 @@ def config_from(args, tasks, methods, compare=False):
                       lengths=args.lengths, depths=args.depths, depths_long=args.depths_long, long_from=args.long_from,
                       haystack=args.haystack, samples=args.samples, needles=args.needles,
                       max_new_tokens=args.max_new_tokens, files=tuple(args.files), data=args.data,
-                      subset=args.subset, seed=args.seed, out=args.out, compare=compare)
+                      subset=args.subset, seed=args.seed, out=str(out or args.out), compare=compare)
 
 
 def run_task(args) -> int:
     from podkv.eval.runner import run
 
-    results = run(config_from(args, args.tasks_, [args.method]), progress=not args.quiet)
+    with staged_dir(args.out, args.force) as stage:
+        results = run(config_from(args, args.tasks_, [args.method], out=stage), progress=not args.quiet)
     _print_table(results, args.out)
     return 0
 
@@ -97,10 +102,13 @@ def run_compare(args) -> int:
         from podkv.eval.report import write_results
 
         results, timings = merge_runs(args.merge)
-        write_results(results, args.out, timings)
+        with staged_dir(args.out, args.force) as stage:
+            write_results(results, stage, timings)
         _print_table(results, args.out)
         return 0
-    results = run(config_from(args, args.tasks, compare_methods(args.methods), compare=True), progress=not args.quiet)
+    with staged_dir(args.out, args.force) as stage:
+        results = run(config_from(args, args.tasks, compare_methods(args.methods), compare=True, out=stage),
+                      progress=not args.quiet)
     _print_table(results, args.out)
     return 0
 
@@ -126,4 +134,6 @@ def _print_table(results, out) -> None:
 def run_demo(args) -> int:
     from podkv.eval.demo import demo
 
-    return demo(model_name=args.model, length=args.length, samples=args.samples, out=args.out, seed=args.seed)
+    with staged_dir(args.out, args.force) as stage:
+        return demo(model_name=args.model, length=args.length, samples=args.samples, out=stage, seed=args.seed,
+                    shown=args.out)

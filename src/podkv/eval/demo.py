@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from podkv.errors import PodError
+from podkv.eval.runner import check_lengths
 
 QUESTION = "What is the capital of France?"
 
@@ -63,10 +64,13 @@ def needle_compare(model, tok, plan, length: int, samples: int, seed: int, base=
 
 
 def demo(model_name: str | None = None, length: int = 2048, samples: int = 10, out: str = "demo_out",
-         seed: int = 0) -> int:
+         seed: int = 0, shown: str | None = None) -> int:
+    """``out``: where the files are written; ``shown``: the folder they end up in, when the caller stages
+    them (:func:`podkv.outputs.staged_dir`)."""
     from podkv.io import save_figure, write_json
 
     model, tok, plan, source, name = load_demo_model(model_name)
+    check_lengths(model.config, [length])
     print(f"model: {name}; PoD plan: {source}\n{plan.summary(length)}\n")
     answer = capital_check(model, tok, plan)
     print(f"Q: {QUESTION}\nA (PoD): {answer}\n")
@@ -87,8 +91,8 @@ def demo(model_name: str | None = None, length: int = 2048, samples: int = 10, o
     out = Path(out)
     write_json(out / "demo.json", {"model": name, "plan_source": source, "capital_answer": answer,
                                    "length": length, "needles": rows})
-    path = save_figure(_figure(rows, length), out / "demo.png")
-    print(f"figure: {path}")
+    save_figure(_figure(rows, length), out / "demo.png")
+    print(f"figure: {Path(shown or out) / 'demo.png'}")
     return 0
 
 

@@ -17,7 +17,7 @@ from podkv.models import chunked_forward, forward_scope
 from podkv.plan import SharingPlan
 
 # Architectures whose attention calls the AttentionInterface with post-RoPE keys right after
-# cache.update (checked by tests/test_models.py). Others may work but are not claimed.
+# cache.update (checked by tests/test_core_model.py and tests/test_block_pass.py). Others may work but are not claimed.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 

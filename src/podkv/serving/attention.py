@@ -179,18 +179,15 @@ class PodTorchImpl(CPUAttentionBackendImpl):
         d = step.kernel_decode(anchor_meta, page.block_size, query.shape[1], self.num_kv_heads, self.head_size,
                                query.dtype, anchor.isa)
         own = gather_rows(token_rows(kv_cache), step.index(meta, kv_cache, proximal=True))  # (R, P, H, D)
-        state = anchor.impl.step_keys
-        saved = state[1] if state is not None and state[0] is step else None
-        saved = swap_keys(page, d.blocks, d.offsets, d.touched, own.reshape(-1, *own.shape[2:]), saved)
-        anchor.impl.step_keys = (step, saved)
-        q = query[step.decode_tokens]
-        out = torch.empty_like(q)
-        kernel_attention(q, page, self.pod_block_pos, out, d.query_start_loc, d.seq_lens, d.block_table,
-                         d.scheduler_metadata, self.scale)
-        output[step.decode_tokens] = out.to(output.dtype)
-        if self.pod_block_pos == self.pod_block_len - 1:  # the block's last layer: the anchor's keys back
+        saved = swap_keys(page, d.blocks, d.offsets, d.touched, own.reshape(-1, *own.shape[2:]), None)
+        try:
+            q = query[step.decode_tokens]
+            out = torch.empty_like(q)
+            kernel_attention(q, page, self.pod_block_pos, out, d.query_start_loc, d.seq_lens, d.block_table,
+                             d.scheduler_metadata, self.scale)
+            output[step.decode_tokens] = out.to(output.dtype)
+        finally:  # the anchor's keys back whatever happened: a failed step must not corrupt every later one
             restore_keys(page, d.touched, saved)
-            anchor.impl.step_keys = None
 
     def _prefill_kernel(self, q, i, page: PageViews, kv_cache, meta, anchor_meta):
         """Request ``i``'s query chunk q (Tq, Hq, D) of shared layer ``a + j`` -> (Tq, Hq, D); only chunks with

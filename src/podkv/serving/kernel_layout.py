@@ -15,8 +15,9 @@ its whole block in the kernel's own format, so the kernel reads it in place:
 Decode of a shared layer is then exact PoD on the kernel: PoD attention is attention over ``K_eff``, the
 anchor's keys with the layer's own keys at the proximal positions (sinks + window of each query). With one
 query per request the proximal positions are fixed for the call, so the layer writes its own keys into the
-anchor's key tile there (``(R, ns + nr)`` keys, not ``(R, T)``), runs the kernel, and the block's last layer
-writes the anchor's saved keys back (:func:`swap_keys`). The same holds for a prefill chunk of a request
+anchor's key tile there (``(R, ns + nr)`` keys, not ``(R, T)``), runs the kernel, and writes the anchor's
+saved keys back in a ``finally`` (:func:`swap_keys`), so an exception never leaves them swapped (one more
+tile copy per shared layer and step than restoring once per block). The same holds for a prefill chunk of a request
 with ``seq_len <= ns + nr`` (every key proximal for every query). Longer prefill chunks (queries with
 different windows) run :func:`podkv.attention.chunked.pod_attention_chunked` on gathered copies.
 
@@ -93,9 +94,8 @@ def swap_keys(page: PageViews, blocks: torch.Tensor, offsets: torch.Tensor, touc
               saved: torch.Tensor | None) -> torch.Tensor:
     """Put a shared layer's own keys (N, H, D) at the proximal (block, offset) pairs of the anchor's key tile.
 
-    Returns the anchor's key tiles of the ``touched`` blocks (``blocks.unique()``), ``(n, H, D, block_size)``,
-    taken by the block's first shared layer of the step (later layers pass them back in) and written back by
-    :func:`restore_keys`. Whole tiles, not single keys: a tile is one contiguous copy, a key D scattered ones.
+    Returns the anchor's key tiles of the ``touched`` blocks (``blocks.unique()``), ``(n, H, D, block_size)``
+    (``saved``, when given, is returned instead), for :func:`restore_keys` to write back. Whole tiles, not single keys: a tile is one contiguous copy, a key D scattered ones.
     """
     if saved is None:
         saved = page.key_t.index_select(0, touched)

@@ -41,7 +41,9 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in <out>.tmp-train")
-    p.add_argument("--out", required=True, help="output directory (written atomically at the end)")
+    p.add_argument("--out", required=True, help="output directory (written atomically at the end; refused if it "
+                                                "exists, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out when the run finishes")
     p.set_defaults(func=run)
 
 
@@ -55,7 +57,7 @@ def run(args) -> int:
         objective=args.objective, trainable=args.trainable, lora_rank=args.lora_rank, batch_size=args.batch_size,
         grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing, save_steps=args.save_steps,
         eval_every=args.eval_every, eval_tokens=args.eval_tokens, precision=args.precision, threads=args.threads,
-        seed=args.seed, resume=args.resume, long_range=args.long_range, init=args.init,
+        seed=args.seed, resume=args.resume, force=args.force, long_range=args.long_range, init=args.init,
     )
     result = train(cfg)
     if result:

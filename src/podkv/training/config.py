@@ -60,6 +60,7 @@ class TrainConfig:
     precision: str = "auto"
     seed: int = 0
     resume: bool = False
+    force: bool = False  # replace an existing ``out`` (podkv.outputs: the rule of every command)
     threads: int | None = None
     long_range: int = 0
     init: str = "none"

@@ -18,6 +18,7 @@ import torch
 from transformers import TrainerCallback
 
 from podkv.errors import PodError
+from podkv.outputs import refuse_existing, replace_dir
 from podkv.training.config import TrainConfig
 
 RESULT_FILE = "train_result.json"
@@ -46,8 +47,7 @@ def prepare(cfg: TrainConfig):
 
 def _check_dirs(cfg: TrainConfig) -> None:
     out, work = Path(cfg.out), cfg.work_dir
-    if out.exists():
-        raise PodError(f"--out {out} already exists: choose another directory or delete it")
+    refuse_existing(out, cfg.force)
     has_ckpt = work.is_dir() and any(work.glob("checkpoint-*"))
     if cfg.resume and not has_ckpt:
         raise PodError(f"--resume: no checkpoint in {work} to resume from")
@@ -151,7 +151,7 @@ def _finish(cfg, trainer, tok, plan, names, base_state, probe, dense_nll, wall, 
         "machine": machine(), "versions": versions(),
     }
     write_json(final / RESULT_FILE, result)
-    os.replace(final, cfg.out)  # atomic: <out> appears complete or not at all
+    replace_dir(final, Path(cfg.out))  # atomic: <out> appears complete or not at all
     shutil.rmtree(cfg.work_dir, ignore_errors=True)
     return result
 
