@@ -4,7 +4,6 @@ import importlib.util
 import json
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -28,9 +27,12 @@ def test_bench_and_eval_record_the_same_machine_facts():
     from podkv.eval.runner import provenance
 
     assert machine().items() <= machine_info("cpu").items()
-    model = SimpleNamespace(config=SimpleNamespace(model_type="llama"), device=torch.device("cpu"))
+    from tiny import tiny_model
+
+    model = tiny_model("llama")
     record = provenance(EvalConfig(), model, SharingPlan.uniform(4, 2, 2, ns=4, nr=8), "test")
     assert record["machine"] == machine("cpu") and record["versions"] == versions()
+    assert record["identity"]["plan"]["block_lengths"] == [2] and record["identity"]["model"]["weights_sha256"]
 
 
 def test_ship_writes_the_real_machine_into_recipe(tmp_path, monkeypatch):
@@ -49,3 +51,23 @@ def test_ship_writes_the_real_machine_into_recipe(tmp_path, monkeypatch):
     recipe = json.loads((tmp_path / "asset" / ship.RECIPE_FILE).read_text())
     assert recipe["hardware"] == {**machine(), "dtype": "float32"}
     assert recipe["versions"]["podkv"] == versions()["podkv"]
+
+
+def test_identity_names_what_was_measured():
+    """Issue 20: a results file carries its argv, the weights it measured (hash) and the plan (hash, block lengths)."""
+    import torch
+
+    from podkv import SharingPlan
+    from podkv.provenance import identity
+    from tiny import tiny_model
+
+    model = tiny_model("llama")
+    plan = SharingPlan.uniform(model.config.num_hidden_layers, model.config.num_key_value_heads, 2, ns=4, nr=28)
+    a = identity(model, plan)
+    assert a["argv"] and a["plan"]["block_lengths"] == [2] and a["plan"]["mode"] == plan.mode
+    assert identity(model, plan) == a  # deterministic
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    b = identity(model, SharingPlan.identity(model.config.num_hidden_layers, model.config.num_key_value_heads, ns=4, nr=28))
+    assert b["model"]["weights_sha256"] != a["model"]["weights_sha256"]
+    assert b["plan"]["sha256"] != a["plan"]["sha256"] and b["plan"]["block_lengths"] == [1]

@@ -38,3 +38,33 @@ def versions(packages=("torch", "transformers", "kvpress")) -> dict:
         except PackageNotFoundError:
             out[pkg] = None
     return out
+
+
+def identity(model, plan=None) -> dict:
+    """What a result measured, so a figure can be traced and its labels derived from the file itself:
+    the command line, the model (name and a hash of its weights as measured, e.g. smollm2-pod's
+    adapted ones) and the plan (hash of its JSON, mode, and the lengths of its blocks).
+
+    Why a weights hash: names drift ("the default model" was once the base weights, once adapted), the
+    tensors do not. Hashing 135M fp32 parameters takes about half a second on CPU.
+    """
+    import hashlib
+    import json
+    import sys
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+    out = {"argv": ["podkv" if i == 0 and a.endswith("podkv") else a for i, a in enumerate(sys.argv)],
+           "model": {"name": getattr(model.config, "_name_or_path", "") or model.config.model_type,
+                     "weights_sha256": digest.hexdigest(), "dtype": str(next(model.parameters()).dtype)}}
+    if plan is not None:
+        text = json.dumps(plan.to_dict(), sort_keys=True)
+        lengths = sorted({b - a + 1 for h in range(plan.num_kv_heads) for a, b in plan.blocks(h)})
+        out["plan"] = {"sha256": hashlib.sha256(text.encode()).hexdigest(), "mode": plan.mode,
+                       "block_lengths": lengths, "kv_saving_4096": plan.kv_saving(4096)}
+    return out
+

@@ -31,11 +31,14 @@ def run_bench(name: str, model, tok, cfg, out_dir: str | Path = "benchmarks", pl
         plan.validate_for(model.config)
     else:
         plan, plan_name = default_plan(model.config, plan_path)
+    from podkv.provenance import identity
+
     info = machine_info(str(model.device))
+    measured = identity(model, plan)  # before the run: a benchmark may switch the model's attention
     result = run(model, tok, plan, cfg)
     result.update(machine=info, plan=plan_name, plan_saving_4k=plan.kv_saving(4096),
                   model=getattr(model.config, "_name_or_path", "") or model.config.model_type,
-                  config={k: v for k, v in vars(cfg).items()})
+                  config={k: v for k, v in vars(cfg).items()}, identity=measured)
     return write_bench(name, result, out_dir)
 
 

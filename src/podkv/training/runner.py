@@ -123,7 +123,7 @@ def _build_trainer(cfg, model, tok, split, teacher, callbacks):
 
 def _finish(cfg, trainer, tok, plan, names, base_state, probe, dense_nll, wall, world, n_trainable) -> dict:
     from podkv.io import write_json
-    from podkv.provenance import machine, versions
+    from podkv.provenance import identity, machine, versions
     from podkv.training.deltas import full_deltas, lora_factors, save_deltas
 
     model = trainer.model
@@ -148,7 +148,7 @@ def _finish(cfg, trainer, tok, plan, names, base_state, probe, dense_nll, wall, 
         "plan_mode": plan.mode,
         "dense_heldout_nll": dense_nll, "heldout": probe.curve,
         "train_loss": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
-        "machine": machine(), "versions": versions(),
+        "machine": machine(), "versions": versions(), "identity": identity(model, plan),
     }
     write_json(final / RESULT_FILE, result)
     replace_dir(final, Path(cfg.out))  # atomic: <out> appears complete or not at all
