@@ -8,7 +8,7 @@
 #   PODKV_TRANSFORMERS=5.19.0            .venv-transformers-5.19.0     any other release, same rule for kvpress
 # PODKV_VENV overrides the venv's path.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(cd -P "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"  # physical: a linked copy (scripts/readme_commands.py) installs into the real one
 TRANSFORMERS_OLDEST=5.2.0
 TRANSFORMERS_NEWEST=5.25.0
 TRANSFORMERS="${PODKV_TRANSFORMERS:-oldest}"

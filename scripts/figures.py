@@ -152,6 +152,23 @@ def readme_quality_needles(q):
 
 
 @row("README.md", "benchmarks/quality/quality.json", "benchmarks/quality/run.sh")
+def readme_quality_ruler(q):
+    """Every RULER-style task, smollm2-pod minus dense (paired, points) at each length that ran, and the goal."""
+    ru = q["ruler"]
+    parts = []
+    for task, rows in ru.items():
+        d = rows["pod"]["vs_dense"] or {}
+        cells = ", ".join(f"{kilo(int(L))} {bold_if(format(100 * v['diff'], '+.0f'), v['diff'] < -0.05)} "
+                          f"[{100 * v['diff_ci95'][0]:+.0f}, {100 * v['diff_ci95'][1]:+.0f}]" for L, v in d.items())
+        parts.append(f"`{task}` {cells}")
+    goal = next((ok for k, ok in q["goals"].items() if k.startswith("accuracy within 5 points of dense on every")), None)
+    n = min(v["n"] for rows in ru.values() for v in rows["pod"]["by_length"].values())
+    return ("**smollm2-pod** − dense on all five RULER-style tasks (points, paired 95% CI; n ≥ "
+            f"{n} per task and length)",
+            "; ".join(parts) + f" (within 5 points of dense on every task: {_met(bool(goal))})")
+
+
+@row("README.md", "benchmarks/quality/quality.json", "benchmarks/quality/run.sh")
 def readme_quality_ppl(q):
     p = q["ppl"]
     text = f"dense {p['dense']['ppl']:.2f} / **smollm2-pod {p['pod']['ppl']:.2f}** (NLL {signed(p['pod']['nll_gap_pct'])})"

@@ -78,8 +78,8 @@ def workdir() -> Path:
 
     Why: the README's commands write under ``runs/``; run from the repository they would replace a user's own
     results there (and stop at "already exists" the second time). Here each run starts from an empty ``runs/``,
-    as on a fresh clone, and the user's folder is never touched. Scripts find their root logically
-    (``cd "$(dirname "$0")/.."``), so they stay in this folder and reuse the repository's venvs through the links.
+    as on a fresh clone, and the user's folder is never touched. ``scripts/env.sh`` resolves its root physically,
+    so the scripts use (and, when stale, reinstall) the repository's own venv, never one rooted in this folder.
     """
     work = Path(tempfile.mkdtemp(prefix="podkv-readme-"))
     for entry in ROOT.iterdir():

@@ -27,7 +27,7 @@ run() {  # run STEP: what-method
 }
 merge() {  # records of every run -> benchmarks/quality/<what>/<method>.jsonl (smollm2-pod-<len> runs joined), report
   for what in needles ruler logprob ppl; do
-    [ -d "$OUT/$what" ] || continue
+    ls "$OUT/$what"/*/records.jsonl > /dev/null 2>&1 || continue  # no finished run (unfinished ones are .partial)
     rm -rf "benchmarks/quality/$what"; mkdir -p "benchmarks/quality/$what"
     for d in "$OUT/$what"/*/; do
       name=$(basename "$d"); name=${name%%-[0-9]*}; [ "$name" = smollm2-pod ] && name=pod
