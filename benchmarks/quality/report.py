@@ -107,6 +107,8 @@ def logprob_section(res: dict) -> dict:
 
 
 def _lp(r: dict) -> float:
+    if "logprob_per_token" in r:  # retrieval_logprob records
+        return r["logprob_per_token"]
     return r["logprob"] / r["tokens"] if "tokens" in r else r["logprob"]
 
 
