@@ -375,7 +375,7 @@ def test_kernel_layout_decode_equals_reference(ns, nr):
     pos = proximal_positions(lengths, ns, nr)
     blocks = tables.long().gather(1, pos // bs).reshape(-1)
     own = own_k[torch.arange(R)[:, None], pos].reshape(-1, H, D)
-    saved = swap_keys(page, blocks, pos.reshape(-1) % bs, blocks.unique(), own, None)
+    saved = swap_keys(page, blocks, pos.reshape(-1) % bs, blocks.unique(), own)
     starts, meta = decode_metadata(lengths, None, H * G, H, D, torch.float32, "vec")
     out = torch.empty_like(q)
     kernel_attention(q, page, 1, out, starts, lengths, tables, meta, scale)

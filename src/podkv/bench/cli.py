@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from podkv.cli_args import Floats, Int, Ints
+from podkv.outputs import refuse_existing
 
 DEFAULT_OUT = Path("benchmarks")
 
@@ -72,8 +73,6 @@ def _common(p, name: str) -> None:
 def run(args) -> int:
     from podkv.bench.runner import run_bench
     from podkv.models.loading import load_model
-
-    from podkv.outputs import refuse_existing
 
     refuse_existing(Path(args.out) / f"{bench_name(args)}.json", args.force, flag="--out: results file")
     config = build_config(args)

@@ -9,6 +9,7 @@ from podkv.bench.common import machine_info
 from podkv.bench.report import machine_line, write_results
 from podkv.models.default_plan import default_plan
 from podkv.plan import SharingPlan
+from podkv.provenance import identity
 
 # name -> (run(model, tok, plan, cfg) -> dict, markdown(result) -> str, plot(result, path), title)
 BENCHES = {
@@ -31,8 +32,6 @@ def run_bench(name: str, model, tok, cfg, out_dir: str | Path = "benchmarks", pl
         plan.validate_for(model.config)
     else:
         plan, plan_name = default_plan(model.config, plan_path)
-    from podkv.provenance import identity
-
     info = machine_info(str(model.device))
     measured = identity(model, plan)  # before the run: a benchmark may switch the model's attention
     result = run(model, tok, plan, cfg)

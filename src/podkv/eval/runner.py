@@ -90,7 +90,8 @@ def provenance(cfg: EvalConfig, model, plan: SharingPlan, plan_source: str) -> d
     """Everything a rerun needs: model, plan, settings, seed, package versions and the machine."""
     from podkv.provenance import identity, machine, versions
 
-    return {"identity": identity(model, plan), "model": cfg.model or "smollm2 (embedded default)", "model_type": model.config.model_type,
+    return {"identity": identity(model, plan), "model": cfg.model or "smollm2 (embedded default)",
+            "model_type": model.config.model_type,
             "plan_source": plan_source, "plan": plan.to_dict(), "plan_summary": plan.summary(max(cfg.lengths)),
             "settings": cfg.to_dict(), "seed": cfg.seed, "versions": versions(),
             "machine": machine(str(model.device))}

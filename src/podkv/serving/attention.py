@@ -74,13 +74,13 @@ class PodTorchImpl(CPUAttentionBackendImpl):
 
     def __init__(self, *args, pod_anchor_layer: str | None = None, pod_ns: int = 16, pod_nr: int = 240,
                  pod_chunk: int = DEFAULT_CHUNK, pod_shared_kv: bool = False, pod_keys_layer: str | None = None,
-                 pod_kernel: bool = False, pod_block_pos: int = 0, pod_block_len: int = 1, **kwargs):
+                 pod_kernel: bool = False, pod_block_pos: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.pod_anchor_layer = pod_anchor_layer
         self.pod_ns, self.pod_nr, self.pod_chunk = pod_ns, pod_nr, pod_chunk
         self.pod_shared_kv, self.pod_keys_layer = pod_shared_kv, pod_keys_layer
-        # kernel layout (podkv.serving.kernel_layout): this layer's place in its block of pod_block_len layers
-        self.pod_kernel, self.pod_block_pos, self.pod_block_len = pod_kernel, pod_block_pos, pod_block_len
+        # kernel layout (podkv.serving.kernel_layout): this layer's place in its block
+        self.pod_kernel, self.pod_block_pos = pod_kernel, pod_block_pos
         # An anchor's keys of the current decode step (gathered once, read by its block's shared layers) and
         # the K_eff buffer those layers share: (step, anchor keys, K_eff or None).
         self.step_keys: tuple | None = None
@@ -179,7 +179,7 @@ class PodTorchImpl(CPUAttentionBackendImpl):
         d = step.kernel_decode(anchor_meta, page.block_size, query.shape[1], self.num_kv_heads, self.head_size,
                                query.dtype, anchor.isa)
         own = gather_rows(token_rows(kv_cache), step.index(meta, kv_cache, proximal=True))  # (R, P, H, D)
-        saved = swap_keys(page, d.blocks, d.offsets, d.touched, own.reshape(-1, *own.shape[2:]), None)
+        saved = swap_keys(page, d.blocks, d.offsets, d.touched, own.reshape(-1, *own.shape[2:]))
         try:
             q = query[step.decode_tokens]
             out = torch.empty_like(q)

@@ -17,8 +17,8 @@ anchor's keys with the layer's own keys at the proximal positions (sinks + windo
 query per request the proximal positions are fixed for the call, so the layer writes its own keys into the
 anchor's key tile there (``(R, ns + nr)`` keys, not ``(R, T)``), runs the kernel, and writes the anchor's
 saved keys back in a ``finally`` (:func:`swap_keys`), so an exception never leaves them swapped (one more
-tile copy per shared layer and step than restoring once per block). The same holds for a prefill chunk of a request
-with ``seq_len <= ns + nr`` (every key proximal for every query). Longer prefill chunks (queries with
+tile copy per shared layer and step than restoring once per block). The same holds for a prefill chunk of
+a request with ``seq_len <= ns + nr`` (every key proximal for every query). Longer prefill chunks (queries with
 different windows) run :func:`podkv.attention.chunked.pod_attention_chunked` on gathered copies.
 
 Capacity is the wide layout's: the proximal caches' blocks are ``(1 + B)`` anchor blocks, so the kernel's
@@ -90,15 +90,15 @@ def check_isa(layer, path: str, fix: str) -> None:
         raise NotImplementedError(f"podkv's {path} reads CPU caches of ISA {KERNEL_ISAS}, not {isa!r} ({fix})")
 
 
-def swap_keys(page: PageViews, blocks: torch.Tensor, offsets: torch.Tensor, touched: torch.Tensor, own: torch.Tensor,
-              saved: torch.Tensor | None) -> torch.Tensor:
+def swap_keys(page: PageViews, blocks: torch.Tensor, offsets: torch.Tensor, touched: torch.Tensor,
+              own: torch.Tensor) -> torch.Tensor:
     """Put a shared layer's own keys (N, H, D) at the proximal (block, offset) pairs of the anchor's key tile.
 
-    Returns the anchor's key tiles of the ``touched`` blocks (``blocks.unique()``), ``(n, H, D, block_size)``
-    (``saved``, when given, is returned instead), for :func:`restore_keys` to write back. Whole tiles, not single keys: a tile is one contiguous copy, a key D scattered ones.
+    Returns the anchor's key tiles of the ``touched`` blocks (``blocks.unique()``), ``(n, H, D, block_size)``,
+    for :func:`restore_keys` to write back. Whole tiles, not single keys: a tile is one contiguous copy, a key
+    D scattered ones.
     """
-    if saved is None:
-        saved = page.key_t.index_select(0, touched)
+    saved = page.key_t.index_select(0, touched)
     page.put_keys(blocks, offsets, own)
     return saved
 

@@ -82,7 +82,7 @@ class PodLlamaAttention(LlamaAttention):
                       attn_backend=PodSharedKVBackend if shared else PodTorchBackend,
                       pod_ns=plan.ns, pod_nr=plan.nr, pod_shared_kv=shared)
         if kernel:  # an anchor's page holds its block's values; a shared layer's own cache is its proximal keys
-            common.update(pod_kernel=True, pod_block_pos=layer - anchor, pod_block_len=block_len)
+            common.update(pod_kernel=True, pod_block_pos=layer - anchor)
             role = {"role": "anchor", "value_tiles": block_len} if is_anchor else {"role": "proximal"}
         else:
             role = {"role": "anchor" if is_anchor else "values"}
