@@ -70,7 +70,7 @@ def demo(model_name: str | None = None, length: int = 2048, samples: int = 10, o
     from podkv.io import save_figure, write_json
 
     model, tok, plan, source, name = load_demo_model(model_name)
-    check_lengths(model.config, [length])
+    check_lengths(model.config, [length], flag="--length")
     print(f"model: {name}; PoD plan: {source}\n{plan.summary(length)}\n")
     answer = capital_check(model, tok, plan)
     print(f"Q: {QUESTION}\nA (PoD): {answer}\n")

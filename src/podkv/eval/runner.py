@@ -20,13 +20,13 @@ def default_budget(plan: SharingPlan, lengths) -> float:
     return math.ceil(100 * max(1.0 - plan.kv_saving(T) for T in lengths) - 1e-9) / 100
 
 
-def check_lengths(config, lengths) -> None:
+def check_lengths(config, lengths, flag: str = "--lengths") -> None:
     """Refuse prompt lengths beyond the model's positions before any prompt is built or run: they were never
     trained, and a 100K-token run of an 8K model would take many minutes before failing."""
     limit = getattr(config, "max_position_embeddings", None)
     too_long = [T for T in lengths if limit is not None and T > limit]
     if too_long:
-        raise PodError(f"--lengths: {too_long[0]} tokens exceed the model's max_position_embeddings={limit}; "
+        raise PodError(f"{flag}: {too_long[0]} tokens exceed the model's max_position_embeddings={limit}; "
                        f"use lengths up to {limit} (answer tokens need a little room too)")
 
 
