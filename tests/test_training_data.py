@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
@@ -11,7 +12,15 @@ from tiny import tiny_model
 import podkv
 from podkv.errors import PodError
 from podkv.training.init import init_from_anchor
-from podkv.training.longrange import long_range_blocks, lookup_document, repeat_document
+from podkv.training.longrange import (
+    CHAIN_WORDINGS,
+    MULTI_WORDINGS,
+    chain_document,
+    long_range_blocks,
+    lookup_document,
+    multilookup_document,
+    repeat_document,
+)
 
 
 class WordTok:
@@ -58,6 +67,55 @@ def test_lookup_document_is_exact_length_and_answers_from_its_records():
     for q in questions:
         name, code = q.split("? ")[0], q.split("? ")[1].split(".")[0]
         assert f"the access code of {name} is {code}." in text
+
+
+def template_regex(template: str) -> re.Pattern:
+    """A template with {fields} as a regex with one named group per field."""
+    parts = re.split(r"\{(\w+)\}", template)
+    return re.compile("".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>.+?)" for i, p in enumerate(parts)) + "$")
+
+
+def test_multilookup_document_lists_all_numbers_of_its_name_in_order():
+    tok = WordTok()
+    for seed in range(8):
+        doc = multilookup_document(tok, STREAM, 900, random.Random(seed))
+        assert len(doc) == 900
+        text = tok.decode(doc)
+        last = text.rsplit("\n\n", 1)[1]
+        record, final = next(w for w in MULTI_WORDINGS if template_regex(w[1]).match(last))
+        m = template_regex(final).match(last)
+        listed = m["values"].split(", ")
+        assert len(listed) == 4
+        positions = [text.index(record.format(name=m["name"], value=v)) for v in listed]
+        assert positions == sorted(positions)
+
+
+def test_chain_document_names_every_holder_in_chain_order():
+    tok = WordTok()
+    for seed in range(6):
+        text = tok.decode(chain_document(tok, STREAM, 900, random.Random(seed)))
+        last = text.rsplit("\n\n", 1)[1]
+        first, copy, final = next(w for w in CHAIN_WORDINGS if template_regex(w[2]).match(last))
+        m = template_regex(final).match(last)
+        names = m["names"].split(" ")
+        assert len(names) == 5
+        steps = [text.index(first.format(a=names[0], value=m["value"]))]
+        steps += [text.index(copy.format(a=a, b=b)) for a, b in zip(names, names[1:])]
+        assert steps == sorted(steps)
+
+
+def test_training_wordings_never_use_the_evaluation_templates():
+    """The RULER-style tasks must stay unseen: no magic numbers, no ``VAR X = Y`` chains, no passkey."""
+    wordings = " ".join(w for group in (MULTI_WORDINGS, CHAIN_WORDINGS) for t in group for w in t).lower()
+    for phrase in ("magic number", "var ", "pass key", "passkey", "memorize", "variable assignment"):
+        assert phrase not in wordings
+
+
+def test_long_range_kinds_cycle_and_unknown_kind_is_refused():
+    rows = long_range_blocks(WordTok(), STREAM, 1024, 4, kinds=("multilookup", "chain"))
+    assert [len(r) for r in rows] == [1024] * 4
+    with pytest.raises(PodError, match="--long-range-kinds: unknown kind 'recall'"):
+        long_range_blocks(WordTok(), STREAM, 1024, 2, kinds=("chain", "recall"))
 
 
 def test_long_range_blocks_are_seq_len_rows_ending_in_eos():
@@ -117,3 +175,10 @@ def test_train_config_refuses_bad_long_range_and_init():
         TrainConfig(plan="p.json", out="o", max_steps=1, long_range=-1)
     with pytest.raises(PodError, match="--init must be one of"):
         TrainConfig(plan="p.json", out="o", max_steps=1, init="anchor-v")
+
+
+def test_train_config_refuses_an_unknown_long_range_kind_before_compute():
+    from podkv.training.config import TrainConfig
+
+    with pytest.raises(PodError, match="--long-range-kinds: unknown kind 'chains'"):
+        TrainConfig(plan="p.json", out="o", max_steps=1, long_range=4, long_range_kinds=("chain", "chains"))

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from podkv.errors import PodError
+from podkv.training.longrange import check_kinds
 
 OBJECTIVES = ("lm", "distill", "local")
 TRAINABLE = ("qk", "attention", "all")
@@ -30,8 +31,9 @@ class TrainConfig:
     lora_rank : 0 = train the selected weights directly; > 0 = LoRA adapters on them (peft).
     eval_fraction : share of the packed token stream held out for evaluation (the tail; never trained on).
         With the default text the held-out curve is measured on the ``heldout`` split instead.
-    long_range : generated long-range documents (repeat / lookup, :mod:`podkv.training.longrange`)
-        added to the training rows; 0 = none.
+    long_range : generated long-range documents (:mod:`podkv.training.longrange`) added to the
+        training rows; 0 = none.
+    long_range_kinds : the kinds those documents cycle through (repeat, lookup, multilookup, chain).
     init : ``"none"``, ``"anchor-q"`` or ``"anchor-qk"`` — start shared heads from their anchor's
         projections (:mod:`podkv.training.init`); recorded in the saved plan's ``meta["init"]``.
     eval_every : optimizer steps between held-out perplexity measurements (0 = only at start and end).
@@ -63,6 +65,7 @@ class TrainConfig:
     force: bool = False  # replace an existing ``out`` (podkv.outputs: the rule of every command)
     threads: int | None = None
     long_range: int = 0
+    long_range_kinds: tuple[str, ...] = ("repeat", "lookup")
     init: str = "none"
 
     def __post_init__(self):
@@ -90,6 +93,7 @@ class TrainConfig:
             raise PodError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.long_range < 0:
             raise PodError(f"--long-range must be >= 0 documents, got {self.long_range}")
+        self.long_range_kinds = check_kinds(self.long_range_kinds)
         if self.eval_every < 0:
             raise PodError(f"eval_every must be >= 0, got {self.eval_every}")
         self.data = [str(p) for p in self.data]

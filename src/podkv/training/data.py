@@ -70,7 +70,7 @@ def split_stream(stream: torch.Tensor, seq_len: int, eval_fraction: float) -> Sp
 
 
 def load_split(tok, paths: list[str], seq_len: int, eval_fraction: float, long_range: int = 0,
-               seed: int = 0) -> Split:
+               seed: int = 0, long_range_kinds: tuple[str, ...] = ("repeat", "lookup")) -> Split:
     """Packed training rows (``long_range`` generated documents first) and the held-out tokens."""
     docs = read_documents(paths) if paths else default_documents()
     split = split_stream(token_stream(tok, docs), seq_len, eval_fraction)
@@ -81,7 +81,8 @@ def load_split(tok, paths: list[str], seq_len: int, eval_fraction: float, long_r
     if long_range:
         from podkv.training.longrange import long_range_blocks
 
-        rows = long_range_blocks(tok, split.train.flatten().tolist(), seq_len, long_range, seed=seed)
+        rows = long_range_blocks(tok, split.train.flatten().tolist(), seq_len, long_range, seed=seed,
+                                 kinds=long_range_kinds)
         split.train = torch.cat([torch.tensor(rows, dtype=torch.long), split.train])
     return split
 

@@ -10,8 +10,15 @@ packing never splits one):
   with induction heads); distillation asks the PoD student to do the same through shared keys.
 * **lookup** — records ``"Entry <n>: the access code of <name> is <digits>."`` scattered in
   prose, and at the end ``"Which access code belongs to <name>? <digits>."`` questions.
+* **multilookup** — one name owns several numbers (and other names own some too), scattered in
+  prose; the end lists *all* of that name's numbers in order. One wording per document, drawn from
+  :data:`MULTI_WORDINGS`. Teaches that every distant occurrence matters, not only the strongest.
+* **chain** — a value is assigned to one name, then copied name to name (``<b> takes the value of
+  <a>``) at later points of the prose; the end names every holder of the value, in chain order.
+  Teaches multi-hop reading of distant tokens. Wordings from :data:`CHAIN_WORDINGS`.
 
-Neither uses RULER's "special magic number" needles, the passkey filler, or the held-out text.
+None uses RULER's "special magic number" needles, its ``VAR X = Y`` chains, the passkey filler,
+or the held-out text: the evaluation's prompts stay unseen (wordings are checked in the tests).
 """
 
 from __future__ import annotations
@@ -20,7 +27,22 @@ import random
 
 from podkv.errors import PodError
 
-KINDS = ("repeat", "lookup")
+KINDS = ("repeat", "lookup", "multilookup", "chain")
+DEFAULT_KINDS = ("repeat", "lookup")
+# (record, final line) templates; {name}, {value}, {values} (comma-joined, in order of appearance)
+MULTI_WORDINGS = (
+    ("Note: one of the shipment numbers of {name} is {value}.", "All shipment numbers of {name}, in order: {values}."),
+    ("Log: {name} was also given locker {value}.", "Every locker given to {name}: {values}."),
+    ("Ledger line: {name} paid invoice {value}.", "The invoices that {name} paid were {values}."),
+    ("Aside: {name} once rented room {value}.", "Rooms {name} rented, listed: {values}."),
+)
+# (first assignment, copy, final line) templates; {a}, {b}, {value}, {names} (space-joined, chain order)
+CHAIN_WORDINGS = (
+    ("Setting: {a} holds {value}.", "Setting: {b} takes the value of {a}.", "Holders of {value}: {names}."),
+    ("let {a} := {value}", "let {b} := {a}", "# every name bound to {value}: {names}"),
+    ("The box {a} contains {value}.", "The box {b} contains whatever box {a} contains.",
+     "Boxes containing {value}: {names}."),
+)
 NAMES = ("amber", "birch", "cobalt", "dune", "ember", "fjord", "garnet", "harbor", "indigo", "juniper", "kestrel",
          "lagoon", "meadow", "nickel", "orchid", "pepper", "quartz", "raven", "saffron", "tundra", "umber", "violet",
          "walnut", "xenon", "yarrow", "zephyr", "basalt", "cedar", "delta", "falcon", "glacier", "hazel")
@@ -38,17 +60,48 @@ def repeat_document(stream: list[int], n: int, rng: random.Random, min_gap: int)
 def lookup_document(tok, stream: list[int], n: int, rng: random.Random, records: int = 6,
                     asked: int = 3) -> list[int]:
     """``n`` token ids: prose with ``records`` access-code records, ``asked`` questions at the end."""
-    enc = lambda s: list(tok.encode(s, add_special_tokens=False))  # noqa: E731
     names = rng.sample(NAMES, records)
     codes = {w: str(rng.randint(1000, 999999)) for w in names}
-    recs = [enc(f"\n\nEntry {i + 1}: the access code of {w} is {codes[w]}.\n\n") for i, w in enumerate(names)]
-    tail = enc("\n\n" + " ".join(f"Which access code belongs to {w}? {codes[w]}." for w in rng.sample(names, asked)))
+    recs = [f"Entry {i + 1}: the access code of {w} is {codes[w]}." for i, w in enumerate(names)]
+    tail = "\n\n" + " ".join(f"Which access code belongs to {w}? {codes[w]}." for w in rng.sample(names, asked))
+    return _scatter(tok, stream, n, rng, recs, tail)
+
+
+def multilookup_document(tok, stream: list[int], n: int, rng: random.Random, values: int = 4,
+                         others: int = 3) -> list[int]:
+    """``n`` token ids: ``values`` numbers of one name and ``others`` of other names in prose; all of the
+    first name's numbers listed at the end, in order of appearance."""
+    record, final = rng.choice(MULTI_WORDINGS)
+    name, *other_names = rng.sample(NAMES, 1 + others)
+    numbers = [str(v) for v in rng.sample(range(10_000, 1_000_000), values + others)]
+    owners = [name] * values + other_names
+    order = rng.sample(range(len(owners)), len(owners))
+    texts = [record.format(name=owners[i], value=numbers[i]) for i in order]
+    mine = [numbers[i] for i in order if owners[i] == name]
+    return _scatter(tok, stream, n, rng, texts, "\n\n" + final.format(name=name, values=", ".join(mine)))
+
+
+def chain_document(tok, stream: list[int], n: int, rng: random.Random, hops: int = 4) -> list[int]:
+    """``n`` token ids: a value assigned to one name, copied along ``hops`` names at later points of the prose,
+    and a final line naming every holder in chain order."""
+    first, copy, final = rng.choice(CHAIN_WORDINGS)
+    names = rng.sample(NAMES, hops + 1)
+    value = str(rng.randint(100, 99_999))
+    texts = [first.format(a=names[0], value=value)] + [copy.format(a=a, b=b) for a, b in zip(names, names[1:])]
+    return _scatter(tok, stream, n, rng, texts, "\n\n" + final.format(value=value, names=" ".join(names)))
+
+
+def _scatter(tok, stream: list[int], n: int, rng: random.Random, texts: list[str], tail_text: str) -> list[int]:
+    """``texts`` in order at random points of a stretch of prose, then ``tail_text``: exactly ``n`` ids."""
+    enc = lambda s: list(tok.encode(s, add_special_tokens=False))  # noqa: E731
+    recs = [enc(f"\n\n{t}\n\n") for t in texts]
+    tail = enc(tail_text)
     n_prose = n - len(tail) - sum(map(len, recs))
-    if n_prose < records:
-        raise PodError(f"--seq-len {n + 1} is too short for a lookup document")
+    if n_prose < len(recs):
+        raise PodError(f"--seq-len {n + 1} is too short for a long-range document")
     start = rng.randrange(len(stream) - n_prose)
     prose = stream[start:start + n_prose]
-    cuts = sorted(rng.sample(range(1, n_prose), records))
+    cuts = sorted(rng.sample(range(1, n_prose), len(recs)))
     out, prev = [], 0
     for cut, rec in zip(cuts, recs):
         out += prose[prev:cut] + rec
@@ -56,16 +109,32 @@ def lookup_document(tok, stream: list[int], n: int, rng: random.Random, records:
     return out + prose[prev:] + tail
 
 
-def long_range_blocks(tok, stream: list[int], seq_len: int, count: int, seed: int = 0, min_gap: int = 256):
-    """``count`` token rows of exactly ``seq_len`` (document + EOS), alternating repeat and lookup."""
+def check_kinds(kinds) -> tuple[str, ...]:
+    """``kinds`` as a tuple, or a one-line error naming the flag and the first unknown kind."""
+    kinds = tuple(kinds)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise PodError(f"--long-range-kinds: unknown kind {unknown[0] if unknown else '(none)'!r}; "
+                       f"choose from {', '.join(KINDS)}")
+    return kinds
+
+
+def long_range_blocks(tok, stream: list[int], seq_len: int, count: int, seed: int = 0, min_gap: int = 256,
+                      kinds: tuple[str, ...] = DEFAULT_KINDS):
+    """``count`` token rows of exactly ``seq_len`` (document + EOS), cycling through ``kinds``."""
     if seq_len < 4 * min_gap:
         raise PodError(f"--seq-len {seq_len} is too short for long-range documents: use >= {4 * min_gap}")
+    kinds = check_kinds(kinds)
     rng = random.Random(seed)
     eos = tok.eos_token_id
     n = seq_len - 1
+    make = {"repeat": lambda: repeat_document(stream, n, rng, min_gap),
+            "lookup": lambda: lookup_document(tok, stream, n, rng),
+            "multilookup": lambda: multilookup_document(tok, stream, n, rng),
+            "chain": lambda: chain_document(tok, stream, n, rng)}
     rows = []
     for i in range(count):
-        doc = repeat_document(stream, n, rng, min_gap) if i % 2 == 0 else lookup_document(tok, stream, n, rng)
+        doc = make[kinds[i % len(kinds)]]()
         assert len(doc) == n, (len(doc), n)
         rows.append(doc + [eos])
     return rows

@@ -41,7 +41,8 @@ def prepare(cfg: TrainConfig):
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and cfg.seq_len > max_pos:
         raise PodError(f"--seq-len {cfg.seq_len} exceeds the model's {max_pos} positions")
-    split = load_split(tok, cfg.data, cfg.seq_len, cfg.eval_fraction, cfg.long_range, cfg.seed)
+    split = load_split(tok, cfg.data, cfg.seq_len, cfg.eval_fraction, cfg.long_range, cfg.seed,
+                       cfg.long_range_kinds)
     return model, tok, plan, split
 
 
