@@ -104,6 +104,14 @@ def test_assisted_decoding(arch):
               no_cache(model, ids, do_sample=False), "assisted decoding")
 
 
+def test_early_exit_assistant_is_refused_before_the_first_token():
+    """Self-speculative early exit truncates config.num_hidden_layers; PoD refuses it up front, config intact."""
+    model = pod_model("llama")
+    with torch.no_grad(), pytest.raises(PodError, match=r"assistant_early_exit=2\) is not supported"):
+        model.generate(prompt(), assistant_early_exit=2, do_sample=False, **KW)
+    assert model.config.num_hidden_layers == 4
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_prompt_lookup_decoding(arch):
     model = pod_model(arch)

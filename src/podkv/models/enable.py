@@ -94,6 +94,7 @@ def _generate_with_pod_cache(model, *args, **kwargs):
     """
     from podkv.cache.pod_cache import PodCache
 
+    _refuse_unsupported_modes(model, kwargs)
     if model.config._attn_implementation == ATTN_NAME and _setting(model, kwargs, "use_cache") is not False:
         margin = _crop_margin(model, args, kwargs)
         cache = compat.given_cache(kwargs)
@@ -102,6 +103,20 @@ def _generate_with_pod_cache(model, *args, **kwargs):
         elif isinstance(cache, PodCache):
             cache.reserve_crop_margin(margin)
     return type(model).generate(model, *args, **kwargs)
+
+
+def _refuse_unsupported_modes(model, kwargs) -> None:
+    """Generation modes PoD cannot run fail before the first token, naming the mode.
+
+    Self-speculative early exit runs the model's first N layers as its own assistant by setting
+    ``config.num_hidden_layers = N``; the plan covers every layer, so the assistant's forward would
+    stop with a misleading plan-size error and leave the config truncated.
+    """
+    early_exit = _setting(model, kwargs, "assistant_early_exit")
+    if early_exit is not None:
+        raise PodError(f"generate(assistant_early_exit={early_exit}) is not supported on a PoD model: the early-exit "
+                       f"assistant runs only the first {early_exit} of the plan's {model.config.num_hidden_layers} "
+                       "layers on the same cache. Use assistant_model=<a smaller model> or prompt_lookup_num_tokens")
 
 
 def _setting(model, kwargs, name):
