@@ -1,9 +1,10 @@
 """Token selection on a PodCache (PoD + SnapKV): the compacted cache is exact on the kept tokens."""
 
+import pytest
 import torch
 from transformers import DynamicCache
 
-from podkv import PodCache, SharingPlan, enable_pod
+from podkv import PodCache, PodError, SharingPlan, enable_pod
 from podkv.cache.selection import compact, snapkv_select
 from tiny import tiny_model
 from tolerances import assert_close
@@ -28,7 +29,11 @@ def test_identity_plan_compaction_equals_dense_attention_over_kept_tokens():
         runtime.observe_window = None
         kept = snapkv_select(cache, runtime.observed, runtime.observed_scale, keep)
         compact(cache, kept)
-        assert cache.get_seq_length() == 4 + keep + 10
+        assert cache.get_seq_length() == 4 + keep + 10 and cache.dropped == T - (4 + keep + 10)
+        with pytest.raises(PodError, match=f"holds {4 + keep + 10} of the {T} tokens seen, so the next position is {T}"):
+            model.generate(ids[:, :T], past_key_values=cache, max_new_tokens=2, do_sample=False)
+        with pytest.raises(PodError, match="Pass position_ids explicitly"):
+            model(ids[:, T:T + 1], past_key_values=cache)
 
         oracle = DynamicCache(config=model.config)
         for layer in range(4):

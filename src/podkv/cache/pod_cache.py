@@ -177,6 +177,7 @@ class PodCache(Cache):
         self.plan, self.crop_margin = plan, crop_margin
         self.pad = None  # (B,) left-padding counts, fixed at prefill (see the property)
         self.in_forward = 0  # forwards of a PoD model using this cache right now (forward_scope.py)
+        self.dropped = 0  # tokens removed by token selection (selection.compact): positions run ahead by this
         self.reset_step_state()
         super().__init__(layers=[PodLayer(self, i) for i in range(plan.num_layers)])
 

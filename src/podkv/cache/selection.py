@@ -12,7 +12,10 @@ the distant *tokens* a prompt's last queries attend to. Combined, after prefill:
   * compaction: sinks, the kept tokens (in order) and the last nr tokens become a cache of length
     ns + keep + nr, with the same layout as an uncompacted PodCache of that length, so attention
     and decoding run unchanged. Positions of later tokens must be passed explicitly (the cache is
-    shorter than the prompt), as for any evicting cache (see eval/generation.py).
+    shorter than the prompt), as for any evicting cache (see eval/generation.py). The cache records
+    how many tokens it dropped (``PodCache.dropped``); a forward on it without ``position_ids`` is
+    refused (models/forward_scope.py), since the cache length would give later tokens wrong RoPE
+    positions.
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ def compact(cache, kept: dict) -> None:
             store.k_prox = torch.stack([_take(store.k_prox[:, n], pos) for n in range(len(store.shared_heads))], dim=1)
         store.prox_idx = new_idx
         store.seen = store.seen_before = T_new
+    cache.dropped += T - T_new
     cache.reset_step_state()
 
 

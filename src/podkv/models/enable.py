@@ -101,6 +101,7 @@ def _generate_with_pod_cache(model, *args, **kwargs):
         if cache is None and _setting(model, kwargs, "cache_implementation") is None:
             kwargs.update(compat.cache_kwargs(PodCache(model.config, model.pod_runtime.plan, crop_margin=margin)))
         elif isinstance(cache, PodCache):
+            forward_scope.check_positions(cache, {})
             cache.reserve_crop_margin(margin)
     return type(model).generate(model, *args, **kwargs)
 

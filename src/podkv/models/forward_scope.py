@@ -13,7 +13,8 @@ state: a stray ``cache.update`` or a forward with another cache cannot leak into
 
 The same hook rejects, with one line, what would otherwise go silently wrong: a cache that does
 not hand attention every key (StaticCache's padded buffers, sliding windows), a PodCache built for
-another plan, a PodCache left half-updated, and inputs beyond the model's positions.
+another plan, a PodCache left half-updated, a compacted PodCache without explicit positions, and
+inputs beyond the model's positions.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def _enter(module, args, kwargs) -> None:
     if isinstance(cache, PodCache):
         _check_plan(cache.plan, runtime.plan)
         cache.check_ready()
+        check_positions(cache, kwargs)
         cache.in_forward += 1
     else:
         _check_full_keys(cache)
@@ -73,6 +75,19 @@ def _check_plan(cache_plan, model_plan) -> None:
             shown = "differ" if name == "anchors" else f"= {have!r}, the model's {want!r}"
             raise PodError(f"PodCache plan field '{name}' {shown}: build the cache from the model, "
                            "PodCache(model.config)")
+
+
+def check_positions(cache, kwargs) -> None:
+    """A compacted cache is shorter than the text it has seen: its length is not the next position.
+
+    ``generate`` derives positions from the cache length, so it is refused even when it passes
+    ``position_ids`` on (models/enable.py calls this with ``position_ids`` left out).
+    """
+    if cache.dropped and kwargs.get("position_ids") is None:
+        held = cache.get_seq_length()
+        raise PodError(f"this PodCache was compacted by token selection: it holds {held} of the {held + cache.dropped} "
+                       f"tokens seen, so the next position is {held + cache.dropped}, not {held}. Pass position_ids "
+                       "explicitly (podkv.eval.generation decodes this way); a plain generate() cannot continue it")
 
 
 def _check_full_keys(cache) -> None:
