@@ -155,7 +155,7 @@ def test_resume_continues_from_the_same_step_and_optimizer_state(setup):
 def test_lora_distill_deltas_reproduce_the_merged_model(setup):
     from safetensors.torch import load_file
 
-    from podkv.training.deltas import apply_deltas
+    from podkv.models.deltas import apply_deltas
     from podkv.training.runner import train
 
     cfg = _cfg(setup, "lora", objective="distill", lora_rank=4, max_steps=3)

@@ -11,7 +11,7 @@ from tiny import tiny_model
 
 import podkv
 from podkv.errors import PodError
-from podkv.training.init import init_from_anchor
+from podkv.models.anchor_init import init_from_anchor
 from podkv.training.longrange import (
     CHAIN_WORDINGS,
     MULTI_WORDINGS,

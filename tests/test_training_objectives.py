@@ -10,7 +10,8 @@ import torch
 from tiny import tiny_model
 
 import podkv
-from podkv.training.objectives import LayerTaps, decoder_layers, relative_error
+from podkv.models.enable import decoder_layers
+from podkv.training.objectives import LayerTaps, relative_error
 
 PLAN = dict(ns=4, nr=8)
 

@@ -12,6 +12,10 @@ from pathlib import Path
 import torch
 
 from podkv.errors import PodError
+from podkv.models.anchor_init import init_from_anchor
+from podkv.models.deltas import apply_deltas
+from podkv.models.enable import enable_pod
+from podkv.plan import SharingPlan
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "smollm2-pod"
 PLAN_FILE = "pod_plan.json"
@@ -21,8 +25,7 @@ RECIPE_FILE = "recipe.json"
 
 def load_adapted_default(dtype: torch.dtype = torch.float32, progress: bool = True, asset_dir: Path | None = None):
     """(model, tokenizer): SmolLM2-135M-Instruct + shipped PoD deltas, PoD enabled (``model.config.pod_plan``)."""
-    from podkv.models.enable import enable_pod
-    from podkv.models.loading import load_model
+    from podkv.models.loading import load_model  # a cycle: load_model("smollm2-pod") dispatches here
 
     asset_dir = Path(asset_dir or ASSET_DIR)
     plan = adapted_plan(asset_dir)
@@ -36,8 +39,6 @@ def load_adapted_default(dtype: torch.dtype = torch.float32, progress: bool = Tr
 
 def adapted_plan(asset_dir: Path):
     """The plan of an adapted-model folder (``pod_plan.json`` next to ``pod_deltas.safetensors``)."""
-    from podkv.plan import SharingPlan
-
     for name in (PLAN_FILE, DELTA_FILE):
         if not (Path(asset_dir) / name).is_file():
             raise PodError(f"the adapted model in {asset_dir} is incomplete: {Path(asset_dir) / name} is missing; "
@@ -47,9 +48,6 @@ def adapted_plan(asset_dir: Path):
 
 def adapt_weights(model, plan, asset_dir: Path) -> None:
     """Base weights -> adapted weights, in place (fp32): replay the plan's init, add the stored deltas."""
-    from podkv.training.deltas import apply_deltas
-    from podkv.training.init import init_from_anchor
-
     init_from_anchor(model, plan, plan.meta.get("init", "none"))  # deterministic: replayed, not stored
     apply_deltas(model, Path(asset_dir) / DELTA_FILE)  # deltas are added in fp32, then cast once
 

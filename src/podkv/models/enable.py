@@ -36,6 +36,12 @@ def attention_modules(model):
     return sorted(mods, key=lambda m: m.layer_idx)
 
 
+def decoder_layers(model) -> list:
+    """The decoder layers in order (also through peft / DDP wrappers): modules with a ``self_attn``."""
+    layers = [m for m in model.modules() if hasattr(m, "self_attn") and hasattr(m.self_attn, "layer_idx")]
+    return sorted(layers, key=lambda m: m.self_attn.layer_idx)
+
+
 def enable_pod(model, plan: SharingPlan, *, chunk: int = DEFAULT_CHUNK, reference: bool = False):
     """Make ``model`` use PoD attention with ``plan``; ``generate`` then defaults to a :class:`PodCache`.
 

@@ -66,10 +66,10 @@ def save_tiny_llama(out: Path, seed: int = 0) -> Path:
 
 def save_tiny_adapted(out: Path, base_dir: Path, plan: SharingPlan, rank: int = 2, seed: int = 0) -> Path:
     """An adapted model stored like the shipped smollm2-pod (plan + LoRA factors of the shared layers' q/k
-    projections, :mod:`podkv.training.deltas`) on ``base_dir``; returns its folder."""
+    projections, :mod:`podkv.models.deltas`) on ``base_dir``; returns its folder."""
     from transformers import AutoConfig
 
-    from podkv.training.deltas import save_deltas
+    from podkv.models.deltas import save_deltas
 
     config = AutoConfig.from_pretrained(base_dir)
     d, hd = config.hidden_size, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -35,7 +35,7 @@ class TrainConfig:
         training rows; 0 = none.
     long_range_kinds : the kinds those documents cycle through (repeat, lookup, multilookup, chain).
     init : ``"none"``, ``"anchor-q"`` or ``"anchor-qk"`` — start shared heads from their anchor's
-        projections (:mod:`podkv.training.init`); recorded in the saved plan's ``meta["init"]``.
+        projections (:mod:`podkv.models.anchor_init`); recorded in the saved plan's ``meta["init"]``.
     eval_every : optimizer steps between held-out perplexity measurements (0 = only at start and end).
     """
 
@@ -82,7 +82,7 @@ class TrainConfig:
         _choice("objective", self.objective, OBJECTIVES)
         _choice("trainable", self.trainable, TRAINABLE)
         _choice("precision", self.precision, PRECISIONS)
-        from podkv.training.init import INITS
+        from podkv.models.anchor_init import INITS
 
         _choice("init", self.init, INITS)
         if self.lora_rank < 0:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from podkv.models.enable import decoder_layers
+
 
 class DistillTrainer(Trainer):
     """Trainer whose loss is mean-over-tokens KL(teacher || student) on the full vocabulary."""
@@ -97,12 +99,6 @@ class LayerTaps:
         def hook(module, args, output):
             self.outputs[i] = output[0] if isinstance(output, tuple) else output
         return hook
-
-
-def decoder_layers(model) -> list:
-    """The decoder layers in order (also through peft / DDP wrappers): modules with a ``self_attn``."""
-    layers = [m for m in model.modules() if hasattr(m, "self_attn") and hasattr(m.self_attn, "layer_idx")]
-    return sorted(layers, key=lambda m: m.self_attn.layer_idx)
 
 
 def relative_error(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:

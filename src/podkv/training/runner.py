@@ -69,7 +69,7 @@ def train(cfg: TrainConfig, callbacks=None) -> dict:
     dense_nll = heldout_nll(model, split.heldout, cfg.seq_len, cfg.eval_tokens)
     teacher = copy.deepcopy(model) if cfg.objective in ("distill", "local") else None  # dense attention, frozen
     if cfg.init != "none":
-        from podkv.training.init import init_from_anchor
+        from podkv.models.anchor_init import init_from_anchor
 
         init_from_anchor(model, plan, cfg.init)
         plan.meta = {**plan.meta, "init": cfg.init}  # the loader replays it before applying the deltas
@@ -125,7 +125,7 @@ def _build_trainer(cfg, model, tok, split, teacher, callbacks):
 def _finish(cfg, trainer, tok, plan, names, base_state, probe, dense_nll, wall, world, n_trainable) -> dict:
     from podkv.io import write_json
     from podkv.provenance import identity, machine, versions
-    from podkv.training.deltas import full_deltas, lora_factors, save_deltas
+    from podkv.models.deltas import full_deltas, lora_factors, save_deltas
 
     model = trainer.model
     model = getattr(model, "module", model)  # unwrap DDP

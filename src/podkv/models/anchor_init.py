@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from podkv.errors import PodError
+from podkv.models.enable import attention_modules, decoder_layers
 from podkv.plan import SharingPlan
 
 INITS = ("none", "anchor-q", "anchor-qk")
@@ -27,10 +28,6 @@ def init_from_anchor(model, plan: SharingPlan, init: str) -> int:
         raise PodError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
     if init == "none":
         return 0
-    from podkv.models.enable import attention_modules
-
-    from podkv.training.objectives import decoder_layers
-
     attn = attention_modules(model)
     layers = decoder_layers(model)
     d = attn[0].head_dim

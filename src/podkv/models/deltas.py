@@ -11,8 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save
 
 from podkv.errors import PodError
+from podkv.io import atomic_write_bytes
 
 
 def lora_factors(peft_model) -> dict[str, torch.Tensor]:
@@ -35,17 +37,12 @@ def full_deltas(model, base_state: dict[str, torch.Tensor], names: list[str]) ->
 
 
 def save_deltas(tensors: dict[str, torch.Tensor], path: str | Path, dtype=torch.bfloat16) -> Path:
-    from safetensors.torch import save
-
-    from podkv.io import atomic_write_bytes
-
+    """Write ``tensors`` as safetensors in ``dtype`` (bf16: the deltas are small updates), atomically."""
     return atomic_write_bytes(path, save({k: v.to(dtype) for k, v in tensors.items()}))
 
 
 def apply_deltas(model, path: str | Path) -> int:
     """Add the stored updates to ``model``'s weights in place. Returns the number of tensors changed."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise PodError(f"delta file {path} does not exist")
