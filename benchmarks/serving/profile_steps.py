@@ -3,7 +3,7 @@
     .venv-vllm/bin/python benchmarks/serving/profile_steps.py --prompt-len 1024 --out benchmarks/serving/profile_p1024.json
 
 One in-process engine at a time (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, so the timers see the model), the same
-16 random prompts as ``podkv.serving.throughput``, greedy. Reported per engine: wall time of the batch, every
+16 random prompts as ``benchmarks/serving/throughput.py``, greedy. Reported per engine: wall time of the batch, every
 engine step (``execute_model``), the median of the last 16 (pure decode: every request has finished its
 prefill) and, for PoD, the seconds and calls inside ``PodTorchImpl``'s shared-layer prefill and decode.
 """
@@ -29,7 +29,7 @@ def _child(which: str, args) -> dict:
     import podkv.serving.attention as attention
     from podkv.plan import SharingPlan
     from podkv.serving.engine import make_llm
-    from podkv.serving.throughput import prompts
+    from throughput import prompts  # benchmarks/serving/throughput.py, beside this script
 
     spent = collections.Counter()
     for name in TIMED:

@@ -10,7 +10,7 @@ PY=.venv-vllm/bin/python
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 SMOL="${PODKV_HOME:-$HOME/.cache/podkv}/models/smollm2-135m-instruct"
 TINY_DIR="$(mktemp -d)"
-.venv/bin/python -m podkv.serving.parity --out "$TINY_DIR" > /dev/null 2>&1   # the tiny fp32 Llama of the tests
+.venv/bin/python tests/serving_parity.py --out "$TINY_DIR" > /dev/null 2>&1   # the tiny fp32 Llama of the tests
 .venv/bin/python -c "import podkv.models.default_model as m; m.ensure_default_model()"  # SmolLM2, converted once
 run() {  # name, then capacity args
   local name=$1; shift

@@ -12,8 +12,8 @@ MODEL="${MODEL:-$HOME/.cache/podkv/models/smollm2-135m-instruct}"
 OUT="$ROOT/benchmarks/serving"
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-2}" TOKENIZERS_PARALLELISM=false
 common=(--model "$MODEL" --block-layers 3 --requests 16 --max-tokens 64 --passes 1 --rounds 2)
-"$PY" -m podkv.serving.throughput "${common[@]}" --prompt-len 1024 --out "$OUT/throughput_p1024.json"
-"$PY" -m podkv.serving.throughput "${common[@]}" --prompt-len 256 --out "$OUT/throughput_p256.json"
+"$PY" "$ROOT/benchmarks/serving/throughput.py" "${common[@]}" --prompt-len 1024 --out "$OUT/throughput_p1024.json"
+"$PY" "$ROOT/benchmarks/serving/throughput.py" "${common[@]}" --prompt-len 256 --out "$OUT/throughput_p256.json"
 if [ -n "${WITH_GATHER:-}" ]; then
-  "$PY" -m podkv.serving.throughput "${common[@]}" --prompt-len 1024 --gather-path --out "$OUT/throughput_p1024_gather.json"
+  "$PY" "$ROOT/benchmarks/serving/throughput.py" "${common[@]}" --prompt-len 1024 --gather-path --out "$OUT/throughput_p1024_gather.json"
 fi

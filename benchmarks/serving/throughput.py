@@ -1,6 +1,6 @@
 """Generation throughput through vLLM: a PoD model vs the same model dense, back to back.
 
-    python -m podkv.serving.throughput --model DIR --block-layers 3 --requests 16 --prompt-len 256 \
+    python benchmarks/serving/throughput.py --model DIR --block-layers 3 --requests 16 --prompt-len 256 \
         --max-tokens 64 --rounds 3 --out benchmarks/serving/throughput.json
 
 Each round starts one engine per process (vLLM keeps process-wide state), dense then PoD, with the same
@@ -77,7 +77,7 @@ def run_engine(args, which: str) -> dict:
             flags += ["--" + name.replace("_", "-")] if value else []
         elif value is not None:
             flags += ["--" + name.replace("_", "-"), str(value)]
-    return run_child("podkv.serving.throughput", "PODKV_THROUGHPUT", which, flags)
+    return run_child(__file__, "PODKV_THROUGHPUT", which, flags)
 
 
 def measure(args) -> dict:
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     if args.child:
         return _child(args)
     result = measure(args)
-    result["command"] = "python -m podkv.serving.throughput " + " ".join(argv if argv is not None else sys.argv[1:])
+    result["command"] = "python benchmarks/serving/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(json.dumps({k: v for k, v in result.items() if k != "rounds"}, indent=1))
     if args.out is not None:
         from podkv.io import write_json

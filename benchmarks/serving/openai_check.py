@@ -1,7 +1,7 @@
 """End to end through vLLM's OpenAI server with the ``openai`` client: a PoD checkpoint, then the same model
 dense, each served with the same ``VLLM_CPU_KVCACHE_SPACE``, one after the other in one run.
 
-    python -m podkv.serving.openai_check --model DIR --plan PLAN --out benchmarks/serving/openai_check.json
+    python benchmarks/serving/openai_check.py --model DIR --plan PLAN --out benchmarks/serving/openai_check.json
 
 For each server (``python -m vllm.entrypoints.openai.api_server``): ``/tokenize`` of a few strings and of a
 chat (with ``--reference-ids``: compared with podkv's own tokenizer, ``--reference-ids-of`` in podkv's venv),
@@ -270,7 +270,7 @@ def main(argv=None) -> int:
     if args.model is None or args.plan is None:
         ap.error("--model and --plan are required")
     result = run(args)
-    result["command"] = "python -m podkv.serving.openai_check " + " ".join(argv if argv is not None else sys.argv[1:])
+    result["command"] = "python benchmarks/serving/openai_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(json.dumps(result, indent=1, ensure_ascii=False))
     if args.out is not None:
         from podkv.io import atomic_write_text, write_json
