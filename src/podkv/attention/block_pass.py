@@ -88,10 +88,10 @@ def _anchor_distant(cache, layer, qg, i0, i1, G, scale, stash) -> None:
             # exp(s - peak) @ V_m with peak and total; it normalises once, after merging (_proximal_merged).
             peak = s.amax(dim=-1, keepdim=True).nan_to_num_(0.0, neginf=0.0)  # (B, h, G*L, 1); 0: row of -inf
             s.sub_(peak).exp_()
-            total = s.sum(dim=-1, keepdim=True).float()  # (B, h, G*L, 1); 0: a row with no distant key
-            peak = peak.float()
+            total = _f32(s.sum(dim=-1, keepdim=True))  # (B, h, G*L, 1); 0: a row with no distant key
+            peak = _f32(peak)
             for m in members[p0]:
-                o = torch.matmul(s, cache.layers[m].v[:, a:b, lo:hi]).float()  # (B, h, G*L, D), unnormalised
+                o = _f32(torch.matmul(s, cache.layers[m].v[:, a:b, lo:hi]))  # (B, h, G*L, D), unnormalised
                 stash.setdefault(m, []).append((a, b, o, peak, total))
 
 
@@ -115,23 +115,40 @@ def _proximal_merged(cache, layer, qg, key, i0, i1, G, scale, distant) -> torch.
     """
     store = cache.layers[layer]
     held_k, held_v, held_idx = store.held()
-    k_p = torch.cat([held_k, key], dim=2).float()  # (B, H, n + L, D): small
-    v_p = torch.cat([held_v, store.v[:, :, i0:i1]], dim=2).float()
-    s = torch.matmul(qg.float(), k_p.transpose(-1, -2)).mul_(scale)  # (B, H, G*L, n + L)
+    k_p = _f32(torch.cat([held_k, key], dim=2))  # (B, H, n + L, D): small
+    v_p = _f32(torch.cat([held_v, store.v[:, :, i0:i1]], dim=2))
+    s = torch.matmul(_f32(qg), k_p.transpose(-1, -2)).mul_(scale)  # (B, H, G*L, n + L)
     bias = _proximal_bias(cache, held_idx, i0, i1, G)
     if bias is not None:
         s.add_(bias)
     m = s.amax(dim=-1, keepdim=True)
-    for h0, h1, _, peak, _ in distant:
-        torch.maximum(m[:, h0:h1], peak, out=m[:, h0:h1])
+    if distant:
+        o, peak, total = _all_heads(distant, s.shape[1])
+        m = torch.maximum(m, peak)
     s.sub_(m).exp_()
     den = s.sum(dim=-1, keepdim=True)
     out = torch.matmul(s, v_p)
-    for h0, h1, o, peak, total in distant:
-        w = (peak - m[:, h0:h1]).exp_()
-        out[:, h0:h1].addcmul_(w, o)
-        den[:, h0:h1].addcmul_(w, total)
+    if distant:
+        w = (peak - m).exp_()
+        out.addcmul_(w, o)
+        den.addcmul_(w, total)
     return out.div_(den)
+
+
+def _all_heads(distant, H: int):
+    """The (h0, h1, o, peak, total) parts of a layer's distant pass, one per anchor head range, joined into
+    (o, peak, total) over all H heads: every (layer, KV head) has exactly one anchor, so the ranges tile
+    [0, H) and the merge runs once instead of once per range."""
+    parts = sorted(distant, key=lambda part: part[0])
+    assert [p[0] for p in parts] == [0] + [p[1] for p in parts[:-1]] and parts[-1][1] == H, "anchor ranges must tile"
+    if len(parts) == 1:
+        return parts[0][2:]
+    return tuple(torch.cat([p[k] for p in parts], dim=1) for k in (2, 3, 4))
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """``x.float()`` without a dispatch when it already is (decode pays per op)."""
+    return x if x.dtype == torch.float32 else x.float()
 
 
 def _proximal_bias(cache, held_idx, i0, i1, G):
