@@ -248,19 +248,6 @@ def _met(ok: bool) -> str:
     return "met" if ok else "missed"
 
 
-def _skip_row(k):
-    at = {r["tau"]: r for r in k["rows"]}[0.7]
-    saved = "time saved" if at["vs_pod"] < 0.98 else "break-even" if at["vs_pod"] <= 1.02 else "no time saved"
-    return (f"gate skipping, τ = 0.7, at {kilo(k['context'])}, on the *earlier* adapted model (uniform blocks of 4, "
-            "keys mode; not today's smollm2-pod)",
-            f"{pct(at['skip_share'], 0)} of shared distant passes skipped for {signed(at['ppl_change_pct'])} "
-            f"perplexity; the step is {times(at['vs_pod'])} PoD's ({saved} on {k['machine']['device'].upper()})")
-
-
-row("README.md", "benchmarks/adapted/skip.json", "podkv bench skip --model smollm2-pod")(_skip_row)
-row("README.md", "benchmarks/adapted_8k/skip.json", "podkv bench skip --model smollm2-pod --context 8192")(_skip_row)
-
-
 @row("README.md", "benchmarks/serving/capacity_smollm2_*.json", "benchmarks/serving/run_capacity.sh")
 def readme_vllm_capacity(runs):
     ratios = [r["capacity_ratio"] for r in runs]
@@ -342,7 +329,6 @@ def serving_openai(r):
 
 bench_memory = row("docs/bench.md", "benchmarks/memory.json", "podkv bench memory")
 bench_speed = row("docs/bench.md", "benchmarks/speed.json", "podkv bench speed --threads 1")
-bench_skip = row("docs/bench.md", "benchmarks/adapted/skip.json", "podkv bench skip --model smollm2-pod --threads 2")
 
 
 def _by_t(rows, t):
@@ -431,25 +417,6 @@ def bench_attention_decode(s):
     fixed = rows[0]["pod"]["median"] - rows[0]["dense"]["median"]
     return (f"one shared layer's decode step incl. cache append, {' / '.join(kilo(r['T']) for r in rows)}, PoD/dense",
             f"{' / '.join(times(r['ratio']) for r in rows)} (fixed cost ~{1e3 * fixed:.1f} ms per step and layer)")
-
-
-@bench_skip
-def bench_skip_pod(k):
-    by = {r["method"]: r for r in k["rows"]}
-    pod, dense = by["pod"], by["dense (reference)"]
-    return (f"gate skip on the earlier adapted model (keys mode, blocks of 4; not today's smollm2-pod), "
-            f"{kilo(k['context'])}: pod",
-            f"step {pod['step_ms']:.1f} ms, ppl {pod['ppl']:.2f} (dense attention on the same weights {dense['ppl']:.2f})")
-
-
-@bench_skip
-def bench_skip_taus(k):
-    at = {r["tau"]: r for r in k["rows"]}
-    rows = [at[t] for t in (0.9, 0.7, 0.0)]
-    return (f"gate skip on the earlier adapted model, {kilo(k['context'])}: τ = 0.9 / 0.7 / 0",
-            f"skipped {' / '.join(pct(r['skip_share'], 0) for r in rows)} of shared distant passes; step "
-            f"{' / '.join(times(r['vs_pod']) for r in rows)} PoD; ppl "
-            f"{' / '.join(signed(r['ppl_change_pct']) for r in rows)}")
 
 
 def main(argv: list[str]) -> int:
