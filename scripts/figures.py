@@ -385,13 +385,22 @@ def bench_batch_rss(b):
             f"{mib(p['peak_rss_at_max'])} MiB")
 
 
+def _subject(s) -> str:
+    """What a speed result measured, from its own fields: model, plan and mode."""
+    model, mode = str(s["model"]).rstrip("/").rsplit("/", 1)[-1], s.get("plan_mode", "keys")
+    if model == "smollm2-pod":
+        return f"smollm2-pod (the shipped model), {mode} mode"
+    plan = str(s["plan"]).rsplit("/", 1)[-1]
+    return f"{model} base weights with plan {plan}, {mode} mode, not adapted (not the shipped model)"
+
+
 @bench_speed
 def bench_prefill(s):
     pre, cfg = s["prefill"], s["config"]
     worst = max(r["ratio"] for r in pre)
     ratios = " / ".join(bold_if(times(r["ratio"]), r["ratio"] == worst) for r in pre)
     secs = ", ".join(f"{r['dense']['median']:.2f} → {r['pod']['median']:.2f} s" for r in pre)
-    return (f"prefill {' / '.join(str(r['T']) for r in pre)} tokens, PoD/dense (chunk {cfg['chunk']}, "
+    return (f"{_subject(s)}: prefill {' / '.join(str(r['T']) for r in pre)} tokens, PoD/dense (chunk {cfg['chunk']}, "
             f"{cfg['reps']} reps)", f"{ratios} ({secs})")
 
 
@@ -400,14 +409,15 @@ def bench_decode(s):
     dec = s["decode"]
     cells = [f"{bold_if(times(r['ratio']), r is dec[-1])} ({1e3 * r['dense']['median']:.3g} → {1e3 * r['pod']['median']:.3g} ms/token)"
              for r in dec]
-    return (f"decode at {' / '.join(str(r['T']) for r in dec)}, PoD/dense ({s['config']['decode_steps']} steps)",
+    return (f"{_subject(s)}: decode at {' / '.join(str(r['T']) for r in dec)}, PoD/dense "
+            f"({s['config']['decode_steps']} steps)",
             " / ".join(cells))
 
 
 @bench_speed
 def bench_attention_prefill(s):
     rows = s["attention_prefill"]
-    return (f"one layer's attention, prefill {' / '.join(kilo(r['T']) for r in rows)}, PoD/dense",
+    return (f"{_subject(s)}: one layer's attention, prefill {' / '.join(kilo(r['T']) for r in rows)}, PoD/dense",
             " / ".join(times(r["ratio"]) for r in rows))
 
 
@@ -415,7 +425,8 @@ def bench_attention_prefill(s):
 def bench_attention_decode(s):
     rows = s["attention_decode"]
     fixed = rows[0]["pod"]["median"] - rows[0]["dense"]["median"]
-    return (f"one shared layer's decode step incl. cache append, {' / '.join(kilo(r['T']) for r in rows)}, PoD/dense",
+    return (f"{_subject(s)}: one shared layer's decode step incl. cache append, "
+            f"{' / '.join(kilo(r['T']) for r in rows)}, PoD/dense",
             f"{' / '.join(times(r['ratio']) for r in rows)} (fixed cost ~{1e3 * fixed:.1f} ms per step and layer)")
 
 
