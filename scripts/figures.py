@@ -252,10 +252,10 @@ def _met(ok: bool) -> str:
 def readme_vllm_capacity(runs):
     ratios = [r["capacity_ratio"] for r in runs]
     diffs = [abs(r["difference_points"]) for r in runs]
-    blocks = sorted({r["block_layers"] for r in runs})
+    blocks = "; ".join(dict.fromkeys(r["blocks"] for r in runs))  # recorded from each plan, not a CLI default
     lengths = sorted({r["max_model_len"] for r in runs})
-    return (f"vLLM (CPU) KV capacity at the same memory, PoD-L plans (blocks of {'/'.join(map(str, blocks))} "
-            f"layers, T = {' / '.join(map(kilo, lengths))})",
+    return (f"vLLM (CPU) KV capacity at the same memory, layer plans ({blocks} layers; "
+            f"T = {' / '.join(map(kilo, lengths))})",
             f"{min(ratios):.2f}–{times(max(ratios))} dense tokens; saving within {min(diffs):.1f}–{max(diffs):.1f} "
             "points of the formula")
 
