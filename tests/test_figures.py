@@ -56,3 +56,23 @@ def test_a_new_result_changes_the_table(figures, tmp_path):
 def test_render_needs_the_markers(figures):
     with pytest.raises(SystemExit, match="figures:begin"):
         figures.render("# no block here\n", "README.md")
+
+
+def test_prose_plan_savings_are_the_plans_own():
+    """Outside the generated tables, a shipped plan's KV saving quoted in prose (the first percentage within a
+    line after the plan's file name, at 4K unless the text says 'at NK') is what the plan file computes."""
+    import re
+
+    from podkv.plan import SharingPlan
+
+    assets = ROOT / "src" / "podkv" / "assets"
+    plans = {p.name: SharingPlan.load(p) for p in assets.glob("smollm2_plan_*.json")}
+    quoted = 0
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for line in doc.read_text().splitlines():
+            for m in re.finditer(r"(smollm2_plan_\w+\.json)[^%|]{0,60}?(\d+\.\d)%( [^,;)]{0,20}?at (\d)K)?", line):
+                tokens = 1024 * int(m.group(4) or 4)
+                want = f"{100 * plans[m.group(1)].kv_saving(tokens):.1f}"
+                assert m.group(2) == want, f"{doc.name}: {m.group(0)!r} — the plan saves {want}% at {tokens}"
+                quoted += 1
+    assert quoted >= 3
