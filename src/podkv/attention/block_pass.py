@@ -32,7 +32,7 @@ import torch
 
 from podkv.attention.heads import head_runs
 from podkv.attention.lse import to_bias
-from podkv.attention.reference import allowed_mask, proximal_mask
+from podkv.attention.reference import allowed_mask, distant_span, proximal_mask
 
 
 def block_pass_applies(cache, query: torch.Tensor, enabled: bool = True) -> bool:
@@ -71,7 +71,7 @@ def block_members(plan, layer: int, head: int) -> range:
 def _anchor_distant(cache, layer, qg, i0, i1, G, scale, stash) -> None:
     """Distant pass of every block anchored at ``layer``: one softmax, one value product per member."""
     plan, store = cache.plan, cache.layers[layer]
-    lo, hi = cache.pad_min + plan.ns, i1 - plan.nr
+    lo, hi = distant_span(cache.pad_min, i1 - 1, plan.ns, plan.nr)
     heads = store.anchor_heads
     if hi <= lo or not heads:
         return  # no query of this step has a distant token
@@ -174,6 +174,6 @@ def _distant_bias(cache, i0, i1, lo, hi, G):
             return None, 0
         d = torch.arange(start, hi, device=pad.device)
         qi = torch.arange(i0, i1, device=pad.device)
-        keep = ((d[None, :] - pad[:, None]) >= plan.ns)[:, None, :] & (d[None, None, :] <= (qi - plan.nr)[None, :, None])
+        keep = ~proximal_mask(d, qi, pad, plan.ns, plan.nr)  # distant = not a sink, not recent (and so not padding)
         return to_bias(keep).repeat(1, G, 1)[:, None], hi - start
     return cache.per_step("block_distant_bias", build)

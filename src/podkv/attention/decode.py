@@ -22,7 +22,7 @@ import torch
 
 from podkv.attention.heads import head_runs, put_heads, select_heads
 from podkv.attention.lse import attend_lse, merge_lse, to_bias
-from podkv.attention.reference import allowed_mask, proximal_mask
+from podkv.attention.reference import allowed_mask, distant_span, proximal_mask
 
 
 class SkipPolicy(Protocol):
@@ -76,7 +76,8 @@ def _report_anchor_gates(cache, layer, qg, key, heads, lse_all, scale, policy):
     layers: a small proximal pass gives lseP, and g = exp(lseP − lse_all)."""
     store = cache.layers[layer]
     i = store.seen_before
-    if i + 1 - cache.plan.nr <= cache.pad_min + cache.plan.ns:
+    lo, hi = distant_span(cache.pad_min, i, cache.plan.ns, cache.plan.nr)
+    if hi <= lo:
         return  # no distant keys yet
     held_k, held_v, held_idx = store.held()
     k_p = torch.cat([held_k[:, heads], key[:, heads, -1:]], dim=2)
@@ -98,7 +99,7 @@ def _split_heads(cache, layer, qg, key, scale, policy, out):
     v_p = torch.cat([held_v, select_heads(store.v, heads)[:, :, i:i + 1]], dim=2)
     out_p, lse_p = attend_lse(select_heads(qg, heads), k_p, v_p, scale, _proximal_bias(cache, held_idx, i))
 
-    lo, hi = cache.pad_min + plan.ns, i + 1 - plan.nr
+    lo, hi = distant_span(cache.pad_min, i, plan.ns, plan.nr)
     if hi <= lo:  # every key is proximal
         put_heads(out, heads, out_p)
         return

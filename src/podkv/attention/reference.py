@@ -23,6 +23,13 @@ def proximal_mask(key_idx: torch.Tensor, query_idx: torch.Tensor, pad: torch.Ten
     return is_sink[:, None, :] | is_recent
 
 
+def distant_span(first_real: int, last_query: int, ns: int, nr: int) -> tuple[int, int]:
+    """Cache indices [lo, hi) that can be distant for queries up to ``last_query``: after the sinks of the
+    row whose text starts at ``first_real`` (its padding), and at most ``last_query − nr``. The same
+    window as :func:`proximal_mask`, as bounds: every fast path slices its distant keys with it."""
+    return first_real + ns, last_query + 1 - nr
+
+
 def allowed_mask(key_idx: torch.Tensor, query_idx: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
     """Causal and not padding -> (B, Q, K) bool. A query always sees itself, so that rows of
     padding queries stay finite (their outputs are never read)."""

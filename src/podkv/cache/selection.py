@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from podkv.attention.reference import distant_span
 from podkv.errors import PodError
 
 
@@ -50,7 +51,7 @@ def snapkv_select(cache, window_queries: dict, scale: float, keep: int, kernel: 
     """
     plan = cache.plan
     T = cache.layers[0].seen
-    lo, hi = plan.ns, T - plan.nr
+    lo, hi = distant_span(0, T - 1, plan.ns, plan.nr)  # compaction takes unpadded prompts only
     if keep >= hi - lo:
         return {}
     totals: dict[tuple[int, int], torch.Tensor] = {}
