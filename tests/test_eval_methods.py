@@ -127,6 +127,7 @@ def test_demo_needle_comparison_on_tiny_model(model, plan):
     assert rows[0]["kv_fraction"] == 1.0
     assert all(r["kv_fraction"] <= r["budget"] + 1e-6 for r in rows[1:])
     assert rows[0]["depths"] == [0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95]
+    assert all(r["seconds_per_prompt"] > 0 for r in rows)  # each method timed on its own
     for r in rows:
         lo, hi = r["ci95"]
         assert lo <= r["found"] / r["n"] <= hi

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 from podkv.errors import PodError
@@ -48,7 +49,8 @@ def needle_compare(model, tok, plan, length: int, samples: int, seed: int, base=
     spread evenly over the haystack); ``base`` (if given) runs dense and StreamingLLM.
 
     With an adapted PoD model the baselines run on the original weights, as in the paper.
-    Returns the runner's per-method entries (summaries carry a 95% interval).
+    Returns the runner's per-method entries (summaries carry a 95% interval), each with ``seconds``:
+    the wall time of its prompts (prefill and greedy answer), each method run on its own.
     """
     from podkv.eval.config import EvalConfig
     from podkv.eval.runner import default_budget, evaluate
@@ -57,10 +59,12 @@ def needle_compare(model, tok, plan, length: int, samples: int, seed: int, base=
     common = dict(tasks=("niah_single_prose",), lengths=(length,), depths=depths, samples=1, seed=seed,
                   budget=default_budget(plan, [length]), compare=True)
     out = {}
-    for names, runner in ((("dense", "streaming"), base if base is not None else model), (("pod",), model)):
-        cfg = EvalConfig(methods=names, **common)
-        out.update(evaluate(runner, tok, cfg, plan, progress=True))
-    return {name: out[name] for name in ("dense", "pod", "streaming") if name in out}
+    for name, runner in (("dense", base if base is not None else model), ("pod", model),
+                         ("streaming", base if base is not None else model)):
+        start = time.perf_counter()
+        out.update(evaluate(runner, tok, EvalConfig(methods=(name,), **common), plan, progress=True))
+        out[name]["seconds"] = time.perf_counter() - start
+    return out
 
 
 def demo(model_name: str | None = None, length: int = 2048, samples: int = 10, out: str = "demo_out",
@@ -84,13 +88,17 @@ def demo(model_name: str | None = None, length: int = 2048, samples: int = 10, o
     rows = [_row(m, e) for m, e in entries.items()]
     if base is not None:
         print("(dense and streaming run on the original weights, pod on smollm2-pod)")
-    print(f"{'method':<10} {'found':>7} {'95% CI':>13} {'KV held':>8}   by depth (o found, . missed)")
+    print(f"{'method':<10} {'found':>7} {'95% CI':>13} {'KV held':>8} {'s/prompt':>9}   by depth (o found, . missed)")
     for r in rows:
         print(f"{r['method']:<10} {r['found']:>3}/{r['n']:<3} [{r['ci95'][0]:4.0%}, {r['ci95'][1]:4.0%}] "
-              f"{r['kv_fraction']:8.1%}   {''.join('o' if c else '.' for c in r['by_depth'])}")
+              f"{r['kv_fraction']:8.1%} {r['seconds_per_prompt']:9.2f}   {''.join('o' if c else '.' for c in r['by_depth'])}")
+    by = {r["method"]: r for r in rows}
+    pod_over_dense = by["pod"]["seconds_per_prompt"] / by["dense"]["seconds_per_prompt"]
+    print(f"time per prompt, PoD ÷ dense: {pod_over_dense:.2f}x (one run each, same prompts; "
+          "`podkv bench speed` measures speed alternating)")
     out = Path(out)
     write_json(out / "demo.json", {"model": name, "plan_source": source, "capital_answer": answer,
-                                   "length": length, "needles": rows})
+                                   "length": length, "needles": rows, "pod_over_dense_time": pod_over_dense})
     save_figure(_figure(rows, length), out / "demo.png")
     print(f"figure: {Path(shown or out) / 'demo.png'}")
     return 0
@@ -102,7 +110,8 @@ def _row(method: str, entry: dict) -> dict:
     s = task["summary"]
     return {"method": method, "found": sum(r["score"] == 1.0 for r in recs), "n": len(recs), "ci95": s["ci95"],
             "kv_fraction": s["kv_fraction"], "by_depth": [r["score"] == 1.0 for r in recs],
-            "depths": [r["depth"] for r in recs], "budget": entry["method"].get("budget")}
+            "depths": [r["depth"] for r in recs], "budget": entry["method"].get("budget"),
+            "seconds_per_prompt": entry["seconds"] / len(recs)}
 
 
 def _figure(rows: list[dict], length: int):
