@@ -198,6 +198,15 @@ def test_adapted_checkpoint_cli(tiny_adapted, tiny_lm_dir, tmp_path, capsys):
     assert main(["serve-check", "--model", str(asset), "--base", str(tiny_lm_dir), "--write-checkpoint",
                  str(out)]) == 0
     assert "wrote" in capsys.readouterr().out and (out / "model.safetensors").is_file()
+    # the --out rule of every command: an existing folder is refused unless --force, the source never
+    again = ["serve-check", "--model", str(asset), "--base", str(tiny_lm_dir), "--write-checkpoint", str(out)]
+    assert main(again) == 2 and "--write-checkpoint" in capsys.readouterr().err
+    (out / "mine.txt").write_text("x")
+    assert main(again + ["--force"]) == 0 and not (out / "mine.txt").exists() and (out / "config.json").is_file()
+    assert not list(tmp_path.glob(".merged.*"))  # staged and renamed, nothing left beside it
+    assert main(["serve-check", "--model", str(asset), "--base", str(tiny_lm_dir), "--write-checkpoint",
+                 str(tiny_lm_dir), "--force"]) == 2
+    assert "is the source checkpoint" in capsys.readouterr().err and (tiny_lm_dir / "config.json").is_file()
     assert main(["serve-check", "--model", str(asset), "--base", str(tiny_lm_dir), "--plan",
                  str(asset / "pod_plan.json")]) == 2  # deltas belong to their own plan
     assert "drop --plan" in capsys.readouterr().err

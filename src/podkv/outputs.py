@@ -32,13 +32,13 @@ def refuse_existing(path: Path, force: bool, flag: str = "--out") -> Path:
 
 
 @contextlib.contextmanager
-def staged_dir(out: Path, force: bool):
+def staged_dir(out: Path, force: bool, flag: str = "--out"):
     """Yield a fresh sibling folder to write into; on success it replaces ``out`` in one rename.
 
     A failed run leaves ``out`` as it was and keeps what it wrote, if anything, in ``.<name>.partial`` (long
     runs log records as they go), saying so on stderr.
     """
-    out = refuse_existing(Path(out), force)
+    out = refuse_existing(Path(out), force, flag)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = out.parent / f".{out.name}.partial"
     shutil.rmtree(stage, ignore_errors=True)  # our own leftover of an earlier failed run

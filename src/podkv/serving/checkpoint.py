@@ -51,7 +51,7 @@ def write_pod_checkpoint(model_dir: str | Path, plan: SharingPlan, out_dir: str 
     src, out = Path(model_dir), Path(out_dir)
     config = load_hf_config(src)
     check_plan_servable(plan, config)
-    _check_new_dir(src, out)
+    check_new_dir(src, out)
     out.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.is_file() and f.name != "config.json":
@@ -64,7 +64,7 @@ def write_dense_checkpoint(model_dir: str | Path, out_dir: str | Path) -> Path:
     """Copy ``model_dir`` unchanged but for a portable tokenizer (the dense baseline served next to PoD)."""
     src, out = Path(model_dir), Path(out_dir)
     load_hf_config(src)
-    _check_new_dir(src, out)
+    check_new_dir(src, out)
     out.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.is_file():
@@ -96,7 +96,7 @@ def write_adapted_checkpoint(asset_dir: str | Path, out_dir: str | Path, base_di
     plan = check_adapted_servable(asset_dir, base)
     config = load_hf_config(base)
     overrides = pod_hf_overrides(plan, config)
-    _check_new_dir(base, out)
+    check_new_dir(base, out)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     adapt_weights(model, plan, asset_dir)
     dtype = getattr(config, "dtype", None) or torch.float32  # keep the base's dtype on disk
@@ -137,9 +137,10 @@ def _write_config(src_config: Path, out: Path, overrides: dict) -> None:
     (out / MANIFEST).unlink(missing_ok=True)  # the default model's manifest no longer describes this folder
 
 
-def _check_new_dir(src: Path, out: Path) -> None:
-    if out.resolve() == src.resolve():
-        raise PodError(f"--out {out} is the source checkpoint: choose a new directory")
+def check_new_dir(src: Path, out: Path, flag: str = "--out") -> None:
+    """Never write over (or, with --force, replace) the checkpoint being read."""
+    if Path(out).resolve() == Path(src).resolve():
+        raise PodError(f"{flag} {out} is the source checkpoint: choose a new directory")
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

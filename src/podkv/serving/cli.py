@@ -7,6 +7,8 @@ from pathlib import Path
 
 from podkv.cli_args import Int
 from podkv.errors import PodError
+from podkv.outputs import refuse_existing, staged_dir
+from podkv.serving.checkpoint import check_new_dir
 
 
 def register(sub) -> None:
@@ -22,6 +24,7 @@ def register(sub) -> None:
     p.add_argument("--write-checkpoint", type=Path, default=None, metavar="OUT",
                    help="write a checkpoint with the plan in config.json (merged weights for an adapted model), "
                         "servable with python -m vllm.entrypoints.openai.api_server --model OUT")
+    p.add_argument("--force", action="store_true", help="replace an existing --write-checkpoint folder")
     p.add_argument("--run", action="store_true", help="also start vLLM and generate greedily (needs vllm installed)")
     p.add_argument("--capacity", action=Int, default=None, metavar="T",
                    help="also start dense and PoD engines (same VLLM_CPU_KVCACHE_SPACE, block size 16, 32-token "
@@ -49,7 +52,10 @@ def run(args) -> int:
     print(f"ok: {model_dir} ({config.model_type}) can be served with vLLM")
     print(plan.summary())
     if args.write_checkpoint is not None:
-        _wrote(write_pod_checkpoint(model_dir, plan, args.write_checkpoint))
+        _check_out(args, model_dir)
+        with staged_dir(args.write_checkpoint, args.force, "--write-checkpoint") as stage:
+            write_pod_checkpoint(model_dir, plan, stage)
+        _wrote(args.write_checkpoint)
     _exercise(model_dir, plan, args)
     return 0
 
@@ -62,6 +68,8 @@ def _run_adapted(adapted: Path, args) -> int:
         raise PodError(f"--plan: the adapted model {args.model} was trained for its own plan "
                        f"({adapted}/pod_plan.json); drop --plan")
     base = args.base or _default_model_dir()
+    if args.write_checkpoint is not None:
+        _check_out(args, base)
     plan = check_adapted_servable(adapted, base)
     print(f"ok: the adapted model {args.model} (base {base}) can be served with vLLM once merged")
     print(plan.summary())
@@ -70,10 +78,18 @@ def _run_adapted(adapted: Path, args) -> int:
             raise PodError("--run/--capacity on an adapted model need --write-checkpoint OUT (the merged weights)")
         print("add --write-checkpoint OUT to write the merged checkpoint")
         return 0
-    out = write_adapted_checkpoint(adapted, args.write_checkpoint, base)
-    _wrote(out)
-    _exercise(out, plan, args)
+    with staged_dir(args.write_checkpoint, args.force, "--write-checkpoint") as stage:
+        write_adapted_checkpoint(adapted, stage, base)
+    _wrote(args.write_checkpoint)
+    _exercise(args.write_checkpoint, plan, args)
     return 0
+
+
+def _check_out(args, source: Path) -> None:
+    """The --out rule of every command (podkv.outputs), before any work: refuse an existing folder unless
+    --force, and never the checkpoint being read."""
+    check_new_dir(source, args.write_checkpoint, "--write-checkpoint")
+    refuse_existing(args.write_checkpoint, args.force, "--write-checkpoint")
 
 
 def _adapted_dir(model: Path | None) -> Path | None:
