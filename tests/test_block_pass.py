@@ -46,7 +46,7 @@ def count_block_steps(monkeypatch):
     real = block_pass.pod_block_attention
 
     def spy(*a, **k):
-        calls.append(a[1])
+        calls.append(a[0].layer)
         return real(*a, **k)
     monkeypatch.setattr("podkv.attention.interface.pod_block_attention", spy)
     return calls

@@ -42,21 +42,20 @@ def block_pass_applies(cache, query: torch.Tensor, enabled: bool = True) -> bool
             and not (torch.is_grad_enabled() and query.requires_grad))
 
 
-def pod_block_attention(cache, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+def pod_block_attention(step, query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
     """query (B, Hq, L, D), key (B, H, L, D): this step's new tokens, just stored by ``PodCache.update``
-    -> (B, Hq, L, D). Runs the distant pass of the blocks this layer anchors (for all their layers),
-    then this layer's proximal pass merged with its blocks' distant outputs. Commits the layer's store."""
-    store = cache.layers[layer]
+    (``step``: its PodStep) -> (B, Hq, L, D). Runs the distant pass of the blocks this layer anchors (for all
+    their layers), then this layer's proximal pass merged with its blocks' distant outputs."""
+    cache, layer = step.cache, step.layer
     B, Hq, L, D = query.shape
     H = key.shape[1]
     G = Hq // H
     qg = query.reshape(B, H, G * L, D)  # the G query heads of a KV head act as G*L queries (rows g*L + l)
-    i0, i1 = store.seen_before, store.seen
+    i0, i1 = step.i0, step.i1
     stash = cache.per_step("block_distant", dict)  # member layer -> list of (h0, h1, out, peak, total)
 
     _anchor_distant(cache, layer, qg, i0, i1, G, scale, stash)
-    out = _proximal_merged(cache, layer, qg, key, i0, i1, G, scale, stash.pop(layer, ()))
-    store.commit()
+    out = _proximal_merged(step, qg, key, G, scale, stash.pop(layer, ()))
     return out.reshape(B, Hq, L, D).to(query.dtype)
 
 
@@ -103,7 +102,7 @@ def _slices(h0: int, h1: int, per_head: int, budget: int = 1 << 24):
         yield a, min(h1, a + step)
 
 
-def _proximal_merged(cache, layer, qg, key, i0, i1, G, scale, distant) -> torch.Tensor:
+def _proximal_merged(step, qg, key, G, scale, distant) -> torch.Tensor:
     """Own-key attention over the held sinks + window and this step's tokens, in one softmax with the
     distant parts of its blocks -> (B, H, G*L, D) float32.
 
@@ -113,8 +112,8 @@ def _proximal_merged(cache, layer, qg, key, i0, i1, G, scale, distant) -> torch.
     small ops fewer than an attention call plus a log-sum-exp merge (batch-1 decode pays per op).
     Every query sees itself (``allowed_mask``), so the proximal max is finite and the sum is >= 1.
     """
-    store = cache.layers[layer]
-    held_k, held_v, held_idx = store.held()
+    cache, store, i0, i1 = step.cache, step.store, step.i0, step.i1
+    held_k, held_v, held_idx = step.held()
     k_p = _f32(torch.cat([held_k, key], dim=2))  # (B, H, n + L, D): small
     v_p = _f32(torch.cat([held_v, store.v[:, :, i0:i1]], dim=2))
     s = torch.matmul(_f32(qg), k_p.transpose(-1, -2)).mul_(scale)  # (B, H, G*L, n + L)

@@ -38,18 +38,16 @@ class SkipPolicy(Protocol):
         """Count distant passes that were not run at all."""
 
 
-def decode_applies(cache, layer: int, query: torch.Tensor, anchor_query) -> bool:
+def decode_applies(step, query: torch.Tensor, anchor_query) -> bool:
     """A one-token step after prefill, in "keys" mode: what :func:`pod_decode` computes."""
-    return query.shape[2] == 1 and anchor_query is None and cache.layers[layer].seen_before > 0
+    return query.shape[2] == 1 and anchor_query is None and step.i0 > 0
 
 
-def pod_decode(cache, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float,
+def pod_decode(step, query: torch.Tensor, key: torch.Tensor, scale: float,
                policy: SkipPolicy | None = None) -> torch.Tensor:
-    """query (B, Hq, 1, D), key (B, H, 1, D) just added by ``PodCache.update`` -> (B, Hq, 1, D).
-
-    Commits the layer's proximal store, like the chunked path.
-    """
-    store = cache.layers[layer]
+    """query (B, Hq, 1, D), key (B, H, 1, D) just added by ``PodCache.update`` (``step``: its PodStep)
+    -> (B, Hq, 1, D)."""
+    cache, store, layer = step.cache, step.store, step.layer
     B, Hq, _, D = query.shape
     H = key.shape[1]
     qg = query.reshape(B, H, Hq // H, D)  # the G query heads of a KV head act as G queries
@@ -64,22 +62,20 @@ def pod_decode(cache, layer: int, query: torch.Tensor, key: torch.Tensor, scale:
             out[:, h0:h1], lse[:, h0:h1] = attend_lse(qg[:, h0:h1], store.k_full[:, j0:j1, lo:store.seen],
                                                    store.v[:, h0:h1, lo:store.seen], scale, bias)
         if policy is not None:
-            _report_anchor_gates(cache, layer, qg, key, whole, lse, scale, policy)
+            _report_anchor_gates(step, qg, key, whole, lse, scale, policy)
     if store.shared_heads:
-        _split_heads(cache, layer, qg, key, scale, policy, out)
-    store.commit()
+        _split_heads(step, qg, key, scale, policy, out)
     return out.reshape(B, Hq, 1, D).to(query.dtype)
 
 
-def _report_anchor_gates(cache, layer, qg, key, heads, lse_all, scale, policy):
+def _report_anchor_gates(step, qg, key, heads, lse_all, scale, policy):
     """Gate of each anchor head (proximal share of its attention mass) for gate skipping in later
     layers: a small proximal pass gives lseP, and g = exp(lseP − lse_all)."""
-    store = cache.layers[layer]
-    i = store.seen_before
+    cache, store, layer, i = step.cache, step.store, step.layer, step.i0
     lo, hi = distant_span(cache.pad_min, i, cache.plan.ns, cache.plan.nr)
     if hi <= lo:
         return  # no distant keys yet
-    held_k, held_v, held_idx = store.held()
+    held_k, held_v, held_idx = step.held()
     k_p = torch.cat([held_k[:, heads], key[:, heads, -1:]], dim=2)
     v_p = torch.cat([held_v[:, heads], store.v[:, heads, i:i + 1]], dim=2)
     _, lse_p = attend_lse(qg[:, heads], k_p, v_p, scale, _proximal_bias(cache, held_idx, i))
@@ -89,12 +85,12 @@ def _report_anchor_gates(cache, layer, qg, key, heads, lse_all, scale, policy):
         policy.anchor_gate(layer, h, gate[:, n], lse_d[:, n])
 
 
-def _split_heads(cache, layer, qg, key, scale, policy, out):
+def _split_heads(step, qg, key, scale, policy, out):
     """Proximal pass + distant pass over the anchor's keys, LSE-merged, for the layer's shared heads."""
-    plan, store = cache.plan, cache.layers[layer]
-    heads = store.shared_heads
-    i = store.seen_before  # cache index of the query
-    held_k, held_v, held_idx = store.held_shared()
+    cache, store, layer = step.cache, step.store, step.layer
+    plan, heads = cache.plan, store.shared_heads
+    i = step.i0  # cache index of the query
+    held_k, held_v, held_idx = step.held_shared()
     k_p = torch.cat([held_k, select_heads(key, heads)[:, :, -1:]], dim=2)  # (B, h, n+1, D): small
     v_p = torch.cat([held_v, select_heads(store.v, heads)[:, :, i:i + 1]], dim=2)
     out_p, lse_p = attend_lse(select_heads(qg, heads), k_p, v_p, scale, _proximal_bias(cache, held_idx, i))

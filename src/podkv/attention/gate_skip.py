@@ -59,18 +59,18 @@ class GateSkipState:
                 "row_skip_share": self.rows_skipped / max(1, self.rows)}
 
 
-def applies(runtime, cache, layer: int, query: torch.Tensor, anchor_query) -> bool:
+def applies(runtime, step, query: torch.Tensor, anchor_query) -> bool:
     """Whether this attention call is a decode step that gate skipping handles."""
-    return runtime.skip_tau is not None and decode_applies(cache, layer, query, anchor_query)
+    return runtime.skip_tau is not None and decode_applies(step, query, anchor_query)
 
 
-def decode_attention(cache, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float, runtime) -> torch.Tensor:
+def decode_attention(step, query: torch.Tensor, key: torch.Tensor, scale: float, runtime) -> torch.Tensor:
     """One decode step of PoD attention with gate skipping (the LSE-merged step of decode.py).
 
     query (B, Hq, 1, D), key (B, Hkv, 1, D) the new token's keys (after ``PodCache.update``)
-    -> (B, Hq, 1, D). Commits the layer's proximal store like the chunked path does.
+    -> (B, Hq, 1, D).
     """
-    return pod_decode(cache, layer, query, key, scale, policy=_Policy(runtime.skip, runtime.skip_tau))
+    return pod_decode(step, query, key, scale, policy=_Policy(runtime.skip, runtime.skip_tau))
 
 
 class _Policy:

@@ -68,15 +68,14 @@ def _forward(module, query, key, value, attention_mask, scaling, dropout, refere
     if runtime.observe_window:
         runtime.observed[layer], runtime.observed_scale = query[:, :, -runtime.observe_window:].detach(), scale
     cache = runtime.caches[-1] if runtime.caches else None
+    step = None
     if isinstance(cache, PodCache):
-        if value is not cache.layers[layer].v:  # PodLayer.update returns its value tensor: this very object
+        step = getattr(value, "pod_step", None)  # PodLayer.update hands everything attention reads with the values
+        if step is None or step.store is not cache.layers[layer] or step.i1 != step.store.seen:
             raise PodError(f"PoD attention of layer {layer} got values its PodCache did not just return: the cache "
                            "must be updated by this layer's forward right before attention")
-        if cache.pad is None or (layer == 0 and attention_mask is not None):
-            # Left padding, from the 2D mask of this forward; a chunked prefill sees more of it chunk by chunk.
-            cache.pad = padding_from_mask(attention_mask, key.shape[0], cache.layers[layer].seen, key.device)
         if not reference and block_pass_applies(cache, query, runtime.decode_fast_path):
-            out = pod_block_attention(cache, layer, query, key, scale)  # "scores" mode: no anchor query kept
+            out = pod_block_attention(step, query, key, scale)  # "scores" mode: no anchor query kept
             return out.transpose(1, 2).contiguous(), None
         if plan.mode == "scores" and not reference and not torch.is_grad_enabled() and not runtime.warned_slow:
             runtime.warned_slow = True
@@ -87,13 +86,13 @@ def _forward(module, query, key, value, attention_mask, scaling, dropout, refere
         runtime.queries[layer] = query
     anchor_query = _anchor_query(runtime, layer, query) if plan.mode == "scores" else None
 
-    if isinstance(cache, PodCache):
-        if gate_skip.applies(runtime, cache, layer, query, anchor_query) and not reference:
-            out = gate_skip.decode_attention(cache, layer, query, key, scale, runtime)
-        elif runtime.decode_fast_path and decode_applies(cache, layer, query, anchor_query) and not reference:
-            out = pod_decode(cache, layer, query, key, scale)
+    if step is not None:
+        if gate_skip.applies(runtime, step, query, anchor_query) and not reference:
+            out = gate_skip.decode_attention(step, query, key, scale, runtime)
+        elif runtime.decode_fast_path and decode_applies(step, query, anchor_query) and not reference:
+            out = pod_decode(step, query, key, scale)
         else:
-            out = _from_pod_cache(cache, layer, query, key, attention_mask, plan, scale, anchor_query, runtime, dropout, reference)
+            out = _from_pod_cache(step, query, key, plan, scale, anchor_query, runtime, dropout, reference)
     else:
         out = _from_full_keys(runtime, layer, query, key, value, attention_mask, plan, scale, anchor_query, dropout, reference)
     return out.transpose(1, 2).contiguous(), None
@@ -113,19 +112,17 @@ def _from_full_keys(runtime, layer, query, key, value, mask, plan, scale, anchor
                                  anchor_query=anchor_query, chunk=runtime.chunk, dropout=dropout)
 
 
-def _from_pod_cache(cache: PodCache, layer, query, key, mask, plan, scale, anchor_query, runtime, dropout, reference):
-    store = cache.layers[layer]
-    held_k, held_v, held_idx = store.held()
+def _from_pod_cache(step, query, key, plan, scale, anchor_query, runtime, dropout, reference):
+    cache, store, layer = step.cache, step.store, step.layer
+    held_k, held_v, held_idx = step.held()
     sources = [store.anchor_source(h) if a == layer else cache.layers[a].anchor_source(h)
                for h, a in enumerate(plan.anchors[layer])]
     if reference:
         raise PodError("the reference attention runs without a PodCache (it is the oracle for full sequences)")
-    src = KeySources(own_keys=key, own_start=store.seen_before, values=store.v, anchor_keys=sources,
+    src = KeySources(own_keys=key, own_start=step.i0, values=store.v, anchor_keys=sources,
                      held_keys=held_k, held_values=held_v, held_idx=held_idx)
-    out = pod_attention_chunked(query, store.seen_before, src, pad=cache.pad, ns=plan.ns, nr=plan.nr, scale=scale,
-                                anchor_query=anchor_query, chunk=runtime.chunk, dropout=dropout)
-    store.commit()
-    return out
+    return pod_attention_chunked(query, step.i0, src, pad=cache.pad, ns=plan.ns, nr=plan.nr, scale=scale,
+                                 anchor_query=anchor_query, chunk=runtime.chunk, dropout=dropout)
 
 
 def _runtime_keys(runtime: PodRuntime, anchor: int, T: int) -> torch.Tensor:

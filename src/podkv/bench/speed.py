@@ -166,13 +166,12 @@ def _decode_step_fn(q, k, v, ka, plan, scale):
     cache.pad = torch.zeros(1, dtype=torch.long)
     for layer, (keys, values) in enumerate(((ka[:, :, :-1], v[:, :, :-1]), (k[:, :, :-1], v[:, :, :-1]))):
         cache.layers[layer].update(keys, values)
-        cache.layers[layer].commit()
     store = cache.layers[1]
 
     def step():
         state = (store.v, store.k_prox, store.prox_idx, store.seen)
-        store.update(k[:, :, -1:], v[:, :, -1:])
-        out = pod_decode(cache, 1, q, k[:, :, -1:], scale)
+        _, values = store.update(k[:, :, -1:], v[:, :, -1:])
+        out = pod_decode(values.pod_step, q, k[:, :, -1:], scale)
         store.v, store.k_prox, store.prox_idx, store.seen = state
         return out
     return step

@@ -8,10 +8,12 @@ Per layer it holds
     ``prox_idx`` (B x n), -1 = empty (layout in :mod:`podkv.cache.window`).
 Distant keys of a sharing head are read from its anchor layer's ``k_full`` at attention time.
 
-The model calls ``update`` right before attention; ``update`` appends what is kept in full and
-returns this layer's value tensor. PoD attention, handed this cache by the model's forward hook
-(:mod:`podkv.models.forward_scope`), recognises that tensor, reads the held proximal keys *before*
-the new tokens replace them, then calls ``commit`` to roll the window.
+The model calls ``update`` right before attention. ``update`` appends what is kept in full, moves the
+proximal window over the new tokens, and returns the values with a :class:`PodStep` attached
+(``values.pod_step``): the one object PoD attention reads — the store, the step's cache indices, and
+the window as it was before the step. No state is left pending between the two calls. The left
+padding the window needs is set from the forward's mask before the first layer runs
+(:mod:`podkv.models.forward_scope`).
 
 Cache contract used by ``generate``: ``crop`` (assisted and prompt-lookup decoding drop rejected
 candidates), ``reorder_cache`` (beam search), ``batch_repeat_interleave``, ``batch_select_indices``,
@@ -61,8 +63,7 @@ class PodLayer(compat.CacheLayer):
         self.k_full: torch.Tensor | None = None
         self.k_prox: torch.Tensor | None = None
         self.prox_idx: torch.Tensor | None = None  # (B, n) cache index of each k_prox slot, -1 = empty
-        self.seen = self.seen_before = 0
-        self._pending: torch.Tensor | None = None  # new keys of shared heads, until commit
+        self.seen = 0
         self._v_room = self._k_room = None  # buffers that v / k_full are prefixes of (see _append)
         self.is_initialized = False
 
@@ -78,53 +79,35 @@ class PodLayer(compat.CacheLayer):
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
-        """key/value_states (B, H, C, D) -> (new keys, all values); see the module docstring."""
-        if self._pending is not None:
-            raise PodError(f"PodCache layer {self.layer_idx} was updated twice without PoD attention in between")
+        """key/value_states (B, H, C, D) -> (new keys, all values); the values carry the step (``.pod_step``,
+        a :class:`PodStep`): everything PoD attention reads. The store is complete when this returns."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.cache.pad is None:  # set from the forward's mask by models/forward_scope.py; else no padding
+            self.cache.pad = torch.zeros(key_states.shape[0], dtype=torch.long, device=key_states.device)
+        i0, i1 = self.seen, self.seen + key_states.shape[2]
+        step = PodStep(self.cache, self, i0, i1, self.k_prox, self.prox_idx)  # the window held before this step
         self._v_room, self.v = _append(self._v_room, self.v, value_states)
         if self.anchor_heads:
             self._k_room, self.k_full = _append(self._k_room, self.k_full, _heads(key_states, self.anchor_heads))
-        self._pending = _heads(key_states, self.shared_heads) if self.shared_heads else None
-        self.seen_before, self.seen = self.seen, self.seen + key_states.shape[2]
-        self.cache.step = (self.seen_before, self.seen)
-        return key_states, self.v
+        self.seen = i1
+        self.cache.step = (i0, i1)
+        self._roll(i0, i1, _heads(key_states, self.shared_heads) if self.shared_heads else None)
+        values = self.v[:, :, :]  # a fresh view for this step: what the step is attached to
+        values.pod_step = step
+        return key_states, values
 
-    # ---------------------------------------------------------- attention side
-    def held(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Proximal keys and values held before this step, for every KV head: (B, H, n, D) x2, idx (B, n)."""
-        idx = self.prox_idx
-        runs = self.cache.slot_runs(idx)
-        values = _take_slots(self.v, idx, runs)
-        if not self.anchor_heads:
-            return self.k_prox, values, idx
-        anchor_keys = _take_slots(self.k_full, idx, runs)
-        if not self.shared_heads:
-            return anchor_keys, values, idx
-        keys = torch.cat([anchor_keys, self.k_prox], dim=1)  # heads in [anchor | shared] order
-        return keys[:, self._head_order], values, idx
-
-    def held_shared(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`held` for the shared heads only (their order), without gathering anchor keys."""
-        idx = self.prox_idx
-        B, n = idx.shape
-        gather = idx.clamp(min=0)[:, None, :, None].expand(B, 1, n, self.v.shape[-1])
-        values = torch.cat([torch.gather(self.v[:, h:h + 1], 2, gather) for h in self.shared_heads], dim=1)
-        return self.k_prox, values, idx
+    def _roll(self, i0: int, i1: int, new_shared: torch.Tensor | None) -> None:
+        """Move the proximal window over tokens [i0, i1): sinks + the last ``nr + M`` (:mod:`podkv.cache.window`)."""
+        new_idx, pos = self.cache.transition(i0, i1, self.prox_idx if i0 else None)
+        if new_shared is not None:
+            cand = torch.cat([self.k_prox, new_shared], dim=2)
+            self.k_prox = _take_slots(cand, pos, self.cache.slot_runs(pos))
+        self.prox_idx = new_idx
 
     def anchor_source(self, head: int) -> tuple[torch.Tensor, int]:
         """(k_full tensor, index in it) of this layer for a head it anchors."""
         return self.k_full, self.anchor_heads.index(head)
-
-    def commit(self) -> None:
-        """Roll the proximal store forward over the tokens added by the last update."""
-        new_idx, pos = self.cache.transition(self.seen_before, self.seen, self.prox_idx if self.seen_before else None)
-        if self.shared_heads:
-            cand = torch.cat([self.k_prox, self._pending], dim=2)
-            self.k_prox = _take_slots(cand, pos, self.cache.slot_runs(pos))
-        self.prox_idx = new_idx
-        self._pending = None
 
     # ------------------------------------------------------------ bookkeeping
     def get_seq_length(self) -> int:
@@ -149,6 +132,44 @@ class PodLayer(compat.CacheLayer):
         held = [self.k_prox] + [room if room is not None and t is not None and t.data_ptr() == room.data_ptr() else t
                                 for room, t in ((self._v_room, self.v), (self._k_room, self.k_full))]
         return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+
+class PodStep:
+    """What PoD attention reads for one layer and step, handed over by :meth:`PodLayer.update` with the values:
+    the store (``k_full`` and ``v`` already hold the step's tokens), the step's cache indices [i0, i1), and the
+    proximal window as it was *before* the step (the shared heads' keys and the slot indices). Nothing is
+    left to do afterwards: the store has already moved its window.
+    """
+
+    __slots__ = ("cache", "store", "i0", "i1", "k_prox", "idx")
+
+    def __init__(self, cache: PodCache, store: PodLayer, i0: int, i1: int, k_prox, idx):
+        self.cache, self.store, self.i0, self.i1, self.k_prox, self.idx = cache, store, i0, i1, k_prox, idx
+
+    @property
+    def layer(self) -> int:
+        return self.store.layer_idx
+
+    def held(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Proximal keys and values held before this step, for every KV head: (B, H, n, D) x2, idx (B, n)."""
+        store, idx = self.store, self.idx
+        runs = self.cache.slot_runs(idx)
+        values = _take_slots(store.v, idx, runs)
+        if not store.anchor_heads:
+            return self.k_prox, values, idx
+        anchor_keys = _take_slots(store.k_full, idx, runs)
+        if not store.shared_heads:
+            return anchor_keys, values, idx
+        keys = torch.cat([anchor_keys, self.k_prox], dim=1)  # heads in [anchor | shared] order
+        return keys[:, store._head_order], values, idx
+
+    def held_shared(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`held` for the shared heads only (their order), without gathering anchor keys."""
+        store, idx = self.store, self.idx
+        B, n = idx.shape
+        gather = idx.clamp(min=0)[:, None, :, None].expand(B, 1, n, store.v.shape[-1])
+        values = torch.cat([torch.gather(store.v[:, h:h + 1], 2, gather) for h in store.shared_heads], dim=1)
+        return self.k_prox, values, idx
 
 
 class PodCache(Cache):
@@ -201,7 +222,7 @@ class PodCache(Cache):
 
     def check_ready(self) -> None:
         """Raise if a previous forward stopped half-way (layers of different lengths cannot continue)."""
-        if len({layer.seen for layer in self.layers}) > 1 or any(layer._pending is not None for layer in self.layers):
+        if len({layer.seen for layer in self.layers}) > 1:
             raise PodError("this PodCache was left half-updated (a forward failed part-way); start a new PodCache")
 
     def transition(self, before: int, after: int, old_idx) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,7 +300,7 @@ class PodCache(Cache):
                 layer.k_full = layer.k_full[:, :, :length]
             if layer.k_prox is not None:
                 layer.k_prox = _take_slots(layer.k_prox, pos)
-            layer.prox_idx, layer.seen, layer.seen_before = new_idx, length, length
+            layer.prox_idx, layer.seen = new_idx, length
         self.reset_step_state()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

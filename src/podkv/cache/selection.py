@@ -96,7 +96,7 @@ def compact(cache, kept: dict) -> None:
             pos = (store.prox_idx[:, None, :] == old_of_new[:, :, None]).to(torch.int8).argmax(-1)  # (B, n)
             store.k_prox = torch.stack([_take(store.k_prox[:, n], pos) for n in range(len(store.shared_heads))], dim=1)
         store.prox_idx = new_idx
-        store.seen = store.seen_before = T_new
+        store.seen = T_new
     cache.dropped += T - T_new
     cache.reset_step_state()
 

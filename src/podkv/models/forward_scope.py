@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 
 from podkv import compat
+from podkv.attention.interface import padding_from_mask
+from podkv.cache.pod_cache import PodCache
 from podkv.errors import PodError
 
 
@@ -40,12 +42,11 @@ def _enter(module, args, kwargs) -> None:
     _check_length(module.config, cache, args, kwargs)
     if cache is None:
         return
-    from podkv.cache.pod_cache import PodCache
-
     if isinstance(cache, PodCache):
         _check_plan(cache.plan, runtime.plan)
         cache.check_ready()
         check_positions(cache, kwargs)
+        _set_padding(cache, args, kwargs)
         cache.in_forward += 1
     else:
         _check_full_keys(cache)
@@ -60,10 +61,24 @@ def _exit(module, args, kwargs, output) -> None:
         # backward pass, before its anchor, and reads the anchor's keys of the forward.
         runtime.keys.clear()
         runtime.queries.clear()
-    from podkv.cache.pod_cache import PodCache
-
     if isinstance(cache, PodCache) and cache.in_forward:
         cache.in_forward -= 1
+
+
+def _set_padding(cache, args, kwargs) -> None:
+    """Left padding per row, from this forward's 2D mask (a chunked prefill sees more of it chunk by chunk):
+    PodLayer.update moves the proximal window with it, before attention runs."""
+    inputs = kwargs.get("input_ids", args[0] if args else None)
+    if inputs is None:
+        inputs = kwargs.get("inputs_embeds")
+    mask = kwargs.get("attention_mask")
+    if inputs is None or (cache.pad is not None and (mask is None or mask.dim() != 2)):
+        return
+    kv_len = cache.get_seq_length() + inputs.shape[1]
+    if mask is not None and mask.dim() == 2 and mask.shape[-1] < kv_len:  # missing columns are real tokens
+        mask = torch.nn.functional.pad(mask, (0, kv_len - mask.shape[-1]), value=1)
+    cache.pad = padding_from_mask(mask if mask is not None and mask.dim() == 2 else None, inputs.shape[0], kv_len,
+                                  inputs.device)
 
 
 def _check_plan(cache_plan, model_plan) -> None:
