@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shutil
 import sys
 
 from podkv import __version__
 from podkv.errors import PodError
+from podkv.models.default_model import default_model_dir
 
 # Each module defines register(subparsers) adding its commands with set_defaults(func=...).
 COMMAND_MODULES = (
@@ -39,10 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _reset(args) -> int:
-    import shutil
-
-    from podkv.models.default_model import default_model_dir
-
     path = default_model_dir()
     shutil.rmtree(path, ignore_errors=True)
     print(f"removed {path}")

@@ -49,8 +49,10 @@ from abc import abstractmethod
 from pathlib import Path
 
 import transformers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import logging as hf_logging
 
 
 def parse_version(text: str) -> tuple[int, int]:
@@ -138,8 +140,6 @@ def misnamed_tokenizer(path) -> bool:
 
 def load_tokenizer(path, **kwargs):
     """``AutoTokenizer.from_pretrained(path)``, except a misnamed tokenizer (above) loads as the generic class."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     if misnamed_tokenizer(path):
         return PreTrainedTokenizerFast.from_pretrained(path, **kwargs)
     return AutoTokenizer.from_pretrained(path, **kwargs)
@@ -152,8 +152,6 @@ def weight_loading_bar(show: bool):
     Off matters beyond looks: a parent reading a child's stderr through a pipe deadlocks once the
     bar fills the pipe while the child holds the first-run conversion lock.
     """
-    from transformers.utils import logging as hf_logging
-
     show = show and sys.stderr.isatty()  # in a log, a redrawn bar is thousands of lines
     was = hf_logging.is_progress_bar_enabled()
     (hf_logging.enable_progress_bar if show else hf_logging.disable_progress_bar)()
@@ -171,7 +169,7 @@ def gguf_model_kwargs() -> dict:
     ``dequantize=True`` gives plain float tensors, as 5.2 does.
     """
     try:
-        from transformers import GgufConfig
+        from transformers import GgufConfig  # optional: transformers.GgufConfig (absent in 5.2)
     except ImportError:
         return {}
     if "dequantize" not in inspect.signature(GgufConfig).parameters:
@@ -186,8 +184,6 @@ def gguf_tokenizer(directory, gguf_file: str):
     keeping it makes the converted checkpoint the same whichever release converts it. Later releases
     follow the GGUF's ``add_bos_token`` (false for SmolLM2); this turns it back on.
     """
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
     if tok.bos_token is not None and not getattr(tok, "add_bos_token", True):
         tok.add_bos_token = True  # the backend tokenizer's post-processor follows (and is saved with it)

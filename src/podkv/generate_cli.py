@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
+import torch
+
+from podkv.cache.memory import dense_kv_bytes
 from podkv.cli_args import Int
 from podkv.errors import PodError
+from podkv.models import loading
+from podkv.plan import SharingPlan
 
 DEFAULT_PROMPT = "What is the capital of France?"
 
@@ -25,42 +31,33 @@ def register(sub) -> None:
 
 
 def argparse_bool():
-    import argparse
-
     return argparse.BooleanOptionalAction
 
 
 def run(args) -> int:
-    import torch
-
-    from podkv.models.loading import load_model
-
     if args.max_new_tokens < 1:
         raise PodError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     prompt = read_prompt(args.prompt, args.prompt_file)
-    model, tok = load_model(args.model)
+    model, tok = loading.load_model(args.model)
     plan = None
     if args.plan is not None:
-        from podkv.models.enable import enable_pod
-        from podkv.plan import SharingPlan
+        from podkv.models.enable import enable_pod  # startup: transformers
 
         plan = SharingPlan.load(args.plan)
         enable_pod(model, plan)
     ids = encode_prompt(tok, prompt, args.chat)
     cache = None
     if getattr(model.config, "pod_plan", None) is not None:
-        from podkv.cache.pod_cache import PodCache
+        from podkv.cache.pod_cache import PodCache  # startup: transformers
 
         cache = PodCache(model.config)
-    from transformers import TextStreamer
+    from transformers import TextStreamer  # startup: transformers
 
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer,
                              past_key_values=cache, pad_token_id=tok.pad_token_id)
     if cache is not None:
-        from podkv.cache.memory import dense_kv_bytes
-
         dense = dense_kv_bytes(model.config, out.shape[1], dtype=model.dtype)
         held = cache.kv_bytes()
         print(f"[podkv] KV held: {held / 2**20:.2f} MiB vs dense {dense / 2**20:.2f} MiB "

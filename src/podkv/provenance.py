@@ -7,16 +7,21 @@ functions rather than each writing its own description (one used to write a cons
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import platform
+import sys
 from importlib.metadata import PackageNotFoundError, version
+
+import torch
+
+import podkv
 
 
 def machine(device: str | None = None) -> dict:
     """CPU, core count, torch threads and version; the GPU's name when ``device`` is CUDA (or, with
     ``device=None``, when one is visible)."""
-    import torch
-
     info = {"cpu": platform.processor() or platform.machine(), "machine": platform.machine(),
             "system": platform.system(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__}
@@ -29,8 +34,6 @@ def machine(device: str | None = None) -> dict:
 
 def versions(packages=("torch", "transformers", "kvpress")) -> dict:
     """podkv, Python and each package's installed version (None where it is not installed)."""
-    import podkv
-
     out = {"podkv": podkv.__version__, "python": platform.python_version()}
     for pkg in packages:
         try:
@@ -48,12 +51,6 @@ def identity(model, plan=None) -> dict:
     Why a weights hash: names drift ("the default model" was once the base weights, once adapted), the
     tensors do not. Hashing 135M fp32 parameters takes about half a second on CPU.
     """
-    import hashlib
-    import json
-    import sys
-
-    import torch
-
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())

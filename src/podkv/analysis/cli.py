@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from podkv.analysis.run import AnalysisConfig, analyze, replan
 from podkv.cli_args import Int, Ints
 from podkv.errors import PodError
 from podkv.outputs import add_out_arguments, refuse_existing, staged_dir
@@ -57,8 +58,6 @@ def _plan_flags(p, ns_nr: bool = True) -> None:
 
 
 def run(args) -> int:
-    from podkv.analysis.run import AnalysisConfig, analyze
-
     cfg = AnalysisConfig(model=args.model, data=list(args.data or []), samples=args.samples, length=args.length,
                          last_q=args.last_q, delta=args.delta, target_saving=args.target_saving,
                          granularity=args.granularity, ns=args.ns, nr=args.nr, seed=args.seed, context=args.context,
@@ -75,8 +74,6 @@ def run(args) -> int:
 
 
 def run_plan(args) -> int:
-    from podkv.analysis.run import replan
-
     refuse_existing(args.out, args.force)
     if not args.analysis.is_file():
         raise PodError(f"--analysis file {args.analysis} does not exist")

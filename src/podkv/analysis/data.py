@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from podkv import texts
 from podkv.errors import PodError
 
 DEFAULT_SOURCE = "pydoc_data.topics"
@@ -29,8 +30,6 @@ class Corpus:
 
 def default_text() -> str:
     """The ``plan`` split of :mod:`podkv.texts` (one loader for the help topics)."""
-    from podkv import texts
-
     return texts.text("plan")
 
 

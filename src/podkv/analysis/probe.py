@@ -64,7 +64,7 @@ class ProximalProbe:
 
 def probe_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention signature; observes (DistantProbe) or masks (ProximalProbe), then runs SDPA."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward  # startup: transformers
 
     probe = _ACTIVE.get()
     scale = module.scaling if scaling is None else scaling
@@ -78,7 +78,7 @@ def probe_attention_forward(module, query, key, value, attention_mask, scaling=N
 @contextmanager
 def probed(model):
     """Switch ``model`` to the probe attention for the duration of the block (undone on exit)."""
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface  # startup: transformers
 
     AttentionInterface.register(PROBE_NAME, probe_attention_forward)
     saved = model.config._attn_implementation

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from podkv.analysis.planner import plan_similarity, retrieval_shared
 from podkv.io import atomic_write_text, save_figure, write_json
 from podkv.plan import SharingPlan
 
@@ -41,8 +42,6 @@ def retrieval_summary(scores: dict, cfg) -> dict:
 
 
 def plan_summary(plan: SharingPlan, sim_kv: torch.Tensor, context: int, retrieval: torch.Tensor | None = None) -> dict:
-    from podkv.analysis.planner import plan_similarity, retrieval_shared
-
     shared = sum(len(plan.shared_heads(l)) for l in range(plan.num_layers))
     out = {"kind": plan.meta.get("kind"), "context": context, "kv_saving": round(plan.kv_saving(context), 6),
            "shared_pairs": shared, "pairs": plan.num_layers * plan.num_kv_heads,
@@ -108,10 +107,10 @@ def markdown(result: dict) -> str:
 
 
 def proximal_figure(prox: dict | None, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # startup: matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # startup: matplotlib
 
     fig, ax = plt.subplots(figsize=(6, 4))
     if not prox or not prox["rows"]:
@@ -136,10 +135,10 @@ def proximal_figure(prox: dict | None, path: Path) -> None:
 
 def similarity_figure(sim_kv: torch.Tensor, path: Path) -> None:
     """One L x L heatmap per KV head plus the head mean, shared 0..1 colour scale."""
-    import matplotlib
+    import matplotlib  # startup: matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # startup: matplotlib
 
     mats = list(sim_kv) + ([sim_kv.mean(0)] if sim_kv.shape[0] > 1 else [])
     titles = [f"KV head {h}" for h in range(sim_kv.shape[0])] + (["mean of KV heads"] if len(mats) > 1 else [])
@@ -167,10 +166,10 @@ def similarity_figure(sim_kv: torch.Tensor, path: Path) -> None:
 
 def retrieval_figure(scores: dict, path: Path) -> None:
     """Distant-attention mass and retrieval score per (layer, KV head), side by side."""
-    import matplotlib
+    import matplotlib  # startup: matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # startup: matplotlib
 
     fig, axes = plt.subplots(1, 2, figsize=(7, 6), layout="constrained")
     for ax, key, title in zip(axes, ("distant_mass", "retrieval"), ("distant-attention mass", "retrieval score")):

@@ -21,7 +21,10 @@ import random
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
+from podkv import texts
+from podkv.analysis.probe import active, probed
 from podkv.errors import PodError
 
 NAMES = ("amber", "birch", "cobalt", "dune", "ember", "fjord", "garnet", "harbor", "indigo", "juniper", "kestrel",
@@ -76,11 +79,6 @@ class RowProbe:
 def head_scores(model, tok, samples: int = 16, length: int = 2048, ns: int = 16, nr: int = 240, last_q: int = 32,
                 seed: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
     """``{"distant_mass", "retrieval"}``, each (layers, kv_heads), from ``samples`` lookup prompts."""
-    from tqdm.auto import tqdm
-
-    from podkv import texts
-    from podkv.analysis.probe import active, probed
-
     cfg = model.config
     L, hq = cfg.num_hidden_layers, cfg.num_attention_heads
     hkv = getattr(cfg, "num_key_value_heads", None) or hq

@@ -15,13 +15,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from podkv.analysis import planner
+from podkv import __version__
+from podkv.analysis import planner, report
 from podkv.analysis.data import load_corpus, make_samples
 from podkv.analysis.probe import DistantProbe, active, probed
 from podkv.analysis.proximal import ProximalStudy
+from podkv.analysis.retrieval import head_scores
 from podkv.analysis.similarity import SimilarityAccumulator
 from podkv.errors import PodError
+from podkv.models import loading
 from podkv.plan import SharingPlan
 
 # Defaults sized so the default model finishes on 2 shared CPU cores in < 15 min (docs/analysis.md).
@@ -115,16 +119,13 @@ def analyze(cfg: AnalysisConfig, out_dir: str | Path, model=None, tokenizer=None
 
     Returns the analysis dict (what analysis.json holds) with the plan under ``"plan_object"``.
     """
-    from podkv.analysis import report
-    from podkv.models.enable import check_supported, disable_pod
+    from podkv.models.enable import check_supported, disable_pod  # startup: transformers
 
     started = time.perf_counter()
     corpus = load_corpus(cfg.data)  # fail on bad data before the model loads
     name = cfg.model or DEFAULT_MODEL_NAME
     if model is None:
-        from podkv.models.loading import load_model
-
-        model, tokenizer = load_model(cfg.model, progress=progress)
+        model, tokenizer = loading.load_model(cfg.model, progress=progress)
     elif tokenizer is None:
         raise PodError("analyze(model=...) also needs the model's tokenizer")
     elif cfg.model is None:
@@ -137,8 +138,6 @@ def analyze(cfg: AnalysisConfig, out_dir: str | Path, model=None, tokenizer=None
     samples = make_samples(tokenizer, corpus.text, cfg.samples, cfg.length, cfg.seed)
     scores = None
     if cfg.retrieval_samples:  # first: a prompt too short for a lookup fails before the long passes
-        from podkv.analysis.retrieval import head_scores
-
         scores = head_scores(model, tokenizer, cfg.retrieval_samples, cfg.length, cfg.ns, cfg.nr, cfg.last_q,
                              cfg.seed, progress)
     sim, study = _collect(model, samples, cfg, progress)
@@ -212,8 +211,6 @@ def replan(data: dict, source: str = "analysis.json", **changes):
 
 
 def _collect(model, samples: torch.Tensor, cfg: AnalysisConfig, progress: bool):
-    from tqdm.auto import tqdm
-
     c = model.config
     kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     sim = SimilarityAccumulator(c.num_hidden_layers, c.num_attention_heads, kv)
@@ -242,9 +239,7 @@ def _collect(model, samples: torch.Tensor, cfg: AnalysisConfig, progress: bool):
 
 
 def _meta(cfg: AnalysisConfig, name: str, model, corpus) -> dict:
-    import transformers
-
-    from podkv import __version__
+    import transformers  # startup: transformers
 
     settings = asdict(cfg)
     settings["proximal_sizes"] = list(cfg.proximal_sizes)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from podkv.bench.common import PeakMemory, new_cache, prefill_decode, token_ids
+from podkv.bench.report import md_table, plot_lines
 from podkv.cache.memory import cache_bytes, dense_kv_bytes, pod_kv_bytes
 from podkv.errors import PodError
 
@@ -71,7 +74,7 @@ def run_batch(model, tok, plan, cfg: BatchConfig) -> dict:
                                      "peak_bytes_at_max": fitting[0]["peak_bytes"] if fitting else None}
     dense, pod = result["methods"]["dense"]["max_batch"], result["methods"]["pod"]["max_batch"]
     result["ratio"] = pod / dense if dense else None
-    from podkv.models.enable import disable_pod
+    from podkv.models.enable import disable_pod  # startup: transformers
 
     disable_pod(model)
     return result
@@ -92,8 +95,6 @@ def _probe(model, tok, plan, method, batch, cfg, budget) -> dict:
 
 
 def _decode_more(model, ids, cache, n):
-    import torch
-
     nxt = ids[:, -1:]
     with torch.no_grad():
         for _ in range(n):
@@ -101,8 +102,6 @@ def _decode_more(model, ids, cache, n):
 
 
 def batch_markdown(result: dict) -> str:
-    from podkv.bench.report import md_table
-
     rows = [{"method": m, **v, "kv_MB": v["kv_bytes_at_max"] / 2**20,
              "peak_MB": None if v["peak_bytes_at_max"] is None else v["peak_bytes_at_max"] / 2**20}
             for m, v in result["methods"].items()]
@@ -118,8 +117,6 @@ def _r(x):
 
 
 def batch_plot(result: dict, path) -> None:
-    from podkv.bench.report import plot_lines
-
     series = {}
     for m in ("dense", "pod"):
         ps = sorted((p["batch"], p["kv_bytes"] / 2**20) for p in result["probes"] if p["method"] == m)

@@ -19,8 +19,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from podkv.bench.batch import largest_fitting
+from podkv.bench.common import new_cache, prefill_decode, token_ids
+from podkv.bench.report import md_table, plot_lines
+from podkv.cache.memory import cache_bytes, dense_kv_bytes, pod_kv_bytes
 from podkv.errors import PodError
+from podkv.models import loading
+from podkv.plan import SharingPlan
 
 GIB = 2**30
 METHODS = ("dense", "pod")
@@ -46,8 +53,6 @@ class RssBatchConfig:
 
 def run_batch_rss(model, tok, plan, cfg: RssBatchConfig) -> dict:
     """Largest batch under ``cfg.rss_budget_gib`` for dense and PoD, each try measured in its own process."""
-    from podkv.cache.memory import dense_kv_bytes, pod_kv_bytes
-
     budget = int(cfg.rss_budget_gib * GIB)
     held = cfg.length + cfg.new_tokens
     per_request = {"dense": dense_kv_bytes(model.config, held, 1, model.dtype),
@@ -135,14 +140,7 @@ def _high_water(pid: int) -> int | None:
 def _child(spec: dict) -> dict:
     """Runs in the child process: load, prefill + decode, report. Prompts are random ids (memory does not
     depend on the text, and the child then needs no tokenizer work)."""
-    import resource
-
-    import torch
-
-    from podkv.bench.common import new_cache, prefill_decode, token_ids
-    from podkv.cache.memory import cache_bytes
-    from podkv.models.loading import load_model
-    from podkv.plan import SharingPlan
+    import resource  # optional: resource (Unix only)
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -151,7 +149,7 @@ def _child(spec: dict) -> dict:
     def peak() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
 
-    model, _ = load_model(spec["model"], progress=False)
+    model, _ = loading.load_model(spec["model"], progress=False)
     loaded = peak()
     ids = token_ids(None, model.config.vocab_size, spec["batch"], spec["length"]).to(model.device)  # (B, T)
     cache = new_cache(model, spec["method"], SharingPlan.load(spec["plan"]))
@@ -160,8 +158,6 @@ def _child(spec: dict) -> dict:
 
 
 def batch_rss_markdown(result: dict) -> str:
-    from podkv.bench.report import md_table
-
     rows = [{"method": m, **v, "peak_MiB": _mib(v["peak_rss_at_max"]), "loaded_MiB": _mib(v["loaded_rss"]),
              "kv_MiB": _mib(v["kv_bytes_at_max"]), "peaks": _peaks(result, m)} for m, v in result["methods"].items()]
     ratio = "—" if result["ratio"] is None else f"{result['ratio']:.2f}×"
@@ -190,8 +186,6 @@ def _peaks(result: dict, method: str) -> str:
 
 
 def batch_rss_plot(result: dict, path) -> None:
-    from podkv.bench.report import plot_lines
-
     series = {}
     for m in METHODS:
         ps = [(p["batch"], p["peak_rss"] / GIB) for p in result["probes"] if p["method"] == m and p["kv_bytes"]]

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from podkv.bench.batch import BatchConfig
+from podkv.bench.batch_rss import RssBatchConfig
+from podkv.bench.memory import MemoryConfig
+from podkv.bench.runner import run_bench
+from podkv.bench.skip import SkipConfig
+from podkv.bench.speed import SpeedConfig
 from podkv.cli_args import Floats, Int, Ints
+from podkv.models import loading
 from podkv.outputs import refuse_existing
 
 DEFAULT_OUT = Path("benchmarks")
@@ -71,16 +80,11 @@ def _common(p, name: str) -> None:
 
 
 def run(args) -> int:
-    from podkv.bench.runner import run_bench
-    from podkv.models.loading import load_model
-
     refuse_existing(Path(args.out) / f"{bench_name(args)}.json", args.force, flag="--out: results file")
     config = build_config(args)
     if args.threads is not None:
-        import torch
-
         torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model)
+    model, tok = loading.load_model(args.model)
     path = run_bench(bench_name(args), model, tok, config, out_dir=args.out, plan_path=args.plan)
     print(f"wrote {path} and {Path(args.out) / 'RESULTS.md'}")
     return 0
@@ -92,12 +96,6 @@ def bench_name(args) -> str:
 
 
 def build_config(args):
-    from podkv.bench.batch import BatchConfig
-    from podkv.bench.batch_rss import RssBatchConfig
-    from podkv.bench.memory import MemoryConfig
-    from podkv.bench.skip import SkipConfig
-    from podkv.bench.speed import SpeedConfig
-
     name = args.bench_name
     if name == "memory":
         return MemoryConfig(lengths=args.lengths, batch=args.batch, decode=args.decode,

@@ -7,7 +7,10 @@ shared) repetitions of the compared methods are interleaved and summarised by me
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import gc
+import os
 import statistics
 import threading
 import time
@@ -16,17 +19,15 @@ from datetime import datetime, timezone
 import torch
 
 from podkv.plan import SharingPlan
+from podkv.provenance import machine, versions
+from podkv.texts import text
 
 
 def machine_info(device: str = "cpu") -> dict:
     """Date, versions, the machine (:mod:`podkv.provenance`) and the load average of this run."""
-    from podkv.provenance import machine, versions
-
     info = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **versions(("torch", "transformers")),
             **machine(device), "device": device}
     with contextlib.suppress(OSError, AttributeError):
-        import os
-
         info["load_avg_1m"] = round(os.getloadavg()[0], 2)  # other users of the CPU make timings noisy
     return info
 
@@ -54,7 +55,7 @@ def timed(fn, device="cpu") -> tuple[float, object]:
 
 def rss_bytes() -> int | None:
     try:
-        import psutil
+        import psutil  # optional: psutil
     except ImportError:
         return None
     return psutil.Process().memory_info().rss
@@ -100,9 +101,6 @@ class PeakMemory:
 
 def _malloc_trim() -> None:
     """glibc keeps freed memory in its heap, where later allocations reuse it without growing RSS."""
-    import ctypes
-    import gc
-
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -110,10 +108,10 @@ def _malloc_trim() -> None:
 
 def new_cache(model, method: str, plan: SharingPlan):
     """An empty cache for ``method`` ("dense" or "pod"); switches the model's attention to match."""
-    from transformers import DynamicCache
+    from transformers import DynamicCache  # startup: transformers
 
-    from podkv.cache.pod_cache import PodCache
-    from podkv.models.enable import disable_pod, enable_pod
+    from podkv.cache.pod_cache import PodCache  # startup: transformers
+    from podkv.models.enable import disable_pod, enable_pod  # startup: transformers
 
     if method == "dense":
         disable_pod(model)
@@ -152,6 +150,4 @@ def token_ids(tok, vocab: int, batch: int, length: int, seed: int = 0) -> torch.
 def _text_ids(tok) -> torch.Tensor:
     """Why held-out: `bench skip` scores perplexity on these ids, and an adapted model trained on the plan/train
     split (help topics) would be flattered there."""
-    from podkv.texts import text
-
     return tok(text("heldout"), return_tensors="pt").input_ids[0]

@@ -10,9 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tqdm.auto import tqdm
+
 from podkv.bench.common import PeakMemory, new_cache, prefill_decode, token_ids
+from podkv.bench.report import md_table, plot_lines
 from podkv.cache.memory import cache_bytes, dense_kv_bytes, pod_kv_bytes
+from podkv.cache.selection import kept_tokens_for_budget
 from podkv.errors import PodError
+from podkv.eval.generation import prefill
+from podkv.eval.methods import make_method
 
 
 @dataclass
@@ -33,10 +39,6 @@ class MemoryConfig:
 
 def pod_snapkv_row(model, plan, ids, budget: float) -> dict:
     """KV bytes of PoD + SnapKV after prefilling ``ids`` at ``budget``, measured and by formula."""
-    from podkv.cache.selection import kept_tokens_for_budget
-    from podkv.eval.generation import prefill
-    from podkv.eval.methods import make_method
-
     B, T = ids.shape
     method = make_method("pod+snapkv", plan=plan, budget=budget)
     try:
@@ -53,8 +55,6 @@ def pod_snapkv_row(model, plan, ids, budget: float) -> dict:
 
 def run_memory(model, tok, plan, cfg: MemoryConfig) -> dict:
     """Measure dense and PoD KV bytes at every length; returns the result dict (rows + checks)."""
-    from tqdm.auto import tqdm
-
     config, dtype = model.config, model.dtype
     rows = []
     for method in ("dense", "pod"):  # warm-up: the first run's allocator growth is not the cache's
@@ -83,7 +83,7 @@ def run_memory(model, tok, plan, cfg: MemoryConfig) -> dict:
         if cfg.selection_budget:
             row.update(pod_snapkv_row(model, plan, ids, cfg.selection_budget))
         rows.append(row)
-    from podkv.models.enable import disable_pod
+    from podkv.models.enable import disable_pod  # startup: transformers
 
     disable_pod(model)
     return {"rows": rows, "all_match_formula": all(r["matches_formula"] for r in rows),
@@ -91,8 +91,6 @@ def run_memory(model, tok, plan, cfg: MemoryConfig) -> dict:
 
 
 def memory_markdown(result: dict) -> str:
-    from podkv.bench.report import md_table
-
     rows = [dict(r, dense_MB=r["dense_bytes"] / 2**20, pod_MB=r["pod_bytes"] / 2**20,
                  dense_peak_MB=_mb(r["dense_peak_bytes"]), pod_peak_MB=_mb(r["pod_peak_bytes"]),
                  saving_pct=100 * r["saving"], plan_pct=100 * r["plan_saving"]) for r in result["rows"]]
@@ -122,8 +120,6 @@ def _mb(x):
 
 
 def memory_plot(result: dict, path) -> None:
-    from podkv.bench.report import plot_lines
-
     Ts = [r["T"] for r in result["rows"]]
     plot_lines(path, {"dense (measured)": (Ts, [r["dense_bytes"] / 2**20 for r in result["rows"]]),
                       "PoD (measured)": (Ts, [r["pod_bytes"] / 2**20 for r in result["rows"]]),

@@ -6,8 +6,12 @@ rewrites only its own section (atomically) and the other sections keep their las
 
 from __future__ import annotations
 
+import hashlib
 import re
+import tempfile
 from pathlib import Path
+
+from filelock import FileLock
 
 from podkv.io import atomic_write_text, save_figure, write_json
 
@@ -38,11 +42,6 @@ def write_results(out_dir: str | Path, name: str, result: dict, section_md: str)
     md = out_dir / "RESULTS.md"
     block = f"<!-- bench:{name} -->\n{section_md.strip()}\n<!-- /bench:{name} -->"
     pattern = re.compile(rf"<!-- bench:{name} -->.*?<!-- /bench:{name} -->", re.S)
-    import hashlib
-    import tempfile
-
-    from filelock import FileLock
-
     key = hashlib.sha1(str(md.resolve()).encode()).hexdigest()[:12]  # lock outside the results folder
     with FileLock(str(Path(tempfile.gettempdir()) / f"podkv-results-{key}.lock")):  # two benches may finish at once
         text = md.read_text() if md.exists() else HEADER
@@ -54,10 +53,10 @@ def write_results(out_dir: str | Path, name: str, result: dict, section_md: str)
 def plot_lines(path: str | Path, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, title: str,
                logx: bool = False) -> Path:
     """One line per series name -> (xs, ys)."""
-    import matplotlib
+    import matplotlib  # startup: matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # startup: matplotlib
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for label, (xs, ys) in series.items():

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from podkv.bench.common import new_cache, stats, timed, token_ids
+from podkv.bench.report import md_table, plot_lines
 from podkv.errors import PodError
+from podkv.eval import tasks
+from podkv.eval.scoring import perplexity as ppl, token_nll
 
 NEVER = 1.01  # tau > 1: the gate-skip path that never skips
 
@@ -78,8 +81,6 @@ def perplexity(model, tok, plan, methods: dict, prefix: int, n: int) -> dict:
 
     Decode steps, not :func:`podkv.eval.scoring.window_nll`'s one forward: skipping acts only there.
     """
-    from podkv.eval.scoring import perplexity as ppl, token_nll
-
     ids = token_ids(tok, model.config.vocab_size, 1, prefix + n + 1, seed=1)
     base = new_cache(model, "dense" if methods == DENSE else "pod", plan)
     rt = getattr(model, "pod_runtime", None)
@@ -110,10 +111,8 @@ def passkey(model, tok, plan, methods: dict, prompts: int, length: int) -> dict 
     recent window) answered exactly in 8 greedy tokens, per method; each method decodes from one prefill."""
     if tok is None:
         return None
-    from podkv.eval.tasks import Passkey, passkey_cases
-
-    task, hits = Passkey(), {m: 0 for m in methods}
-    cases = passkey_cases(tok, length, [0.5 * (i + 0.5) / prompts for i in range(prompts)]) if prompts else []
+    task, hits = tasks.Passkey(), {m: 0 for m in methods}
+    cases = tasks.passkey_cases(tok, length, [0.5 * (i + 0.5) / prompts for i in range(prompts)]) if prompts else []
     for case in cases:
         ids = torch.tensor([case.input_ids])  # (1, length)
         base = new_cache(model, "dense" if methods == DENSE else "pod", plan)
@@ -132,7 +131,7 @@ def passkey(model, tok, plan, methods: dict, prompts: int, length: int) -> dict 
 
 
 def run_skip(model, tok, plan, cfg: SkipConfig) -> dict:
-    from podkv.models.enable import disable_pod
+    from podkv.models.enable import disable_pod  # startup: transformers
 
     if plan.mode != "keys":  # scores mode reuses the anchor's distant scores: there is no distant pass to skip
         raise PodError(f"bench skip: gate skipping applies to plans of mode 'keys' (a shared head's own distant "
@@ -168,8 +167,6 @@ def _never_label(methods):
 
 
 def skip_markdown(result: dict) -> str:
-    from podkv.bench.report import md_table
-
     cols = [("method", "method"), ("skip_share", "distant passes skipped (shared heads)"),
             ("step_ms", "decode ms/token (median)"), ("step_min_ms", "min"), ("step_max_ms", "max"),
             ("vs_pod", "vs PoD"), ("vs_never", "vs never-skip path"), ("ppl", "perplexity"),
@@ -181,8 +178,6 @@ def skip_markdown(result: dict) -> str:
 
 
 def skip_plot(result: dict, path) -> None:
-    from podkv.bench.report import plot_lines
-
     rows = [r for r in result["rows"] if r["tau"] is not None and r["tau"] <= 1 and "skip_share" in r]
     taus = [r["tau"] for r in rows]
     plot_lines(path, {"share skipped": (taus, [r["skip_share"] for r in rows]),

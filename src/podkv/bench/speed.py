@@ -12,9 +12,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from podkv.attention.chunked import KeySources, pod_attention_chunked
+from podkv.attention.decode import pod_decode
 from podkv.bench.common import new_cache, stats, timed, token_ids
+from podkv.bench.report import md_table, plot_lines
+from podkv.cache.memory import dense_kv_bytes
 from podkv.errors import PodError
+from podkv.plan import SharingPlan
 
 
 @dataclass
@@ -40,7 +46,7 @@ class SpeedConfig:
 
 def pod_copy(model, plan, chunk: int):
     """A second model with PoD enabled, sharing nothing mutable with ``model`` (which stays dense)."""
-    from podkv.models.enable import disable_pod, enable_pod
+    from podkv.models.enable import disable_pod, enable_pod  # startup: transformers
 
     disable_pod(model)
     return enable_pod(copy.deepcopy(model), plan, chunk=chunk)
@@ -119,8 +125,6 @@ def time_attention(config, plan, lengths, reps, decode: bool, chunk: int) -> lis
     decode.py) on a two-layer PodCache whose second layer borrows the first layer's distant keys,
     against a dense step that appends to its cache (DynamicCache's cat) and runs SDPA.
     """
-    from podkv.attention.chunked import KeySources, pod_attention_chunked
-
     Hq, H = config.num_attention_heads, plan.num_kv_heads
     D = getattr(config, "head_dim", None) or config.hidden_size // Hq
     times = {}
@@ -156,9 +160,7 @@ def _dense_decode_step(q, k, v):
 def _decode_step_fn(q, k, v, ka, plan, scale):
     """A callable running PoD's decode step for query ``q`` over T cached tokens (the step's state is
     restored after each call, so repetitions time the same step)."""
-    from podkv.attention.decode import pod_decode
-    from podkv.cache.pod_cache import PodCache
-    from podkv.plan import SharingPlan
+    from podkv.cache.pod_cache import PodCache  # startup: transformers
 
     H, T = k.shape[1], k.shape[2]
     two = SharingPlan(anchors=[[0] * H, [0] * H], ns=plan.ns, nr=plan.nr)
@@ -193,8 +195,6 @@ PREFILL_GOAL = 1.0
 def run_speed(model, tok, plan, cfg: SpeedConfig) -> dict:
     """Dense and PoD on the same weights, alternating. The attention microbenchmarks time a keys-mode
     shared layer; a scores-mode plan's layers are timed only inside the model (they need their block)."""
-    from tqdm.auto import tqdm
-
     models = {"dense": model, "pod": pod_copy(model, plan, cfg.chunk)}
     jobs = [("prefill", lambda: time_prefill(models, tok, cfg.prefill_lengths, cfg.reps)),
             ("decode", lambda: time_decode(models, tok, cfg.decode_lengths, cfg.decode_steps, cfg.batches))]
@@ -226,8 +226,6 @@ def step_bytes_ratio(model, plan, T: int, batch: int) -> float:
     """Bytes a decode step reads, PoD / dense (fp32): weights once, plus the KV each attends over. In scores
     mode a block reads its anchor's keys once, and every layer's values; dense reads every key and value.
     The limit a memory-bound step can reach."""
-    from podkv.cache.memory import dense_kv_bytes
-
     weights = 4 * sum(p.numel() for p in model.parameters())  # tied embeddings are one parameter
     dense_kv = dense_kv_bytes(model.config, T, batch, torch.float32)
     pairs = plan.num_layers * plan.num_kv_heads
@@ -237,8 +235,6 @@ def step_bytes_ratio(model, plan, T: int, batch: int) -> float:
 
 
 def speed_markdown(result: dict) -> str:
-    from podkv.bench.report import md_table
-
     out = [f"Plan mode: {result.get('plan_mode', 'keys')}; PoD prefill fed in steps of "
            f"{result.get('prefill_chunk') or 'one'} tokens (scores mode: one distant pass per block), dense in one."]
     for name, unit, scale in (("prefill", "s", 1), ("decode", "ms/step", 1e3),
@@ -269,8 +265,6 @@ def _spread(s: dict, scale: float) -> str:
 
 
 def speed_plot(result: dict, path) -> None:
-    from podkv.bench.report import plot_lines
-
     series = {name: ([r["T"] for r in result[name]], [r["ratio"] for r in result[name]])
               for name in ("prefill", "attention_prefill", "attention_decode") if name in result}
     for B in sorted({r.get("batch", 1) for r in result["decode"]}):

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from podkv.cli_args import Floats, Int, Ints, Names
 from podkv.errors import PodError
+from podkv.eval.config import EvalConfig
+from podkv.eval.demo import demo
+from podkv.eval.merge import merge_runs
+from podkv.eval.methods import available_methods
+from podkv.eval.report import markdown, write_results
+from podkv.eval.runner import run
+from podkv.eval.tasks import TASKS
 from podkv.outputs import add_out_arguments, staged_dir
 
 COMPARE_METHODS = ("dense", "pod", "streaming", "snapkv", "h2o")
 
 
 def register(sub) -> None:
-    from podkv.eval.tasks import TASKS
-
     p = sub.add_parser("eval", help="evaluate KV methods: ppl, passkey, niah, multikey, RULER-style niah_*/vt, "
                                     "retrieval_logprob, longbench, ruler, compare")
     tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
@@ -70,11 +77,7 @@ def _common(p) -> None:
 
 
 def config_from(args, tasks, methods, compare=False, out=None):
-    from podkv.eval.config import EvalConfig
-
     if args.threads is not None:
-        import torch
-
         if args.threads < 1:
             raise PodError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
@@ -86,8 +89,6 @@ def config_from(args, tasks, methods, compare=False, out=None):
 
 
 def run_task(args) -> int:
-    from podkv.eval.runner import run
-
     with staged_dir(args.out, args.force) as stage:
         results = run(config_from(args, args.tasks_, [args.method], out=stage), progress=not args.quiet)
     _print_table(results, args.out)
@@ -95,12 +96,7 @@ def run_task(args) -> int:
 
 
 def run_compare(args) -> int:
-    from podkv.eval.runner import run
-
     if args.merge:
-        from podkv.eval.merge import merge_runs
-        from podkv.eval.report import write_results
-
         results, timings = merge_runs(args.merge)
         with staged_dir(args.out, args.force) as stage:
             write_results(results, stage, timings)
@@ -119,21 +115,15 @@ def compare_methods(asked) -> tuple[str, ...]:
     kvpress needs transformers<5.3, so its baselines drop out of the default list where it is absent;
     asked for by name, they fail with the install hint.
     """
-    from podkv.eval.methods import available_methods
-
     return available_methods(COMPARE_METHODS) if asked is COMPARE_METHODS else tuple(asked)
 
 
 def _print_table(results, out) -> None:
-    from podkv.eval.report import markdown
-
     print(markdown(results))
     print(f"results in {out}/ (results.json, results.md, figures)")
 
 
 def run_demo(args) -> int:
-    from podkv.eval.demo import demo
-
     with staged_dir(args.out, args.force) as stage:
         return demo(model_name=args.model, length=args.length, samples=args.samples, out=stage, seed=args.seed,
                     shown=args.out)

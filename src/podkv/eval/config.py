@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from podkv.errors import PodError
+from podkv.eval.methods import METHODS
+from podkv.eval.tasks import TASKS, user_text
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)  # the grid tasks (niah, passkey, multikey) use without --depths
 
@@ -53,9 +55,6 @@ class EvalConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        from podkv.eval.methods import METHODS
-        from podkv.eval.tasks import TASKS
-
         for t in self.tasks:
             if t not in TASKS:
                 raise PodError(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
@@ -82,8 +81,6 @@ class EvalConfig:
         self.lengths = tuple(sorted(int(n) for n in self.lengths))
         self.depths = None if self.depths is None else tuple(float(d) for d in self.depths)
         if self.files:
-            from podkv.eval.tasks import user_text
-
             user_text(self.files)
 
     def explicit_depths(self, length: int) -> tuple[float, ...] | None:

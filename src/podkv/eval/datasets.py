@@ -17,7 +17,7 @@ from podkv.eval.task_base import Case, Task
 
 def load_jsonl(path: Path):
     try:
-        import datasets
+        import datasets  # optional: datasets
     except ImportError:
         raise PodError("the longbench/ruler tasks need the 'datasets' package: pip install 'podkv[data]'") from None
     return datasets.load_dataset("json", data_files=str(path), split="train")

@@ -12,17 +12,21 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from podkv.errors import PodError
-from podkv.eval.runner import check_lengths
+from podkv.eval.config import EvalConfig
+from podkv.eval.methods import attention_mode
+from podkv.eval.runner import check_lengths, default_budget, evaluate, load
+from podkv.generate_cli import encode_prompt
+from podkv.io import save_figure, write_json
+from podkv.models import loading
 
 QUESTION = "What is the capital of France?"
 
 
 def load_demo_model(name: str | None):
     """The adapted model ``smollm2-pod`` when it loads, else the default model (with the shipped plan)."""
-    from podkv.eval.config import EvalConfig
-    from podkv.eval.runner import load
-
     if name is None:
         try:
             return (*load(EvalConfig(model="smollm2-pod")), "smollm2-pod")
@@ -33,11 +37,6 @@ def load_demo_model(name: str | None):
 
 
 def capital_check(model, tok, plan) -> str:
-    import torch
-
-    from podkv.eval.methods import attention_mode
-    from podkv.generate_cli import encode_prompt
-
     with attention_mode(model, plan=plan), torch.no_grad():
         ids = encode_prompt(tok, QUESTION, chat=True)
         out = model.generate(**ids, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -52,9 +51,6 @@ def needle_compare(model, tok, plan, length: int, samples: int, seed: int, base=
     Returns the runner's per-method entries (summaries carry a 95% interval), each with ``seconds``:
     the wall time of its prompts (prefill and greedy answer), each method run on its own.
     """
-    from podkv.eval.config import EvalConfig
-    from podkv.eval.runner import default_budget, evaluate
-
     depths = tuple(round((i + 0.5) / samples, 4) for i in range(samples))
     common = dict(tasks=("niah_single_prose",), lengths=(length,), depths=depths, samples=1, seed=seed,
                   budget=default_budget(plan, [length]), compare=True)
@@ -71,8 +67,6 @@ def demo(model_name: str | None = None, length: int = 2048, samples: int = 10, o
          seed: int = 0, shown: str | None = None) -> int:
     """``out``: where the files are written; ``shown``: the folder they end up in, when the caller stages
     them (:func:`podkv.outputs.staged_dir`)."""
-    from podkv.io import save_figure, write_json
-
     model, tok, plan, source, name = load_demo_model(model_name)
     check_lengths(model.config, [length], flag="--length")
     print(f"model: {name}; PoD plan: {source}\n{plan.summary(length)}\n")
@@ -81,9 +75,7 @@ def demo(model_name: str | None = None, length: int = 2048, samples: int = 10, o
     print(f"{samples} needles (RULER magic numbers) in {length}-token held-out prose, depths 5%..95%, greedy:")
     base = None
     if name == "smollm2-pod":  # baselines on the original weights, PoD on the adapted ones
-        from podkv.models.loading import load_model
-
-        base, _ = load_model(None, progress=False)
+        base, _ = loading.load_model(None, progress=False)
     entries = needle_compare(model, tok, plan, length, samples, seed, base=base)
     rows = [_row(m, e) for m, e in entries.items()]
     if base is not None:
@@ -115,10 +107,10 @@ def _row(method: str, entry: dict) -> dict:
 
 
 def _figure(rows: list[dict], length: int):
-    import matplotlib
+    import matplotlib  # startup: matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # startup: matplotlib
 
     fig, ax = plt.subplots(figsize=(5.2, 3.4))
     for i, r in enumerate(rows):

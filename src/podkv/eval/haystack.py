@@ -14,6 +14,7 @@ import re
 from functools import lru_cache
 
 from podkv.errors import PodError
+from podkv.texts import text
 
 # Mohtashami & Jaggi (2023), "Landmark Attention": the passkey filler.
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -23,8 +24,6 @@ MAX_UNIT_CHARS = 300  # docstrings hold long code runs without a full stop: cut 
 
 def prose_text() -> str:
     """The held-out evaluation text (stdlib docstrings, ~700K characters), in a fixed order."""
-    from podkv.texts import text
-
     return text("heldout")
 
 

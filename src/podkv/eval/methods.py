@@ -11,12 +11,16 @@ Budgets are fractions of the dense KV bytes held after prefill (1.0 = dense).
 
 from __future__ import annotations
 
+import importlib.util
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
+from podkv.cache.selection import compact, kept_tokens_for_budget, snapkv_select
 from podkv.errors import PodError
-from podkv.plan import SharingPlan
+from podkv.plan import SharingPlan, plan_from_config
 
 
 @contextmanager
@@ -25,8 +29,7 @@ def attention_mode(model, plan: SharingPlan | None = None, impl: str | None = No
 
     A model loaded with PoD (e.g. ``smollm2-pod``) goes back to PoD with its own plan afterwards.
     """
-    from podkv.models.enable import disable_pod, enable_pod
-    from podkv.plan import plan_from_config
+    from podkv.models.enable import disable_pod, enable_pod  # startup: transformers
 
     own = plan_from_config(model.config) if hasattr(model, "_pod_saved") else None
     disable_pod(model)
@@ -68,7 +71,7 @@ class Method:
         return attention_mode(model, impl=self.attn)
 
     def new_cache(self, model):
-        from transformers import DynamicCache
+        from transformers import DynamicCache  # startup: transformers
 
         return DynamicCache()
 
@@ -113,7 +116,7 @@ class Pod(Method):
         return attention_mode(model, plan=self.sharing_plan())
 
     def new_cache(self, model):
-        from podkv.cache.pod_cache import PodCache
+        from podkv.cache.pod_cache import PodCache  # startup: transformers
 
         return PodCache(model.config, self.sharing_plan())
 
@@ -190,8 +193,6 @@ class Streaming(Method):
 
 def keep_sinks_and_recent(layer, n_sink: int, keep: int) -> None:
     """Evict a cache layer's middle tokens in place: keep its first ``n_sink`` and last ``keep - n_sink``."""
-    import torch
-
     T = layer.keys.shape[-2]
     if keep >= T:
         return
@@ -237,8 +238,6 @@ class PodSnapKV(Pod):
     window: ClassVar[int] = 32  # observation window: the prompt's last queries (SnapKV)
 
     def check(self, config, lengths) -> None:
-        from podkv.cache.selection import kept_tokens_for_budget
-
         plan = self.sharing_plan()
         plan.validate_for(config)
         if self.budget is None:
@@ -252,8 +251,6 @@ class PodSnapKV(Pod):
 
     @contextmanager
     def prefill(self, model):
-        from podkv.cache.selection import compact, kept_tokens_for_budget, snapkv_select
-
         plan, runtime = self.sharing_plan(), model.pod_runtime
         runtime.observe_window, runtime.observed = min(self.window, plan.nr), {}
         try:
@@ -272,7 +269,7 @@ class PodSnapKV(Pod):
 
 def _kvpress():
     try:
-        import kvpress
+        import kvpress  # optional: kvpress
     except ImportError:
         raise PodError("the token-eviction baselines need kvpress: pip install 'podkv[peers]' "
                        "(kvpress==0.5.5)") from None
@@ -287,9 +284,9 @@ def _unwrap_pod_attention() -> None:
     attention_patch(fn)``, a local override). PoD never uses kvpress's head-wise masking, so keep its
     wrapper out of PoD's hot path by putting ours back.
     """
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # startup: transformers
 
-    from podkv.attention import interface
+    from podkv.attention import interface  # startup: transformers
 
     for name, fn in ((interface.ATTN_NAME, interface.pod_attention_forward),
                      (interface.REFERENCE_ATTN_NAME, interface.pod_reference_attention_forward)):
@@ -303,8 +300,6 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Dense, Pod, PodScores, S
 
 def kvpress_available() -> bool:
     """Whether the kvpress baselines can run here (kvpress 0.5.5 needs transformers<5.3)."""
-    import importlib.util
-
     return importlib.util.find_spec("kvpress") is not None
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
+
 from podkv.io import atomic_write_text, save_figure, write_json
 
 
@@ -107,7 +109,7 @@ def grid_matrix(summary: dict) -> tuple[list[int], list[float], list[list[float]
 
 
 def figures(results: dict, out: Path) -> list[Path]:
-    import matplotlib
+    import matplotlib  # startup: matplotlib
 
     matplotlib.use("Agg")
     methods = results["methods"]
@@ -123,8 +125,7 @@ def figures(results: dict, out: Path) -> list[Path]:
 
 def heatmaps(methods: dict, tname: str):
     """Length x depth accuracy, one panel per method, like the paper's Figure 3."""
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt  # startup: matplotlib
 
     fig, axes = plt.subplots(1, len(methods), figsize=(2.8 * len(methods) + 1.2, 3.4), squeeze=False,
                              sharey=True)
@@ -150,7 +151,7 @@ def heatmaps(methods: dict, tname: str):
 
 def accuracy_vs_saving(methods: dict):
     """Mean score over the tasks scored on [0, 1] (accuracy, string_match_all) against the KV memory saved."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # startup: matplotlib
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for mname, entry in methods.items():

@@ -5,14 +5,22 @@ No method- or task-specific branches: both come from their registries.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
 
 from podkv.errors import PodError
 from podkv.eval.config import EvalConfig
 from podkv.eval.methods import METHODS, make_method
+from podkv.eval.report import write_results
 from podkv.eval.tasks import make_task
+from podkv.models import loading
 from podkv.models.default_plan import default_plan
 from podkv.plan import SharingPlan
+from podkv.provenance import identity, machine, versions
 
 
 def default_budget(plan: SharingPlan, lengths) -> float:
@@ -54,8 +62,6 @@ def evaluate(model, tok, cfg: EvalConfig, plan: SharingPlan, progress: bool = Tr
     ``log``: optional path of a JSON-lines file that gets each record as soon as it is scored
     (long CPU runs can be watched, and are not all lost if interrupted).
     """
-    from tqdm.auto import tqdm
-
     methods = build_methods(cfg, plan, model)
     tasks = {name: make_task(name) for name in cfg.tasks}
     cases = {name: task.cases(tok, cfg, plan) for name, task in tasks.items()}
@@ -78,9 +84,6 @@ def evaluate(model, tok, cfg: EvalConfig, plan: SharingPlan, progress: bool = Tr
 def _log(path, record: dict) -> None:
     if path is None:
         return
-    import json
-    from pathlib import Path
-
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
         fh.write(json.dumps(record, default=str) + "\n")
@@ -88,8 +91,6 @@ def _log(path, record: dict) -> None:
 
 def provenance(cfg: EvalConfig, model, plan: SharingPlan, plan_source: str) -> dict:
     """Everything a rerun needs: model, plan, settings, seed, package versions and the machine."""
-    from podkv.provenance import identity, machine, versions
-
     return {"identity": identity(model, plan), "model": cfg.model or "smollm2 (embedded default)",
             "model_type": model.config.model_type,
             "plan_source": plan_source, "plan": plan.to_dict(), "plan_summary": plan.summary(max(cfg.lengths)),
@@ -99,19 +100,15 @@ def provenance(cfg: EvalConfig, model, plan: SharingPlan, plan_source: str) -> d
 
 def load(cfg: EvalConfig):
     """(model, tokenizer, plan, plan_source) for ``cfg``; quiet loading."""
-    import torch
-
-    from podkv.models.loading import load_model
-
     try:
-        import transformers
+        import transformers  # startup: transformers
 
         transformers.utils.logging.disable_progress_bar()
     except AttributeError:
         pass
     torch.manual_seed(cfg.seed)
     try:
-        model, tok = load_model(cfg.model, progress=False)
+        model, tok = loading.load_model(cfg.model, progress=False)
     except ModuleNotFoundError as exc:
         raise PodError(f"--model {cfg.model}: not available in this install ({exc})") from None
     plan, source = default_plan(model.config, cfg.plan)
@@ -120,8 +117,6 @@ def load(cfg: EvalConfig):
 
 def run(cfg: EvalConfig, progress: bool = True) -> dict:
     """Load, evaluate, write results.json / results.md / figures into ``cfg.out``; return the results."""
-    from podkv.eval.report import write_results
-
     model, tok, plan, source = load(cfg)
     results = {**provenance(cfg, model, plan, source), "methods": evaluate(model, tok, cfg, plan, progress,
                                                                       log=cfg.out_dir / "records.jsonl")}

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import re
 
+import torch
+
 _NUMBER = re.compile(r"\d+")
 
 
@@ -49,8 +51,6 @@ def perplexity(nll_sum: float, n_tokens: int) -> float:
 
 def token_nll(logits, targets) -> float:
     """Summed negative log-likelihood of ``targets`` (T,) under ``logits`` (T, V), computed in fp32."""
-    import torch
-
     return float(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
 
 
@@ -61,8 +61,6 @@ def window_nll(model, ids, length: int, skip: int = 0, max_tokens: int | None = 
     last partial window is kept. Only positions ``>= skip`` inside a window are scored: with ``skip =
     ns + nr`` the score counts only tokens where PoD differs from dense. ``max_tokens`` cuts ``ids`` first.
     """
-    import torch
-
     if length < 2 or skip < 0 or skip >= length - 1:
         raise ValueError(f"window_nll needs length >= 2 and 0 <= skip < length - 1, got length={length}, skip={skip}")
     ids = ids if max_tokens is None else ids[:max_tokens]

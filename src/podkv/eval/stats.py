@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 Z95 = 1.959963984540054  # two-sided 95% quantile of the standard normal
 MIN_SAMPLES = 10  # prompts per (task, length) below which a task with intervals refuses to run
 BOOTSTRAP_RESAMPLES = 2000
@@ -43,8 +45,6 @@ def bootstrap(values, weights=None, resamples: int = BOOTSTRAP_RESAMPLES, seed: 
 
     Weights let a per-token mean be resampled by document (perplexity windows of unequal length).
     """
-    import numpy as np
-
     v = np.asarray(list(values), dtype=np.float64)
     if v.size == 0:
         return (math.nan, math.nan)

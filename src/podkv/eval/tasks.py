@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
+
 import torch
 
 from podkv.errors import PodError
 from podkv.eval import prompts
+from podkv.eval.datasets import LongBench, Ruler
 from podkv.eval.generation import continuation_nll
+from podkv.eval.haystack import prose_text
+from podkv.eval.retrieval import RetrievalLogprob
+from podkv.eval.ruler import RULER_TASKS
 from podkv.eval.scoring import perplexity
 from podkv.eval.stats import describe, mapped
 from podkv.eval.task_base import Case, Task, by_length, per_length  # noqa: F401  (re-exported)
+from podkv.texts import check_disjoint
 
 
 class NeedleTask(Task):
@@ -54,7 +61,7 @@ def passkey_cases(tok, length: int, depths, seed: int = 0) -> list[Case]:
     Why one source: the training table (:func:`podkv.training.evaluate.passkey_accuracy`) and
     `podkv bench skip` score the same prompts, with :meth:`Passkey.score`, as `podkv eval passkey`.
     """
-    from podkv.eval.config import EvalConfig
+    from podkv.eval.config import EvalConfig  # cycle: podkv.eval.config
 
     cfg = EvalConfig(tasks=("passkey",), lengths=(length,), depths=tuple(depths), seed=seed)
     return Passkey().cases(tok, cfg, None)
@@ -123,17 +130,11 @@ class Perplexity(Task):
 
 def prompts_prose() -> str:
     """The default ``ppl`` text: the held-out split (stdlib docstrings), never the train/plan help topics."""
-    from podkv.eval.haystack import prose_text
-
     return prose_text()
 
 
 def user_text(paths) -> str:
     """The text of ``--files``, refused (one-line :class:`PodError`) if it repeats the train/plan text."""
-    from pathlib import Path
-
-    from podkv.texts import check_disjoint
-
     texts = []
     for p in map(Path, paths):
         if not p.is_file():
@@ -145,15 +146,10 @@ def user_text(paths) -> str:
 
 
 def _dataset_tasks() -> dict:
-    from podkv.eval.datasets import LongBench, Ruler
-
     return {LongBench.name: LongBench, Ruler.name: Ruler}
 
 
 def _synthetic_tasks() -> dict:
-    from podkv.eval.retrieval import RetrievalLogprob
-    from podkv.eval.ruler import RULER_TASKS
-
     return {t.name: t for t in (*RULER_TASKS, RetrievalLogprob)}
 
 

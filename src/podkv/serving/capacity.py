@@ -21,7 +21,10 @@ import sys
 from pathlib import Path
 
 from podkv.cli_args import Int
+from podkv.io import write_json
 from podkv.plan import SharingPlan
+from podkv.serving.checks import layer_anchors
+from podkv.serving.engine import load_hf_config, make_llm
 
 
 def engine_numbers(llm) -> dict:
@@ -46,9 +49,7 @@ def engine_numbers(llm) -> dict:
 
 
 def _child(args) -> int:
-    from vllm import LLM
-
-    from podkv.serving.engine import make_llm
+    from vllm import LLM  # optional: vllm
 
     block_size = args.dense_block_size if args.child == "dense" else args.block_size
     kw = dict(dtype=args.dtype, max_model_len=args.max_model_len, enforce_eager=True, enable_prefix_caching=False,
@@ -73,8 +74,6 @@ def add_plan_args(ap) -> None:
 
 def plan_from_args(args) -> SharingPlan:
     """--plan, or uniform blocks of --block-layers with --ns/--nr (the capacity and throughput commands)."""
-    from podkv.serving.engine import load_hf_config
-
     if args.plan is not None:
         return SharingPlan.load(args.plan)
     config = load_hf_config(args.model)
@@ -112,8 +111,6 @@ def measure(args) -> dict:
     T = args.max_model_len
     analytic = plan.kv_saving(T)
     measured = 1.0 - dense["kv_cache_size_tokens"] / pod["kv_cache_size_tokens"]
-    from podkv.serving.checks import layer_anchors
-
     anchors = layer_anchors(plan)
     lengths = [anchors.count(a) for a in dict.fromkeys(anchors)]
     blocks = f"blocks of {lengths[0]}" if len(set(lengths)) == 1 else "blocks " + "+".join(map(str, lengths))
@@ -163,8 +160,6 @@ def main(argv=None) -> int:
     print(MARKDOWN_HEADER)
     print(markdown_row(result))
     if args.out is not None:
-        from podkv.io import write_json
-
         write_json(args.out, result)
     return 0
 

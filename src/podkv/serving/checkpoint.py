@@ -19,8 +19,11 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
 from podkv.errors import PodError
 from podkv.io import atomic_write_text
+from podkv.models.default_model import MANIFEST, portable_tokenizer_config
 from podkv.plan import SharingPlan
 from podkv.serving.checks import check_plan_servable, pod_architecture, unservable_features
 
@@ -29,7 +32,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 def load_hf_config(model_dir: str | Path):
     """The transformers config of a local checkpoint directory."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # startup: transformers
 
     path = Path(model_dir)
     if not (path / "config.json").is_file():
@@ -75,7 +78,7 @@ def write_dense_checkpoint(model_dir: str | Path, out_dir: str | Path) -> Path:
 
 def is_adapted_dir(path: Path) -> bool:
     """An adapted model stored as deltas on a base model (no weights of its own)."""
-    from podkv.models.adapted import DELTA_FILE, PLAN_FILE
+    from podkv.models.adapted import DELTA_FILE, PLAN_FILE  # startup: transformers
 
     return (path / DELTA_FILE).is_file() and (path / PLAN_FILE).is_file() and not (path / "config.json").is_file()
 
@@ -87,10 +90,9 @@ def write_adapted_checkpoint(asset_dir: str | Path, out_dir: str | Path, base_di
     layer-granularity plans in ``keys`` mode only, and the deltas were trained for this plan, so another
     plan cannot be swapped in.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # startup: transformers
 
-    from podkv.models.adapted import adapt_weights
+    from podkv.models.adapted import adapt_weights  # startup: transformers
 
     asset_dir, base, out = Path(asset_dir), Path(base_dir), Path(out_dir)
     plan = check_adapted_servable(asset_dir, base)
@@ -112,7 +114,7 @@ def write_adapted_checkpoint(asset_dir: str | Path, out_dir: str | Path, base_di
 
 def check_adapted_servable(asset_dir: str | Path, base_dir: str | Path) -> SharingPlan:
     """The adapted model's plan, or a :class:`PodError` that says why vLLM cannot serve it and what it can."""
-    from podkv.models.adapted import adapted_plan
+    from podkv.models.adapted import adapted_plan  # startup: transformers
 
     plan = adapted_plan(Path(asset_dir))
     plan.validate_for(load_hf_config(base_dir))
@@ -128,8 +130,6 @@ def check_adapted_servable(asset_dir: str | Path, base_dir: str | Path) -> Shari
 
 
 def _write_config(src_config: Path, out: Path, overrides: dict) -> None:
-    from podkv.models.default_model import MANIFEST, portable_tokenizer_config
-
     data = json.loads(src_config.read_text())
     data.update(overrides)
     atomic_write_text(out / "config.json", json.dumps(data, indent=2, sort_keys=True) + "\n")

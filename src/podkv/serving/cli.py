@@ -3,12 +3,19 @@ servable checkpoint and run a short greedy generation through vLLM."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from podkv.cli_args import Int
 from podkv.errors import PodError
+from podkv.models.default_model import ensure_default_model
 from podkv.outputs import refuse_existing, staged_dir
-from podkv.serving.checkpoint import check_new_dir
+from podkv.plan import SharingPlan, plan_from_config
+from podkv.serving.capacity import main as capacity_main
+from podkv.serving.checkpoint import (check_adapted_servable, check_new_dir, is_adapted_dir, load_hf_config,
+                                      write_adapted_checkpoint, write_pod_checkpoint)
+from podkv.serving.checks import check_plan_servable
+from podkv.serving.engine import make_llm
 
 
 def register(sub) -> None:
@@ -36,10 +43,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from podkv.plan import SharingPlan, plan_from_config
-    from podkv.serving.checkpoint import load_hf_config, write_pod_checkpoint
-    from podkv.serving.checks import check_plan_servable
-
     adapted = _adapted_dir(args.model)
     if adapted is not None:
         return _run_adapted(adapted, args)
@@ -62,8 +65,6 @@ def run(args) -> int:
 
 def _run_adapted(adapted: Path, args) -> int:
     """An adapted model stored as deltas: vLLM loads plain weights, so serving needs a merged checkpoint."""
-    from podkv.serving.checkpoint import check_adapted_servable, write_adapted_checkpoint
-
     if args.plan is not None:
         raise PodError(f"--plan: the adapted model {args.model} was trained for its own plan "
                        f"({adapted}/pod_plan.json); drop --plan")
@@ -94,10 +95,8 @@ def _check_out(args, source: Path) -> None:
 
 def _adapted_dir(model: Path | None) -> Path | None:
     """The deltas folder when ``--model`` names an adapted model ('smollm2-pod' or such a folder)."""
-    from podkv.serving.checkpoint import is_adapted_dir
-
     if model is not None and str(model) == "smollm2-pod" and not model.exists():
-        from podkv.models.adapted import ASSET_DIR
+        from podkv.models.adapted import ASSET_DIR  # startup: transformers
 
         return ASSET_DIR
     return model if model is not None and model.is_dir() and is_adapted_dir(model) else None
@@ -117,29 +116,21 @@ def _exercise(model_dir: Path, plan, args) -> None:
 
 
 def _capacity(model_dir, plan, max_model_len: int) -> None:
-    import tempfile
-
-    from podkv.serving.capacity import main as capacity_main
-
     with tempfile.TemporaryDirectory() as tmp:
         plan_path = plan.save(Path(tmp) / "plan.json")
         capacity_main(["--model", str(model_dir), "--plan", str(plan_path), "--max-model-len", str(max_model_len)])
 
 
 def _default_model_dir() -> Path:
-    from podkv.models.default_model import ensure_default_model
-
     return ensure_default_model(progress=True)
 
 
 def _generate(model_dir, plan, prompt: str, max_new_tokens: int) -> None:
     try:
-        import vllm  # noqa: F401
+        import vllm  # noqa: F401  # optional: vllm
     except ImportError:
         raise PodError("--run needs vLLM: pip install 'podkv[vllm]' (see docs/serving.md)") from None
-    from vllm import SamplingParams
-
-    from podkv.serving.engine import make_llm
+    from vllm import SamplingParams  # optional: vllm
 
     llm = make_llm(model_dir, plan, dtype="float32", max_model_len=2048, enable_prefix_caching=False)
     out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=max_new_tokens))

@@ -12,6 +12,7 @@ from pathlib import Path
 from podkv.errors import PodError
 from podkv.plan import SharingPlan
 from podkv.serving.checkpoint import load_hf_config, pod_hf_overrides, write_pod_checkpoint  # noqa: F401
+from podkv.serving.checks import KV_LAYOUTS, plan_for_serving
 
 
 def make_llm(model_dir: str | Path, plan: SharingPlan | None = None, kv_layout: str | None = None, **llm_kwargs):
@@ -21,19 +22,15 @@ def make_llm(model_dir: str | Path, plan: SharingPlan | None = None, kv_layout: 
     a full K/V cache). Defaults suited to the CPU build: ``enforce_eager=True``. Any ``llm_kwargs``
     go to ``vllm.LLM``.
     """
-    import vllm
+    import vllm  # optional: vllm
 
     config = load_hf_config(model_dir)
     if plan is None:
-        from podkv.serving.checks import plan_for_serving
-
         plan_for_serving(config)
     else:
         overrides = dict(llm_kwargs.pop("hf_overrides", None) or {})
         llm_kwargs["hf_overrides"] = {**overrides, **pod_hf_overrides(plan, config)}
     if kv_layout is not None:
-        from podkv.serving.checks import KV_LAYOUTS
-
         if kv_layout not in KV_LAYOUTS:
             raise PodError(f"kv_layout={kv_layout!r}: expected one of {KV_LAYOUTS}")
         llm_kwargs["hf_overrides"] = {**(llm_kwargs.get("hf_overrides") or {}), "pod_kv_layout": kv_layout}

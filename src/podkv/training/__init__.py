@@ -9,6 +9,6 @@ tail) -> ``trainable`` (which weights, LoRA) -> ``objectives`` (lm / distill Tra
 
 def train(config, callbacks=None):
     """Run one adaptation described by a :class:`podkv.training.config.TrainConfig`."""
-    from podkv.training.runner import train as _train
+    from podkv.training.runner import train as _train  # startup: transformers
 
     return _train(config, callbacks=callbacks)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from podkv.cli_args import Int
-from podkv.training.config import OBJECTIVES
+from podkv.training.config import OBJECTIVES, TrainConfig
 
 
 def register(sub) -> None:
@@ -51,8 +51,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from podkv.training.config import TrainConfig
-    from podkv.training.runner import train
+    from podkv.training.runner import train  # startup: transformers
 
     cfg = TrainConfig(
         plan=args.plan, out=args.out, model=args.model, data=args.data, seq_len=args.seq_len,

@@ -82,7 +82,7 @@ class TrainConfig:
         _choice("objective", self.objective, OBJECTIVES)
         _choice("trainable", self.trainable, TRAINABLE)
         _choice("precision", self.precision, PRECISIONS)
-        from podkv.models.anchor_init import INITS
+        from podkv.models.anchor_init import INITS  # startup: transformers
 
         _choice("init", self.init, INITS)
         if self.lora_rank < 0:

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
+from podkv import texts
 from podkv.errors import PodError
+from podkv.training.longrange import long_range_blocks
 
 
 def default_documents() -> list[str]:
     """The ``train`` split: the standard library's help topics (~465K characters), always offline."""
-    from podkv import texts
-
     return texts.documents("train")
 
 
@@ -75,12 +75,8 @@ def load_split(tok, paths: list[str], seq_len: int, eval_fraction: float, long_r
     docs = read_documents(paths) if paths else default_documents()
     split = split_stream(token_stream(tok, docs), seq_len, eval_fraction)
     if not paths:
-        from podkv import texts
-
         split.heldout = token_stream(tok, texts.documents("heldout"))
     if long_range:
-        from podkv.training.longrange import long_range_blocks
-
         rows = long_range_blocks(tok, split.train.flatten().tolist(), seq_len, long_range, seed=seed,
                                  kinds=long_range_kinds)
         split.train = torch.cat([torch.tensor(rows, dtype=torch.long), split.train])

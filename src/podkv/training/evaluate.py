@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import torch
 
+from podkv.eval import tasks
+from podkv.eval.scoring import window_nll
+
 
 def heldout_nll(model, heldout: torch.Tensor, seq_len: int, max_tokens: int | None = None) -> float:
     """Mean next-token NLL over ``heldout`` (N,) cut into ``seq_len`` windows (the last partial one kept)."""
-    from podkv.eval.scoring import window_nll
-
     total, count = window_nll(model, heldout, seq_len, max_tokens=max_tokens)
     return total / max(count, 1)
 
@@ -23,10 +24,8 @@ def heldout_nll(model, heldout: torch.Tensor, seq_len: int, max_tokens: int | No
 @torch.no_grad()
 def passkey_accuracy(model, tok, length: int, n: int = 4, seed: int = 0, max_new_tokens: int = 8) -> dict:
     """Fraction of ``n`` passkey prompts of ``length`` tokens (depths spread over (0, 1)) answered exactly."""
-    from podkv.eval.tasks import Passkey, passkey_cases
-
-    task, hits, answers = Passkey(), 0, []
-    for case in passkey_cases(tok, length, [(i + 0.5) / n for i in range(n)], seed):
+    task, hits, answers = tasks.Passkey(), 0, []
+    for case in tasks.passkey_cases(tok, length, [(i + 0.5) / n for i in range(n)], seed):
         ids = torch.tensor([case.input_ids], device=model.device)  # (1, length)
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)

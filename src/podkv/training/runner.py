@@ -15,11 +15,22 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainingArguments, default_data_collator
 
 from podkv.errors import PodError
+from podkv.io import write_json
+from podkv.models import loading
+from podkv.models.anchor_init import init_from_anchor
+from podkv.models.deltas import full_deltas, lora_factors, save_deltas
+from podkv.models.enable import check_supported, disable_pod, enable_pod
 from podkv.outputs import refuse_existing, replace_dir
+from podkv.plan import SharingPlan
+from podkv.provenance import identity, machine, versions
 from podkv.training.config import TrainConfig
+from podkv.training.data import PackedDataset, load_split
+from podkv.training.evaluate import heldout_nll
+from podkv.training.objectives import TRAINERS
+from podkv.training.trainable import add_lora, count_trainable, mark_trainable
 
 RESULT_FILE = "train_result.json"
 DELTA_FILE = "pod_deltas.safetensors"
@@ -27,14 +38,9 @@ DELTA_FILE = "pod_deltas.safetensors"
 
 def prepare(cfg: TrainConfig):
     """Everything that can fail on bad input, before any compute: returns (model, tok, plan, split)."""
-    from podkv.models.enable import check_supported, disable_pod
-    from podkv.models.loading import load_model
-    from podkv.plan import SharingPlan
-    from podkv.training.data import load_split
-
     _check_dirs(cfg)
     plan = SharingPlan.load(cfg.plan)
-    model, tok = load_model(cfg.model, dtype=torch.float32, progress=False)
+    model, tok = loading.load_model(cfg.model, dtype=torch.float32, progress=False)
     disable_pod(model)  # a checkpoint saved by an earlier run comes back PoD-enabled; start from dense
     check_supported(model.config)
     plan.validate_for(model.config)
@@ -58,10 +64,6 @@ def _check_dirs(cfg: TrainConfig) -> None:
 
 def train(cfg: TrainConfig, callbacks=None) -> dict:
     """Run one adaptation; returns the result dict also written to ``<out>/train_result.json``."""
-    from podkv.models.enable import enable_pod
-    from podkv.training.evaluate import heldout_nll
-    from podkv.training.trainable import add_lora, count_trainable, mark_trainable
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model, tok, plan, split = prepare(cfg)
@@ -69,8 +71,6 @@ def train(cfg: TrainConfig, callbacks=None) -> dict:
     dense_nll = heldout_nll(model, split.heldout, cfg.seq_len, cfg.eval_tokens)
     teacher = copy.deepcopy(model) if cfg.objective in ("distill", "local") else None  # dense attention, frozen
     if cfg.init != "none":
-        from podkv.models.anchor_init import init_from_anchor
-
         init_from_anchor(model, plan, cfg.init)
         plan.meta = {**plan.meta, "init": cfg.init}  # the loader replays it before applying the deltas
     enable_pod(model, plan)
@@ -95,11 +95,6 @@ def train(cfg: TrainConfig, callbacks=None) -> dict:
 
 
 def _build_trainer(cfg, model, tok, split, teacher, callbacks):
-    from transformers import TrainingArguments, default_data_collator
-
-    from podkv.training.data import PackedDataset
-    from podkv.training.objectives import TRAINERS
-
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available()
                                         and torch.cuda.is_bf16_supported())
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -123,10 +118,6 @@ def _build_trainer(cfg, model, tok, split, teacher, callbacks):
 
 
 def _finish(cfg, trainer, tok, plan, names, base_state, probe, dense_nll, wall, world, n_trainable) -> dict:
-    from podkv.io import write_json
-    from podkv.provenance import identity, machine, versions
-    from podkv.models.deltas import full_deltas, lora_factors, save_deltas
-
     model = trainer.model
     model = getattr(model, "module", model)  # unwrap DDP
     if cfg.lora_rank:
@@ -170,8 +161,6 @@ class HeldOut(TrainerCallback):
         self.curve: list[dict] = []
 
     def measure(self, model, step: int, force: bool = False):
-        from podkv.training.evaluate import heldout_nll
-
         if not force and any(p["step"] == step for p in self.curve):
             return
         wall, cpu = time.time(), time.process_time()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from podkv.errors import PodError
+from podkv.models.enable import attention_modules
 from podkv.plan import SharingPlan
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -36,8 +37,6 @@ SELECTIONS = {"qk": _qk_modules, "attention": _attention_modules, "all": _all_mo
 
 
 def _proj(model, layer: int, proj: str) -> str:
-    from podkv.models.enable import attention_modules
-
     mods = attention_modules(model)
     for name, module in model.named_modules():
         if module is mods[layer]:
@@ -69,7 +68,7 @@ def mark_trainable(model, plan: SharingPlan, trainable: str) -> list[str]:
 def add_lora(model, plan: SharingPlan, trainable: str, rank: int, alpha: float | None = None):
     """Wrap ``model`` in a peft LoRA model on the selected modules (base weights frozen)."""
     try:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # optional: peft
     except ImportError:
         raise PodError("--lora-rank needs peft: pip install 'podkv[train]'") from None
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=0.0,
