@@ -69,9 +69,9 @@ def main(argv=None):
     for name, model, method in (("dense", dense, "dense"), ("smollm2-pod", pod, "pod")):
         wall, events = profile_steps(model, method, plan, ids, args.steps, args.batch)
         out += table(name, wall, events, args.steps)
-    out += ["Reading: wall times here are under the profiler, each method stepping alone; dense's DynamicCache "
-            "concatenates a new T-long key and value tensor per layer per step, which costs far more alone than "
-            "when the two methods alternate. The PoD ÷ dense step ratio is `podkv bench speed`'s "
+    out += ["Reading: wall times here are under the profiler, each method stepping alone, and they inflate dense's "
+            "DynamicCache concatenation (a new T-long key and value tensor per layer per step) well beyond its "
+            "cost in the alternating speed benchmark (why, we have not measured). The PoD ÷ dense step ratio is `podkv bench speed`'s "
             "(benchmarks/shipped/speed.json). What this profile gives is the operator count: batch-1 decode pays "
             "a fixed dispatcher + Python cost per operator, and the PoD step's extra operators (slices, views, "
             "the per-block distant pass and the merge) are the gap that remains after the bytes it saves.", ""]
