@@ -255,6 +255,27 @@ def test_batched_decode_equals_reference(ns, nr):
             assert_close(got[kind][r], want, what=f"{kind}, L={L}")
 
 
+@pytest.mark.parametrize("ns, nr", [(4, 8), (0, 5), (16, 3), (3, 0)])
+def test_serving_window_is_the_reference_window(ns, nr):
+    """proximal_positions of a query at L - 1 are exactly the keys proximal_mask calls proximal (causal, no
+    padding), and all_proximal says whether any query of the request has a distant key."""
+    import torch
+
+    from podkv.attention.reference import proximal_mask
+    from podkv.serving.batched import all_proximal, proximal_positions
+
+    lens = torch.arange(1, ns + nr + 6)
+    pos = proximal_positions(lens, ns, nr)
+    for L, p in zip(lens.tolist(), pos):
+        keys = torch.arange(L)
+        want = proximal_mask(keys, torch.tensor([L - 1]), torch.zeros(1, dtype=torch.long), ns, nr)[0, 0]
+        assert set(p.tolist()) == set(keys[want].tolist()), L
+        has_distant = any(not proximal_mask(keys, torch.tensor([q]), torch.zeros(1, dtype=torch.long), ns, nr)[
+            0, 0, :q + 1].all() for q in range(L))
+        assert all_proximal(L, ns, nr) is (not has_distant), L
+    assert torch.equal(all_proximal(lens, ns, nr), lens <= ns + nr)
+
+
 def test_causal_attention_is_pod_within_the_window():
     """A prefill chunk whose queries have no distant key (L <= ns + nr) == pod_attention_chunked."""
     import torch

@@ -27,6 +27,7 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentio
 from podkv.attention.chunked import DEFAULT_CHUNK, KeySources, pod_attention_chunked
 from podkv.serving.attention_names import BACKEND_NAME
 from podkv.serving.batched import (
+    all_proximal,
     causal_attention,
     decode_attention,
     decode_positions,
@@ -243,7 +244,7 @@ class PodTorchImpl(CPUAttentionBackendImpl):
         D = self.head_size
         seq_len = int(meta.seq_lens[i])
         anchor_cache, anchor_meta, keys_cache, keys_meta = self._caches(kv_cache, meta)
-        if seq_len <= self.pod_ns + self.pod_nr:  # every key proximal: causal attention over the layer's own
+        if all_proximal(seq_len, self.pod_ns, self.pod_nr):  # every key proximal: causal attention over the layer's own
             if self.pod_anchor_layer is None:
                 kv = gather(kv_cache, meta.block_table[i:i + 1], seq_len)[0]
                 return causal_attention(q, kv[..., :D], kv[..., D:], self.scale)
@@ -314,7 +315,7 @@ class Step:
         q_lens = starts[1:] - starts[:-1]  # (R,); padded requests have 0
         batched = q_lens == 1
         if kernel:  # the key swap is exact for every query of a chunk whose keys are all proximal
-            batched = batched | ((q_lens > 1) & (meta.seq_lens <= ns + nr))
+            batched = batched | ((q_lens > 1) & all_proximal(meta.seq_lens, ns, nr))
         prefill = ((q_lens > 0) & ~batched).nonzero().squeeze(1).tolist()
         self.prefills = [(i, int(starts[i]), int(starts[i + 1])) for i in prefill]
         self.decode_tokens = self.rows = None

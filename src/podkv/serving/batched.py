@@ -7,8 +7,9 @@ with one indexing op (:func:`token_index`).
 
 vLLM hands an attention layer every request of a step at once; a decoding request brings one query
 at position ``L - 1`` (``L`` = its tokens so far). For a shared layer (paper §2.2, mode "keys") that
-query scores its *own* keys at proximal positions (sinks ``j < ns`` and the recent window
-``j >= L - nr``) and its anchor layer's keys at the distant ones, with its own values everywhere. So a
+query scores its *own* keys at proximal positions and its anchor layer's keys at the distant ones, with
+its own values everywhere. The window is :func:`podkv.attention.reference.distant_span`'s (requests have
+no padding): distant = ``[ns, L - nr)``, proximal = the sinks before it and the recent keys after it. So a
 decode step is one attention call over ``K_eff``, the anchor's keys with the layer's own keys written at
 the proximal positions (:func:`write_own_keys`).
 
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from podkv.attention.reference import distant_span
 
 
 def token_rows(cache: torch.Tensor) -> torch.Tensor:
@@ -48,14 +51,32 @@ def decode_positions(seq_lens: torch.Tensor, length: int) -> torch.Tensor:
     return torch.minimum(j, seq_lens.long()[:, None] - 1)
 
 
+def decode_window(ns: int, nr: int) -> tuple[int, int]:
+    """(lo, back): the last query (at ``L - 1``) of a request of ``L`` tokens (no padding) has its distant keys
+    at ``[lo, L - back)``, by :func:`~podkv.attention.reference.distant_span`, taken once for a query at -1
+    (the span's end moves with the query, its start does not): the sinks are ``[0, lo)``, the recent window
+    ``[L - back, L)``. Plain ints, taken once per step: the tensor ops per request stay those of ``L - nr``."""
+    lo, hi = distant_span(0, -1, ns, nr)
+    return lo, -hi
+
+
+def all_proximal(seq_len, ns: int, nr: int):
+    """Whether no query of a request of ``seq_len`` tokens (int, or a tensor of them) has a distant key: its
+    last query's distant span is empty (``seq_len <= ns + nr``)."""
+    lo, back = decode_window(ns, nr)
+    return seq_len <= lo + back
+
+
 def proximal_positions(seq_lens: torch.Tensor, ns: int, nr: int) -> torch.Tensor:
-    """The sinks and the recent window of a query at ``L - 1``, clamped into [0, L - 1]: (R,) -> (R, ns + nr).
+    """The sinks and the recent window of a query at ``L - 1`` (:func:`decode_window`), clamped into [0, L - 1]:
+    (R,) -> (R, ns + nr).
 
     A clamped or repeated position names a key that is proximal anyway, so writing it twice is harmless.
     """
+    lo, back = decode_window(ns, nr)
     L = seq_lens.long()[:, None]
-    pos = torch.cat([torch.arange(ns, device=L.device)[None, :].expand(L.shape[0], -1),
-                     L - nr + torch.arange(nr, device=L.device)[None, :]], dim=1)
+    pos = torch.cat([torch.arange(lo, device=L.device)[None, :].expand(L.shape[0], -1),
+                     L - back + torch.arange(back, device=L.device)[None, :]], dim=1)
     return torch.minimum(pos.clamp_min(0), L - 1)
 
 
@@ -92,7 +113,7 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 
 def causal_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
     """One request's query chunk at the last Tq of L positions: query (Tq, Hq, D); keys, values (L, H, D)
-    -> (Tq, Hq, D). PoD equals this when no query of the chunk has a distant key (L <= ns + nr)."""
+    -> (Tq, Hq, D). PoD equals this when no query of the chunk has a distant key (:func:`all_proximal`)."""
     Tq, L = query.shape[0], keys.shape[0]
     visible = torch.ones(Tq, L, dtype=torch.bool, device=query.device).tril(L - Tq)
     out = F.scaled_dot_product_attention(query.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
