@@ -13,9 +13,11 @@ Code defaults the docs quote (query chunk, default plan, CLI defaults) are check
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,6 +28,19 @@ import pytest
 from podkv.plan import SharingPlan
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_figures():
+    """scripts/figures.py, for the number formats the docs share with the generated tables."""
+    spec = importlib.util.spec_from_file_location("figures_formats", ROOT / "scripts" / "figures.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+_FIGURES = _load_figures()
+pct = _FIGURES.pct
 CHECKS: list[tuple[str, tuple[str, ...], object]] = []
 
 
@@ -65,10 +80,6 @@ def citations(source: str) -> set[str]:
     return forms if p.name == "results.json" else forms | {p.name}
 
 
-def pct(x: float, digits: int = 1) -> str:
-    return f"{100 * x:.{digits}f}%"
-
-
 def kilo(tokens: int) -> str:
     return f"{tokens // 1024}K"
 
@@ -79,7 +90,7 @@ def thousands(tokens: int) -> str:
 
 
 def row(*cells) -> str:
-    return "| " + " | ".join(map(str, cells)) + " |"
+    return _FIGURES._md(map(str, cells))
 
 
 def spans(values: list[int]) -> str:
