@@ -22,7 +22,7 @@ else
   VENV="${PODKV_VENV:-$ROOT/.venv-transformers-$TRANSFORMERS}"
 fi
 # kvpress 0.5.5 requires transformers<5.3: the baselines live only where that holds (their tests skip elsewhere).
-EXTRAS="test,train,data"
+EXTRAS="test,train,data,quant"
 case "$TRANSFORMERS" in 5.0.*|5.1.*|5.2.*) EXTRAS="$EXTRAS,peers" ;; esac
 PY="${PYTHON:-python3}"
 if [ ! -x "$VENV/bin/python" ]; then

@@ -12,7 +12,7 @@ from podkv.eval.methods import METHODS, make_method
 from peers import kvpress_or_skip
 from tiny import tiny_model
 
-RUNNABLE = list(METHODS)
+RUNNABLE = [m for m in METHODS if m != "kv8"]  # kv8 has no budget: its own test below
 KVPRESS = ("kvpress-streaming", "snapkv", "h2o", "pyramidkv")
 T = 160
 
@@ -216,3 +216,26 @@ def test_kvpress_baselines_listed_only_where_kvpress_is(monkeypatch):
     assert compare_methods(("dense", "snapkv")) == ("dense", "snapkv")  # asked by name: the check explains
     monkeypatch.setattr(methods, "kvpress_available", lambda: True)
     assert compare_methods(COMPARE_METHODS) == COMPARE_METHODS
+
+
+def test_kv8_holds_a_quarter_and_keeps_the_answer(model):
+    """8-bit KV peer (HQQ through transformers' QuantizedCache): bytes counted from the packed tensors and their
+    scales match the formula; the continuation NLL stays within 1% of dense."""
+    pytest.importorskip("hqq", reason="method kv8 needs hqq: pip install 'podkv[quant]'")
+    ids = torch.randint(3, 120, (1, T), generator=torch.Generator().manual_seed(0))
+    nlls = {}
+    for name in ("dense", "kv8"):
+        method = make_method(name)
+        method.check(model.config, [T])
+        with method.attached(model):
+            _, pre = greedy_answer(model, method, ids, 2)
+            nlls[name], _, _ = continuation_nll(model, method, ids[:, :100], ids[:, 100:])
+        if name == "kv8":
+            # measured = formula: 8 of 32 bits per element, plus an fp32 scale and zero per group of 64
+            assert pre.kv_fraction == pytest.approx(8 / 32 + 2 / METHODS["kv8"].group)
+    assert nlls["kv8"] == pytest.approx(nlls["dense"], rel=0.01)
+
+
+def test_kv8_refuses_a_budget(model):
+    with pytest.raises(PodError, match="kv8"):
+        make_method("kv8", budget=0.5).check(model.config, [T])

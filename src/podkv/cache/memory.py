@@ -40,7 +40,18 @@ def cache_bytes(cache) -> int:
         return cache.kv_bytes()
     total = 0
     for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
+        for held in ("keys", "values", "_quantized_keys", "_quantized_values"):  # quantized: packed data + scales
+            total += sum(t.numel() * t.element_size() for t in _tensors(getattr(layer, held, None)))
     return total
+
+
+def _tensors(obj):
+    """Tensors inside a cache attribute: a tensor, or HQQ's (packed tensor, meta dict of scales and zeros)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)

@@ -191,6 +191,36 @@ class Streaming(Method):
         return {"name": self.name, "budget": self.budget, "n_sink": self.n_sink}
 
 
+class QuantizedKV(Method):
+    """Dense attention over an 8-bit KV cache: transformers' ``QuantizedCache`` with the HQQ backend (groups of
+    64 along the head dim, the last 128 tokens kept unquantized). The peer a user gets with one flag; no token is
+    dropped, so its KV fraction is fixed by the bit width, not by ``--budget``.
+    """
+
+    name = "kv8"
+    nbits: ClassVar[int] = 8
+    group: ClassVar[int] = 64
+    residual: ClassVar[int] = 128
+
+    def check(self, config, lengths) -> None:
+        if self.budget is not None and self.budget < 1.0:
+            raise PodError(f"method 'kv8' keeps every token in {self.nbits} bits (its KV fraction is fixed by the "
+                           f"bit width); it takes no --budget, got {self.budget}")
+        if importlib.util.find_spec("hqq") is None:
+            raise PodError("method 'kv8' needs the hqq package (transformers' HQQ cache backend): "
+                           "pip install 'podkv[quant]'")
+
+    def new_cache(self, model):
+        from transformers import QuantizedCache  # startup: transformers
+
+        return QuantizedCache(backend="hqq", config=model.config, nbits=self.nbits, axis_key=1, axis_value=1,
+                              q_group_size=self.group, residual_length=self.residual)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "budget": self.budget, "backend": "hqq", "nbits": self.nbits,
+                "group": self.group, "residual": self.residual}
+
+
 def keep_sinks_and_recent(layer, n_sink: int, keep: int) -> None:
     """Evict a cache layer's middle tokens in place: keep its first ``n_sink`` and last ``keep - n_sink``."""
     T = layer.keys.shape[-2]
@@ -295,7 +325,7 @@ def _unwrap_pod_attention() -> None:
 
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Dense, Pod, PodScores, Streaming, SnapKV, H2O, PyramidKV,
-                                                             PodSnapKV, KVPressStreaming)}
+                                                             PodSnapKV, KVPressStreaming, QuantizedKV)}
 
 
 def kvpress_available() -> bool:
