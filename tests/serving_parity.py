@@ -37,6 +37,11 @@ def tiny_plans(layers: int, kv_heads: int) -> dict[str, SharingPlan]:
         "window": SharingPlan.uniform(layers, kv_heads, 2, ns=4, nr=96),
         # ns + nr = 50: the 40-token prompt fits, the 75-token one does not (one short and one long prefill)
         "mixed": SharingPlan.uniform(layers, kv_heads, 2, ns=4, nr=46),
+        # mode "scores" (distant keys scored with the anchor's query): blocks of 2, one block of 4, blocks of 3 + 1
+        "scores": SharingPlan.uniform(layers, kv_heads, 2, ns=4, nr=8, mode="scores"),
+        "scores4": SharingPlan.uniform(layers, kv_heads, 4, ns=2, nr=16, mode="scores"),
+        "scores_uneven": SharingPlan(anchors=[[0] * kv_heads] * 3 + [[3] * kv_heads] * (layers - 3), ns=4, nr=8,
+                                     mode="scores"),
     }
 
 
@@ -193,7 +198,7 @@ def main(argv=None) -> int:
         prompt_ids = prompts(TINY["vocab"])
         name = "reference.json"
         if args.long:
-            plans = {k: v for k, v in plans.items() if k != "dense"}
+            plans = {k: v for k, v in plans.items() if k != "dense" and not k.startswith("scores")}
             prompt_ids = prompts(TINY["vocab"], lengths=(300, 700), seed=1)
             name = "reference_long.json"
     print(write_reference(args.out / name, model_dir, plans, prompt_ids, args.max_new_tokens))

@@ -30,6 +30,8 @@ def cfg(arch="llama", **kw):
 def test_layer_plan_is_servable():
     plan = SharingPlan.uniform(4, 2, 2, ns=4, nr=8)
     assert check_plan_servable(plan, cfg()) is plan
+    scores = SharingPlan.uniform(4, 2, 2, ns=4, nr=8, mode="scores")
+    assert check_plan_servable(scores, cfg()) is scores
     assert layer_anchors(plan) == [0, 0, 2, 2]
     assert pod_architecture(cfg()) == "PodLlamaForCausalLM"
     assert anchor_layer_name("model.layers.13.self_attn", 13, 12) == "model.layers.12.self_attn.attn"
@@ -39,7 +41,7 @@ def test_layer_plan_is_servable():
     (SharingPlan(anchors=[[0, 0], [0, 1], [2, 2], [2, 2]], ns=4, nr=8), "anchors[1]"),  # head-wise
     (SharingPlan.uniform(6, 2, 2, ns=4, nr=8), "layers"),  # wrong depth
     (SharingPlan.uniform(4, 3, 2, ns=4, nr=8), "KV heads"),  # wrong width
-    (SharingPlan.uniform(4, 2, 2, ns=4, nr=8, mode="scores"), "mode"),
+    (SharingPlan(anchors=[[0, 0], [0, 1], [2, 2], [2, 2]], ns=4, nr=8, mode="scores"), "head-wise (mode 'scores')"),
     (SharingPlan.uniform(4, 2, 2, ns=16, nr=1000), "positions"),
 ])
 def test_bad_plans_are_refused(plan, field):
@@ -94,6 +96,19 @@ def test_kv_layout_field():
     assert kv_layout(SimpleNamespace(pod_kv_layout="full")) == "full"
     with pytest.raises(PodError, match="pod_kv_layout"):
         kv_layout(SimpleNamespace(pod_kv_layout="paged"))
+
+
+def test_scores_plan_needs_the_shared_layout():
+    """Stage 1 ("full") runs mode "keys" only: the plan check that every engine start runs says so in one line."""
+    from podkv.serving.checks import check_layout_servable
+
+    config = cfg()
+    plan = SharingPlan.uniform(4, 2, 2, ns=4, nr=8, mode="scores")
+    check_layout_servable(plan, config)  # shared (the default): served
+    config.pod_kv_layout = "full"
+    check_layout_servable(SharingPlan.uniform(4, 2, 2, ns=4, nr=8), config)  # keys on stage 1: served
+    with pytest.raises(PodError, match=r"^config field 'pod_kv_layout' = 'full': [^\n]*'scores'[^\n]*$"):
+        check_layout_servable(plan, config)
 
 
 # ---------------------------------------------------------------- tokenizer of converted checkpoints
@@ -253,6 +268,35 @@ def test_batched_decode_equals_reference(ns, nr):
             want = pod_attention_chunked(q[r:r + 1, :, None], L - 1, src, pad=torch.zeros(1, dtype=torch.long),
                                          ns=ns, nr=nr, scale=0.3)[0, :, 0]
             assert_close(got[kind][r], want, what=f"{kind}, L={L}")
+
+
+@pytest.mark.parametrize("ns, nr", [(4, 8), (0, 5), (16, 3), (3, 1)])
+def test_scores_decode_block_pass_equals_reference(ns, nr):
+    """Scores mode, one decode step of 6 requests (shorter than ns, than ns + nr, longer): the anchor's distant
+    softmax, computed once, weights the values of two member layers of its block; each member merges it with its
+    proximal pass == pod_attention_reference with the anchor's query, one request at a time."""
+    import torch
+    from tolerances import assert_close
+
+    from podkv.attention.reference import pod_attention_reference
+    from podkv.serving.batched import (distant_mask, distant_softmax, proximal_positions, proximal_unique,
+                                       scores_decode)
+
+    g = torch.Generator().manual_seed(0)
+    R, H, G, D, T, scale = 6, 3, 3, 16, 40, 0.3
+    lens = torch.tensor([1, 3, ns + nr, ns + nr + 1, 27, 40])
+    q_a, k_a = torch.randn(R, H * G, D, generator=g), torch.randn(R, T, H, D, generator=g)
+    members = [tuple(torch.randn(*shape, generator=g) for shape in ((R, H * G, D), (R, T, H, D), (R, T, H, D)))
+               for _ in range(2)]  # (query, own keys, values) of layers a + 1 and a + 2
+    distant = distant_softmax(q_a, k_a, distant_mask(lens, T, ns, nr), scale)  # once for the block
+    pos, rows = proximal_positions(lens, ns, nr), torch.arange(R)[:, None]
+    for m, (q, own, val) in enumerate(members, start=1):
+        got = scores_decode(q, own[rows, pos], val[rows, pos], proximal_unique(lens, ns, nr), val, distant, scale)
+        for r, L in enumerate(lens.tolist()):
+            t = lambda x: x[r:r + 1, :L].transpose(1, 2)  # noqa: E731  (1, H, L, D)
+            want = pod_attention_reference(q[r][None, :, None], t(own), t(k_a), t(val), ns=ns, nr=nr, scale=scale,
+                                           anchor_query=q_a[r][None, :, None])[0, :, 0]
+            assert_close(got[r], want, what=f"member a+{m}, L={L}")
 
 
 @pytest.mark.parametrize("ns, nr", [(4, 8), (0, 5), (16, 3), (3, 0)])

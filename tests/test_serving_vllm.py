@@ -11,6 +11,7 @@ $PODKV_REF_PYTHON or .venv/bin/python, or is read from $PODKV_VLLM_REFERENCE (a 
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -150,6 +151,22 @@ def test_chunked_prefill_parity(reference, path, tmp_path):
     got = run_vllm(reference, "block2", tmp_path / "out.json", "--max-num-batched-tokens", "32", *extra)
     assert got["engine"]["pod_kv_kernel"] is (path == "kernel")
     assert_parity(ref, got["runs"])
+
+
+@pytest.mark.parametrize("plan_name, chunk", [("scores", None), ("scores", 32), ("scores", 8), ("scores4", 16),
+                                             ("scores_uneven", None)])
+def test_scores_plan_parity(reference, plan_name, chunk, tmp_path):
+    """Layer-granular mode "scores" on the gather layout (the plugin does not pick the kernel layout): decode
+    through the anchor's once-per-block distant pass; prefill as whole prompts (40 and 75 tokens) or in chunks
+    longer than nr (32 > 8) and of at most nr (8 of nr=8, 16 of nr=16), through pod_attention_chunked with the
+    anchor's query. Blocks of 2, one of 4 (three members share one distant pass), 3 + 1 (a lone anchor)."""
+    runs = json.loads(reference.read_text())["runs"]
+    keys_twin = {"scores": "block2", "scores4": "block4", "scores_uneven": "uneven"}[plan_name]
+    assert [r["tokens"] for r in runs[plan_name]] != [r["tokens"] for r in runs[keys_twin]]  # the mode matters
+    extra = ["--max-num-batched-tokens", str(chunk)] if chunk else []
+    got = run_vllm(reference, plan_name, tmp_path / "out.json", *extra)
+    assert got["engine"]["pod_kv_kernel"] is False
+    assert_parity(runs[plan_name], got["runs"])
 
 
 def test_stage1_full_layout_parity(reference, tmp_path):
@@ -303,19 +320,29 @@ def test_hybrid_manager_off_is_refused(reference):
             enforce_eager=True, dtype="float32", max_model_len=256, disable_hybrid_kv_cache_manager=True)
 
 
-@pytest.mark.parametrize("anchors, match", [
-    ([[0, 0], [0, 1], [2, 2], [2, 2]], "head-wise"),
-    ([[0, 0], [0, 0]], "layers"),
+HEAD_WISE = [[0, 0], [0, 1], [2, 2], [2, 2]]
+BLOCK2 = [[0, 0], [0, 0], [2, 2], [2, 2]]
+
+
+@pytest.mark.parametrize("anchors, mode, overrides, match", [
+    (HEAD_WISE, "keys", {}, "head-wise"),
+    (HEAD_WISE, "scores", {}, r"head-wise \(mode 'scores'\)"),
+    ([[0, 0], [0, 0]], "keys", {}, "layers"),
+    (BLOCK2, "scores", {"pod_kv_layout": "full"}, "'pod_kv_layout' = 'full'"),
+    (BLOCK2, "scores", {"pod_kv_kernel": True}, "'pod_kv_kernel' = True.*mode 'scores'"),
 ])
-def test_bad_plan_fails_at_engine_start(reference, anchors, match):
-    """Bypass make_llm's checks: the plugin's config hook must refuse the plan before workers start."""
+def test_bad_plan_fails_at_engine_start(reference, anchors, mode, overrides, match):
+    """Bypass make_llm's checks: the plugin's config hook must refuse the plan, or a layout that cannot serve it,
+    before workers start, in one line naming the field and value."""
     from vllm import LLM
 
     model_dir = json.loads(reference.read_text())["model"]
-    raw = SharingPlan(anchors=anchors, ns=4, nr=8).to_dict()
-    with pytest.raises(Exception, match=match):
-        LLM(model=model_dir, hf_overrides={"architectures": ["PodLlamaForCausalLM"], "pod_plan": raw},
+    raw = SharingPlan(anchors=anchors, ns=4, nr=8, mode=mode).to_dict()
+    with pytest.raises(Exception, match=match) as err:
+        LLM(model=model_dir, hf_overrides={"architectures": ["PodLlamaForCausalLM"], "pod_plan": raw, **overrides},
             enforce_eager=True, dtype="float32", max_model_len=256)
+    # vLLM's pydantic config wraps the PodError in a report of several lines; the PodError itself is one
+    assert any(re.search(match, line) for line in str(err.value).splitlines())
 
 
 @pytest.mark.integration

@@ -31,9 +31,13 @@ from podkv.serving.batched import (
     causal_attention,
     decode_attention,
     decode_positions,
+    distant_mask,
+    distant_softmax,
     flat_positions,
     gather_rows,
     proximal_positions,
+    proximal_unique,
+    scores_decode,
     token_index,
     token_rows,
     write_own_keys,
@@ -70,13 +74,17 @@ class PodTorchImpl(CPUAttentionBackendImpl):
     Extra keyword arguments (passed through ``vllm.Attention(**extra_impl_args)``):
     pod_anchor_layer (str or None: None = this layer is an anchor), pod_ns, pod_nr, pod_chunk,
     pod_shared_kv (stage 2), pod_keys_layer (stage 2, shared layers: the attention module holding the
-    proximal-key cache).
+    proximal-key cache), pod_scores (mode "scores", a block of more than one layer; gather layout only: an
+    anchor shares its query and its decode rows' distant softmax with its block, a member reads them).
     """
 
     def __init__(self, *args, pod_anchor_layer: str | None = None, pod_ns: int = 16, pod_nr: int = 240,
                  pod_chunk: int = DEFAULT_CHUNK, pod_shared_kv: bool = False, pod_keys_layer: str | None = None,
-                 pod_kernel: bool = False, pod_block_pos: int = 0, **kwargs):
+                 pod_kernel: bool = False, pod_block_pos: int = 0, pod_scores: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        if pod_scores and (pod_kernel or not pod_shared_kv):  # the config hook refuses these first
+            raise RuntimeError("PoD scores mode runs on the shared KV layout's gather path only")
+        self.pod_scores = pod_scores
         self.pod_anchor_layer = pod_anchor_layer
         self.pod_ns, self.pod_nr, self.pod_chunk = pod_ns, pod_nr, pod_chunk
         self.pod_shared_kv, self.pod_keys_layer = pod_shared_kv, pod_keys_layer
@@ -133,7 +141,7 @@ class PodTorchImpl(CPUAttentionBackendImpl):
         if attn_metadata is not None and self.pod_kernel:
             return self._forward_kernel(layer, query, kv_cache, attn_metadata, output)
         if attn_metadata is not None and self.pod_shared_kv:
-            return self._forward_shared(query, kv_cache, attn_metadata, output)
+            return self._forward_shared(layer.layer_name, query, kv_cache, attn_metadata, output)
         if attn_metadata is None or self.pod_anchor_layer is None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
@@ -201,14 +209,24 @@ class PodTorchImpl(CPUAttentionBackendImpl):
                         page.gather(row, seq_len))
         return out[0].transpose(0, 1)
 
-    def _forward_shared(self, query, kv_cache, meta, output):
-        """Stage 2: decoding requests in one batched call, prefill chunks one request at a time."""
+    def _forward_shared(self, name: str, query, kv_cache, meta, output):
+        """Stage 2: decoding requests in one batched call, prefill chunks one request at a time. Scores mode: an
+        anchor leaves its query (post-RoPE, this pass's N tokens) in the Step for its members' prefill chunks."""
         step = self._step(get_forward_context(), meta)
+        if self.pod_scores and self.pod_anchor_layer is None:
+            step.anchor_queries[name] = query
         if step.decode_tokens is not None:
-            output[step.decode_tokens] = self._decode(step, query[step.decode_tokens], kv_cache, meta).to(output.dtype)
+            out = self._decode(name, step, query[step.decode_tokens], kv_cache, meta)
+            output[step.decode_tokens] = out.to(output.dtype)
         for i, a, b in step.prefills:
-            output[a:b] = self._prefill(query[a:b], i, kv_cache, meta).to(output.dtype)
+            output[a:b] = self._prefill(query[a:b], i, kv_cache, meta, self._anchor_query(step, a, b)).to(output.dtype)
         return output
+
+    def _anchor_query(self, step: Step, a: int, b: int):
+        """Scores mode, member layer: the anchor's query of tokens [a, b) of this pass (Tq, Hq, D); else None."""
+        if not self.pod_scores or self.pod_anchor_layer is None:
+            return None
+        return step.block_input(step.anchor_queries, self.pod_anchor_layer)[a:b]
 
     def _caches(self, kv_cache, meta):
         """(anchor [K | V] cache, its metadata, proximal-key cache, its metadata) for this layer."""
@@ -218,13 +236,18 @@ class PodTorchImpl(CPUAttentionBackendImpl):
         return (ctx.no_compile_layers[self.pod_anchor_layer].kv_cache, ctx.attn_metadata[self.pod_anchor_layer],
                 ctx.no_compile_layers[self.pod_keys_layer].kv_cache, ctx.attn_metadata[self.pod_keys_layer])
 
-    def _decode(self, step: Step, q, kv_cache, meta):
-        """q (R, Hq, D) of the step's decoding requests -> (R, Hq, D)."""
+    def _decode(self, name: str, step: Step, q, kv_cache, meta):
+        """q (R, Hq, D) of the step's decoding requests -> (R, Hq, D). Scores mode: an anchor also runs its
+        block's distant pass (:func:`~podkv.serving.batched.distant_softmax`), once for all its members."""
         D = self.head_size
         if self.pod_anchor_layer is None:
             kv = gather_rows(token_rows(kv_cache), step.index(meta, kv_cache))  # (R, T, H, 2D)
             self.step_keys = (step, kv[..., :D], None)
+            if self.pod_scores:
+                step.block_distant[name] = distant_softmax(q, kv[..., :D], step.scores_masks()[0], self.scale)
             return decode_attention(q, kv[..., :D], kv[..., D:], step.visible, self.scale)
+        if self.pod_scores:
+            return self._decode_scores(step, q, kv_cache, meta)
         anchor_cache, anchor_meta, keys_cache, keys_meta = self._caches(kv_cache, meta)
         anchor = get_forward_context().no_compile_layers[self.pod_anchor_layer].impl
         if anchor.step_keys is None or anchor.step_keys[0] is not step:  # not expected: anchors run first
@@ -239,8 +262,20 @@ class PodTorchImpl(CPUAttentionBackendImpl):
         values = gather_rows(token_rows(kv_cache), step.index(meta, kv_cache))
         return decode_attention(q, keys, values, step.visible, self.scale)
 
-    def _prefill(self, q, i, kv_cache, meta):
-        """Request ``i``'s query chunk q (Tq, Hq, D) -> (Tq, Hq, D), through podkv's own PoD function."""
+    def _decode_scores(self, step: Step, q, kv_cache, meta):
+        """Scores mode, member layer: its proximal pass (own keys at sinks + window) merged with its block's
+        distant softmax, which weights this layer's values. q (R, Hq, D) -> (R, Hq, D)."""
+        _, _, keys_cache, keys_meta = self._caches(kv_cache, meta)
+        _, keep = step.scores_masks()
+        own = gather_rows(token_rows(keys_cache), step.index(keys_meta, keys_cache, proximal=True))  # (R, P, H, D)
+        values = gather_rows(token_rows(kv_cache), step.index(meta, kv_cache))  # (R, T, H, D)
+        own_values = gather_rows(values.view(-1, *values.shape[2:]), step.proximal_rows.view(own.shape[:2]))
+        distant = step.block_input(step.block_distant, self.pod_anchor_layer)
+        return scores_decode(q, own, own_values, keep, values, distant, self.scale)
+
+    def _prefill(self, q, i, kv_cache, meta, anchor_query=None):
+        """Request ``i``'s query chunk q (Tq, Hq, D) -> (Tq, Hq, D), through podkv's own PoD function;
+        ``anchor_query`` (Tq, Hq, D): scores mode (the general path, every chunk length)."""
         D = self.head_size
         seq_len = int(meta.seq_lens[i])
         anchor_cache, anchor_meta, keys_cache, keys_meta = self._caches(kv_cache, meta)
@@ -257,16 +292,18 @@ class PodTorchImpl(CPUAttentionBackendImpl):
             keys = gather(keys_cache, keys_meta.block_table[i:i + 1], seq_len)
             values = gather(kv_cache, meta.block_table[i:i + 1], seq_len)
         out = self._pod(q.transpose(0, 1).unsqueeze(0), seq_len - q.shape[0], keys.transpose(1, 2),
-                        values.transpose(1, 2), anchor_kv[..., :D].transpose(1, 2))
+                        values.transpose(1, 2), anchor_kv[..., :D].transpose(1, 2), anchor_query)
         return out[0].transpose(0, 1)
 
-    def _pod(self, q, q_start, keys, values, anchor_keys):
+    def _pod(self, q, q_start, keys, values, anchor_keys, anchor_query=None):
+        """One request: q (1, Hq, Tq, D); keys, values, anchor_keys (1, H, L, D); anchor_query (Tq, Hq, D) or None."""
         H = keys.shape[1]
         src = KeySources(own_keys=keys, own_start=0, values=values,
                          anchor_keys=[(anchor_keys, h) for h in range(H)])
         pad = torch.zeros(1, dtype=torch.long, device=q.device)
+        q_anchor = None if anchor_query is None else anchor_query.transpose(0, 1).unsqueeze(0)
         return pod_attention_chunked(q, q_start, src, pad=pad, ns=self.pod_ns, nr=self.pod_nr, scale=self.scale,
-                                     chunk=self.pod_chunk)
+                                     anchor_query=q_anchor, chunk=self.pod_chunk)
 
 
 KERNEL_PATH, KERNEL_FIX = "kernel layout", "serve in float32, or with hf_overrides pod_kv_kernel=False"
@@ -307,9 +344,13 @@ class Step:
     requests run batched (``rows``: one query token each; with ``kernel=True`` also prefill chunks whose every
     key is proximal, ``seq_len <= ns + nr``) and which prefill one by one (``prefills``), the lengths and
     proximal positions of the batched rows, the visibility mask of decoding rows, and per cache group the
-    token rows to gather."""
+    token rows to gather. Scores mode: each anchor's query and its decode rows' distant softmax, by anchor layer
+    name, read by the block's members (dropped with the pass)."""
 
     def __init__(self, meta, ns: int, nr: int, kernel: bool = False):
+        self.ns, self.nr = ns, nr
+        self.anchor_queries: dict[str, torch.Tensor] = {}  # (N, Hq, D)
+        self.block_distant: dict[str, tuple] = {}  # distant_softmax of the decode rows
         starts = meta.query_start_loc
         self.n_tokens = int(starts[-1])  # tokens of this pass; vLLM may pad the batch after them
         q_lens = starts[1:] - starts[:-1]  # (R,); padded requests have 0
@@ -334,9 +375,26 @@ class Step:
         if kernel:
             return
         T = int(seq_lens.max())
+        self.seq_lens = seq_lens
         self.visible = torch.arange(T, device=seq_lens.device)[None, :] < seq_lens[:, None]  # (R, T)
         self.positions = decode_positions(seq_lens, T)  # (R, T)
         self.proximal_rows = flat_positions(self.proximal, T)  # in the (R * T) rows of a gathered batch
+
+    def scores_masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores mode: the decode rows' distant keys (R, T) and which proximal positions are first named
+        (R, ns + nr) (:func:`~podkv.serving.batched.proximal_unique`), made once per step."""
+        if "scores" not in self._index:
+            T = self.visible.shape[1]
+            self._index["scores"] = (distant_mask(self.seq_lens, T, self.ns, self.nr),
+                                     proximal_unique(self.seq_lens, self.ns, self.nr))
+        return self._index["scores"]
+
+    @staticmethod
+    def block_input(table: dict, anchor: str):
+        """What anchor ``anchor`` left for its members this pass (layers run in order: it ran first)."""
+        if anchor not in table:
+            raise RuntimeError(f"PoD scores mode: anchor {anchor} left nothing for its block in this forward pass")
+        return table[anchor]
 
     def kernel_decode(self, anchor_meta, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype,
                       isa: str) -> KernelDecode:

@@ -13,8 +13,13 @@ no padding): distant = ``[ns, L - nr)``, proximal = the sinks before it and the 
 decode step is one attention call over ``K_eff``, the anchor's keys with the layer's own keys written at
 the proximal positions (:func:`write_own_keys`).
 
-The oracle is :func:`podkv.attention.chunked.pod_attention_chunked`, run one request at a time
-(tests/test_serving.py).
+Mode "scores" (:mod:`podkv.attention.block_pass` is the transformers twin): a shared layer scores its distant
+keys with the *anchor's* query, so the distant softmax is the same for every layer of a block. The anchor
+computes it once per step (:func:`distant_softmax`); each member layer weights its own values with it and
+merges that with its proximal pass by log-sum-exp (:func:`scores_decode`, paper §2.2's gate).
+
+The oracles are :func:`podkv.attention.chunked.pod_attention_chunked`, run one request at a time, and
+:func:`podkv.attention.reference.pod_attention_reference` (tests/test_serving.py).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from podkv.attention.lse import attend_lse, merge_lse, to_bias
 from podkv.attention.reference import distant_span
 
 
@@ -80,6 +86,25 @@ def proximal_positions(seq_lens: torch.Tensor, ns: int, nr: int) -> torch.Tensor
     return torch.minimum(pos.clamp_min(0), L - 1)
 
 
+def proximal_unique(seq_lens: torch.Tensor, ns: int, nr: int) -> torch.Tensor:
+    """Which entries of :func:`proximal_positions` name a key for the first time: (R,) -> (R, ns + nr) bool.
+
+    A pass over the gathered proximal keys (scores mode) must count each key once, unlike K_eff, where a
+    repeated write is harmless: sinks past ``L - 1`` and window slots that fall on a sink are dropped."""
+    lo, back = decode_window(ns, nr)
+    L = seq_lens.long()[:, None]
+    return torch.cat([torch.arange(lo, device=L.device)[None, :] < L,
+                      L - back + torch.arange(back, device=L.device)[None, :] >= lo], dim=1)
+
+
+def distant_mask(seq_lens: torch.Tensor, length: int, ns: int, nr: int) -> torch.Tensor:
+    """The distant keys ``[lo, L - back)`` of a query at ``L - 1`` (:func:`decode_window`) among positions
+    0..length-1: (R,) -> (R, length) bool."""
+    lo, back = decode_window(ns, nr)
+    j = torch.arange(length, device=seq_lens.device)[None, :]
+    return (j >= lo) & (j < seq_lens.long()[:, None] - back)
+
+
 def flat_positions(positions: torch.Tensor, length: int) -> torch.Tensor:
     """positions (R, P) in requests of ``length`` rows -> (R * P,) rows of the flattened (R * length) batch."""
     rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
@@ -111,6 +136,39 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     return out.reshape(R, Hq, D)
 
 
+def distant_softmax(anchor_query: torch.Tensor, anchor_keys: torch.Tensor, distant: torch.Tensor,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's distant pass (scores mode), run once by its anchor: anchor_query (R, Hq, D), anchor_keys
+    (R, T, H, D), distant (R, T) bool -> probabilities (R, H, G, T) float32 (0 off the distant keys) and their
+    log-sum-exp (R, H, G) (-inf: a request with no distant key). Only the values differ between the block's
+    layers, so each member turns these into its distant output with one product (:func:`scores_decode`)."""
+    R, Hq, D = anchor_query.shape
+    H = anchor_keys.shape[2]
+    q = anchor_query.float().reshape(R, H, Hq // H, D)  # a KV head's query heads act as its rows
+    s = torch.matmul(q, anchor_keys.float().permute(0, 2, 3, 1)).mul_(scale)  # (R, H, G, T)
+    s.masked_fill_(~distant[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    return s.sub_(lse[..., None]).exp_().nan_to_num_(0.0), lse
+
+
+def scores_decode(query: torch.Tensor, own_keys: torch.Tensor, own_values: torch.Tensor, keep: torch.Tensor,
+                  values: torch.Tensor, distant: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
+    """A member layer's decode in scores mode: query (R, Hq, D); own_keys, own_values (R, P, H, D) at the
+    proximal positions, ``keep`` (R, P) (:func:`proximal_unique`); values (R, T, H, D); ``distant`` = its
+    block's :func:`distant_softmax` -> (R, Hq, D).
+
+    The proximal pass (own query, own keys) and the distant one (anchor's probabilities, own values) are two
+    passes over disjoint keys of one softmax, merged exactly by log-sum-exp."""
+    R, Hq, D = query.shape
+    H = own_keys.shape[2]
+    q = query.reshape(R, H, Hq // H, D)
+    o_p, lse_p = attend_lse(q, own_keys.transpose(1, 2), own_values.transpose(1, 2), scale,
+                            bias=to_bias(keep)[:, None, None, :])
+    probs, lse_d = distant
+    o_d = torch.matmul(probs, values.float().transpose(1, 2))  # (R, H, G, D)
+    return merge_lse(o_p, lse_p, o_d, lse_d)[0].reshape(R, Hq, D).to(query.dtype)
+
+
 def causal_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
     """One request's query chunk at the last Tq of L positions: query (Tq, Hq, D); keys, values (L, H, D)
     -> (Tq, Hq, D). PoD equals this when no query of the chunk has a distant key (:func:`all_proximal`)."""
@@ -121,13 +179,20 @@ def causal_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     return out.transpose(0, 1)
 
 
-def pod_decode(query, keys, values, seq_lens, *, scale: float, ns: int = 0, nr: int = 0, own_keys=None):
+def pod_decode(query, keys, values, seq_lens, *, scale: float, ns: int = 0, nr: int = 0, own_keys=None,
+               anchor_query=None):
     """Reference-shaped entry for tests: query (R, Hq, D); keys (anchor's) and values (R, T, H, D); own_keys
-    None (an anchor: plain causal attention) or the layer's own keys (R, T, H, D) -> (R, Hq, D)."""
+    None (an anchor: plain causal attention) or the layer's own keys (R, T, H, D) -> (R, Hq, D).
+    ``anchor_query`` (R, Hq, D): scores mode (the anchor's distant pass, then this layer's merge)."""
     T = keys.shape[1]
     visible = torch.arange(T, device=keys.device)[None, :] < seq_lens.long()[:, None]
-    if own_keys is not None:
-        pos = proximal_positions(seq_lens, ns, nr)
-        rows = torch.arange(keys.shape[0], device=keys.device)[:, None]
-        keys = write_own_keys(keys.clone(), own_keys[rows, pos], flat_positions(pos, T))
+    if own_keys is None:
+        return decode_attention(query, keys, values, visible, scale)
+    pos = proximal_positions(seq_lens, ns, nr)
+    rows = torch.arange(keys.shape[0], device=keys.device)[:, None]
+    if anchor_query is not None:
+        distant = distant_softmax(anchor_query, keys, distant_mask(seq_lens, T, ns, nr), scale)
+        return scores_decode(query, own_keys[rows, pos], values[rows, pos], proximal_unique(seq_lens, ns, nr),
+                             values, distant, scale)
+    keys = write_own_keys(keys.clone(), own_keys[rows, pos], flat_positions(pos, T))
     return decode_attention(query, keys, values, visible, scale)

@@ -122,7 +122,7 @@ def check_adapted_servable(asset_dir: str | Path, base_dir: str | Path) -> Shari
     if problems:
         raise PodError(f"the adapted model in {asset_dir} cannot be served with vLLM: " + "; ".join(problems) +
                        ". Its deltas were trained for that plan, so no other plan can replace it. Servable instead: "
-                       "the base model with a layer plan in keys mode, training-free (`podkv serve-check --plan "
+                       "the base model with a layer plan (mode keys or scores), training-free (`podkv serve-check --plan "
                        "src/podkv/assets/smollm2_plan_layer_35.json --write-checkpoint OUT`), or a model adapted to "
                        "such a plan (`podkv train --plan LAYER_PLAN --out RUN`, then `podkv serve-check --model RUN "
                        "--write-checkpoint OUT`)")

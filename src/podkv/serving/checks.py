@@ -38,7 +38,7 @@ def check_plan_servable(plan: SharingPlan, config) -> SharingPlan:
 
     Checks, in order: the architecture, the plan's shape against the model (layers, KV heads,
     positions), layer granularity (PoD-L: one anchor per layer, every KV head alike) and the
-    sharing mode (vLLM serves the paper's ``"keys"`` mode only).
+    sharing mode (``"keys"``, paper §2.2, or ``"scores"``).
     """
     pod_architecture(config)
     window = getattr(config, "sliding_window", None)
@@ -51,17 +51,30 @@ def check_plan_servable(plan: SharingPlan, config) -> SharingPlan:
     return plan
 
 
+SERVABLE_MODES = ("keys", "scores")
+
+
 def unservable_features(plan: SharingPlan) -> list[str]:
-    """What keeps ``plan`` from vLLM beyond its shape: head-wise anchors, a mode other than keys."""
+    """What keeps ``plan`` from vLLM beyond its shape: head-wise anchors (either mode: vLLM's KV cache groups
+    need one page size, and a head-wise layer would need a page per KV head role, docs/serving.md), a mode
+    other than keys or scores."""
     problems = []
     if not plan.is_layer_granular:
         bad = next(l for l, row in enumerate(plan.anchors) if len(set(row)) > 1)
-        problems.append(f"plan field 'anchors[{bad}]' = {plan.anchors[bad]} is head-wise: vLLM serving needs a "
-                        "layer-granularity plan (every KV head of a layer shares one anchor); make one with "
-                        "`podkv analyze --granularity layer`")
-    if plan.mode != "keys":
-        problems.append(f"plan field 'mode' = {plan.mode!r}: vLLM serving supports mode 'keys' only (paper §2.2)")
+        problems.append(f"plan field 'anchors[{bad}]' = {plan.anchors[bad]} is head-wise (mode {plan.mode!r}): vLLM "
+                        "serving needs a layer-granularity plan (every KV head of a layer shares one anchor); make "
+                        "one with `podkv analyze --granularity layer`")
+    if plan.mode not in SERVABLE_MODES:
+        problems.append(f"plan field 'mode' = {plan.mode!r}: vLLM serving supports modes {SERVABLE_MODES}")
     return problems
+
+
+def check_layout_servable(plan: SharingPlan, config) -> None:
+    """Raise a :class:`PodError` for a plan the chosen KV layout cannot serve: mode "scores" needs the anchor's
+    query next to the member layer's (the shared layout's torch path); stage 1 ("full") runs mode "keys" only."""
+    if plan.mode == "scores" and kv_layout(config) != "shared":
+        raise PodError(f"config field 'pod_kv_layout' = {kv_layout(config)!r}: a plan of mode 'scores' is served on "
+                       "the shared layout only (drop pod_kv_layout, or use a plan of mode 'keys')")
 
 
 def plan_for_serving(config) -> SharingPlan:
@@ -72,7 +85,9 @@ def plan_for_serving(config) -> SharingPlan:
             "the model config has no 'pod_plan': pass one with podkv.serving.engine.pod_hf_overrides(plan) "
             "or write it into config.json with `podkv serve-check --write-checkpoint`"
         )
-    return check_plan_servable(plan, config)
+    check_plan_servable(plan, config)
+    check_layout_servable(plan, config)
+    return plan
 
 
 KV_LAYOUTS = ("shared", "full")

@@ -87,10 +87,12 @@ class PodLlamaAttention(LlamaAttention):
         else:
             role = {"role": "anchor" if is_anchor else "values"}
         keys_name = proximal_layer_name(prefix) if shared and not is_anchor and not kernel else None
+        # scores mode: an anchor with members runs its block's distant pass, a member uses it
+        scores = plan.mode == "scores" and anchors.count(anchor) > 1
         self.attn = PodAttention(
             self.num_heads, self.head_dim, self.scaling, prefix=f"{prefix}.attn",
             pod_anchor_layer=None if is_anchor else anchor_layer_name(prefix, layer, anchor),
-            pod_keys_layer=keys_name, pod_spec={**spec, **role} if shared else None, **common)
+            pod_keys_layer=keys_name, pod_spec={**spec, **role} if shared else None, pod_scores=scores, **common)
         if keys_name is not None:
             self.pod_keys = PodAttention(self.num_heads, self.head_dim, self.scaling, prefix=keys_name,
                                          pod_spec={**spec, "role": "proximal"}, **common)

@@ -108,8 +108,9 @@ def _tune_shared_layout(vllm_config, plan) -> None:
 
 
 def _choose_kernel_layout(vllm_config, plan) -> None:
-    """Serve on vLLM's CPU kernel (``config.pod_kv_kernel``) where it applies: blocks of one length, float32
-    (the "vec" kernel's layout) and a block size that is a multiple of 32 (the kernel's; 32 if not given)."""
+    """Serve on vLLM's CPU kernel (``config.pod_kv_kernel``) where it applies: blocks of one length, mode "keys"
+    (the kernel has no per-key query switch), float32 (the "vec" kernel's layout) and a block size that is a
+    multiple of 32 (the kernel's; 32 if not given). Asked for explicitly where it does not apply: a PodError."""
     import torch
 
     from podkv.serving.checks import layer_anchors
@@ -122,10 +123,15 @@ def _choose_kernel_layout(vllm_config, plan) -> None:
         why = "pod_kv_kernel=False"
     elif uniform_block_length(layer_anchors(plan)) is None:
         why = "the plan's blocks have different lengths"
+    elif plan.mode == "scores":  # the kernel scores all of a query's keys with that one query
+        why = "plan mode 'scores' (its distant keys are scored with the anchor's query)"
     elif vllm_config.model_config.dtype != torch.float32:
         why = f"dtype {vllm_config.model_config.dtype} (the kernel layout is float32 only)"
     elif cache.user_specified_block_size and cache.block_size % KERNEL_BLOCK_MULTIPLE:
         why = f"--block-size {cache.block_size} is not a multiple of {KERNEL_BLOCK_MULTIPLE}"
+    if wanted is True and why is not None:
+        raise PodError(f"config field 'pod_kv_kernel' = True: vLLM's kernel layout does not apply here: {why}; "
+                       "drop pod_kv_kernel (the plugin picks the gather layout)")
     hf_config.pod_kv_kernel = why is None
     if why is None:
         if not cache.user_specified_block_size:
