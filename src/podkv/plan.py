@@ -18,6 +18,10 @@ from podkv.io import atomic_write_text
 
 SCHEMA_VERSION = 1
 MODES = ("keys", "scores")
+# What a (layer, KV head) pair holds (issue 21). "anchor": keys and values of every token; "shared": values of
+# every token, own keys of proximal tokens, distant keys read from its anchor (PoD); "window": sinks + recent
+# window only, keys and values, no distant tokens at all (a streaming head, as in DuoAttention).
+POLICIES = ("anchor", "shared", "window")
 
 
 @dataclass
@@ -39,6 +43,10 @@ class SharingPlan:
         or ``"scores"`` (training-free variant: reuse the anchor's distant *scores*).
     meta : dict
         Provenance: model, data hash, thresholds, podkv version. Not used by the math.
+    policies : list[list[str]] or None
+        ``policies[layer][kv_head]`` in :data:`POLICIES`; None (the default, and what is saved when no pair is
+        "window") means every pair is "anchor" or "shared" as its anchor says. A "window" pair is its own
+        anchor (``anchors[l][h] == l``) that no later layer reads, and attends to proximal tokens only.
     """
 
     anchors: list[list[int]]
@@ -46,6 +54,7 @@ class SharingPlan:
     nr: int = 240
     mode: str = "keys"
     meta: dict[str, Any] = field(default_factory=dict)
+    policies: list[list[str]] | None = None
 
     def __post_init__(self):
         self.anchors = _layer_indices(self.anchors)
@@ -77,6 +86,35 @@ class SharingPlan:
                         f"plan field 'anchors[{layer}][{head}]' = {anchor} does not form a consecutive block: "
                         f"anchors[{layer - 1}][{head}] is {self.anchors[layer - 1][head]}"
                     )
+        self._window = self._check_policies()
+
+    def _check_policies(self) -> set[tuple[int, int]]:
+        """The (layer, head) pairs whose policy is "window"; a PodError for a grid that contradicts ``anchors``."""
+        if self.policies is None:
+            return set()
+        grid = self.policies
+        if not isinstance(grid, (list, tuple)) or len(grid) != self.num_layers or not all(
+                isinstance(row, (list, tuple)) and len(row) == self.num_kv_heads for row in grid):
+            raise PodError(f"plan field 'policies' must be a {self.num_layers} x {self.num_kv_heads} grid of policy "
+                           f"names like 'anchors', got {str(grid)[:80]}")
+        window = set()
+        for layer, row in enumerate(grid):
+            for head, policy in enumerate(row):
+                where = f"plan field 'policies[{layer}][{head}]' = {policy!r}"
+                if policy not in POLICIES:
+                    raise PodError(f"{where}: not a policy; expected one of {POLICIES}")
+                anchor = self.anchors[layer][head]
+                if policy == "shared" and anchor == layer:
+                    raise PodError(f"{where} but anchors[{layer}][{head}] = {layer}: a shared pair needs an earlier anchor")
+                if policy in ("anchor", "window") and anchor != layer:
+                    raise PodError(f"{where} but anchors[{layer}][{head}] = {anchor}: an {policy} pair is its own anchor")
+                if policy == "window":
+                    if layer + 1 < self.num_layers and self.anchors[layer + 1][head] == layer:
+                        raise PodError(f"{where} leaves layer {layer + 1}'s block without an anchor: "
+                                       f"anchors[{layer + 1}][{head}] = {layer} reads keys a window pair does not keep")
+                    window.add((layer, head))
+        self.policies = [list(row) for row in grid] if window else None  # all anchor/shared: say it once, in anchors
+        return window
 
     # ------------------------------------------------------------------ shape
     @property
@@ -88,13 +126,30 @@ class SharingPlan:
         return len(self.anchors[0])
 
     def is_anchor(self, layer: int, head: int) -> bool:
-        return self.anchors[layer][head] == layer
+        """True when the pair keeps keys of every token (its own anchor, not a window pair)."""
+        return self.anchors[layer][head] == layer and (layer, head) not in self._window
+
+    def is_window(self, layer: int, head: int) -> bool:
+        """True when the pair keeps sinks + recent window only (policy "window")."""
+        return (layer, head) in self._window
+
+    @property
+    def has_window(self) -> bool:
+        return bool(self._window)
+
+    def policy(self, layer: int, head: int) -> str:
+        if self.is_window(layer, head):
+            return "window"
+        return "anchor" if self.is_anchor(layer, head) else "shared"
 
     def anchor_heads(self, layer: int) -> list[int]:
         return [h for h in range(self.num_kv_heads) if self.is_anchor(layer, h)]
 
+    def window_heads(self, layer: int) -> list[int]:
+        return [h for h in range(self.num_kv_heads) if self.is_window(layer, h)]
+
     def shared_heads(self, layer: int) -> list[int]:
-        return [h for h in range(self.num_kv_heads) if not self.is_anchor(layer, h)]
+        return [h for h in range(self.num_kv_heads) if self.anchors[layer][h] != layer]
 
     def anchor_layers(self) -> set[int]:
         """Layers whose keys some other layer reads."""
@@ -102,6 +157,7 @@ class SharingPlan:
 
     @property
     def is_identity(self) -> bool:
+        """Every pair its own anchor with every token: PoD is then dense attention."""
         return all(self.is_anchor(l, h) for l in range(self.num_layers) for h in range(self.num_kv_heads))
 
     @property
@@ -113,7 +169,7 @@ class SharingPlan:
         """Blocks of head ``head`` as ``(first_layer, last_layer)`` inclusive."""
         out: list[tuple[int, int]] = []
         for layer in range(self.num_layers):
-            if self.is_anchor(layer, head):
+            if self.anchors[layer][head] == layer:
                 out.append((layer, layer))
             else:
                 out[-1] = (out[-1][0], layer)
@@ -155,12 +211,15 @@ class SharingPlan:
         """Keys held by ``(layer, head)`` after ``seq_len`` tokens (paper §2.3)."""
         return seq_len if self.is_anchor(layer, head) else min(seq_len, self.ns + self.nr)
 
+    def kept_value_tokens(self, layer: int, head: int, seq_len: int) -> int:
+        """Values held by ``(layer, head)``: every token, except a window pair's sinks + window."""
+        return min(seq_len, self.ns + self.nr) if self.is_window(layer, head) else seq_len
+
     def kv_elements(self, seq_len: int, head_dim: int, batch: int = 1) -> int:
         """Analytic number of K and V elements a :class:`~podkv.cache.PodCache` holds."""
-        keys = sum(
-            self.kept_key_tokens(l, h, seq_len) for l in range(self.num_layers) for h in range(self.num_kv_heads)
-        )
-        values = self.num_layers * self.num_kv_heads * seq_len
+        pairs = [(l, h) for l in range(self.num_layers) for h in range(self.num_kv_heads)]
+        keys = sum(self.kept_key_tokens(l, h, seq_len) for l, h in pairs)
+        values = sum(self.kept_value_tokens(l, h, seq_len) for l, h in pairs)
         return batch * head_dim * (keys + values)
 
     def kv_saving(self, seq_len: int) -> float:
@@ -170,27 +229,31 @@ class SharingPlan:
 
     # ------------------------------------------------------------- display
     def grid(self) -> str:
-        """Layer x head grid: 'A' marks an anchor, a number the anchor layer used."""
+        """Layer x head grid: 'A' marks an anchor, 'W' a window-only pair, a number the anchor layer used."""
         width = max(3, len(str(self.num_layers)) + 1)
         head_cols = "".join(f"h{h}".rjust(width) for h in range(self.num_kv_heads))
         lines = [f"layer{head_cols}"]
         for layer, row in enumerate(self.anchors):
-            cells = "".join(("A" if a == layer else str(a)).rjust(width) for a in row)
+            cells = "".join(("W" if self.is_window(layer, h) else "A" if a == layer else str(a)).rjust(width)
+                            for h, a in enumerate(row))
             lines.append(f"{layer:5d}{cells}")
         return "\n".join(lines)
 
     def summary(self, seq_len: int = 4096) -> str:
         shared = sum(len(self.shared_heads(l)) for l in range(self.num_layers))
         total = self.num_layers * self.num_kv_heads
+        window = f"{len(self._window)}/{total} window-only; " if self._window else ""
         return (
             f"PoD plan: {self.num_layers} layers x {self.num_kv_heads} KV heads, ns={self.ns}, nr={self.nr}, "
-            f"mode={self.mode}; {shared}/{total} (layer, head) pairs share keys; "
+            f"mode={self.mode}; {shared}/{total} (layer, head) pairs share keys; {window}"
             f"KV saving at {seq_len} tokens: {100 * self.kv_saving(seq_len):.1f}%"
         )
 
     # ----------------------------------------------------------------- I/O
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        if data["policies"] is None:  # plans without window pairs keep the JSON (and hash) they always had
+            del data["policies"]
         data["schema_version"] = SCHEMA_VERSION
         return data
 
@@ -203,7 +266,7 @@ class SharingPlan:
             raise PodError(f"plan field 'schema_version' = {version!r}; this podkv reads version {SCHEMA_VERSION}")
         if "anchors" not in data:
             raise PodError("plan field 'anchors' is missing")
-        known = {"anchors", "ns", "nr", "mode", "meta"}
+        known = {"anchors", "ns", "nr", "mode", "meta", "policies"}
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save(self, path: str | Path) -> Path:

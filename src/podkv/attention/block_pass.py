@@ -90,7 +90,7 @@ def _anchor_distant(cache, layer, qg, i0, i1, G, scale, stash) -> None:
             total = _f32(s.sum(dim=-1, keepdim=True))  # (B, h, G*L, 1); 0: a row with no distant key
             peak = _f32(peak)
             for m in members[p0]:
-                o = _f32(torch.matmul(s, cache.layers[m].v[:, a:b, lo:hi]))  # (B, h, G*L, D), unnormalised
+                o = _f32(torch.matmul(s, cache.layers[m].values_of(a, b)[:, :, lo:hi]))  # (B, h, G*L, D), unnormalised
                 stash.setdefault(m, []).append((a, b, o, peak, total))
 
 
@@ -112,10 +112,10 @@ def _proximal_merged(step, qg, key, G, scale, distant) -> torch.Tensor:
     small ops fewer than an attention call plus a log-sum-exp merge (batch-1 decode pays per op).
     Every query sees itself (``allowed_mask``), so the proximal max is finite and the sum is >= 1.
     """
-    cache, store, i0, i1 = step.cache, step.store, step.i0, step.i1
+    cache, i0, i1 = step.cache, step.i0, step.i1
     held_k, held_v, held_idx = step.held()
     k_p = _f32(torch.cat([held_k, key], dim=2))  # (B, H, n + L, D): small
-    v_p = _f32(torch.cat([held_v, store.v[:, :, i0:i1]], dim=2))
+    v_p = _f32(torch.cat([held_v, step.values_new], dim=2))
     s = torch.matmul(_f32(qg), k_p.transpose(-1, -2)).mul_(scale)  # (B, H, G*L, n + L)
     bias = _proximal_bias(cache, held_idx, i0, i1, G)
     if bias is not None:
@@ -136,13 +136,24 @@ def _proximal_merged(step, qg, key, G, scale, distant) -> torch.Tensor:
 
 def _all_heads(distant, H: int):
     """The (h0, h1, o, peak, total) parts of a layer's distant pass, one per anchor head range, joined into
-    (o, peak, total) over all H heads: every (layer, KV head) has exactly one anchor, so the ranges tile
-    [0, H) and the merge runs once instead of once per range."""
+    (o, peak, total) over all H heads, so the merge runs once instead of once per range. Every (layer, KV
+    head) has one anchor, except window-only heads: they get an empty distant part (o = 0, peak = −inf,
+    total = 0), which the merge weighs by e^(−inf) = 0."""
     parts = sorted(distant, key=lambda part: part[0])
-    assert [p[0] for p in parts] == [0] + [p[1] for p in parts[:-1]] and parts[-1][1] == H, "anchor ranges must tile"
-    if len(parts) == 1:
-        return parts[0][2:]
-    return tuple(torch.cat([p[k] for p in parts], dim=1) for k in (2, 3, 4))
+    filled, h = [], 0
+    for part in parts + [(H, H, None, None, None)]:
+        if part[0] > h:  # window-only heads [h, part[0])
+            o, peak = parts[0][2], parts[0][3]
+            n = part[0] - h
+            filled.append((h, part[0], o.new_zeros(o.shape[0], n, *o.shape[2:]),
+                           peak.new_full((peak.shape[0], n, *peak.shape[2:]), float("-inf")),
+                           peak.new_zeros(peak.shape[0], n, *peak.shape[2:])))
+        if part[2] is not None:
+            filled.append(part)
+        h = part[1]
+    if len(filled) == 1:
+        return filled[0][2:]
+    return tuple(torch.cat([p[k] for p in filled], dim=1) for k in (2, 3, 4))
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:

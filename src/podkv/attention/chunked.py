@@ -31,6 +31,10 @@ class KeySources:
         The layer's values for every index.
     anchor_keys : list of (tensor (B, *, T', D), head index in it), one per KV head
         Keys used for distant positions; T' >= the distant range that is read.
+    proximal_only : bool
+        Window-only heads (plan policy "window"): no distant position is attended (``anchor_keys`` unused).
+    values_start : int
+        Cache index of ``values``' first token (a window-only head's values exist only from the step on).
     """
 
     own_keys: torch.Tensor
@@ -40,6 +44,25 @@ class KeySources:
     held_keys: torch.Tensor | None = None
     held_values: torch.Tensor | None = None
     held_idx: torch.Tensor | None = None
+    proximal_only: bool = False
+    values_start: int = 0
+
+
+def pod_attention_groups(query: torch.Tensor, q_start: int, groups: list[tuple[list[int], KeySources]], *,
+                         anchor_query: torch.Tensor | None = None, **kw) -> torch.Tensor:
+    """:func:`pod_attention_chunked` for KV heads grouped by what they read: ``groups`` is a list of (KV heads,
+    their KeySources). Why: window-only heads attend to fewer positions than the others (a per-head mask), and
+    their distant values do not exist; one call per group keeps every call's mask shared by its heads."""
+    if len(groups) == 1:
+        return pod_attention_chunked(query, q_start, groups[0][1], anchor_query=anchor_query, **kw)
+    H = sum(len(heads) for heads, _ in groups)
+    G = query.shape[1] // H
+    out = torch.empty_like(query)
+    for heads, src in groups:
+        rows = [g for h in heads for g in range(h * G, (h + 1) * G)]  # the query heads of these KV heads
+        qa = None if anchor_query is None or src.proximal_only else anchor_query[:, rows]
+        out[:, rows] = pod_attention_chunked(query[:, rows], q_start, src, anchor_query=qa, **kw)
+    return out
 
 
 def pod_attention_chunked(
@@ -79,7 +102,7 @@ def _attend_chunk(q, q_anc, i0, i1, src: KeySources, pad, ns, nr, scale, dropout
     ranges = _merge([(a, min(b, own_end)) for a, b in ranges if b > a])
 
     own_k = [src.own_keys[:, :, a - src.own_start:b - src.own_start] for a, b in ranges]
-    own_v = [src.values[:, :, a:b] for a, b in ranges]
+    own_v = [src.values[:, :, a - src.values_start:b - src.values_start] for a, b in ranges]
     own_idx = [torch.arange(a, b, device=device).expand(B, -1) for a, b in ranges]
     if src.held_keys is not None and src.held_idx.shape[1] > 0:
         own_k.insert(0, src.held_keys)
@@ -89,6 +112,8 @@ def _attend_chunk(q, q_anc, i0, i1, src: KeySources, pad, ns, nr, scale, dropout
 
     # Distant range: positions >= ns of every row, and index <= i-nr for the chunk's last query.
     lo, hi = max(0, int(pad.min()) + ns), i1 - nr
+    if src.proximal_only:
+        hi = lo
     dist_idx = torch.arange(lo, max(lo, hi), device=device)
     qi = torch.arange(i0, i1, device=device)
 
@@ -113,7 +138,7 @@ def _split_applies(query, src: KeySources, pad, anchor_query, dropout) -> bool:
     partly in the held proximal store) take the single-SDPA path: same math, fewer special cases.
     """
     return (anchor_query is None and dropout == 0.0 and not (torch.is_grad_enabled() and query.requires_grad)
-            and src.own_start == 0 and (src.held_idx is None or src.held_idx.shape[1] == 0)
+            and src.own_start == 0 and src.values_start == 0 and (src.held_idx is None or src.held_idx.shape[1] == 0)
             and not bool(pad.any()))
 
 

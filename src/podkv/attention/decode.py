@@ -8,7 +8,8 @@ which made PoD decode ~1.3-1.45x dense. Here nothing of length T is copied:
     position and both use the head's own keys, so this *is* dense attention, exactly;
   * heads that share keys: a proximal pass (held sink/window keys + the new key) and a distant pass
     over the anchor layer's stored keys [lo, hi), merged by their log-sum-exp. That is the same
-    single softmax (paper §2.2: o = g·oP + (1−g)·oD with g = σ(lseP − lseD)).
+    single softmax (paper §2.2: o = g·oP + (1−g)·oD with g = σ(lseP − lseD));
+  * window-only heads (plan policy "window"): the proximal pass alone.
 
 A :class:`SkipPolicy` (gate skipping, :mod:`podkv.attention.gate_skip`) may drop the distant pass
 of a shared head; it predicts from the anchor heads' gates, which a small extra proximal pass gives.
@@ -60,10 +61,10 @@ def pod_decode(step, query: torch.Tensor, key: torch.Tensor, scale: float,
         for (p0, p1), (j0, j1) in head_runs(whole, list(range(len(whole)))):
             h0, h1 = whole[p0], whole[p0] + p1 - p0
             out[:, h0:h1], lse[:, h0:h1] = attend_lse(qg[:, h0:h1], store.k_full[:, j0:j1, lo:store.seen],
-                                                   store.v[:, h0:h1, lo:store.seen], scale, bias)
+                                                   store.values_of(h0, h1)[:, :, lo:store.seen], scale, bias)
         if policy is not None:
             _report_anchor_gates(step, qg, key, whole, lse, scale, policy)
-    if store.shared_heads:
+    if store.ring_heads:
         _split_heads(step, qg, key, scale, policy, out)
     return out.reshape(B, Hq, 1, D).to(query.dtype)
 
@@ -77,7 +78,7 @@ def _report_anchor_gates(step, qg, key, heads, lse_all, scale, policy):
         return  # no distant keys yet
     held_k, held_v, held_idx = step.held()
     k_p = torch.cat([held_k[:, heads], key[:, heads, -1:]], dim=2)
-    v_p = torch.cat([held_v[:, heads], store.v[:, heads, i:i + 1]], dim=2)
+    v_p = torch.cat([held_v[:, heads], step.values_new[:, heads, -1:]], dim=2)
     _, lse_p = attend_lse(qg[:, heads], k_p, v_p, scale, _proximal_bias(cache, held_idx, i))
     gate = torch.exp(lse_p - lse_all[:, heads]).clamp(max=1.0)
     lse_d = lse_all[:, heads] + torch.log1p(-gate)  # -inf where the distant mass is 0
@@ -86,13 +87,14 @@ def _report_anchor_gates(step, qg, key, heads, lse_all, scale, policy):
 
 
 def _split_heads(step, qg, key, scale, policy, out):
-    """Proximal pass + distant pass over the anchor's keys, LSE-merged, for the layer's shared heads."""
+    """Proximal pass + distant pass over the anchor's keys, LSE-merged, for the layer's shared heads; the
+    proximal pass alone for its window-only heads."""
     cache, store, layer = step.cache, step.store, step.layer
-    plan, heads = cache.plan, store.shared_heads
+    plan, heads = cache.plan, store.ring_heads
     i = step.i0  # cache index of the query
-    held_k, held_v, held_idx = step.held_shared()
+    held_k, held_v, held_idx = step.held_ring()
     k_p = torch.cat([held_k, select_heads(key, heads)[:, :, -1:]], dim=2)  # (B, h, n+1, D): small
-    v_p = torch.cat([held_v, select_heads(store.v, heads)[:, :, i:i + 1]], dim=2)
+    v_p = torch.cat([held_v, select_heads(step.values_new, heads)[:, :, -1:]], dim=2)
     out_p, lse_p = attend_lse(select_heads(qg, heads), k_p, v_p, scale, _proximal_bias(cache, held_idx, i))
 
     lo, hi = distant_span(cache.pad_min, i, plan.ns, plan.nr)
@@ -101,12 +103,13 @@ def _split_heads(step, qg, key, scale, policy, out):
         return
     anchors = plan.anchors[layer]
     skip = {}
+    shared = [n for n, h in enumerate(heads) if anchors[h] != layer]  # not window-only
     if policy is not None:
-        skip = {h: policy.skip(layer, h, anchors[h], lse_p[:, n]) for n, h in enumerate(heads)}
-    need = [n for n, h in enumerate(heads) if h not in skip or not bool(skip[h].all())]  # positions in heads
+        skip = {heads[n]: policy.skip(layer, heads[n], anchors[heads[n]], lse_p[:, n]) for n in shared}
+    need = [n for n in shared if heads[n] not in skip or not bool(skip[heads[n]].all())]  # positions in heads
     if policy is not None:
-        policy.skipped(len(heads) - len(need))
-    sources = [cache.layers[anchors[h]].anchor_source(h) for h in heads]
+        policy.skipped(len(shared) - len(need))
+    sources = {n: cache.layers[anchors[heads[n]]].anchor_source(heads[n]) for n in need}
     bias = _distant_bias(cache, lo, hi)
     merged = out_p
     for (p0, p1), (j0, j1) in head_runs([heads[n] for n in need], [sources[n][1] for n in need],
@@ -114,7 +117,7 @@ def _split_heads(step, qg, key, scale, policy, out):
         n0, n1 = need[p0], need[p0] + p1 - p0  # consecutive heads of a run are consecutive positions too
         h0 = heads[n0]
         o_d, lse_d = attend_lse(qg[:, h0:h0 + n1 - n0], sources[n0][0][:, j0:j1, lo:hi],
-                                store.v[:, h0:h0 + n1 - n0, lo:hi], scale, bias)
+                                store.values_of(h0, h0 + n1 - n0)[:, :, lo:hi], scale, bias)
         m, _ = merge_lse(out_p[:, n0:n1], lse_p[:, n0:n1], o_d, lse_d)
         if merged is out_p and (n0, n1) != (0, len(heads)):
             merged = out_p.clone()

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from podkv.attention.chunked import DEFAULT_CHUNK, KeySources, pod_attention_chunked
+from podkv.attention.chunked import DEFAULT_CHUNK, KeySources, pod_attention_groups
 from podkv.attention import gate_skip
 from podkv.attention.block_pass import block_pass_applies, pod_block_attention
 from podkv.attention.decode import decode_applies, pod_decode
+from podkv.attention.heads import select_heads
 from podkv.attention.reference import pod_attention_reference
 from podkv.cache.pod_cache import PodCache
 from podkv.errors import PodError
@@ -103,26 +104,42 @@ def _from_full_keys(runtime, layer, query, key, value, mask, plan, scale, anchor
     runtime.keys[layer] = key  # read by later layers of this same forward
     pad = padding_from_mask(mask, key.shape[0], T, key.device)
     sources = [(key, h) if a == layer else (_runtime_keys(runtime, a, T), h) for h, a in enumerate(plan.anchors[layer])]
+    window = plan.window_heads(layer)
     if reference:
         anchor = torch.stack([t[:, i] for t, i in sources], dim=1)
         return pod_attention_reference(query, key, anchor, value, ns=plan.ns, nr=plan.nr, scale=scale, pad=pad,
-                                       anchor_query=anchor_query)
-    src = KeySources(own_keys=key, own_start=0, values=value, anchor_keys=sources)
-    return pod_attention_chunked(query, T - query.shape[2], src, pad=pad, ns=plan.ns, nr=plan.nr, scale=scale,
-                                 anchor_query=anchor_query, chunk=runtime.chunk, dropout=dropout)
+                                       anchor_query=anchor_query, window_heads=window)
+    if not window:
+        groups = [(list(range(key.shape[1])), KeySources(own_keys=key, own_start=0, values=value, anchor_keys=sources))]
+    else:
+        rest = [h for h in range(key.shape[1]) if h not in window]
+        groups = [(heads, KeySources(own_keys=key[:, heads], own_start=0, values=value[:, heads],
+                                     anchor_keys=[sources[h] for h in heads], proximal_only=heads is window))
+                  for heads in (rest, window) if heads]
+    return pod_attention_groups(query, T - query.shape[2], groups, pad=pad, ns=plan.ns, nr=plan.nr, scale=scale,
+                                anchor_query=anchor_query, chunk=runtime.chunk, dropout=dropout)
 
 
 def _from_pod_cache(step, query, key, plan, scale, anchor_query, runtime, dropout, reference):
     cache, store, layer = step.cache, step.store, step.layer
-    held_k, held_v, held_idx = step.held()
-    sources = [store.anchor_source(h) if a == layer else cache.layers[a].anchor_source(h)
-               for h, a in enumerate(plan.anchors[layer])]
     if reference:
         raise PodError("the reference attention runs without a PodCache (it is the oracle for full sequences)")
-    src = KeySources(own_keys=key, own_start=step.i0, values=store.v, anchor_keys=sources,
-                     held_keys=held_k, held_values=held_v, held_idx=held_idx)
-    return pod_attention_chunked(query, step.i0, src, pad=cache.pad, ns=plan.ns, nr=plan.nr, scale=scale,
-                                 anchor_query=anchor_query, chunk=runtime.chunk, dropout=dropout)
+    held_k, held_v, held_idx = step.held()
+    rest = store.value_heads  # heads with values of every token in store.v (all but window-only ones)
+    sources = [store.anchor_source(h) if a == layer else cache.layers[a].anchor_source(h)
+               for h, a in enumerate(plan.anchors[layer]) if h in store.vrow]
+    groups = []
+    if rest:
+        groups.append((rest, KeySources(own_keys=select_heads(key, rest), own_start=step.i0, values=store.v,
+                                        anchor_keys=sources, held_keys=select_heads(held_k, rest),
+                                        held_values=select_heads(held_v, rest), held_idx=held_idx)))
+    if store.window_heads:
+        win = store.window_heads
+        groups.append((win, KeySources(own_keys=key[:, win], own_start=step.i0, values=step.values_new[:, win],
+                                       values_start=step.i0, anchor_keys=[], held_keys=held_k[:, win],
+                                       held_values=held_v[:, win], held_idx=held_idx, proximal_only=True)))
+    return pod_attention_groups(query, step.i0, groups, pad=cache.pad, ns=plan.ns, nr=plan.nr, scale=scale,
+                                anchor_query=anchor_query, chunk=runtime.chunk, dropout=dropout)
 
 
 def _runtime_keys(runtime: PodRuntime, anchor: int, T: int) -> torch.Tensor:

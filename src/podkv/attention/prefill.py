@@ -36,7 +36,7 @@ def pod_prefill(query, q_start: int, src, *, ns: int, nr: int, scale: float, chu
         i0, i1 = q_start + c0, min(T, q_start + c0 + chunk)
         o, l = _proximal(qg[:, :, :, c0:c0 + i1 - i0], i0, i1, src, ns, nr, scale)
         out[:, :, :, c0:c0 + i1 - i0], lse[:, :, :, c0:c0 + i1 - i0] = o, l
-    first = max(q_start, ns + nr)  # the first query with a distant key
+    first = T if src.proximal_only else max(q_start, ns + nr)  # the first query with a distant key
     for a in range(first, T, chunk):  # distant pass
         b = min(T, a + chunk)
         rows = slice(a - q_start, b - q_start)

@@ -51,6 +51,7 @@ def pod_attention_reference(
     scale: float,
     pad: torch.Tensor | None = None,
     anchor_query: torch.Tensor | None = None,
+    window_heads: list[int] | tuple[int, ...] = (),
 ) -> torch.Tensor:
     """Reference PoD attention over a whole sequence, in float32.
 
@@ -65,6 +66,8 @@ def pod_attention_reference(
         Left-padding count of each row.
     anchor_query : (B, Hq, Tq, D) or None
         "scores" mode: distant logits are the anchor layer's ``anchor_query · anchor_keys``.
+    window_heads : KV head indices
+        Window-only heads (plan policy "window"): they attend to proximal tokens only.
 
     Returns
     -------
@@ -86,6 +89,10 @@ def pod_attention_reference(
     query_idx = torch.arange(T - Tq, T, device=q.device)
     prox = proximal_mask(key_idx, query_idx, pad, ns, nr)[:, None]  # (B, 1, Tq, T)
     ok = allowed_mask(key_idx, query_idx, pad)[:, None]
+    if window_heads:
+        window = torch.zeros(Hkv, dtype=torch.bool, device=q.device)
+        window[list(window_heads)] = True
+        ok = ok & (prox | ~window.repeat_interleave(group)[None, :, None, None])  # (B, Hq, Tq, T)
     scores = torch.where(prox, s_own, s_anc).masked_fill(~ok, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return (probs @ v).to(query.dtype)

@@ -25,12 +25,13 @@ def pod_kv_bytes(config, plan: SharingPlan, seq_len: int, batch: int = 1, dtype:
                  crop_margin: int = 0) -> int:
     """What a PodCache holds for ``plan`` (paper §2.3): values everywhere, distant keys in anchors only.
 
-    ``crop_margin`` M: each sharing head keeps M more recent keys (PodCache's exact-crop margin).
+    ``crop_margin`` M: each sharing or window-only head keeps M more recent keys, and a window-only head M more
+    values (PodCache's exact-crop margin).
     """
     elem = torch.empty((), dtype=dtype).element_size()
-    shared = sum(len(plan.shared_heads(layer)) for layer in range(plan.num_layers))
+    ring = sum(len(plan.shared_heads(layer)) + 2 * len(plan.window_heads(layer)) for layer in range(plan.num_layers))
     window = plan.ns + plan.nr
-    margin = shared * (min(seq_len, window + crop_margin) - min(seq_len, window)) * head_dim(config) * batch
+    margin = ring * (min(seq_len, window + crop_margin) - min(seq_len, window)) * head_dim(config) * batch
     return (plan.kv_elements(seq_len, head_dim(config), batch) + margin) * elem
 
 

@@ -1,11 +1,13 @@
 """`PodCache`: a transformers `Cache` that holds distant keys once per block (paper §2.3).
 
 Per layer it holds
-  * values of every token, for every KV head;
+  * values of every token for every KV head except window-only ones (``v``, B x Hv x T x D, heads in
+    ``value_heads`` order);
   * keys of every token for the heads that are their own anchor (``k_full``, B x Ha x T x D);
-  * for the other heads only proximal keys (``k_prox``, B x Hn x min(T, ns+nr+M) x D): ``ns`` sink
-    slots and a ring of the last ``nr + M`` tokens (``M = crop_margin``), at cache indices
-    ``prox_idx`` (B x n), -1 = empty (layout in :mod:`podkv.cache.window`).
+  * for the other heads only proximal keys (``k_prox``, B x Hn x min(T, ns+nr+M) x D, heads in
+    ``ring_heads`` order): ``ns`` sink slots and a ring of the last ``nr + M`` tokens (``M = crop_margin``),
+    at cache indices ``prox_idx`` (B x n), -1 = empty (layout in :mod:`podkv.cache.window`);
+  * for window-only heads (plan policy "window", issue 21) their values in the same slots (``v_prox``).
 Distant keys of a sharing head are read from its anchor layer's ``k_full`` at attention time.
 
 The model calls ``update`` right before attention. ``update`` appends what is kept in full, moves the
@@ -53,8 +55,14 @@ class PodLayer(compat.CacheLayer):
         plan = cache.plan
         self.anchor_heads = plan.anchor_heads(layer_idx)
         self.shared_heads = plan.shared_heads(layer_idx)
-        stored = self.anchor_heads + self.shared_heads  # held() stacks [anchor | shared] keys; this undoes it
+        self.window_heads = plan.window_heads(layer_idx)
+        self.ring_heads = sorted(self.shared_heads + self.window_heads)  # keys in k_prox
+        self.value_heads = sorted(self.anchor_heads + self.shared_heads)  # values of every token, in v
+        self.vrow = {h: n for n, h in enumerate(self.value_heads)}  # KV head -> its row of v
+        stored = self.anchor_heads + self.ring_heads  # held() stacks [anchor | ring] keys; this undoes it
         self._head_order = [stored.index(h) for h in range(len(stored))]
+        stored = self.value_heads + self.window_heads  # ... and [v | v_prox] values
+        self._value_order = [stored.index(h) for h in range(len(stored))]
         self.clear()
 
     def clear(self) -> None:
@@ -62,6 +70,7 @@ class PodLayer(compat.CacheLayer):
         self.v: torch.Tensor | None = None
         self.k_full: torch.Tensor | None = None
         self.k_prox: torch.Tensor | None = None
+        self.v_prox: torch.Tensor | None = None
         self.prox_idx: torch.Tensor | None = None  # (B, n) cache index of each k_prox slot, -1 = empty
         self.seen = 0
         self._v_room = self._k_room = None  # buffers that v / k_full are prefixes of (see _append)
@@ -70,11 +79,13 @@ class PodLayer(compat.CacheLayer):
     def lazy_initialization(self, key_states, value_states):
         self.dtype, self.device = key_states.dtype, key_states.device
         B, _, _, D = key_states.shape
-        self.v = value_states.new_zeros(B, value_states.shape[1], 0, value_states.shape[-1])
+        self.v = value_states.new_zeros(B, len(self.value_heads), 0, value_states.shape[-1])
         if self.anchor_heads:
             self.k_full = key_states.new_zeros(B, len(self.anchor_heads), 0, D)
-        if self.shared_heads:
-            self.k_prox = key_states.new_zeros(B, len(self.shared_heads), 0, D)
+        if self.ring_heads:
+            self.k_prox = key_states.new_zeros(B, len(self.ring_heads), 0, D)
+        if self.window_heads:
+            self.v_prox = value_states.new_zeros(B, len(self.window_heads), 0, value_states.shape[-1])
         self.prox_idx = torch.zeros(B, 0, dtype=torch.long, device=key_states.device)
         self.is_initialized = True
 
@@ -86,24 +97,32 @@ class PodLayer(compat.CacheLayer):
         if self.cache.pad is None:  # set from the forward's mask by models/forward_scope.py; else no padding
             self.cache.pad = torch.zeros(key_states.shape[0], dtype=torch.long, device=key_states.device)
         i0, i1 = self.seen, self.seen + key_states.shape[2]
-        step = PodStep(self.cache, self, i0, i1, self.k_prox, self.prox_idx)  # the window held before this step
-        self._v_room, self.v = _append(self._v_room, self.v, value_states)
+        # the window held before this step, and the step's values of every head
+        step = PodStep(self.cache, self, i0, i1, self.k_prox, self.prox_idx, self.v_prox, value_states)
+        self._v_room, self.v = _append(self._v_room, self.v, _heads(value_states, self.value_heads))
         if self.anchor_heads:
             self._k_room, self.k_full = _append(self._k_room, self.k_full, _heads(key_states, self.anchor_heads))
         self.seen = i1
         self.cache.step = (i0, i1)
-        self._roll(i0, i1, _heads(key_states, self.shared_heads) if self.shared_heads else None)
+        self._roll(i0, i1, _heads(key_states, self.ring_heads) if self.ring_heads else None,
+                   _heads(value_states, self.window_heads) if self.window_heads else None)
         values = self.v[:, :, :]  # a fresh view for this step: what the step is attached to
         values.pod_step = step
         return key_states, values
 
-    def _roll(self, i0: int, i1: int, new_shared: torch.Tensor | None) -> None:
+    def _roll(self, i0: int, i1: int, new_keys: torch.Tensor | None, new_values: torch.Tensor | None) -> None:
         """Move the proximal window over tokens [i0, i1): sinks + the last ``nr + M`` (:mod:`podkv.cache.window`)."""
         new_idx, pos = self.cache.transition(i0, i1, self.prox_idx if i0 else None)
-        if new_shared is not None:
-            cand = torch.cat([self.k_prox, new_shared], dim=2)
-            self.k_prox = _take_slots(cand, pos, self.cache.slot_runs(pos))
+        if new_keys is not None:
+            self.k_prox = _take_slots(torch.cat([self.k_prox, new_keys], dim=2), pos, self.cache.slot_runs(pos))
+        if new_values is not None:
+            self.v_prox = _take_slots(torch.cat([self.v_prox, new_values], dim=2), pos, self.cache.slot_runs(pos))
         self.prox_idx = new_idx
+
+    def values_of(self, h0: int, h1: int) -> torch.Tensor:
+        """``v`` of the consecutive KV heads [h0, h1), none of them window-only: a view (B, h1 - h0, T, D)."""
+        r = self.vrow[h0]
+        return self.v[:, r:r + h1 - h0]
 
     def anchor_source(self, head: int) -> tuple[torch.Tensor, int]:
         """(k_full tensor, index in it) of this layer for a head it anchors."""
@@ -125,26 +144,28 @@ class PodLayer(compat.CacheLayer):
         return -1 if self.v is None else self.v.shape[0]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.v, self.k_full, self.k_prox) if t is not None]
+        return [t for t in (self.v, self.k_full, self.k_prox, self.v_prox) if t is not None]
 
     def reserved_bytes(self) -> int:
         """Bytes allocated, spare room of the growth buffers included (at most GROWTH tokens per tensor)."""
-        held = [self.k_prox] + [room if room is not None and t is not None and t.data_ptr() == room.data_ptr() else t
+        held = [self.k_prox, self.v_prox] + [room if room is not None and t is not None and t.data_ptr() == room.data_ptr() else t
                                 for room, t in ((self._v_room, self.v), (self._k_room, self.k_full))]
         return sum(t.numel() * t.element_size() for t in held if t is not None)
 
 
 class PodStep:
     """What PoD attention reads for one layer and step, handed over by :meth:`PodLayer.update` with the values:
-    the store (``k_full`` and ``v`` already hold the step's tokens), the step's cache indices [i0, i1), and the
-    proximal window as it was *before* the step (the shared heads' keys and the slot indices). Nothing is
-    left to do afterwards: the store has already moved its window.
+    the store (``k_full`` and ``v`` already hold the step's tokens), the step's cache indices [i0, i1), the
+    step's values of every KV head (``values_new``, B x H x L x D), and the proximal window as it was *before*
+    the step (the ring heads' keys, the window heads' values and the slot indices). Nothing is left to do
+    afterwards: the store has already moved its window.
     """
 
-    __slots__ = ("cache", "store", "i0", "i1", "k_prox", "idx")
+    __slots__ = ("cache", "store", "i0", "i1", "k_prox", "idx", "v_prox", "values_new")
 
-    def __init__(self, cache: PodCache, store: PodLayer, i0: int, i1: int, k_prox, idx):
+    def __init__(self, cache: PodCache, store: PodLayer, i0: int, i1: int, k_prox, idx, v_prox=None, values_new=None):
         self.cache, self.store, self.i0, self.i1, self.k_prox, self.idx = cache, store, i0, i1, k_prox, idx
+        self.v_prox, self.values_new = v_prox, values_new
 
     @property
     def layer(self) -> int:
@@ -155,20 +176,25 @@ class PodStep:
         store, idx = self.store, self.idx
         runs = self.cache.slot_runs(idx)
         values = _take_slots(store.v, idx, runs)
+        if store.window_heads:
+            values = torch.cat([values, self.v_prox], dim=1)[:, store._value_order]  # [v | v_prox] -> head order
         if not store.anchor_heads:
             return self.k_prox, values, idx
         anchor_keys = _take_slots(store.k_full, idx, runs)
-        if not store.shared_heads:
+        if not store.ring_heads:
             return anchor_keys, values, idx
-        keys = torch.cat([anchor_keys, self.k_prox], dim=1)  # heads in [anchor | shared] order
+        keys = torch.cat([anchor_keys, self.k_prox], dim=1)  # heads in [anchor | ring] order
         return keys[:, store._head_order], values, idx
 
-    def held_shared(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`held` for the shared heads only (their order), without gathering anchor keys."""
+    def held_ring(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`held` for the ring heads only (shared and window-only, ``ring_heads`` order), without gathering
+        anchor keys."""
         store, idx = self.store, self.idx
         B, n = idx.shape
         gather = idx.clamp(min=0)[:, None, :, None].expand(B, 1, n, store.v.shape[-1])
-        values = torch.cat([torch.gather(store.v[:, h:h + 1], 2, gather) for h in store.shared_heads], dim=1)
+        window = {h: w for w, h in enumerate(store.window_heads)}
+        values = torch.cat([self.v_prox[:, window[h]:window[h] + 1] if h in window else
+                            torch.gather(store.values_of(h, h + 1), 2, gather) for h in store.ring_heads], dim=1)
         return self.k_prox, values, idx
 
 
@@ -300,6 +326,8 @@ class PodCache(Cache):
                 layer.k_full = layer.k_full[:, :, :length]
             if layer.k_prox is not None:
                 layer.k_prox = _take_slots(layer.k_prox, pos)
+            if layer.v_prox is not None:
+                layer.v_prox = _take_slots(layer.v_prox, pos)
             layer.prox_idx, layer.seen = new_idx, length
         self.reset_step_state()
 
@@ -319,8 +347,8 @@ class PodCache(Cache):
         self.check_ready()
         slots = {}  # prox_idx is one tensor shared by all layers: map it once
         for layer in self.layers:
-            layer.v, layer.k_full, layer.k_prox = (None if t is None else fn(t)
-                                                   for t in (layer.v, layer.k_full, layer.k_prox))
+            layer.v, layer.k_full, layer.k_prox, layer.v_prox = (
+                None if t is None else fn(t) for t in (layer.v, layer.k_full, layer.k_prox, layer.v_prox))
             if id(layer.prox_idx) not in slots:
                 slots[id(layer.prox_idx)] = (layer.prox_idx, fn(layer.prox_idx))  # keeps the old one alive
             layer.prox_idx = slots[id(layer.prox_idx)][1]

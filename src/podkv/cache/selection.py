@@ -75,6 +75,8 @@ def compact(cache, kept: dict) -> None:
     if not kept:
         return
     plan = cache.plan
+    if plan.has_window:
+        raise PodError("pod+snapkv compaction does not support plans with window-only pairs (policy 'window') yet")
     if cache.pad is None or bool(cache.pad.any()):
         raise PodError("pod+snapkv compaction supports unpadded prompts only (batch rows of equal length)")
     T = cache.layers[0].seen

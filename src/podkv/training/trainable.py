@@ -13,7 +13,7 @@ MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 def _qk_modules(model, plan: SharingPlan) -> list[str]:
     """q/k of every layer with a head that reads anchor keys (its distant scores change), plus k of
     the anchors that are read (their keys now serve other layers' queries, paper §2.2)."""
-    shared_layers = {l for l in range(plan.num_layers) if plan.shared_heads(l)}
+    shared_layers = {l for l in range(plan.num_layers) if plan.shared_heads(l) or plan.window_heads(l)}
     read_anchors = {a for l, row in enumerate(plan.anchors) for a in row if a != l}
     names = []
     for layer in range(plan.num_layers):
