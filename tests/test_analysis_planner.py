@@ -128,3 +128,39 @@ def test_no_cost_is_the_similarity_plan():
         assert a.anchors == b.anchors
     with pytest.raises(PodError, match=r"sharing cost must be \(layers, kv_heads\)"):
         planner.plan_for_saving(sim, 0.3, 64, ns=4, nr=12, cost=torch.zeros(3, 7))
+
+
+def test_best_splits_keep_alone_layers_single_and_stay_optimal():
+    sim = random_sim(1, 7, 3)[0]
+    alone = frozenset({2, 5})
+    best = planner.best_splits(sim, alone=alone)
+    for blocks in range(1, 8):
+        valid = [a for a in all_splits(7) if len(set(a)) == blocks
+                 and all(a[l] == l and (l + 1 == 7 or a[l + 1] != l) for l in alone)]
+        got_score, got_anchors = best[blocks - 1]
+        if not valid:
+            assert got_score == -math.inf
+            continue
+        assert abs(got_score - max(score(sim, a) for a in valid)) < 1e-9
+        assert all(got_anchors[l] == l and (l + 1 == 7 or got_anchors[l + 1] != l) for l in alone)
+
+
+def test_window_pairs_are_the_least_needed_and_reach_the_saving():
+    layers, heads, context, ns, nr = 6, 2, 64, 4, 12
+    importance = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.05, 0.6], [0.5, 0.02], [0.4, 0.3], [0.2, 0.95]])
+    window = planner.window_pairs(importance, 3)
+    assert window == {(2, 0), (3, 1), (0, 1)}
+    plan = planner.plan_for_saving(random_sim(heads, layers, 4), 0.3, context, "head", ns=ns, nr=nr, window=window)
+    assert {(l, h) for l in range(layers) for h in range(heads) if plan.is_window(l, h)} == window
+    step = (context - ns - nr) / (2 * layers * heads * context)
+    assert 0.3 <= plan.kv_saving(context) < 0.3 + 2 * step  # a window pair counts twice a shared one
+
+
+def test_window_planner_errors():
+    sim = random_sim(2, 6, 5)
+    with pytest.raises(PodError, match="out of reach with 1 window-only pairs"):
+        planner.plan_for_saving(sim, 0.45, 64, "head", ns=4, nr=12, window={(0, 0)})
+    with pytest.raises(PodError, match="--granularity head"):
+        planner.plan_for_saving(sim, 0.2, 64, "layer", ns=4, nr=12, window={(0, 0)})
+    with pytest.raises(PodError, match=r"--window-pairs must be in \[0, 12\]"):
+        planner.window_pairs(torch.zeros(6, 2), 13)

@@ -109,7 +109,26 @@ def test_each_kind_makes_a_valid_plan(kinds_run, kind, gran, extra):
         assert planner.retrieval_shared(plan, retr) <= planner.retrieval_shared(free, retr) + 1e-9
 
 
+def test_window_pairs_from_measured_scores(kinds_run, tmp_path):
+    """`podkv plan --window-pairs N`: the N pairs of least distant mass + retrieval score are window-only, and the
+    plan reaches its saving; the written plan loads and names them."""
+    out, _ = kinds_run
+    data = json.loads((out / "analysis.json").read_text())
+    plan, _ = replan(data, "analysis.json", kind="retrieval", target_saving=0.3, window_pairs=3)
+    need = torch.tensor(data["retrieval"]["distant_mass"]) + torch.tensor(data["retrieval"]["retrieval"])
+    window = {(l, h) for l in range(8) for h in range(2) if plan.is_window(l, h)}
+    assert window == planner.window_pairs(need.double(), 3)
+    assert plan.kv_saving(LENGTH) >= 0.3 and plan.meta["window_pairs"]["n"] == 3
+    argv = ["plan", "--analysis", str(out / "analysis.json"), "--kind", "retrieval", "--target-saving", "0.3",
+            "--window-pairs", "3", "--context", str(LENGTH), "--out", str(tmp_path / "p.json")]
+    assert main(argv) == 0
+    assert SharingPlan.load(tmp_path / "p.json").policies == plan.policies
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--window-pairs", "2"], "--window-pairs applies to --kind similarity or retrieval"),
+    (["--kind", "similarity", "--target-saving", "0.3", "--window-pairs", "2", "--retrieval-samples", "0"],
+     "--retrieval-samples must be >= 1 for --kind similarity with --window-pairs"),
     (["--kind", "bogus"], "--kind must be one of ('greedy', 'similarity', 'retrieval', 'uniform'), got 'bogus'"),
     (["--kind", "retrieval"], "--kind retrieval needs --target-saving"),
     (["--kind", "similarity"], "--kind similarity needs --target-saving"),

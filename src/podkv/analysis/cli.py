@@ -49,6 +49,10 @@ def _plan_flags(p, ns_nr: bool = True) -> None:
     p.add_argument("--retrieval-weight", type=float, default=4.0,
                    help="--kind retrieval: price of sharing a pair = weight x its retrieval score (default 4)")
     p.add_argument("--block-size", type=int, default=None, help="--kind uniform: layers per block")
+    p.add_argument("--window-pairs", type=int, default=0, metavar="N",
+                   help="with --target-saving: N (layer, KV head) pairs of least measured distant need (distant "
+                        "attention mass + retrieval score) keep only sinks + recent window, no distant K or V; "
+                        "sharing supplies the rest of the saving (default 0)")
     p.add_argument("--granularity", choices=("head", "layer"), default="head",
                    help="head: PoD (per KV head); layer: PoD-L (all heads of a layer share one anchor)")
     p.add_argument("--context", action=Int, default=4096, help="context length the KV saving refers to")
@@ -63,7 +67,8 @@ def run(args) -> int:
                          granularity=args.granularity, ns=args.ns, nr=args.nr, seed=args.seed, context=args.context,
                          proximal_sizes=args.proximal_sizes, proximal_samples=args.proximal_samples,
                          kind=args.kind, retrieval_weight=args.retrieval_weight,
-                         retrieval_samples=args.retrieval_samples, block_size=args.block_size)
+                         retrieval_samples=args.retrieval_samples, block_size=args.block_size,
+                         window_pairs=args.window_pairs)
     with staged_dir(args.out, args.force) as stage:
         result = analyze(cfg, stage, progress=not args.no_progress)
     _print_plan(result["plan_object"], cfg.context)
@@ -84,7 +89,8 @@ def run_plan(args) -> int:
                        f"({exc})") from None
     plan, cfg = replan(data, str(args.analysis), kind=args.kind, delta=args.delta,
                        target_saving=args.target_saving, granularity=args.granularity, context=args.context,
-                       retrieval_weight=args.retrieval_weight, block_size=args.block_size)
+                       retrieval_weight=args.retrieval_weight, block_size=args.block_size,
+                       window_pairs=args.window_pairs)
     plan.save(args.out)
     _print_plan(plan, cfg.context)
     print(f"wrote {args.out}")

@@ -14,6 +14,11 @@ Two ways to choose blocks of consecutive layers, per KV head (PoD) or per layer 
   splits per head (best score for each block count, O(L^3)), then a knapsack over heads for the
   count split (O(H·(LH)^2)). We did not bisect delta: the greedy's shared count moves in jumps
   and is not monotone in delta, so bisection can miss the target or overshoot it by whole blocks.
+
+Window-only pairs (plan policy "window", issue 21) drop their distant keys *and* values: twice a shared
+pair's saving. :func:`window_pairs` picks the pairs that need distant tokens least (measured: distant
+attention mass + retrieval score, :mod:`podkv.analysis.retrieval`); :func:`plan_for_saving` then keeps each
+of them a block of its own and fills the rest of the target with the most similar sharing.
 """
 
 from __future__ import annotations
@@ -41,20 +46,23 @@ def greedy_anchors(sim: torch.Tensor, delta: float) -> list[int]:
     return anchors
 
 
-def best_splits(sim: torch.Tensor, cost: torch.Tensor | None = None) -> list[tuple[float, list[int]]]:
+def best_splits(sim: torch.Tensor, cost: torch.Tensor | None = None,
+                alone: frozenset[int] = frozenset()) -> list[tuple[float, list[int]]]:
     """For every block count b = 1..L, the split with the highest summed anchor similarity.
 
     Returns ``out[b - 1] = (score, anchors)`` where score = sum over non-anchor layers of
-    ``sim[anchor, layer] - cost[layer]`` (``cost``: (L,) price of sharing that layer, default 0).
+    ``sim[anchor, layer] - cost[layer]`` (``cost``: (L,) price of sharing that layer, default 0);
+    score -inf where no split into b blocks keeps every layer of ``alone`` a block of its own.
     """
     L = sim.shape[0]
     cost = torch.zeros(L) if cost is None else cost
+    neg = -math.inf
     # gain[j][i] = score of one block spanning layers j..i-1 with anchor j
     gain = [[0.0] * (L + 1) for _ in range(L)]
     for j in range(L):
         for i in range(j + 2, L + 1):
-            gain[j][i] = gain[j][i - 1] + float(sim[j, i - 1]) - float(cost[i - 1])
-    neg = -math.inf
+            inside = j in alone or (i - 1) in alone
+            gain[j][i] = neg if inside or gain[j][i - 1] == neg else gain[j][i - 1] + float(sim[j, i - 1]) - float(cost[i - 1])
     f = [[neg] * (L + 1) for _ in range(L + 1)]  # f[b][i]: layers 0..i-1 in b blocks
     back = [[0] * (L + 1) for _ in range(L + 1)]
     f[0][0] = 0.0
@@ -77,14 +85,20 @@ def best_splits(sim: torch.Tensor, cost: torch.Tensor | None = None) -> list[tup
 
 def pairs_for_saving(saving: float, layers: int, heads: int, context: int, ns: int, nr: int) -> int:
     """Smallest number of shared (layer, head) pairs whose KV saving at ``context`` is >= ``saving``."""
-    per_pair = (context - min(context, ns + nr)) / (2 * layers * heads * context)
-    if per_pair <= 0:
-        raise PodError(f"--context {context} is not longer than ns+nr = {ns + nr}: sharing saves nothing there")
+    per_pair = _pair_saving(layers, heads, context, ns, nr)
     reachable = (layers - 1) * heads * per_pair
     if not 0 < saving <= reachable + 1e-12:
         raise PodError(f"--target-saving {saving} is outside what a plan can reach for this model at --context "
                        f"{context} with ns={ns}, nr={nr}: choose a value in (0, {reachable:.4f}]")
     return min(math.ceil(saving / per_pair - 1e-9), (layers - 1) * heads)
+
+
+def _pair_saving(layers: int, heads: int, context: int, ns: int, nr: int) -> float:
+    """Share of dense KV that one shared pair saves at ``context`` (a window-only pair saves twice that)."""
+    per_pair = (context - min(context, ns + nr)) / (2 * layers * heads * context)
+    if per_pair <= 0:
+        raise PodError(f"--context {context} is not longer than ns+nr = {ns + nr}: sharing saves nothing there")
+    return per_pair
 
 
 def plan_by_threshold(sim_kv: torch.Tensor, delta: float, granularity: str = "head", **plan_kw) -> SharingPlan:
@@ -100,18 +114,34 @@ def plan_by_threshold(sim_kv: torch.Tensor, delta: float, granularity: str = "he
     return SharingPlan(anchors=[list(row) for row in zip(*per_head)], **plan_kw)
 
 
+def window_pairs(importance: torch.Tensor, n: int) -> set[tuple[int, int]]:
+    """The ``n`` (layer, KV head) pairs of ``importance`` (L, Hkv) that need distant tokens least."""
+    L, H = importance.shape
+    if not 0 <= n <= L * H:
+        raise PodError(f"--window-pairs must be in [0, {L * H}] (layers x KV heads), got {n}")
+    order = sorted(((float(importance[l, h]), l, h) for l in range(L) for h in range(H)))
+    return {(l, h) for _, l, h in order[:n]}
+
+
 def plan_for_saving(sim_kv: torch.Tensor, saving: float, context: int, granularity: str = "head",
-                    ns: int = 16, nr: int = 240, cost: torch.Tensor | None = None, **plan_kw) -> SharingPlan:
+                    ns: int = 16, nr: int = 240, cost: torch.Tensor | None = None,
+                    window: set[tuple[int, int]] = frozenset(), **plan_kw) -> SharingPlan:
     """sim_kv (Hkv, L, L) -> the most similar plan whose KV saving at ``context`` reaches ``saving``.
 
     ``cost`` (L, Hkv), optional: the price of sharing each (layer, KV head), subtracted from its
     similarity to the anchor — a retrieval-aware plan prices retrieval heads out of sharing.
+    ``window``: (layer, head) pairs that become window-only (each a block of its own); they count twice a
+    shared pair towards ``saving``, and sharing supplies the rest.
     """
     _check(sim_kv, granularity)
     H, L = sim_kv.shape[0], sim_kv.shape[1]
-    k = pairs_for_saving(saving, L, H, context, ns, nr)
     if cost is not None and tuple(cost.shape) != (L, H):
         raise PodError(f"sharing cost must be (layers, kv_heads) = ({L}, {H}), got {tuple(cost.shape)}")
+    if window:
+        if granularity != "head":
+            raise PodError("window-only pairs are chosen per KV head: use --granularity head with --window-pairs")
+        return _plan_with_windows(sim_kv, saving, context, ns, nr, cost, window, **plan_kw)
+    k = pairs_for_saving(saving, L, H, context, ns, nr)
     if granularity == "layer":
         shared_layers = math.ceil(k / H)
         layer_cost = None if cost is None else cost.sum(1) / H
@@ -123,14 +153,33 @@ def plan_for_saving(sim_kv: torch.Tensor, saving: float, context: int, granulari
     return SharingPlan(anchors=[list(row) for row in zip(*per_head)], ns=ns, nr=nr, **plan_kw)
 
 
+def _plan_with_windows(sim_kv, saving, context, ns, nr, cost, window, **plan_kw) -> SharingPlan:
+    H, L = sim_kv.shape[0], sim_kv.shape[1]
+    per_pair = _pair_saving(L, H, context, ns, nr)
+    k = max(0, math.ceil(saving / per_pair - 1e-9) - 2 * len(window))  # shared pairs still needed
+    splits = [best_splits(sim_kv[h], None if cost is None else cost[:, h],
+                          frozenset(l for l, hh in window if hh == h)) for h in range(H)]
+    choice = _split_pairs(splits, k, L)
+    if choice is None:
+        raise PodError(f"--target-saving {saving} is out of reach with {len(window)} window-only pairs at --context "
+                       f"{context}: every window pair must be a block of its own, which limits sharing; lower the "
+                       "target or choose more --window-pairs")
+    per_head = [splits[h][L - shared - 1][1] for h, shared in enumerate(choice)]
+    anchors = [list(row) for row in zip(*per_head)]
+    policies = [["window" if (l, h) in window else "anchor" if a == l else "shared" for h, a in enumerate(row)]
+                for l, row in enumerate(anchors)]
+    return SharingPlan(anchors=anchors, ns=ns, nr=nr, policies=policies, **plan_kw)
+
+
 def retrieval_shared(plan: SharingPlan, retrieval: torch.Tensor) -> float:
     """Summed retrieval score (L, Hkv) of the shared pairs: how much retrieval a plan gives up."""
     return sum(float(retrieval[l, h]) for l in range(plan.num_layers) for h in range(plan.num_kv_heads)
                if not plan.is_anchor(l, h))
 
 
-def _split_pairs(splits, k: int, L: int) -> list[int]:
-    """Knapsack: shared-layer count per head summing to k, maximising the summed best scores."""
+def _split_pairs(splits, k: int, L: int) -> list[int] | None:
+    """Knapsack: shared-layer count per head summing to k, maximising the summed best scores (None: no
+    feasible count split, when blocks are constrained)."""
     neg = -math.inf
     best = {0: (0.0, [])}
     for head_splits in splits:
@@ -144,7 +193,7 @@ def _split_pairs(splits, k: int, L: int) -> list[int]:
                 if cand > nxt.get(t, (neg, None))[0]:
                     nxt[t] = (cand, picks + [shared])
         best = nxt
-    return best[k][1]
+    return best[k][1] if k in best else None
 
 
 def plan_similarity(plan: SharingPlan, sim_kv: torch.Tensor) -> float:

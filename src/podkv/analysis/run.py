@@ -55,6 +55,7 @@ class AnalysisConfig:
     retrieval_weight: float = 4.0
     retrieval_samples: int | None = None  # None: 16 for kind "retrieval", else 0 (not measured)
     block_size: int | None = None
+    window_pairs: int = 0  # window-only pairs (issue 21), chosen by measured distant need
 
     def __post_init__(self):
         self._check_kind()
@@ -95,11 +96,17 @@ class AnalysisConfig:
             raise PodError(f"--block-size must be >= 1, got {self.block_size}")
         if not self.retrieval_weight >= 0:
             raise PodError(f"--retrieval-weight must be >= 0, got {self.retrieval_weight}")
+        scored = self.kind == "retrieval" or self.window_pairs
+        if self.window_pairs and not needs_saving:
+            raise PodError(f"--window-pairs applies to --kind similarity or retrieval (with --target-saving), "
+                           f"not {self.kind}")
+        if self.window_pairs < 0:
+            raise PodError(f"--window-pairs must be >= 0, got {self.window_pairs}")
         if self.retrieval_samples is None:
-            self.retrieval_samples = 16 if self.kind == "retrieval" else 0
-        if self.retrieval_samples < (1 if self.kind == "retrieval" else 0):
-            raise PodError(f"--retrieval-samples must be >= {1 if self.kind == 'retrieval' else 0} "
-                           f"for --kind {self.kind}, got {self.retrieval_samples}")
+            self.retrieval_samples = 16 if scored else 0
+        if self.retrieval_samples < (1 if scored else 0):
+            raise PodError(f"--retrieval-samples must be >= 1 for --kind {self.kind}"
+                           f"{' with --window-pairs' if self.window_pairs else ''}, got {self.retrieval_samples}")
 
     def sizes_below_length(self) -> list[int]:
         return [s for s in self.proximal_sizes if s < self.length - 1]
@@ -142,8 +149,7 @@ def analyze(cfg: AnalysisConfig, out_dir: str | Path, model=None, tokenizer=None
                              cfg.seed, progress)
     sim, study = _collect(model, samples, cfg, progress)
     sim_kv = sim.kv_heads_sim()
-    plan = make_plan(cfg, sim_kv, meta=_meta(cfg, name, model, corpus),
-                     retrieval=None if scores is None else scores["retrieval"])
+    plan = make_plan(cfg, sim_kv, meta=_meta(cfg, name, model, corpus), scores=scores)
     result = {
         **_meta(cfg, name, model, corpus),
         "data": {"source": corpus.source, "sha256": corpus.sha256, "samples_used": int(samples.shape[0])},
@@ -158,13 +164,15 @@ def analyze(cfg: AnalysisConfig, out_dir: str | Path, model=None, tokenizer=None
     return result
 
 
-def make_plan(cfg: AnalysisConfig, sim_kv: torch.Tensor, meta: dict | None = None,
-              retrieval: torch.Tensor | None = None):
-    """Similarity (Hkv, L, L) [+ retrieval scores (L, Hkv)] -> the plan of ``cfg.kind``.
+def make_plan(cfg: AnalysisConfig, sim_kv: torch.Tensor, meta: dict | None = None, scores: dict | None = None):
+    """Similarity (Hkv, L, L) [+ head scores ``{"distant_mass", "retrieval"}``, (L, Hkv) each] -> the plan of
+    ``cfg.kind``.
 
     greedy: threshold ``delta``; similarity: the most similar plan at ``target_saving``; retrieval:
     the same with sharing priced at ``retrieval_weight * retrieval``; uniform: blocks of ``block_size``.
+    With ``window_pairs`` N, the N pairs of least distant mass + retrieval score are window-only.
     """
+    retrieval = None if scores is None else scores["retrieval"]
     meta = dict(meta or {})
     meta["kind"] = cfg.kind
     kw = dict(ns=cfg.ns, nr=cfg.nr, meta=meta)
@@ -180,7 +188,14 @@ def make_plan(cfg: AnalysisConfig, sim_kv: torch.Tensor, meta: dict | None = Non
                 raise PodError("--kind retrieval needs retrieval scores: run `podkv analyze` with --retrieval-samples")
             meta["retrieval_weight"] = cfg.retrieval_weight
             cost = cfg.retrieval_weight * retrieval.to(sim_kv.dtype)
-        plan = planner.plan_for_saving(sim_kv, cfg.target_saving, cfg.context, cfg.granularity, cost=cost, **kw)
+        window = set()
+        if cfg.window_pairs:
+            if scores is None:
+                raise PodError("--window-pairs needs head scores: run `podkv analyze` with --retrieval-samples")
+            meta["window_pairs"] = {"n": cfg.window_pairs, "importance": "distant_mass + retrieval"}
+            window = planner.window_pairs(scores["distant_mass"] + scores["retrieval"], cfg.window_pairs)
+        plan = planner.plan_for_saving(sim_kv, cfg.target_saving, cfg.context, cfg.granularity, cost=cost,
+                                       window=window, **kw)
     if cfg.target_saving is not None:
         plan.meta["target_saving"] = cfg.target_saving
     if retrieval is not None:
@@ -199,15 +214,15 @@ def replan(data: dict, source: str = "analysis.json", **changes):
     scores = data.get("retrieval")
     settings.update(changes)
     settings["retrieval_samples"] = scores["samples"] if scores else 0
-    if settings.get("kind") == "retrieval" and not scores:
+    if (settings.get("kind") == "retrieval" or settings.get("window_pairs")) and not scores:
         raise PodError(f"{source} has no retrieval scores: re-run `podkv analyze` with --kind retrieval "
                        "or --retrieval-samples N")
     cfg = AnalysisConfig(**settings)
     meta = {k: data[k] for k in ("model", "model_type", "data_sha256", "seed", "podkv_version", "versions")
             if k in data}
     meta["settings"] = {**asdict(cfg), "proximal_sizes": list(cfg.proximal_sizes), "from_analysis": source}
-    retrieval = torch.tensor(scores["retrieval"], dtype=torch.float64) if scores else None
-    return make_plan(cfg, sim_kv, meta=meta, retrieval=retrieval), cfg
+    scores = {k: torch.tensor(scores[k], dtype=torch.float64) for k in ("distant_mass", "retrieval")} if scores else None
+    return make_plan(cfg, sim_kv, meta=meta, scores=scores), cfg
 
 
 def _collect(model, samples: torch.Tensor, cfg: AnalysisConfig, progress: bool):
