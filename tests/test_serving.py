@@ -279,8 +279,8 @@ def test_scores_decode_block_pass_equals_reference(ns, nr):
     from tolerances import assert_close
 
     from podkv.attention.reference import pod_attention_reference
-    from podkv.serving.batched import (distant_mask, distant_softmax, proximal_positions, proximal_unique,
-                                       scores_decode)
+    from podkv.serving.batched import (by_kv_head, distant_mask, distant_softmax, proximal_positions,
+                                       proximal_unique, scores_decode)
 
     g = torch.Generator().manual_seed(0)
     R, H, G, D, T, scale = 6, 3, 3, 16, 40, 0.3
@@ -288,7 +288,8 @@ def test_scores_decode_block_pass_equals_reference(ns, nr):
     q_a, k_a = torch.randn(R, H * G, D, generator=g), torch.randn(R, T, H, D, generator=g)
     members = [tuple(torch.randn(*shape, generator=g) for shape in ((R, H * G, D), (R, T, H, D), (R, T, H, D)))
                for _ in range(2)]  # (query, own keys, values) of layers a + 1 and a + 2
-    distant = distant_softmax(q_a, k_a, distant_mask(lens, T, ns, nr), scale)  # once for the block
+    distant = distant_softmax(by_kv_head(q_a, H), k_a.transpose(1, 2), distant_mask(lens, T, ns, nr)[:, None, None],
+                              scale)  # once for the block
     pos, rows = proximal_positions(lens, ns, nr), torch.arange(R)[:, None]
     for m, (q, own, val) in enumerate(members, start=1):
         got = scores_decode(q, own[rows, pos], val[rows, pos], proximal_unique(lens, ns, nr), val, distant, scale)
@@ -297,6 +298,30 @@ def test_scores_decode_block_pass_equals_reference(ns, nr):
             want = pod_attention_reference(q[r][None, :, None], t(own), t(k_a), t(val), ns=ns, nr=nr, scale=scale,
                                            anchor_query=q_a[r][None, :, None])[0, :, 0]
             assert_close(got[r], want, what=f"member a+{m}, L={L}")
+
+
+@pytest.mark.parametrize("ns, nr, Tq", [(4, 8, 8), (4, 8, 3), (2, 16, 16), (0, 5, 1), (16, 3, 2)])
+def test_scores_chunk_block_pass_equals_reference(ns, nr, Tq):
+    """Scores mode, a prefill chunk of Tq <= nr queries at the end of a 40-token request: the anchor's distant
+    softmax of the chunk, computed once, serves the anchor itself (== causal attention) and a member layer ==
+    pod_attention_reference with the anchor's query."""
+    import torch
+    from tolerances import assert_close
+
+    from podkv.attention.reference import pod_attention_reference
+    from podkv.serving.batched import chunk_masks, chunk_rows, distant_softmax, scores_chunk
+
+    g = torch.Generator().manual_seed(1)
+    H, G, D, L, scale = 3, 3, 16, 40, 0.3
+    (q_a, q_m), (k_a, v_a, k_m, v_m) = ([torch.randn(*shape, generator=g) for _ in range(n)]
+                                        for shape, n in (((Tq, H * G, D), 2), ((L, H, D), 4)))
+    pos, keep, distant_rows = chunk_masks(L, Tq, ns, nr, G)
+    distant = distant_softmax(chunk_rows(q_a, H), k_a.transpose(0, 1)[None], distant_rows, scale)  # once
+    t = lambda x: x.transpose(0, 1)[None]  # noqa: E731  (1, H or Hq, n, D)
+    for kind, q, k, v in (("anchor", q_a, k_a, v_a), ("member", q_m, k_m, v_m)):
+        got = scores_chunk(q, k[pos], v, pos, keep, distant, scale)
+        want = pod_attention_reference(t(q), t(k), t(k_a), t(v), ns=ns, nr=nr, scale=scale, anchor_query=t(q_a))
+        assert_close(got, want[0].transpose(0, 1), what=f"{kind}, Tq={Tq}")
 
 
 @pytest.mark.parametrize("ns, nr", [(4, 8), (0, 5), (16, 3), (3, 0)])

@@ -28,7 +28,10 @@ from podkv.attention.chunked import DEFAULT_CHUNK, KeySources, pod_attention_chu
 from podkv.serving.attention_names import BACKEND_NAME
 from podkv.serving.batched import (
     all_proximal,
+    by_kv_head,
     causal_attention,
+    chunk_masks,
+    chunk_rows,
     decode_attention,
     decode_positions,
     distant_mask,
@@ -37,6 +40,7 @@ from podkv.serving.batched import (
     gather_rows,
     proximal_positions,
     proximal_unique,
+    scores_chunk,
     scores_decode,
     token_index,
     token_rows,
@@ -219,14 +223,40 @@ class PodTorchImpl(CPUAttentionBackendImpl):
             out = self._decode(name, step, query[step.decode_tokens], kv_cache, meta)
             output[step.decode_tokens] = out.to(output.dtype)
         for i, a, b in step.prefills:
-            output[a:b] = self._prefill(query[a:b], i, kv_cache, meta, self._anchor_query(step, a, b)).to(output.dtype)
+            output[a:b] = self._prefill_chunk(name, step, query[a:b], i, a, kv_cache, meta).to(output.dtype)
         return output
 
-    def _anchor_query(self, step: Step, a: int, b: int):
-        """Scores mode, member layer: the anchor's query of tokens [a, b) of this pass (Tq, Hq, D); else None."""
-        if not self.pod_scores or self.pod_anchor_layer is None:
-            return None
-        return step.block_input(step.anchor_queries, self.pod_anchor_layer)[a:b]
+    def _prefill_chunk(self, name: str, step: Step, q, i: int, a: int, kv_cache, meta):
+        """Request ``i``'s prefill chunk q (Tq, Hq, D), its first token at ``a`` of this pass -> (Tq, Hq, D). Scores
+        mode: a chunk of at most nr queries with distant keys takes the block pass (:meth:`_prefill_block`), a longer
+        one the general path with the anchor's query of the same tokens (the distant probabilities of every query
+        would be Tq x L per head, kept until the block's last layer)."""
+        if not self.pod_scores:
+            return self._prefill(q, i, kv_cache, meta)
+        if q.shape[0] <= self.pod_nr and not all_proximal(int(meta.seq_lens[i]), self.pod_ns, self.pod_nr):
+            return self._prefill_block(name, step, q, i, kv_cache, meta)
+        anchor_query = None
+        if self.pod_anchor_layer is not None:
+            anchor_query = step.block_input(step.anchor_queries, self.pod_anchor_layer)[a:a + q.shape[0]]
+        return self._prefill(q, i, kv_cache, meta, anchor_query)
+
+    def _prefill_block(self, name: str, step: Step, q, i: int, kv_cache, meta):
+        """Scores mode, a chunk of at most nr queries: its distant tokens come from earlier steps, so the anchor runs
+        the chunk's distant softmax once for its block, and every layer of the block, the anchor included (its own
+        keys are the anchor's: causal attention), merges it with its proximal pass. q (Tq, Hq, D) -> (Tq, Hq, D)."""
+        D, H, seq_len = self.head_size, self.num_kv_heads, int(meta.seq_lens[i])
+        pos, keep, distant_rows = chunk_masks(seq_len, q.shape[0], self.pod_ns, self.pod_nr, q.shape[1] // H, q.device)
+        kv = gather(kv_cache, meta.block_table[i:i + 1], seq_len)[0]  # (L, H, C): [K_a | V_a] or V_m
+        if self.pod_anchor_layer is None:
+            step.block_distant[(name, i)] = distant_softmax(chunk_rows(q, H), kv[..., :D].transpose(0, 1)[None],
+                                                            distant_rows, self.scale)
+            own = kv[pos, :, :D]
+        else:  # own keys at the sinks and the chunk's windows, from the proximal-key cache
+            _, _, keys_cache, keys_meta = self._caches(kv_cache, meta)
+            index = token_index(keys_meta.block_table[i:i + 1], pos[None], keys_cache.shape[2])
+            own = gather_rows(token_rows(keys_cache), index)[0]  # (P, H, D)
+        distant = step.block_input(step.block_distant, (self.pod_anchor_layer or name, i))
+        return scores_chunk(q, own, kv[..., -D:], pos, keep, distant, self.scale)
 
     def _caches(self, kv_cache, meta):
         """(anchor [K | V] cache, its metadata, proximal-key cache, its metadata) for this layer."""
@@ -244,7 +274,9 @@ class PodTorchImpl(CPUAttentionBackendImpl):
             kv = gather_rows(token_rows(kv_cache), step.index(meta, kv_cache))  # (R, T, H, 2D)
             self.step_keys = (step, kv[..., :D], None)
             if self.pod_scores:
-                step.block_distant[name] = distant_softmax(q, kv[..., :D], step.scores_masks()[0], self.scale)
+                distant = step.scores_masks()[0][:, None, None, :]
+                step.block_distant[name] = distant_softmax(by_kv_head(q, self.num_kv_heads),
+                                                           kv[..., :D].transpose(1, 2), distant, self.scale)
             return decode_attention(q, kv[..., :D], kv[..., D:], step.visible, self.scale)
         if self.pod_scores:
             return self._decode_scores(step, q, kv_cache, meta)
@@ -350,7 +382,8 @@ class Step:
     def __init__(self, meta, ns: int, nr: int, kernel: bool = False):
         self.ns, self.nr = ns, nr
         self.anchor_queries: dict[str, torch.Tensor] = {}  # (N, Hq, D)
-        self.block_distant: dict[str, tuple] = {}  # distant_softmax of the decode rows
+        # distant_softmax by anchor: of the decode rows (name), of request i's prefill chunk ((name, i))
+        self.block_distant: dict = {}
         starts = meta.query_start_loc
         self.n_tokens = int(starts[-1])  # tokens of this pass; vLLM may pad the batch after them
         q_lens = starts[1:] - starts[:-1]  # (R,); padded requests have 0
@@ -390,7 +423,7 @@ class Step:
         return self._index["scores"]
 
     @staticmethod
-    def block_input(table: dict, anchor: str):
+    def block_input(table: dict, anchor):
         """What anchor ``anchor`` left for its members this pass (layers run in order: it ran first)."""
         if anchor not in table:
             raise RuntimeError(f"PoD scores mode: anchor {anchor} left nothing for its block in this forward pass")

@@ -16,7 +16,8 @@ the proximal positions (:func:`write_own_keys`).
 Mode "scores" (:mod:`podkv.attention.block_pass` is the transformers twin): a shared layer scores its distant
 keys with the *anchor's* query, so the distant softmax is the same for every layer of a block. The anchor
 computes it once per step (:func:`distant_softmax`); each member layer weights its own values with it and
-merges that with its proximal pass by log-sum-exp (:func:`scores_decode`, paper §2.2's gate).
+merges that with its proximal pass by log-sum-exp (:func:`scores_merge`, paper §2.2's gate). Decode rows
+(:func:`scores_decode`) and one request's prefill chunk (:func:`chunk_rows`, :func:`chunk_masks`) share it.
 
 The oracles are :func:`podkv.attention.chunked.pod_attention_chunked`, run one request at a time, and
 :func:`podkv.attention.reference.pod_attention_reference` (tests/test_serving.py).
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from podkv.attention.lse import attend_lse, merge_lse, to_bias
-from podkv.attention.reference import distant_span
+from podkv.attention.reference import allowed_mask, distant_span, proximal_mask
 
 
 def token_rows(cache: torch.Tensor) -> torch.Tensor:
@@ -136,37 +137,82 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     return out.reshape(R, Hq, D)
 
 
+def by_kv_head(query: torch.Tensor, H: int) -> torch.Tensor:
+    """Decode rows: query (R, Hq, D) -> (R, H, G, D), a KV head's G query heads as its rows."""
+    R, Hq, D = query.shape
+    return query.reshape(R, H, Hq // H, D)
+
+
+def chunk_rows(query: torch.Tensor, H: int) -> torch.Tensor:
+    """One request's query chunk (Tq, Hq, D) -> (1, H, Tq * G, D), row ``t * G + g`` (:func:`chunk_masks`)."""
+    Tq, Hq, D = query.shape
+    return query.reshape(Tq, H, Hq // H, D).transpose(0, 1).reshape(1, H, -1, D)
+
+
+def chunk_out(out: torch.Tensor, Tq: int) -> torch.Tensor:
+    """:func:`chunk_rows` undone: (1, H, Tq * G, D) -> (Tq, Hq, D)."""
+    _, H, M, D = out.shape
+    return out[0].reshape(H, Tq, M // Tq, D).transpose(0, 1).reshape(Tq, -1, D)
+
+
+def chunk_masks(seq_len: int, Tq: int, ns: int, nr: int, G: int, device=None):
+    """A chunk of the last Tq of ``seq_len`` positions, rows as :func:`chunk_rows`: the positions that are
+    proximal to some query (sinks, then the chunk's windows) (P,), which of them each row sees (1, 1, Tq * G, P),
+    and each row's distant keys (1, 1, Tq * G, seq_len). The reference's own masks, so the window is its."""
+    lo, back = decode_window(ns, nr)
+    qi = torch.arange(seq_len - Tq, seq_len, device=device)
+    pos = torch.cat([torch.arange(min(lo, seq_len), device=device),
+                     torch.arange(max(lo, seq_len - Tq + 1 - back), seq_len, device=device)])
+    pad = torch.zeros(1, dtype=torch.long, device=device)
+    keys = torch.arange(seq_len, device=device)
+    keep = allowed_mask(pos, qi, pad) & proximal_mask(pos, qi, pad, ns, nr)  # (1, Tq, P)
+    distant = allowed_mask(keys, qi, pad) & ~proximal_mask(keys, qi, pad, ns, nr)  # (1, Tq, seq_len)
+    return pos, keep.repeat_interleave(G, dim=1)[:, None], distant.repeat_interleave(G, dim=1)[:, None]
+
+
 def distant_softmax(anchor_query: torch.Tensor, anchor_keys: torch.Tensor, distant: torch.Tensor,
                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """A block's distant pass (scores mode), run once by its anchor: anchor_query (R, Hq, D), anchor_keys
-    (R, T, H, D), distant (R, T) bool -> probabilities (R, H, G, T) float32 (0 off the distant keys) and their
-    log-sum-exp (R, H, G) (-inf: a request with no distant key). Only the values differ between the block's
-    layers, so each member turns these into its distant output with one product (:func:`scores_decode`)."""
-    R, Hq, D = anchor_query.shape
-    H = anchor_keys.shape[2]
-    q = anchor_query.float().reshape(R, H, Hq // H, D)  # a KV head's query heads act as its rows
-    s = torch.matmul(q, anchor_keys.float().permute(0, 2, 3, 1)).mul_(scale)  # (R, H, G, T)
-    s.masked_fill_(~distant[:, None, None, :], float("-inf"))
+    """A block's distant pass (scores mode), run once by its anchor: anchor_query (R, H, M, D) (M query rows per
+    KV head: :func:`by_kv_head`, :func:`chunk_rows`), anchor_keys (R, H, T, D), distant bool broadcastable to
+    (R, 1, M, T) -> probabilities (R, H, M, T) float32 (0 off the distant keys) and their log-sum-exp (R, H, M)
+    (-inf: a row with no distant key). Only the values differ between the block's layers, so each member turns
+    these into its distant output with one product (:func:`scores_merge`)."""
+    s = torch.matmul(anchor_query.float(), anchor_keys.float().transpose(-1, -2)).mul_(scale)  # (R, H, M, T)
+    s.masked_fill_(~distant, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     return s.sub_(lse[..., None]).exp_().nan_to_num_(0.0), lse
 
 
-def scores_decode(query: torch.Tensor, own_keys: torch.Tensor, own_values: torch.Tensor, keep: torch.Tensor,
-                  values: torch.Tensor, distant: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
-    """A member layer's decode in scores mode: query (R, Hq, D); own_keys, own_values (R, P, H, D) at the
-    proximal positions, ``keep`` (R, P) (:func:`proximal_unique`); values (R, T, H, D); ``distant`` = its
-    block's :func:`distant_softmax` -> (R, Hq, D).
+def scores_merge(query: torch.Tensor, own_keys: torch.Tensor, own_values: torch.Tensor, keep: torch.Tensor,
+                 values: torch.Tensor, distant: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
+    """A layer's PoD attention in scores mode: query (R, H, M, D); own_keys, own_values (R, H, P, D) at proximal
+    positions, ``keep`` bool broadcastable to (R, 1, M, P); values (R, H, T, D); ``distant`` its block's
+    :func:`distant_softmax` -> (R, H, M, D) float32.
 
     The proximal pass (own query, own keys) and the distant one (anchor's probabilities, own values) are two
     passes over disjoint keys of one softmax, merged exactly by log-sum-exp."""
-    R, Hq, D = query.shape
-    H = own_keys.shape[2]
-    q = query.reshape(R, H, Hq // H, D)
-    o_p, lse_p = attend_lse(q, own_keys.transpose(1, 2), own_values.transpose(1, 2), scale,
-                            bias=to_bias(keep)[:, None, None, :])
+    o_p, lse_p = attend_lse(query, own_keys, own_values, scale, bias=to_bias(keep))
     probs, lse_d = distant
-    o_d = torch.matmul(probs, values.float().transpose(1, 2))  # (R, H, G, D)
-    return merge_lse(o_p, lse_p, o_d, lse_d)[0].reshape(R, Hq, D).to(query.dtype)
+    return merge_lse(o_p, lse_p, torch.matmul(probs, values.float()), lse_d)[0]
+
+
+def scores_decode(query: torch.Tensor, own_keys: torch.Tensor, own_values: torch.Tensor, keep: torch.Tensor,
+                  values: torch.Tensor, distant: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
+    """:func:`scores_merge` for decode rows: query (R, Hq, D); own_keys, own_values (R, P, H, D) at the proximal
+    positions, ``keep`` (R, P) (:func:`proximal_unique`); values (R, T, H, D) -> (R, Hq, D)."""
+    out = scores_merge(by_kv_head(query, own_keys.shape[2]), own_keys.transpose(1, 2), own_values.transpose(1, 2),
+                       keep[:, None, None, :], values.transpose(1, 2), distant, scale)
+    return out.reshape(query.shape).to(query.dtype)
+
+
+def scores_chunk(query: torch.Tensor, own_keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor,
+                 keep: torch.Tensor, distant: tuple[torch.Tensor, torch.Tensor], scale: float) -> torch.Tensor:
+    """:func:`scores_merge` for one request's query chunk: query (Tq, Hq, D); own_keys (P, H, D) at ``pos`` and
+    ``keep`` from :func:`chunk_masks`; values (L, H, D) -> (Tq, Hq, D)."""
+    v = values.transpose(0, 1)[None]  # (1, H, L, D)
+    out = scores_merge(chunk_rows(query, own_keys.shape[1]), own_keys.transpose(0, 1)[None], v[:, :, pos], keep, v,
+                       distant, scale)
+    return chunk_out(out, query.shape[0]).to(query.dtype)
 
 
 def causal_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
@@ -191,7 +237,8 @@ def pod_decode(query, keys, values, seq_lens, *, scale: float, ns: int = 0, nr: 
     pos = proximal_positions(seq_lens, ns, nr)
     rows = torch.arange(keys.shape[0], device=keys.device)[:, None]
     if anchor_query is not None:
-        distant = distant_softmax(anchor_query, keys, distant_mask(seq_lens, T, ns, nr), scale)
+        distant = distant_softmax(by_kv_head(anchor_query, keys.shape[2]), keys.transpose(1, 2),
+                                  distant_mask(seq_lens, T, ns, nr)[:, None, None, :], scale)
         return scores_decode(query, own_keys[rows, pos], values[rows, pos], proximal_unique(seq_lens, ns, nr),
                              values, distant, scale)
     keys = write_own_keys(keys.clone(), own_keys[rows, pos], flat_positions(pos, T))
