@@ -176,14 +176,15 @@ def test_stage1_full_layout_parity(reference, tmp_path):
     assert_parity(ref, got)
 
 
-@pytest.mark.parametrize("plan_name", ["block2", "block4"])
-def test_long_prompts_free_proximal_blocks(reference_long, plan_name, tmp_path):
+@pytest.mark.parametrize("plan_name, chunk", [("block2", 64), ("block4", 64), ("scores4", 64), ("scores4", 16)])
+def test_long_prompts_free_proximal_blocks(reference_long, plan_name, chunk, tmp_path):
     """Prompts of 300 and 700 tokens, 16-token KV blocks (proximal blocks of 48 / 80 tokens), 64-token
     prefill chunks: the proximal-key caches drop the blocks between the sinks and the window mid-prefill,
-    and the tokens still equal podkv's."""
+    and the tokens still equal podkv's. Scores mode: 64-token chunks on the general path, 16-token ones (= nr)
+    on the block pass, which reads own keys only at the sinks and the chunk's windows."""
     ref = json.loads(reference_long.read_text())["runs"][plan_name]
     got = run_vllm(reference_long, plan_name, tmp_path / "out.json", "--block-size", "16", "--max-model-len", "1024",
-                   "--max-num-batched-tokens", "64")["runs"]
+                   "--max-num-batched-tokens", str(chunk))["runs"]
     assert_parity(ref, got)
 
 
