@@ -164,3 +164,17 @@ def test_window_planner_errors():
         planner.plan_for_saving(sim, 0.2, 64, "layer", ns=4, nr=12, window={(0, 0)})
     with pytest.raises(PodError, match=r"--window-pairs must be in \[0, 12\]"):
         planner.window_pairs(torch.zeros(6, 2), 13)
+
+
+def test_add_windows_peels_block_ends_least_needed_first():
+    plan = SharingPlan(anchors=[[0, 0], [0, 1], [0, 1], [3, 1]], ns=2, nr=4, mode="scores")
+    importance = torch.tensor([[0.0, 0.9], [0.1, 0.2], [0.5, 0.3], [0.4, 0.8]])
+    # block ends: (2, 0) [0.5], (3, 0) [0.4], (3, 1) [0.8]; (0, 0) and (1, 0) are read by later layers
+    out = planner.add_windows(plan, importance, 2)
+    assert {(l, h) for l in range(4) for h in range(2) if out.is_window(l, h)} == {(3, 0), (2, 0)}
+    assert out.anchors[2][0] == 2 and out.mode == "scores"
+    assert out.kv_saving(64) > plan.kv_saving(64)
+    # a window pair's predecessor becomes a block end: (1, 0) next [0.1]
+    assert planner.add_windows(out, importance, 1).is_window(1, 0)
+    with pytest.raises(PodError, match="only 8 pairs can be window-only"):
+        planner.add_windows(plan, importance, 9)

@@ -123,6 +123,13 @@ def test_window_pairs_from_measured_scores(kinds_run, tmp_path):
             "--window-pairs", "3", "--context", str(LENGTH), "--out", str(tmp_path / "p.json")]
     assert main(argv) == 0
     assert SharingPlan.load(tmp_path / "p.json").policies == plan.policies
+    base = SharingPlan.uniform(8, 2, 2, ns=4, nr=16, mode="scores").save(tmp_path / "base.json")
+    argv = ["plan", "--analysis", str(out / "analysis.json"), "--base", str(base), "--window-pairs", "2",
+            "--out", str(tmp_path / "w.json")]
+    assert main(argv) == 0
+    added = SharingPlan.load(tmp_path / "w.json")
+    assert sum(added.is_window(l, h) for l in range(8) for h in range(2)) == 2 and added.mode == "scores"
+    assert main(argv[:5] + ["--out", str(tmp_path / "x.json")]) == 2  # --base without --window-pairs
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from podkv.analysis.run import AnalysisConfig, analyze, replan
 from podkv.cli_args import Int, Ints
 from podkv.errors import PodError
 from podkv.outputs import add_out_arguments, refuse_existing, staged_dir
+from podkv.plan import SharingPlan
 
 
 def register(sub) -> None:
@@ -33,6 +36,9 @@ def register(sub) -> None:
 
     q = sub.add_parser("plan", help="make a sharing plan from an analysis.json written by `podkv analyze`")
     q.add_argument("--analysis", type=Path, required=True, help="analysis.json")
+    q.add_argument("--base", type=Path, default=None, metavar="PLAN",
+                   help="with --window-pairs N: add N window-only pairs to this plan (least needed block ends "
+                        "first) and keep its other anchors, e.g. the plan an adapted model was trained on")
     _plan_flags(q, ns_nr=False)
     add_out_arguments(q, "plan JSON file to write (refused if it exists, unless --force)")
     q.set_defaults(func=run_plan)
@@ -87,12 +93,33 @@ def run_plan(args) -> int:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PodError(f"--analysis file {args.analysis} is not an analysis.json from `podkv analyze` "
                        f"({exc})") from None
+    if args.base is not None:
+        return _add_windows(args, data)
     plan, cfg = replan(data, str(args.analysis), kind=args.kind, delta=args.delta,
                        target_saving=args.target_saving, granularity=args.granularity, context=args.context,
                        retrieval_weight=args.retrieval_weight, block_size=args.block_size,
                        window_pairs=args.window_pairs)
     plan.save(args.out)
     _print_plan(plan, cfg.context)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _add_windows(args, data: dict) -> int:
+    """``podkv plan --base PLAN --window-pairs N``: the base plan plus N window-only pairs."""
+    from podkv.analysis.planner import add_windows
+
+    if args.window_pairs < 1:
+        raise PodError("--base needs --window-pairs N (N >= 1): the window-only pairs to add")
+    scores = data.get("retrieval")
+    if not scores:
+        raise PodError(f"{args.analysis} has no retrieval scores: re-run `podkv analyze` with --retrieval-samples N")
+    base = SharingPlan.load(args.base)
+    need = torch.tensor(scores["distant_mass"], dtype=torch.float64) + torch.tensor(scores["retrieval"], dtype=torch.float64)
+    plan = add_windows(base, need, args.window_pairs)
+    plan.meta["window_pairs"].update(base=str(args.base), importance="distant_mass + retrieval", analysis=str(args.analysis))
+    plan.save(args.out)
+    _print_plan(plan, args.context)
     print(f"wrote {args.out}")
     return 0
 

@@ -153,6 +153,30 @@ def plan_for_saving(sim_kv: torch.Tensor, saving: float, context: int, granulari
     return SharingPlan(anchors=[list(row) for row in zip(*per_head)], ns=ns, nr=nr, **plan_kw)
 
 
+def add_windows(plan: SharingPlan, importance: torch.Tensor, n: int) -> SharingPlan:
+    """``plan`` with ``n`` more window-only pairs, least needed first, keeping every other pair's anchor: only a
+    block's last layer can become window-only without leaving later layers without their anchor, so pairs are
+    peeled off block ends. Why: an adapted model keeps the blocks it was trained on (issue 21's Pareto sweep
+    on ``smollm2-pod``)."""
+    L, H = plan.num_layers, plan.num_kv_heads
+    if tuple(importance.shape) != (L, H):
+        raise PodError(f"head scores must be (layers, kv_heads) = ({L}, {H}), got {tuple(importance.shape)}")
+    anchors = [list(row) for row in plan.anchors]
+    window = {(l, h) for l in range(L) for h in range(H) if plan.is_window(l, h)}
+    for _ in range(n):
+        ends = [(float(importance[l, h]), l, h) for l in range(L) for h in range(H) if (l, h) not in window
+                and (l + 1 == L or anchors[l + 1][h] != anchors[l][h])]
+        if not ends:
+            raise PodError(f"--window-pairs {n}: only {len(window)} pairs can be window-only in this plan")
+        _, l, h = min(ends)
+        anchors[l][h] = l
+        window.add((l, h))
+    policies = [["window" if (l, h) in window else "anchor" if a == l else "shared" for h, a in enumerate(row)]
+                for l, row in enumerate(anchors)]
+    meta = {**plan.meta, "window_pairs": {"n": len(window), "added_to": plan.meta.get("kind", "a plan")}}
+    return SharingPlan(anchors=anchors, ns=plan.ns, nr=plan.nr, mode=plan.mode, policies=policies, meta=meta)
+
+
 def _plan_with_windows(sim_kv, saving, context, ns, nr, cost, window, **plan_kw) -> SharingPlan:
     H, L = sim_kv.shape[0], sim_kv.shape[1]
     per_pair = _pair_saving(L, H, context, ns, nr)
