@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Issue 21's Pareto sweep: KV saved at 4K against held-out NLL, for podkv's policies (window-only pairs alone,
+# the shipped smollm2-pod, smollm2-pod + window-only pairs) and the peers (8-bit KV, StreamingLLM, SnapKV,
+# PyramidKV) on the same held-out windows. Training-free: no plan here was adapted to (smollm2-pod's own plan was).
+#   benchmarks/policies/run.sh [STEP ...]     steps: analysis plans ppl-<name> report (default: all)
+# Held-out NLL: 8 windows of 4096 held-out tokens (stdlib docstrings), the second half scored given the first.
+# The head scores (distant attention mass + retrieval score per (layer, KV head)) come from `podkv analyze` on
+# plan-split lookups (help topics): no evaluation prompt is seen by a plan.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-runs/policies}
+HERE=benchmarks/policies
+SHIPPED=src/podkv/assets/smollm2-pod/pod_plan.json
+PPL="--tasks ppl --lengths 4096 --samples 8 --seed 0 --threads 1 --quiet"
+WINDOWS=${WINDOWS:-23 45 60}          # window-only pairs on the original weights (about 1.04% of KV at 4K each)
+ADDED=${ADDED:-10 20 30}              # window-only pairs added to smollm2-pod's plan (block ends)
+BUDGETS=${BUDGETS:-0.5 0.3}           # eviction peers' KV budgets
+per_pair=$(python -c "print((4096 - 256) / (2 * 30 * 3 * 4096))")  # one shared pair's saving at 4K, SmolLM2
+
+analysis() {  # head scores + similarity of the original model (about 10 min on 2 cores)
+  podkv analyze --kind retrieval --target-saving 0.3 --retrieval-samples 16 --proximal-samples 0 \
+    --out "$OUT/analysis" --no-progress
+  cp "$OUT/analysis/analysis.json" "$HERE/analysis.json"
+}
+plans() {
+  mkdir -p "$HERE/plans"
+  for n in $WINDOWS; do  # windows only: the target is exactly n window pairs' saving, so no pair is shared
+    podkv plan --analysis "$HERE/analysis.json" --kind similarity --window-pairs "$n" --force \
+      --target-saving "$(python -c "print(2 * $n * $per_pair - 1e-6)")" --out "$HERE/plans/window-$n.json"
+  done
+  for n in $ADDED; do
+    podkv plan --analysis "$HERE/analysis.json" --base "$SHIPPED" --window-pairs "$n" --force \
+      --out "$HERE/plans/pod+window-$n.json"
+  done
+}
+run() {  # run NAME: one `podkv eval compare` of held-out NLL
+  local name=$1 args
+  case $name in
+    dense|kv8) args="--methods $name";;
+    control) args="--model smollm2-pod --methods dense";;
+    smollm2-pod) args="--model smollm2-pod --methods pod";;
+    window-*) args="--methods pod --plan $HERE/plans/$name.json";;
+    pod+window-*) args="--model smollm2-pod --methods pod --plan $HERE/plans/$name.json";;
+    streaming-*|snapkv-*|pyramidkv-*) args="--methods ${name%-*} --budget ${name##*-}";;
+    *) echo "unknown run $name" >&2; exit 2;;
+  esac
+  podkv eval compare $args $PPL --out "$OUT/ppl/$name" --force
+  mkdir -p "$HERE/ppl"; cp "$OUT/ppl/$name/records.jsonl" "$HERE/ppl/$name.jsonl"
+}
+all_runs="dense control kv8 smollm2-pod"
+for n in $WINDOWS; do all_runs="$all_runs window-$n"; done
+for n in $ADDED; do all_runs="$all_runs pod+window-$n"; done
+for b in $BUDGETS; do all_runs="$all_runs streaming-$b snapkv-$b pyramidkv-$b"; done
+steps=${*:-analysis plans $(for r in $all_runs; do echo ppl-$r; done) report}
+for s in $steps; do
+  case $s in
+    analysis|plans) $s;;
+    ppl-*) run "${s#ppl-}";;
+    report) python "$HERE/report.py";;
+    *) echo "unknown step $s" >&2; exit 2;;
+  esac
+done
