@@ -39,6 +39,8 @@ def test_layer_plan_is_servable():
 
 @pytest.mark.parametrize("plan, field", [
     (SharingPlan(anchors=[[0, 0], [0, 1], [2, 2], [2, 2]], ns=4, nr=8), "anchors[1]"),  # head-wise
+    (SharingPlan(anchors=[[0, 0], [0, 0], [2, 2], [3, 3]], ns=4, nr=8,
+                 policies=[["anchor"] * 2, ["shared"] * 2, ["anchor"] * 2, ["window"] * 2]), "policies[3][0]"),
     (SharingPlan.uniform(6, 2, 2, ns=4, nr=8), "layers"),  # wrong depth
     (SharingPlan.uniform(4, 3, 2, ns=4, nr=8), "KV heads"),  # wrong width
     (SharingPlan(anchors=[[0, 0], [0, 1], [2, 2], [2, 2]], ns=4, nr=8, mode="scores"), "head-wise (mode 'scores')"),

@@ -56,14 +56,19 @@ SERVABLE_MODES = ("keys", "scores")
 
 def unservable_features(plan: SharingPlan) -> list[str]:
     """What keeps ``plan`` from vLLM beyond its shape: head-wise anchors (either mode: vLLM's KV cache groups
-    need one page size, and a head-wise layer would need a page per KV head role, docs/serving.md), a mode
-    other than keys or scores."""
+    need one page size, and a head-wise layer would need a page per KV head role, docs/serving.md), window-only
+    pairs, a mode other than keys or scores."""
     problems = []
     if not plan.is_layer_granular:
         bad = next(l for l, row in enumerate(plan.anchors) if len(set(row)) > 1)
         problems.append(f"plan field 'anchors[{bad}]' = {plan.anchors[bad]} is head-wise (mode {plan.mode!r}): vLLM "
                         "serving needs a layer-granularity plan (every KV head of a layer shares one anchor); make "
                         "one with `podkv analyze --granularity layer`")
+    if getattr(plan, "has_window", False):  # a window pair is its own anchor: served as full attention, wrongly
+        layer, head = next((l, h) for l in range(plan.num_layers) for h in range(plan.num_kv_heads)
+                           if plan.is_window(l, h))
+        problems.append(f"plan field 'policies[{layer}][{head}]' = 'window': vLLM serving does not serve window-only "
+                        "pairs (PoD pairs 'anchor' and 'shared' only)")
     if plan.mode not in SERVABLE_MODES:
         problems.append(f"plan field 'mode' = {plan.mode!r}: vLLM serving supports modes {SERVABLE_MODES}")
     return problems
