@@ -8,7 +8,9 @@ Two KV layouts (``config.pod_kv_layout``):
   (sinks + recent window) (:mod:`podkv.serving.kv_specs`). Pages are token-major and written and read
   here only, never by vLLM's kernel. Decoding requests of a step go through one batched call per layer
   (:func:`podkv.serving.batched.pod_decode`); prefill chunks run
-  :func:`podkv.attention.chunked.pod_attention_chunked` one request at a time.
+  :func:`podkv.attention.chunked.pod_attention_chunked` one request at a time. Mode "scores": an anchor computes
+  its block's distant softmax once per step for its decode rows and for prefill chunks of at most nr tokens, and
+  each member merges it with its proximal pass; longer chunks take the general path with the anchor's query.
 * ``"full"`` (stage 1; :class:`PodTorchBackend`): every layer keeps vLLM's full CPU cache
   (num_blocks, H_kv, block_size, 2*D), read as keys | values halves along the token axis; anchors
   run vLLM's CPU kernel, shared layers gather and run the same PoD function per request.
