@@ -9,6 +9,8 @@ Per layer it holds
     at cache indices ``prox_idx`` (B x n), -1 = empty (layout in :mod:`podkv.cache.window`);
   * for window-only heads (plan policy "window", issue 21) their values in the same slots (``v_prox``).
 Distant keys of a sharing head are read from its anchor layer's ``k_full`` at attention time.
+With ``kv_bits=8`` the token-long tensors ``v`` and ``k_full`` are held in 8 bits (:mod:`podkv.cache.int8`;
+indexing them dequantises what is read); the small proximal ring stays in the model's dtype.
 
 The model calls ``update`` right before attention. ``update`` appends what is kept in full, moves the
 proximal window over the new tokens, and returns the values with a :class:`PodStep` attached
@@ -37,6 +39,7 @@ from transformers.cache_utils import Cache
 
 from podkv import compat
 from podkv.cache import window
+from podkv.cache.int8 import Int8Tokens
 from podkv.cache.window import transition as _proximal_transition  # noqa: F401  (selection.py)
 from podkv.errors import PodError
 from podkv.plan import SharingPlan
@@ -82,6 +85,9 @@ class PodLayer(compat.CacheLayer):
         self.v = value_states.new_zeros(B, len(self.value_heads), 0, value_states.shape[-1])
         if self.anchor_heads:
             self.k_full = key_states.new_zeros(B, len(self.anchor_heads), 0, D)
+        if self.cache.kv_bits:
+            self.v = Int8Tokens(self.v, self.cache.kv_group)
+            self.k_full = None if self.k_full is None else Int8Tokens(self.k_full, self.cache.kv_group)
         if self.ring_heads:
             self.k_prox = key_states.new_zeros(B, len(self.ring_heads), 0, D)
         if self.window_heads:
@@ -99,14 +105,20 @@ class PodLayer(compat.CacheLayer):
         i0, i1 = self.seen, self.seen + key_states.shape[2]
         # the window held before this step, and the step's values of every head
         step = PodStep(self.cache, self, i0, i1, self.k_prox, self.prox_idx, self.v_prox, value_states)
-        self._v_room, self.v = _append(self._v_room, self.v, _heads(value_states, self.value_heads))
-        if self.anchor_heads:
-            self._k_room, self.k_full = _append(self._k_room, self.k_full, _heads(key_states, self.anchor_heads))
+        if isinstance(self.v, Int8Tokens):
+            self.v.append(_heads(value_states, self.value_heads))
+            if self.anchor_heads:
+                self.k_full.append(_heads(key_states, self.anchor_heads))
+        else:
+            self._v_room, self.v = _append(self._v_room, self.v, _heads(value_states, self.value_heads))
+            if self.anchor_heads:
+                self._k_room, self.k_full = _append(self._k_room, self.k_full, _heads(key_states, self.anchor_heads))
         self.seen = i1
         self.cache.step = (i0, i1)
         self._roll(i0, i1, _heads(key_states, self.ring_heads) if self.ring_heads else None,
                    _heads(value_states, self.window_heads) if self.window_heads else None)
-        values = self.v[:, :, :]  # a fresh view for this step: what the step is attached to
+        # a fresh view for this step: what the step is attached to (attention reads the step, not the tensor)
+        values = value_states[:, :, :] if isinstance(self.v, Int8Tokens) else self.v[:, :, :]
         values.pod_step = step
         return key_states, values
 
@@ -144,10 +156,17 @@ class PodLayer(compat.CacheLayer):
         return -1 if self.v is None else self.v.shape[0]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.v, self.k_full, self.k_prox, self.v_prox) if t is not None]
+        out = []
+        for t in (self.v, self.k_full, self.k_prox, self.v_prox):
+            out += t.tensors() if isinstance(t, Int8Tokens) else [] if t is None else [t]
+        return out
 
     def reserved_bytes(self) -> int:
         """Bytes allocated, spare room of the growth buffers included (at most GROWTH tokens per tensor)."""
+        if isinstance(self.v, Int8Tokens):
+            fp = [self.k_prox, self.v_prox]
+            return sum(t.numel() * t.element_size() for t in fp if t is not None) + sum(
+                t.reserved_bytes() for t in (self.v, self.k_full) if t is not None)
         held = [self.k_prox, self.v_prox] + [room if room is not None and t is not None and t.data_ptr() == room.data_ptr() else t
                                 for room, t in ((self._v_room, self.v), (self._k_room, self.k_full))]
         return sum(t.numel() * t.element_size() for t in held if t is not None)
@@ -210,9 +229,13 @@ class PodCache(Cache):
     crop_margin : int
         Extra recent keys kept per sharing head so that ``crop`` can go back ``crop_margin + 1``
         tokens exactly (module docstring). ``generate`` raises it when it needs to.
+    kv_bits : None or 8
+        8: hold the token-long values and anchor keys in 8 bits, groups of ``kv_group`` channels
+        (:mod:`podkv.cache.int8`); None: the model's dtype.
     """
 
-    def __init__(self, config, plan: SharingPlan | None = None, crop_margin: int = 0):
+    def __init__(self, config, plan: SharingPlan | None = None, crop_margin: int = 0, kv_bits: int | None = None,
+                 kv_group: int = 64):
         from podkv.plan import plan_from_config
 
         plan = plan or plan_from_config(config)
@@ -221,7 +244,11 @@ class PodCache(Cache):
         plan.validate_for(config)
         if not isinstance(crop_margin, int) or isinstance(crop_margin, bool) or crop_margin < 0:
             raise PodError(f"PodCache field 'crop_margin' must be an integer >= 0, got {crop_margin!r}")
-        self.plan, self.crop_margin = plan, crop_margin
+        if kv_bits not in (None, 8):
+            raise PodError(f"PodCache field 'kv_bits' = {kv_bits!r}: supported are None (the model's dtype) and 8")
+        if not isinstance(kv_group, int) or kv_group < 1:
+            raise PodError(f"PodCache field 'kv_group' must be a positive integer, got {kv_group!r}")
+        self.plan, self.crop_margin, self.kv_bits, self.kv_group = plan, crop_margin, kv_bits, kv_group
         self.pad = None  # (B,) left-padding counts, fixed at prefill (see the property)
         self.in_forward = 0  # forwards of a PoD model using this cache right now (forward_scope.py)
         self.dropped = 0  # tokens removed by token selection (selection.compact): positions run ahead by this
@@ -321,9 +348,14 @@ class PodCache(Cache):
         self.check_ready()
         new_idx, pos = window.crop(self.layers[0].prox_idx, length, self.pad, self.plan.ns, self.plan.nr, self.window)
         for layer in self.layers:
-            layer.v = layer.v[:, :, :length]
-            if layer.k_full is not None:
-                layer.k_full = layer.k_full[:, :, :length]
+            if isinstance(layer.v, Int8Tokens):
+                for t in (layer.v, layer.k_full):
+                    if t is not None:
+                        t.crop(length)
+            else:
+                layer.v = layer.v[:, :, :length]
+                if layer.k_full is not None:
+                    layer.k_full = layer.k_full[:, :, :length]
             if layer.k_prox is not None:
                 layer.k_prox = _take_slots(layer.k_prox, pos)
             if layer.v_prox is not None:
@@ -347,8 +379,12 @@ class PodCache(Cache):
         self.check_ready()
         slots = {}  # prox_idx is one tensor shared by all layers: map it once
         for layer in self.layers:
-            layer.v, layer.k_full, layer.k_prox, layer.v_prox = (
-                None if t is None else fn(t) for t in (layer.v, layer.k_full, layer.k_prox, layer.v_prox))
+            for name in ("v", "k_full", "k_prox", "v_prox"):
+                t = getattr(layer, name)
+                if isinstance(t, Int8Tokens):
+                    t.map_batch(fn)
+                elif t is not None:
+                    setattr(layer, name, fn(t))
             if id(layer.prox_idx) not in slots:
                 slots[id(layer.prox_idx)] = (layer.prox_idx, fn(layer.prox_idx))  # keeps the old one alive
             layer.prox_idx = slots[id(layer.prox_idx)][1]
@@ -438,6 +474,8 @@ def _take_slots(x: torch.Tensor, pos: torch.Tensor, runs: list[tuple[int, int]] 
     if runs is not None:
         parts = [x[:, :, a:b] for a, b in runs] or [x[:, :, :0]]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    if isinstance(x, Int8Tokens):
+        x = x[:, :]  # padded rows gather element-wise: dequantise the rows first
     pos = pos.clamp(min=0)
     if pos.shape[0] == 1 or bool((pos == pos[:1]).all()):
         return x.index_select(2, pos[0])

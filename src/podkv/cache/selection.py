@@ -75,6 +75,8 @@ def compact(cache, kept: dict) -> None:
     if not kept:
         return
     plan = cache.plan
+    if cache.kv_bits:
+        raise PodError("pod+snapkv compaction does not support an 8-bit PodCache (kv_bits=8) yet")
     if plan.has_window:
         raise PodError("pod+snapkv compaction does not support plans with window-only pairs (policy 'window') yet")
     if cache.pad is None or bool(cache.pad.any()):

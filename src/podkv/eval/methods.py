@@ -98,7 +98,8 @@ class Pod(Method):
             raise PodError(f"method {self.name!r} needs a plan (--plan)")
         if self.mode is None or self.plan.mode == self.mode:
             return self.plan
-        return SharingPlan(self.plan.anchors, ns=self.plan.ns, nr=self.plan.nr, mode=self.mode, meta=self.plan.meta)
+        return SharingPlan(self.plan.anchors, ns=self.plan.ns, nr=self.plan.nr, mode=self.mode, meta=self.plan.meta,
+                           policies=self.plan.policies)
 
     def check(self, config, lengths) -> None:
         plan = self.sharing_plan()
@@ -106,11 +107,14 @@ class Pod(Method):
         if self.budget is None:
             return
         for T in lengths:
-            held = 1.0 - plan.kv_saving(T)
+            held = self.held_fraction(config, plan, T)
             if held > self.budget + 1e-9:
                 raise PodError(f"method {self.name!r} cannot meet --budget {self.budget}: its plan holds "
                                f"{held:.3f} of the dense KV at {T} tokens (saves {100 * (1 - held):.1f}%); "
                                f"raise --budget or use a plan with larger blocks")
+
+    def held_fraction(self, config, plan, T: int) -> float:
+        return 1.0 - plan.kv_saving(T)
 
     def attached(self, model):
         return attention_mode(model, plan=self.sharing_plan())
@@ -119,6 +123,32 @@ class Pod(Method):
         from podkv.cache.pod_cache import PodCache  # startup: transformers
 
         return PodCache(model.config, self.sharing_plan())
+
+
+class PodKV8(Pod):
+    """PoD over an 8-bit PodCache (issue 21): the plan's policies, and the token-long values and anchor keys in
+    8 bits, groups of 64 channels or the head dim if smaller (:mod:`podkv.cache.int8`, the kv8 peer's bit layout)."""
+
+    name = "pod+kv8"
+    group: ClassVar[int] = 64
+
+    def group_for(self, config) -> int:
+        from podkv.cache.memory import head_dim
+
+        return min(self.group, head_dim(config))
+
+    def held_fraction(self, config, plan, T: int) -> float:
+        from podkv.cache.memory import dense_kv_bytes, pod_kv_bytes
+
+        return pod_kv_bytes(config, plan, T, kv_bits=8, kv_group=self.group_for(config)) / dense_kv_bytes(config, T)
+
+    def new_cache(self, model):
+        from podkv.cache.pod_cache import PodCache  # startup: transformers
+
+        return PodCache(model.config, self.sharing_plan(), kv_bits=8, kv_group=self.group_for(model.config))
+
+    def describe(self) -> dict:
+        return {**super().describe(), "kv_bits": 8, "group": self.group}
 
     def describe(self) -> dict:
         plan = self.sharing_plan()
@@ -325,7 +355,7 @@ def _unwrap_pod_attention() -> None:
 
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Dense, Pod, PodScores, Streaming, SnapKV, H2O, PyramidKV,
-                                                             PodSnapKV, KVPressStreaming, QuantizedKV)}
+                                                             PodSnapKV, KVPressStreaming, QuantizedKV, PodKV8)}
 
 
 def kvpress_available() -> bool:

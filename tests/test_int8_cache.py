@@ -1,0 +1,95 @@
+"""8-bit PodCache storage (``kv_bits=8``, issue 21): rounding bound, indexing, real bytes = formula, and PoD over
+it tracks the fp32 PodCache on every plan kind (keys, scores, window-only pairs), through crop and batch edits."""
+
+import pytest
+import torch
+
+from podkv import PodCache, SharingPlan, disable_pod, enable_pod
+from podkv.cache.int8 import Int8Tokens, dequantize, quantize
+from podkv.cache.memory import dense_kv_bytes, pod_kv_bytes
+from podkv.compat import cache_kwargs
+from podkv.errors import PodError
+from test_core_model import ids_for, random_plan
+from test_window_policy import window_plan
+from tiny import tiny_model
+from tolerances import KV8_LOGITS_ATOL, TOL
+
+
+def test_round_trip_error_is_half_a_step():
+    x = torch.randn(2, 3, 50, 64, generator=torch.Generator().manual_seed(0)) * 3
+    codes, scale, zero = quantize(x, 32)
+    assert codes.dtype == torch.uint8 and scale.shape == (2, 3, 50, 2)
+    err = (dequantize(codes, scale, zero, 32, x.dtype) - x).abs().unflatten(-1, (2, 32)).amax(-1)
+    assert bool((err <= scale / 2 * (1 + TOL[torch.float32][0]) + 1e-6).all())
+
+
+def test_tokens_index_like_the_tensor():
+    x = torch.randn(2, 3, 40, 16, generator=torch.Generator().manual_seed(1))
+    store = Int8Tokens(x[:, :, :0], 8)
+    store.append(x[:, :, :30])
+    store.append(x[:, :, 30:])  # grows past the first buffer
+    full = store[:, :]
+    assert store.shape == x.shape and full.shape == x.shape
+    for index in [(slice(None), slice(1, 3), slice(5, 17)), (slice(None), 2, slice(0, 9)), (1,)]:
+        assert torch.equal(store[index], full[index])
+    store.crop(25)
+    assert store.shape[2] == 25 and torch.equal(store[:, :], full[:, :, :25])
+
+
+@pytest.mark.parametrize("plan_kind", ["keys", "scores", "window"])
+def test_pod_over_int8_cache_tracks_fp32_and_bytes_equal_formula(plan_kind):
+    model = tiny_model("llama")
+    plan = window_plan(seed=5) if plan_kind == "window" else random_plan(4, 2, 3, 6, seed=2, mode=plan_kind)
+    ids = ids_for(2, 40, seed=3)
+    enable_pod(model, plan)
+    outs = {}
+    with torch.no_grad():
+        for bits in (None, 8):
+            cache = PodCache(model.config, kv_bits=bits, kv_group=8)
+            logits = [model(ids[:, :30], **cache_kwargs(cache)).logits]
+            logits += [model(ids[:, t:t + 1], **cache_kwargs(cache)).logits for t in range(30, 40)]
+            outs[bits] = torch.cat(logits, dim=1)
+            assert cache.kv_bytes() == pod_kv_bytes(model.config, plan, 40, batch=2, kv_bits=bits, kv_group=8)
+    disable_pod(model)
+    torch.testing.assert_close(outs[8], outs[None], rtol=0, atol=KV8_LOGITS_ATOL)
+    assert not torch.equal(outs[8], outs[None])  # it really is quantized
+
+
+def test_int8_bytes_at_4k_follow_the_bit_width():
+    """SmolLM2's head dim: 8 + 2 x 32/64 = 9 bits per stored element instead of 32 for the token-long tensors."""
+    from tiny import tiny_config
+
+    config = tiny_config("llama", layers=4, heads=4, kv_heads=2, head_dim=64)
+    identity = SharingPlan.identity(4, 2, ns=16, nr=240)
+    ratio = pod_kv_bytes(config, identity, 4096, kv_bits=8) / dense_kv_bytes(config, 4096)
+    assert ratio == pytest.approx(9 / 32)
+
+
+def test_crop_and_batch_edits_on_int8_cache():
+    model = tiny_model("llama")
+    plan = random_plan(4, 2, 3, 6, seed=4, mode="keys")
+    ids = ids_for(2, 30, seed=5)
+    enable_pod(model, plan)
+    with torch.no_grad():
+        cache = PodCache(model.config, crop_margin=2, kv_bits=8, kv_group=8)
+        model(ids[:, :27], **cache_kwargs(cache))
+        first = model(ids[:, 27:], **cache_kwargs(cache)).logits
+        cache.crop(-3)
+        again = model(ids[:, 27:], **cache_kwargs(cache)).logits
+        cache.crop(-3)
+        cache.reorder_cache(torch.tensor([1, 0]))
+        swapped = model(ids.flip(0)[:, 27:], **cache_kwargs(cache)).logits
+    disable_pod(model)
+    torch.testing.assert_close(again, first, **dict(zip(("rtol", "atol"), TOL[torch.float32])))
+    torch.testing.assert_close(swapped, first.flip(0), **dict(zip(("rtol", "atol"), TOL[torch.float32])))
+
+
+def test_bad_settings_are_one_line_errors():
+    model = tiny_model("llama")
+    plan = random_plan(4, 2, 3, 6, seed=4)
+    with pytest.raises(PodError, match="'kv_bits' = 4"):
+        PodCache(model.config, plan, kv_bits=4)
+    enable_pod(model, plan)
+    with pytest.raises(PodError, match="'kv_group' = 12 must divide the head dim 16"), torch.no_grad():
+        model(ids_for(1, 8), **cache_kwargs(PodCache(model.config, kv_bits=8, kv_group=12)))
+    disable_pod(model)
