@@ -17,7 +17,7 @@ ADDED=${ADDED:-10 20 30}              # window-only pairs added to smollm2-pod's
 BUDGETS=${BUDGETS:-0.5 0.3}           # eviction peers' KV budgets
 per_pair=$(python -c "print((4096 - 256) / (2 * 30 * 3 * 4096))")  # one shared pair's saving at 4K, SmolLM2
 
-analysis() {  # head scores + similarity of the original model (about 10 min on 2 cores)
+analysis() {  # head scores + similarity of the original model (12 min on the loaded 2 cores)
   podkv analyze --kind retrieval --target-saving 0.3 --retrieval-samples 16 --proximal-samples 0 \
     --out "$OUT/analysis" --no-progress
   cp "$OUT/analysis/analysis.json" "$HERE/analysis.json"
@@ -39,6 +39,8 @@ run() {  # run NAME: one `podkv eval compare` of held-out NLL
     dense|kv8) args="--methods $name";;
     control) args="--model smollm2-pod --methods dense";;
     smollm2-pod) args="--model smollm2-pod --methods pod";;
+    smollm2-pod+kv8) args="--model smollm2-pod --methods pod+kv8";;
+    pod+window-*+kv8) args="--model smollm2-pod --methods pod+kv8 --plan $HERE/plans/${name%+kv8}.json";;
     window-*) args="--methods pod --plan $HERE/plans/$name.json";;
     pod+window-*) args="--model smollm2-pod --methods pod --plan $HERE/plans/$name.json";;
     streaming-*|snapkv-*|pyramidkv-*) args="--methods ${name%-*} --budget ${name##*-}";;
@@ -47,14 +49,18 @@ run() {  # run NAME: one `podkv eval compare` of held-out NLL
   podkv eval compare $args $PPL --out "$OUT/ppl/$name" --force
   mkdir -p "$HERE/ppl"; cp "$OUT/ppl/$name/records.jsonl" "$HERE/ppl/$name.jsonl"
 }
-all_runs="dense control kv8 smollm2-pod"
+gather() {  # records of runs made elsewhere (other worktrees, same OUT) -> ppl/ here
+  mkdir -p "$HERE/ppl"
+  for d in "$OUT"/ppl/*/; do cp "$d/records.jsonl" "$HERE/ppl/$(basename "$d").jsonl"; done
+}
+all_runs="dense control kv8 smollm2-pod smollm2-pod+kv8"
 for n in $WINDOWS; do all_runs="$all_runs window-$n"; done
-for n in $ADDED; do all_runs="$all_runs pod+window-$n"; done
+for n in $ADDED; do all_runs="$all_runs pod+window-$n pod+window-$n+kv8"; done
 for b in $BUDGETS; do all_runs="$all_runs streaming-$b snapkv-$b pyramidkv-$b"; done
 steps=${*:-analysis plans $(for r in $all_runs; do echo ppl-$r; done) report}
 for s in $steps; do
   case $s in
-    analysis|plans) $s;;
+    analysis|plans|gather) $s;;
     ppl-*) run "${s#ppl-}";;
     report) python "$HERE/report.py";;
     *) echo "unknown step $s" >&2; exit 2;;
