@@ -169,3 +169,21 @@ def test_snapkv_compaction_refuses_window_plans():
     disable_pod(model)
     with pytest.raises(PodError, match="window-only"):
         compact(cache, {(0, 0): torch.zeros(1, 2, dtype=torch.long)})
+
+
+@pytest.mark.parametrize("mode", ["keys", "scores"])
+def test_training_gradients_equal_reference(mode):
+    """`podkv train` on a plan with window-only pairs: the grouped chunked path backpropagates like the oracle."""
+    from tolerances import GRAD
+
+    plan = window_plan(seed=2, mode=mode)
+    ids = ids_for(2, 40, seed=6)
+    grads = []
+    for reference in (True, False):
+        model = enable_pod(tiny_model("llama").train(), plan, reference=reference, **({} if reference else {"chunk": 16}))
+        model.zero_grad()
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=GRAD[0], atol=GRAD[1], msg=n)
