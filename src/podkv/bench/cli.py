@@ -30,6 +30,8 @@ def register(sub) -> None:
     p.add_argument("--decode", type=int, default=4, help="greedy tokens decoded after the prefill")
     p.add_argument("--selection-budget", type=float, default=0.1,
                    help="also measure pod+snapkv holding this fraction of the dense KV (0: skip)")
+    p.add_argument("--kv-bits", type=int, default=None, choices=(8,),
+                   help="8: the PodCache holds its token-long values and anchor keys in 8 bits (podkv.cache.int8)")
     _common(p, "memory")
 
     p = cmds.add_parser("batch", help="largest batch under a fixed KV budget, or (--rss-budget) a process-memory "
@@ -99,7 +101,7 @@ def build_config(args):
     name = args.bench_name
     if name == "memory":
         return MemoryConfig(lengths=args.lengths, batch=args.batch, decode=args.decode,
-                            selection_budget=args.selection_budget or None)
+                            selection_budget=args.selection_budget or None, kv_bits=args.kv_bits)
     if bench_name(args) == "batch_rss":
         return RssBatchConfig(rss_budget_gib=args.rss_budget, length=args.length, new_tokens=args.new_tokens,
                               max_batch=args.max_batch, model=args.model, threads=args.threads)

@@ -106,8 +106,9 @@ def _malloc_trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def new_cache(model, method: str, plan: SharingPlan):
-    """An empty cache for ``method`` ("dense" or "pod"); switches the model's attention to match."""
+def new_cache(model, method: str, plan: SharingPlan, **pod_cache_kw):
+    """An empty cache for ``method`` ("dense" or "pod"; ``pod_cache_kw`` go to PodCache, e.g. kv_bits=8); switches
+    the model's attention to match."""
     from transformers import DynamicCache  # startup: transformers
 
     from podkv.cache.pod_cache import PodCache  # startup: transformers
@@ -119,7 +120,7 @@ def new_cache(model, method: str, plan: SharingPlan):
     if getattr(model, "pod_runtime", None) is None or model.pod_runtime.plan is not plan:
         disable_pod(model)
         enable_pod(model, plan)
-    return PodCache(model.config, plan)
+    return PodCache(model.config, plan, **pod_cache_kw)
 
 
 @torch.no_grad()

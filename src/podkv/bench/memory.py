@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from podkv.bench.common import PeakMemory, new_cache, prefill_decode, token_ids
 from podkv.bench.report import md_table, plot_lines
-from podkv.cache.memory import cache_bytes, dense_kv_bytes, pod_kv_bytes
+from podkv.cache.memory import cache_bytes, dense_kv_bytes, head_dim, pod_kv_bytes
 from podkv.cache.selection import kept_tokens_for_budget
 from podkv.errors import PodError
 from podkv.eval.generation import prefill
@@ -27,12 +27,18 @@ class MemoryConfig:
     batch: int = 1
     decode: int = 4
     selection_budget: float | None = 0.1  # pod+snapkv: dense KV fraction kept after prefill (paper: 8.1%)
+    kv_bits: int | None = None  # 8: PodCache in 8 bits (the PoD columns), formula pod_kv_bytes(..., kv_bits=8)
 
     def __post_init__(self):
         if not self.lengths or min(self.lengths) < 1:
             raise PodError(f"bench memory field 'lengths' must be positive integers, got {self.lengths}")
         if self.selection_budget is not None and not 0 < self.selection_budget <= 1:
             raise PodError(f"bench memory field 'selection_budget' must be a KV fraction in (0, 1], got {self.selection_budget}")
+        if self.kv_bits not in (None, 8):
+            raise PodError(f"bench memory field 'kv_bits' = {self.kv_bits!r}: supported are None and 8")
+        if self.kv_bits and self.selection_budget:
+            raise PodError("bench memory: --kv-bits 8 with --selection-budget is not supported (pod+snapkv "
+                           "compaction needs a float PodCache); pass --selection-budget 0")
         if self.batch < 1 or self.decode < 0:
             raise PodError(f"bench memory needs batch >= 1 and decode >= 0, got {self.batch}, {self.decode}")
 
@@ -56,6 +62,7 @@ def pod_snapkv_row(model, plan, ids, budget: float) -> dict:
 def run_memory(model, tok, plan, cfg: MemoryConfig) -> dict:
     """Measure dense and PoD KV bytes at every length; returns the result dict (rows + checks)."""
     config, dtype = model.config, model.dtype
+    bits = {} if cfg.kv_bits is None else {"kv_bits": cfg.kv_bits, "kv_group": min(64, head_dim(config))}
     rows = []
     for method in ("dense", "pod"):  # warm-up: the first run's allocator growth is not the cache's
         prefill_decode(model, token_ids(tok, config.vocab_size, cfg.batch, 64).to(model.device),
@@ -65,7 +72,7 @@ def run_memory(model, tok, plan, cfg: MemoryConfig) -> dict:
         held = T + cfg.decode
         row = {"T": T, "tokens_held": held}
         for method in ("dense", "pod"):
-            cache = new_cache(model, method, plan)
+            cache = new_cache(model, method, plan, **(bits if method == "pod" else {}))
             with PeakMemory(model.device) as peak:
                 prefill_decode(model, ids, cache, cfg.decode)
             row[f"{method}_bytes"] = cache_bytes(cache)
@@ -74,11 +81,11 @@ def run_memory(model, tok, plan, cfg: MemoryConfig) -> dict:
                 row[f"{method}_reserved_bytes"] = cache.reserved_bytes()
             del cache
         row["dense_formula"] = dense_kv_bytes(config, held, cfg.batch, dtype)
-        row["pod_formula"] = pod_kv_bytes(config, plan, held, cfg.batch, dtype)
+        row["pod_formula"] = pod_kv_bytes(config, plan, held, cfg.batch, dtype, **bits)
         row["dense_bytes_per_token"] = row["dense_bytes"] / (held * cfg.batch)
         row["pod_bytes_per_token"] = row["pod_bytes"] / (held * cfg.batch)
         row["saving"] = 1 - row["pod_bytes"] / row["dense_bytes"]
-        row["plan_saving"] = plan.kv_saving(held)
+        row["plan_saving"] = 1 - row["pod_formula"] / row["dense_formula"]
         row["matches_formula"] = row["dense_bytes"] == row["dense_formula"] and row["pod_bytes"] == row["pod_formula"]
         if cfg.selection_budget:
             row.update(pod_snapkv_row(model, plan, ids, cfg.selection_budget))
@@ -87,7 +94,7 @@ def run_memory(model, tok, plan, cfg: MemoryConfig) -> dict:
 
     disable_pod(model)
     return {"rows": rows, "all_match_formula": all(r["matches_formula"] for r in rows),
-            "selection_budget": cfg.selection_budget}
+            "selection_budget": cfg.selection_budget, "kv_bits": cfg.kv_bits, "plan_summary": plan.summary(4096)}
 
 
 def memory_markdown(result: dict) -> str:
