@@ -248,6 +248,11 @@ class PodCache(Cache):
             raise PodError(f"PodCache field 'kv_bits' = {kv_bits!r}: supported are None (the model's dtype) and 8")
         if not isinstance(kv_group, int) or kv_group < 1:
             raise PodError(f"PodCache field 'kv_group' must be a positive integer, got {kv_group!r}")
+        if kv_bits:
+            from podkv.cache.memory import head_dim
+
+            if head_dim(config) % kv_group:
+                raise PodError(f"PodCache field 'kv_group' = {kv_group} must divide the head dim {head_dim(config)}")
         self.plan, self.crop_margin, self.kv_bits, self.kv_group = plan, crop_margin, kv_bits, kv_group
         self.pad = None  # (B,) left-padding counts, fixed at prefill (see the property)
         self.in_forward = 0  # forwards of a PoD model using this cache right now (forward_scope.py)
