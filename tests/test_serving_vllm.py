@@ -311,6 +311,33 @@ def test_openai_server(reference, tmp_path):
     assert "| 16 concurrent == one by one | 16/16 equal |" in out.with_suffix(".md").read_text()
 
 
+def test_quality_server(reference, tmp_path):
+    """benchmarks/serving/quality_server.py end to end on the tiny Llama (SmolLM2 tokenizer): dense and PoD blocks
+    of 2 through vLLM's OpenAI server, 10 niah_single_noise prompts and 2 held-out windows each; every record is
+    scored, the report carries per-server intervals and paired differences, and the served greedy tokens (and one
+    window's NLL) equal podkv's own on the same prompts (reference in podkv's venv)."""
+    main = load_script("benchmarks/serving/quality_server.py").main
+    ref = json.loads(reference.read_text())
+    plan = SharingPlan.from_dict(ref["plans"]["block2"]).save(tmp_path / "plan.json")
+    out = tmp_path / "q.json"
+    assert main(["--model", ref["model"], "--plan", str(plan), "--tasks", "niah_single_noise", "--lengths", "256",
+                 "--samples", "10", "--nll-windows", "2", "--nll-length", "256", "--parity", "2",
+                 "--max-model-len", "512", "--max-num-batched-tokens", "64", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.with_name("q.records.jsonl").read_text().splitlines()]
+    assert len(records) == 2 * (10 + 2) and {r["method"] for r in records} == {"dense", "pod"}
+    r = json.loads(out.read_text())
+    sec = r["tasks"]["niah_single_noise"]
+    assert sec["methods"]["pod"]["256"]["n"] == 10 and len(sec["vs_dense"]["pod"]["256"]["diff_ci95"]) == 2
+    assert r["nll"]["methods"]["pod"]["ppl"]["n"] == 2 and r["plan"]["modes"] == {"pod": "keys"}
+    for method, p in r["parity"]["by_method"].items():
+        print(method, p["equal"], "/", p["n"], "NLL/token diff", p["nll_per_token"]["abs_diff"])
+        assert p["equal"] == p["n"] == 2, p["differing"]
+        assert p["nll_per_token"]["within"]
+    assert "| `niah_single_noise` | 256 |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert main(["--model", ref["model"], "--plan", str(plan), "--tasks", "nope", "--out", str(out)]) == 2
+
+
 def test_hybrid_manager_off_is_refused(reference):
     from vllm import LLM
 
