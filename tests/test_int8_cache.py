@@ -91,3 +91,24 @@ def test_bad_settings_are_one_line_errors():
         PodCache(model.config, plan, kv_bits=4)
     with pytest.raises(PodError, match="'kv_group' = 12 must divide the head dim 16"):
         PodCache(model.config, plan, kv_bits=8, kv_group=12)  # before any compute
+
+
+def test_enable_pod_kv_bits_makes_generate_use_an_8bit_cache():
+    """enable_pod(..., kv_bits=8): generate's default PodCache is 8-bit; greedy tokens of the tiny model match the
+    fp32 cache's here (4 layers, 12 tokens), and a bad setting fails at enable_pod, before any compute."""
+    from podkv.compat import output_cache
+
+    plan = random_plan(4, 2, 2, 4, seed=1)
+    ids = ids_for(1, 11, seed=2)
+    outs = {}
+    for bits in (None, 8):
+        model = enable_pod(tiny_model("llama"), plan, kv_bits=bits)
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None,
+                                 return_dict_in_generate=True)
+        cache = output_cache(out)
+        assert isinstance(cache, PodCache) and cache.kv_bits == bits
+        outs[bits] = out.sequences
+    assert torch.equal(outs[8], outs[None])
+    with pytest.raises(PodError, match="'kv_bits' = 4"):
+        enable_pod(tiny_model("llama"), plan, kv_bits=4)

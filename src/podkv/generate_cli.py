@@ -27,6 +27,8 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", action=Int, default=64)
     p.add_argument("--chat", action=argparse_bool(), default=True, help="wrap the prompt in the chat template")
     p.add_argument("--plan", type=Path, default=None, help="PoD sharing plan (JSON) to run with")
+    p.add_argument("--kv-bits", type=int, default=None, choices=(8,),
+                   help="8: hold the PodCache's token-long values and anchor keys in 8 bits (a PoD model or --plan)")
     p.set_defaults(func=run)
 
 
@@ -48,9 +50,12 @@ def run(args) -> int:
     ids = encode_prompt(tok, prompt, args.chat)
     cache = None
     if getattr(model.config, "pod_plan", None) is not None:
-        from podkv.cache.pod_cache import PodCache  # startup: transformers
+        from podkv.cache.pod_cache import pod_cache_for  # startup: transformers
+        from podkv.plan import plan_from_config
 
-        cache = PodCache(model.config)
+        cache = pod_cache_for(model.config, plan_from_config(model.config), args.kv_bits)
+    elif args.kv_bits:
+        raise PodError("--kv-bits needs a PoD model (e.g. --model smollm2-pod) or --plan: it sets the PodCache's storage")
     from transformers import TextStreamer  # startup: transformers
 
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)

@@ -425,6 +425,15 @@ class PodCache(Cache):
         return 0 if idx is None else idx.numel() * idx.element_size()
 
 
+def pod_cache_for(config, plan: SharingPlan, kv_bits: int | None = None, **kw) -> PodCache:
+    """The PodCache a PoD model makes when the caller gives none: ``plan``, in ``kv_bits`` (None or 8; 8-bit
+    groups of 64 channels, or the head dim if smaller)."""
+    from podkv.cache.memory import head_dim
+
+    bits = {} if kv_bits is None else {"kv_bits": kv_bits, "kv_group": min(64, head_dim(config))}
+    return PodCache(config, plan, **bits, **kw)
+
+
 GROWTH = 128  # tokens of spare room a value/key buffer grows by
 
 

@@ -22,7 +22,7 @@ import torch
 
 from podkv import compat
 from podkv.attention.interface import ATTN_NAME
-from podkv.cache.pod_cache import PodCache
+from podkv.cache.pod_cache import PodCache, pod_cache_for
 
 
 def install(model) -> None:
@@ -41,7 +41,7 @@ def _pod_forward(model, input_ids=None, attention_mask=None, position_ids=None, 
     inference = not (torch.is_grad_enabled() and model.training) and model.config._attn_implementation == ATTN_NAME
     cache = compat.given_cache(kwargs)
     if cache is None and inference and kwargs.get("use_cache", model.config.use_cache):
-        cache = PodCache(model.config, model.pod_runtime.plan)
+        cache = pod_cache_for(model.config, model.pod_runtime.plan, model.pod_runtime.kv_bits)
         for name in compat.CACHE_ARGS:
             call.pop(name, None)
         call[compat.CACHE_ARG] = cache

@@ -42,7 +42,8 @@ def decoder_layers(model) -> list:
     return sorted(layers, key=lambda m: m.self_attn.layer_idx)
 
 
-def enable_pod(model, plan: SharingPlan, *, chunk: int = DEFAULT_CHUNK, reference: bool = False):
+def enable_pod(model, plan: SharingPlan, *, chunk: int = DEFAULT_CHUNK, reference: bool = False,
+               kv_bits: int | None = None):
     """Make ``model`` use PoD attention with ``plan``; ``generate`` then defaults to a :class:`PodCache`.
 
     Parameters
@@ -51,13 +52,19 @@ def enable_pod(model, plan: SharingPlan, *, chunk: int = DEFAULT_CHUNK, referenc
         Queries scored per SDPA call during prefill (bounds memory at chunk x T per head).
     reference : bool
         Use the materialised reference attention instead (tests only; O(T^2) memory, no cache).
+    kv_bits : None or 8
+        The default PodCache's storage: 8 holds the token-long values and anchor keys in 8 bits
+        (:mod:`podkv.cache.int8`, groups of 64 channels or the head dim if smaller).
     """
     check_supported(model.config)
     plan.validate_for(model.config)
     register()
     if not hasattr(model, "_pod_saved"):
         model._pod_saved = {"attn": model.config._attn_implementation}
-    runtime = PodRuntime(plan=plan, chunk=chunk)
+    runtime = PodRuntime(plan=plan, chunk=chunk, kv_bits=kv_bits)
+    from podkv.cache.pod_cache import pod_cache_for  # startup: transformers
+
+    pod_cache_for(model.config, plan, kv_bits)  # a bad kv_bits fails here, before any compute
     for module in attention_modules(model):
         module.pod_runtime = runtime
     model.config.pod_plan = plan.to_dict()
@@ -98,14 +105,16 @@ def _generate_with_pod_cache(model, *args, **kwargs):
     Assisted and prompt-lookup decoding crop the cache after each round of candidates; the cache
     then keeps enough recent keys for that crop to be exact (pod_cache.py: ``crop_margin``).
     """
-    from podkv.cache.pod_cache import PodCache
+    from podkv.cache.pod_cache import PodCache, pod_cache_for
 
     _refuse_unsupported_modes(model, kwargs)
     if model.config._attn_implementation == ATTN_NAME and _setting(model, kwargs, "use_cache") is not False:
         margin = _crop_margin(model, args, kwargs)
         cache = compat.given_cache(kwargs)
         if cache is None and _setting(model, kwargs, "cache_implementation") is None:
-            kwargs.update(compat.cache_kwargs(PodCache(model.config, model.pod_runtime.plan, crop_margin=margin)))
+            runtime = model.pod_runtime
+            kwargs.update(compat.cache_kwargs(pod_cache_for(model.config, runtime.plan, runtime.kv_bits,
+                                                            crop_margin=margin)))
         elif isinstance(cache, PodCache):
             forward_scope.check_positions(cache, {})
             cache.reserve_crop_margin(margin)
