@@ -124,6 +124,10 @@ class Pod(Method):
 
         return PodCache(model.config, self.sharing_plan())
 
+    def describe(self) -> dict:
+        plan = self.sharing_plan()
+        return {"name": self.name, "budget": self.budget, "mode": plan.mode, "ns": plan.ns, "nr": plan.nr}
+
 
 class PodKV8(Pod):
     """PoD over an 8-bit PodCache (issue 21): the plan's policies, and the token-long values and anchor keys in
@@ -149,10 +153,6 @@ class PodKV8(Pod):
 
     def describe(self) -> dict:
         return {**super().describe(), "kv_bits": 8, "group": self.group}
-
-    def describe(self) -> dict:
-        plan = self.sharing_plan()
-        return {"name": self.name, "budget": self.budget, "mode": plan.mode, "ns": plan.ns, "nr": plan.nr}
 
 
 class PodScores(Pod):
