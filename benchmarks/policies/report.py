@@ -134,7 +134,7 @@ def figure(rep: dict):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(9.5, 4.8))
     fams = sorted({r["family"] for r in rep["rows"]})
     for i, fam in enumerate(fams):
         rs = [r for r in rep["rows"] if r["family"] == fam]
@@ -144,13 +144,15 @@ def figure(rep: dict):
                [(r["vs_dense"]["ci95"][1] if r["vs_dense"] else 0) - y for y, r in zip(ys, rs)]]
         ax.errorbar(xs, ys, yerr=err, fmt="o-" if len(rs) > 1 else "o", label=fam, capsize=3, color=f"C{i}")
     ax.axhline(2.0, color="grey", ls="--", lw=0.8)
-    ax.text(1, 2.0, " goal: within 2% of dense", va="bottom", fontsize=8, color="grey")
+    ax.text(0.01, 2.0, "goal: within 2% of dense", va="bottom", fontsize=8, color="grey",
+            transform=ax.get_yaxis_transform())
     ax.axvline(50, color="grey", ls=":", lw=0.8)
     ax.set_xlabel("KV saved at 4K tokens (%)")
     ax.set_ylabel("held-out NLL gap vs dense (%)")
     ax.set_yscale("symlog", linthresh=2)
     ax.set_title("SmolLM2-135M: KV policies and peers (paired 95% CI)")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
     return fig
 
 
