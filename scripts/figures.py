@@ -178,6 +178,20 @@ def readme_quality_ppl(q):
     return "held-out perplexity (stdlib docstrings, never trained on), 2K windows", text
 
 
+@row("README.md", "benchmarks/policies/pareto.json", "benchmarks/policies/run.sh")
+def readme_policies(p):
+    """Issue 21's sweep: every run's KV saved at 4K and its paired NLL gap; the goal at >= 50% saved."""
+    def cell(r):
+        g = r["vs_dense"]
+        gap = "0" if g is None else f"{g['gap_pct']:+.2f}% [{g['ci95'][0]:+.2f}, {g['ci95'][1]:+.2f}]"
+        return f"{r['run']} {pct(r['kv_saved_4k'])}: {bold_if(gap, r['run'] in p['pareto_front'])}"
+    runs = [r for r in p["rows"] if r["run"] != "dense"]
+    met = any(r["kv_saved_4k"] >= 0.5 and r["vs_dense"]["ci95"][1] <= 2.0 and "kv8" not in r["run"] for r in runs)
+    return ("KV saved at 4K vs held-out NLL gap to dense (issue 21 sweep: window-only pairs, smollm2-pod + window-only "
+            "pairs, 8-bit storage, peers; training-free except smollm2-pod's plan; 8 windows × 4K; bold: Pareto front)",
+            "; ".join(cell(r) for r in runs) + f" (≥ 50% saved without quantization within 2% of dense: {_met(met)})")
+
+
 @row("README.md", "benchmarks/memory.json", "podkv bench memory")
 def readme_kv_saving(m):
     rows = m["rows"]
