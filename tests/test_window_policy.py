@@ -187,3 +187,22 @@ def test_training_gradients_equal_reference(mode):
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=GRAD[0], atol=GRAD[1], msg=n)
+
+
+def test_gate_skip_on_window_plans_asks_only_shared_heads():
+    """Gate skipping never predicts for a window-only head (it has no anchor); tau > 1 equals plain PoD."""
+    model = tiny_model("llama")
+    plan = window_plan(seed=1)
+    ids = ids_for(2, 40, seed=7)
+    with torch.no_grad():
+        plain = _fed(model, plan, ids, (30, 1))
+        enable_pod(model, plan)
+        model.pod_runtime.skip_tau = 1.5
+        cache, outs = PodCache(model.config), []
+        outs.append(model(ids[:, :30], **cache_kwargs(cache)).logits)
+        outs += [model(ids[:, t:t + 1], **cache_kwargs(cache)).logits for t in range(30, 40)]
+        skip = model.pod_runtime.skip
+        disable_pod(model)
+    assert_close(torch.cat(outs, dim=1), plain, what="tau 1.5 vs plain PoD, window plan")
+    shared = sum(len(plan.shared_heads(l)) for l in range(4) if plan.shared_heads(l))
+    assert skip.shared_passes == 10 * shared  # window-only heads are not counted as skippable passes
