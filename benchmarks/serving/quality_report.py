@@ -156,7 +156,7 @@ def figure(report: dict, path: Path) -> Path:
     axes[0].set_xticks([i + 0.4 - width / 2 for i in range(len(cells))], [f"{t}\n{L}" for t, L in cells], fontsize=8)
     axes[0].set_ylabel("score % (95% CI)")
     axes[0].legend(fontsize=8)
-    axes[1].set_xticks(range(len(methods)), methods, fontsize=8)
+    axes[1].set_xticks(range(len(methods)), methods, fontsize=8, rotation=30, ha="right")
     axes[1].set_ylabel("held-out NLL / token (95% CI)")
     fig.suptitle(f"through vLLM's OpenAI server: {report['settings']['plan']}", fontsize=9)
     return save_figure(fig, path)
