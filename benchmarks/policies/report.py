@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 SHIPPED = HERE.parents[1] / "src/podkv/assets/smollm2-pod/pod_plan.json"
 CONTEXT = 4096
 ON_POD_WEIGHTS = ("control", "smollm2-pod", "pod+window-")  # runs whose weights are smollm2-pod's
-FAMILY = {"window-": "window-only pairs (original weights)", "pod+window-+kv8": "smollm2-pod + window-only, 8-bit",
+FAMILY = {"window-+kv8": "window-only pairs, 8-bit (original weights)", "window-": "window-only pairs (original weights)", "pod+window-+kv8": "smollm2-pod + window-only, 8-bit",
           "pod+window-": "smollm2-pod + window-only pairs",
           "smollm2-pod": "smollm2-pod (shipped)", "kv8": "8-bit KV (HQQ)", "smollm2-pod+kv8": "smollm2-pod, 8-bit", "streaming-": "StreamingLLM",
           "snapkv-": "SnapKV", "pyramidkv-": "PyramidKV", "control": "smollm2-pod weights, dense attention",
@@ -38,8 +38,8 @@ FAMILY = {"window-": "window-only pairs (original weights)", "pod+window-+kv8": 
 
 
 def family(name: str) -> str:
-    if name.startswith("pod+window-") and name.endswith("+kv8"):
-        return FAMILY["pod+window-+kv8"]
+    if name.endswith("+kv8") and name.startswith(("pod+window-", "window-")):
+        return FAMILY[name.split("-")[0] + "-+kv8"]
     return next(v for k, v in FAMILY.items() if name == k or (k.endswith("-") and name.startswith(k)))
 
 

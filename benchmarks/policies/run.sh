@@ -12,7 +12,7 @@ OUT=${OUT:-runs/policies}
 HERE=benchmarks/policies
 SHIPPED=src/podkv/assets/smollm2-pod/pod_plan.json
 PPL="--tasks ppl --lengths 4096 --samples 8 --seed 0 --threads 1 --quiet"
-WINDOWS=${WINDOWS:-23 45 60}          # window-only pairs on the original weights (about 1.04% of KV at 4K each)
+WINDOWS=${WINDOWS:-23 45 48 60}          # window-only pairs on the original weights (about 1.04% of KV at 4K each)
 ADDED=${ADDED:-10 20 30}              # window-only pairs added to smollm2-pod's plan (block ends)
 BUDGETS=${BUDGETS:-0.5 0.3}           # eviction peers' KV budgets
 per_pair=$(python -c "print((4096 - 256) / (2 * 30 * 3 * 4096))")  # one shared pair's saving at 4K, SmolLM2
@@ -41,6 +41,7 @@ run() {  # run NAME: one `podkv eval compare` of held-out NLL
     smollm2-pod) args="--model smollm2-pod --methods pod";;
     smollm2-pod+kv8) args="--model smollm2-pod --methods pod+kv8";;
     pod+window-*+kv8) args="--model smollm2-pod --methods pod+kv8 --plan $HERE/plans/${name%+kv8}.json";;
+    window-*+kv8) args="--methods pod+kv8 --plan $HERE/plans/${name%+kv8}.json";;
     window-*) args="--methods pod --plan $HERE/plans/$name.json";;
     pod+window-*) args="--model smollm2-pod --methods pod --plan $HERE/plans/$name.json";;
     streaming-*|snapkv-*|pyramidkv-*) args="--methods ${name%-*} --budget ${name##*-}";;
@@ -55,6 +56,7 @@ gather() {  # records of runs made elsewhere (other worktrees, same OUT) -> ppl/
 }
 all_runs="dense control kv8 smollm2-pod smollm2-pod+kv8"
 for n in $WINDOWS; do all_runs="$all_runs window-$n"; done
+all_runs="$all_runs window-48+kv8"
 for n in $ADDED; do all_runs="$all_runs pod+window-$n pod+window-$n+kv8"; done
 for b in $BUDGETS; do all_runs="$all_runs streaming-$b snapkv-$b pyramidkv-$b"; done
 steps=${*:-analysis plans $(for r in $all_runs; do echo ppl-$r; done) report}
