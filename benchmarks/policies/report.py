@@ -87,6 +87,33 @@ def gap(recs: list[dict], base: list[dict]) -> dict:
     return {"gap_pct": sum(diffs) / len(diffs), "ci95": [lo, hi], "n": len(pairs)}
 
 
+def ruler_section() -> dict:
+    """RULER-style scores of runs in ruler/<run>.jsonl, paired with dense's records of the quality benchmark on the
+    same prompts (prompts depend only on seed, task, length and sample; the needle is checked to be the same):
+    per task and length, the score, dense's, and the paired difference in points with its bootstrap CI."""
+    dense = {}
+    for f in (HERE.parent / "quality/needles/dense.jsonl", HERE.parent / "quality/ruler/dense.jsonl"):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            dense[(r["task"], r["length"], r["sample"])] = r
+    out = {}
+    for f in sorted((HERE / "ruler").glob("*.jsonl")):
+        cells: dict = {}
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            d = dense.get((r["task"], r["length"], r["sample"]))
+            if d is None:
+                continue
+            if d.get("value") != r.get("value"):
+                raise SystemExit(f"{f.name}: {r['task']} sample {r['sample']} at {r['length']} is not dense's prompt")
+            cells.setdefault(f"{r['task']}@{r['length']}", []).append((100 * r["score"], 100 * d["score"]))
+        out[f.stem] = {key: {"score": sum(a for a, _ in v) / len(v), "dense": sum(b for _, b in v) / len(v),
+                             "diff": sum(a - b for a, b in v) / len(v),
+                             "diff_ci95": list(bootstrap([a - b for a, b in v])), "n": len(v)}
+                       for key, v in sorted(cells.items())}
+    return out
+
+
 def build() -> dict:
     runs = load_runs()
     if "dense" not in runs:
@@ -108,6 +135,7 @@ def build() -> dict:
             front.append(r["run"])
             best = g
     return {"context": CONTEXT, "quality": "held-out NLL/token, 8 windows x 4096 tokens, second half scored",
+            "ruler": ruler_section(),
             "model": "SmolLM2-135M-Instruct (smollm2-pod: its adapted weights)", "rows": rows, "pareto_front": front,
             "goal": "issue 21: >= 50% KV saved at 4K (no quantization) with NLL within 2% of dense"}
 
@@ -125,6 +153,11 @@ def markdown(rep: dict) -> str:
         gc = "" if gc is None else f"{gc['gap_pct']:+.2f} [{gc['ci95'][0]:+.2f}, {gc['ci95'][1]:+.2f}]"
         star = "*" if r["run"] in rep["pareto_front"] else ""
         lines.append(f"| {r['run']}{star} | {r['family']} | {100 * r['kv_saved_4k']:.1f}% | {r['nll']:.4f} | {gd} | {gc} |")
+    for run, cells in rep["ruler"].items():
+        lines += ["", f"## RULER-style tasks: {run} − dense (points, paired 95% CI; dense records of benchmarks/quality)", "",
+                  "| task @ length | score | dense | Δ [95% CI] | n |", "|---|---|---|---|---|"]
+        lines += [f"| {k} | {c['score']:.1f} | {c['dense']:.1f} | {c['diff']:+.1f} [{c['diff_ci95'][0]:+.1f}, "
+                  f"{c['diff_ci95'][1]:+.1f}] | {c['n']} |" for k, c in cells.items()]
     return "\n".join(lines) + "\n"
 
 

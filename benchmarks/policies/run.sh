@@ -2,7 +2,8 @@
 # Issue 21's Pareto sweep: KV saved at 4K against held-out NLL, for podkv's policies (window-only pairs alone,
 # the shipped smollm2-pod, smollm2-pod + window-only pairs) and the peers (8-bit KV, StreamingLLM, SnapKV,
 # PyramidKV) on the same held-out windows. Training-free: no plan here was adapted to (smollm2-pod's own plan was).
-#   benchmarks/policies/run.sh [STEP ...]     steps: analysis plans ppl-<name> report (default: all)
+#   benchmarks/policies/run.sh [STEP ...]     steps: analysis plans ppl-<name> ruler-<plan> gather report
+#                                              (default: analysis, plans, every ppl run, ruler-window-48, report)
 # Held-out NLL: 8 windows of 4096 held-out tokens (stdlib docstrings), the second half scored given the first.
 # The head scores (distant attention mass + retrieval score per (layer, KV head)) come from `podkv analyze` on
 # plan-split lookups (help topics): no evaluation prompt is seen by a plan.
@@ -50,20 +51,32 @@ run() {  # run NAME: one `podkv eval compare` of held-out NLL
   podkv eval compare $args $PPL --out "$OUT/ppl/$name" --force
   mkdir -p "$HERE/ppl"; cp "$OUT/ppl/$name/records.jsonl" "$HERE/ppl/$name.jsonl"
 }
+ruler() {  # ruler NAME: the five RULER-style tasks on a plan of plans/, 50 prompts per length, seed 0: the prompts of
+  # benchmarks/quality, so report.py pairs them with its dense records (no dense rerun)
+  local name=$1 lengths=${RULER_LENGTHS:-1024}
+  podkv eval compare --methods pod --plan "$HERE/plans/$name.json" --lengths "$lengths" --samples 50 --seed 0 \
+    --tasks niah_single_prose,niah_single_noise,niah_multikey,niah_multivalue,vt --threads 1 --budget 0.76 --quiet \
+    --out "$OUT/ruler/$name-${lengths//,/_}" --force
+  mkdir -p "$HERE/ruler"; cat "$OUT/ruler/$name"-[0-9]*/records.jsonl > "$HERE/ruler/$name.jsonl"
+}
 gather() {  # records of runs made elsewhere (other worktrees, same OUT) -> ppl/ here
   mkdir -p "$HERE/ppl"
   for d in "$OUT"/ppl/*/; do cp "$d/records.jsonl" "$HERE/ppl/$(basename "$d").jsonl"; done
+  for n in $(ls "$OUT/ruler" 2>/dev/null | sed 's/-[0-9_]*$//' | sort -u); do
+    mkdir -p "$HERE/ruler"; cat "$OUT/ruler/$n"-[0-9]*/records.jsonl > "$HERE/ruler/$n.jsonl"
+  done
 }
 all_runs="dense control kv8 smollm2-pod smollm2-pod+kv8"
 for n in $WINDOWS; do all_runs="$all_runs window-$n"; done
 all_runs="$all_runs window-48+kv8"
 for n in $ADDED; do all_runs="$all_runs pod+window-$n pod+window-$n+kv8"; done
 for b in $BUDGETS; do all_runs="$all_runs streaming-$b snapkv-$b pyramidkv-$b"; done
-steps=${*:-analysis plans $(for r in $all_runs; do echo ppl-$r; done) report}
+steps=${*:-analysis plans $(for r in $all_runs; do echo ppl-$r; done) ruler-window-48 report}
 for s in $steps; do
   case $s in
     analysis|plans|gather) $s;;
     ppl-*) run "${s#ppl-}";;
+    ruler-*) ruler "${s#ruler-}";;
     report) python "$HERE/report.py";;
     *) echo "unknown step $s" >&2; exit 2;;
   esac
