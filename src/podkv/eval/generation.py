@@ -68,8 +68,17 @@ def continuation_nll(model, method, context: torch.Tensor, target: torch.Tensor)
     pre = prefill(model, method, context)
     C = context.shape[1]
     pos = torch.arange(C, C + target.shape[1] - 1, device=context.device)[None]
-    logits = model(input_ids=target[:, :-1], past_key_values=pre.cache, position_ids=pos, cache_position=pos[0],
-                   use_cache=True).logits.float()
+    held = {layer.get_seq_length() for layer in getattr(pre.cache, "layers", [])} or {C}  # tokens each layer holds
+    if len(held) > 1:  # per-layer budgets (PyramidKV): no one causal mask fits every layer: a token at a time
+        logits = torch.cat([model(input_ids=target[:, i:i + 1], past_key_values=pre.cache, position_ids=pos[:, i:i + 1],
+                                  cache_position=pos[0, i:i + 1], use_cache=True).logits.float()
+                            for i in range(target.shape[1] - 1)], dim=1)
+    else:
+        # RoPE at the true positions, the causal mask over the cache's own slots: an evicting cache holds fewer
+        # tokens than C, and a mask built from positions would let each target token see the ones after it
+        slots = pos[0] - C + held.pop()
+        logits = model(input_ids=target[:, :-1], past_key_values=pre.cache, position_ids=pos, cache_position=slots,
+                       use_cache=True).logits.float()
     logits = torch.cat([pre.next_logits[:, None], logits], dim=1)  # (1, S, V)
     return token_nll(logits[0], target[0]), int(target.shape[1]), pre
 
