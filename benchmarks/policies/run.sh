@@ -3,7 +3,8 @@
 # the shipped smollm2-pod, smollm2-pod + window-only pairs) and the peers (8-bit KV, StreamingLLM, SnapKV,
 # PyramidKV) on the same held-out windows. Training-free: no plan here was adapted to (smollm2-pod's own plan was).
 #   benchmarks/policies/run.sh [STEP ...]     steps: analysis plans ppl-<name> ruler-<plan> gather report
-#                                              (default: analysis, plans, every ppl run, ruler-window-48, report)
+#                                              (default: analysis, plans, every ppl run, ruler-window-48,
+#                                              ruler-pod+window-30, report)
 # Held-out NLL: 8 windows of 4096 held-out tokens (stdlib docstrings), the second half scored given the first.
 # The head scores (distant attention mass + retrieval score per (layer, KV head)) come from `podkv analyze` on
 # plan-split lookups (help topics): no evaluation prompt is seen by a plan.
@@ -53,8 +54,9 @@ run() {  # run NAME: one `podkv eval compare` of held-out NLL
 }
 ruler() {  # ruler NAME: the five RULER-style tasks on a plan of plans/, 50 prompts per length, seed 0: the prompts of
   # benchmarks/quality, so report.py pairs them with its dense records (no dense rerun)
-  local name=$1 lengths=${RULER_LENGTHS:-1024}
-  podkv eval compare --methods pod --plan "$HERE/plans/$name.json" --lengths "$lengths" --samples 50 --seed 0 \
+  local name=$1 lengths=${RULER_LENGTHS:-1024} model=""
+  case $name in pod+window-*) model="--model smollm2-pod";; esac  # plans added to smollm2-pod's run on its weights
+  podkv eval compare $model --methods pod --plan "$HERE/plans/$name.json" --lengths "$lengths" --samples 50 --seed 0 \
     --tasks niah_single_prose,niah_single_noise,niah_multikey,niah_multivalue,vt --threads 1 --budget 0.76 --quiet \
     --out "$OUT/ruler/$name-${lengths//,/_}" --force
   mkdir -p "$HERE/ruler"; cat "$OUT/ruler/$name"-[0-9]*/records.jsonl > "$HERE/ruler/$name.jsonl"
@@ -71,7 +73,7 @@ for n in $WINDOWS; do all_runs="$all_runs window-$n"; done
 all_runs="$all_runs window-48+kv8"
 for n in $ADDED; do all_runs="$all_runs pod+window-$n pod+window-$n+kv8"; done
 for b in $BUDGETS; do all_runs="$all_runs streaming-$b snapkv-$b pyramidkv-$b"; done
-steps=${*:-analysis plans $(for r in $all_runs; do echo ppl-$r; done) ruler-window-48 report}
+steps=${*:-analysis plans $(for r in $all_runs; do echo ppl-$r; done) ruler-window-48 ruler-pod+window-30 report}
 for s in $steps; do
   case $s in
     analysis|plans|gather) $s;;
