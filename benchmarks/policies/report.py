@@ -175,7 +175,9 @@ def figure(rep: dict):
         ys = [r["vs_dense"]["gap_pct"] if r["vs_dense"] else 0.0 for r in rs]
         err = [[y - (r["vs_dense"]["ci95"][0] if r["vs_dense"] else 0) for y, r in zip(ys, rs)],
                [(r["vs_dense"]["ci95"][1] if r["vs_dense"] else 0) - y for y, r in zip(ys, rs)]]
-        ax.errorbar(xs, ys, yerr=err, fmt="o-" if len(rs) > 1 else "o", label=fam, capsize=3, color=f"C{i}")
+        marker = "s" if "8-bit" in fam else "o"  # 8-bit storage: squares
+        ax.errorbar(xs, ys, yerr=err, fmt=marker + ("-" if len(rs) > 1 else ""), label=fam, capsize=3,
+                    color=plt.cm.tab20(i % 20))
     ax.axhline(2.0, color="grey", ls="--", lw=0.8)
     ax.text(0.01, 2.0, "goal: within 2% of dense", va="bottom", fontsize=8, color="grey",
             transform=ax.get_yaxis_transform())
