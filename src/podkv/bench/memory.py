@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from podkv.bench.common import PeakMemory, new_cache, prefill_decode, token_ids
 from podkv.bench.report import md_table, plot_lines
-from podkv.cache.memory import cache_bytes, dense_kv_bytes, head_dim, pod_kv_bytes
+from podkv.cache.memory import cache_bytes, dense_kv_bytes, pod_kv_bytes
 from podkv.cache.selection import kept_tokens_for_budget
 from podkv.errors import PodError
 from podkv.eval.generation import prefill
@@ -62,7 +62,9 @@ def pod_snapkv_row(model, plan, ids, budget: float) -> dict:
 def run_memory(model, tok, plan, cfg: MemoryConfig) -> dict:
     """Measure dense and PoD KV bytes at every length; returns the result dict (rows + checks)."""
     config, dtype = model.config, model.dtype
-    bits = {} if cfg.kv_bits is None else {"kv_bits": cfg.kv_bits, "kv_group": min(64, head_dim(config))}
+    from podkv.cache.pod_cache import storage  # startup: transformers
+
+    bits = storage(config, cfg.kv_bits)
     rows = []
     for method in ("dense", "pod"):  # warm-up: the first run's allocator growth is not the cache's
         prefill_decode(model, token_ids(tok, config.vocab_size, cfg.batch, 64).to(model.device),

@@ -22,6 +22,7 @@ import torch
 from podkv.errors import PodError
 
 GROWTH = 128  # tokens of spare room the buffers grow by (as PodCache's float buffers)
+GROUP = 64  # channels per scale and zero (the kv8 peer's group), or the head dim when smaller
 
 
 class Int8Tokens:

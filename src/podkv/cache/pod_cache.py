@@ -39,7 +39,7 @@ from transformers.cache_utils import Cache
 
 from podkv import compat
 from podkv.cache import window
-from podkv.cache.int8 import Int8Tokens
+from podkv.cache.int8 import GROUP, Int8Tokens
 from podkv.cache.window import transition as _proximal_transition  # noqa: F401  (selection.py)
 from podkv.errors import PodError
 from podkv.plan import SharingPlan
@@ -62,6 +62,7 @@ class PodLayer(compat.CacheLayer):
         self.ring_heads = sorted(self.shared_heads + self.window_heads)  # keys in k_prox
         self.value_heads = sorted(self.anchor_heads + self.shared_heads)  # values of every token, in v
         self.vrow = {h: n for n, h in enumerate(self.value_heads)}  # KV head -> its row of v
+        self.wrow = {h: n for n, h in enumerate(self.window_heads)}  # window-only KV head -> its row of v_prox
         stored = self.anchor_heads + self.ring_heads  # held() stacks [anchor | ring] keys; this undoes it
         self._head_order = [stored.index(h) for h in range(len(stored))]
         stored = self.value_heads + self.window_heads  # ... and [v | v_prox] values
@@ -211,7 +212,7 @@ class PodStep:
         store, idx = self.store, self.idx
         B, n = idx.shape
         gather = idx.clamp(min=0)[:, None, :, None].expand(B, 1, n, store.v.shape[-1])
-        window = {h: w for w, h in enumerate(store.window_heads)}
+        window = store.wrow
         values = torch.cat([self.v_prox[:, window[h]:window[h] + 1] if h in window else
                             torch.gather(store.values_of(h, h + 1), 2, gather) for h in store.ring_heads], dim=1)
         return self.k_prox, values, idx
@@ -425,13 +426,17 @@ class PodCache(Cache):
         return 0 if idx is None else idx.numel() * idx.element_size()
 
 
-def pod_cache_for(config, plan: SharingPlan, kv_bits: int | None = None, **kw) -> PodCache:
-    """The PodCache a PoD model makes when the caller gives none: ``plan``, in ``kv_bits`` (None or 8; 8-bit
-    groups of 64 channels, or the head dim if smaller)."""
+def storage(config, kv_bits: int | None) -> dict:
+    """PodCache / ``pod_kv_bytes`` keywords for ``kv_bits`` (None or 8): 8-bit groups of :data:`GROUP` channels,
+    or the head dim if smaller."""
     from podkv.cache.memory import head_dim
 
-    bits = {} if kv_bits is None else {"kv_bits": kv_bits, "kv_group": min(64, head_dim(config))}
-    return PodCache(config, plan, **bits, **kw)
+    return {} if kv_bits is None else {"kv_bits": kv_bits, "kv_group": min(GROUP, head_dim(config))}
+
+
+def pod_cache_for(config, plan: SharingPlan, kv_bits: int | None = None, **kw) -> PodCache:
+    """The PodCache a PoD model makes when the caller gives none: ``plan``, in ``kv_bits``."""
+    return PodCache(config, plan, **storage(config, kv_bits), **kw)
 
 
 GROWTH = 128  # tokens of spare room a value/key buffer grows by

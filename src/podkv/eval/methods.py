@@ -134,25 +134,27 @@ class PodKV8(Pod):
     8 bits, groups of 64 channels or the head dim if smaller (:mod:`podkv.cache.int8`, the kv8 peer's bit layout)."""
 
     name = "pod+kv8"
-    group: ClassVar[int] = 64
 
     def group_for(self, config) -> int:
-        from podkv.cache.memory import head_dim
+        from podkv.cache.pod_cache import storage  # startup: transformers
 
-        return min(self.group, head_dim(config))
+        return storage(config, 8)["kv_group"]
 
     def held_fraction(self, config, plan, T: int) -> float:
         from podkv.cache.memory import dense_kv_bytes, pod_kv_bytes
+        from podkv.cache.pod_cache import storage  # startup: transformers
 
-        return pod_kv_bytes(config, plan, T, kv_bits=8, kv_group=self.group_for(config)) / dense_kv_bytes(config, T)
+        return pod_kv_bytes(config, plan, T, **storage(config, 8)) / dense_kv_bytes(config, T)
 
     def new_cache(self, model):
-        from podkv.cache.pod_cache import PodCache  # startup: transformers
+        from podkv.cache.pod_cache import pod_cache_for  # startup: transformers
 
-        return PodCache(model.config, self.sharing_plan(), kv_bits=8, kv_group=self.group_for(model.config))
+        return pod_cache_for(model.config, self.sharing_plan(), 8)
 
     def describe(self) -> dict:
-        return {**super().describe(), "kv_bits": 8, "group": self.group}
+        from podkv.cache.int8 import GROUP
+
+        return {**super().describe(), "kv_bits": 8, "group": GROUP}
 
 
 class PodScores(Pod):
