@@ -82,6 +82,24 @@ def test_left_padded_batch_equals_reference(count_block_steps):
     assert count_block_steps
 
 
+@pytest.mark.parametrize("tile", [1, 7, 40])
+def test_score_tiles_equal_reference(monkeypatch, tile, count_block_steps):
+    """The distant pass split into tiles of a few scores (one head, a few rows each; prefill's cache-sized
+    tiles on the real model) equals the reference, padding rows included."""
+    monkeypatch.setattr(block_pass, "TILE", tile)
+    model = tiny_model("llama")
+    plan = random_plan(4, 2, 3, 6, seed=7, mode="scores")
+    ids = ids_for(2, 34, seed=7)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        ref = _reference(model, plan, ids, mask)
+        fast = _fed(model, plan, ids, (6, 6, 1), mask)
+    real = mask.bool()
+    assert_close(fast[real], ref[real], what=f"score tiles of {tile} vs reference")
+    assert count_block_steps
+
+
 def test_bf16_within_bf16_tolerance():
     model = tiny_model("llama")
     plan = random_plan(4, 2, 3, 6, seed=3, mode="scores")
@@ -102,15 +120,36 @@ def test_identity_scores_plan_equals_dense():
     assert_close(fast, dense, what="identity scores plan vs dense")
 
 
-def test_long_chunks_take_the_general_path(count_block_steps):
-    """A step longer than nr needs values later layers have not written yet: the general path, still exact."""
+@pytest.mark.parametrize("granularity", ["head", "layer"])
+@pytest.mark.parametrize("sizes", [(40,), (20, 1), (7, 13, 11, 1)])
+def test_steps_longer_than_nr_equal_reference(granularity, sizes, count_block_steps):
+    """Steps of more than nr tokens read some of their own tokens as distant: the anchor keeps those exp-scores
+    and each member applies them to the values it stores on its turn. Whole prompt in one step included."""
+    model = tiny_model("llama")
+    plan = random_plan(4, 2, 2, 4, seed=4, mode="scores")
+    if granularity == "layer":
+        plan = SharingPlan.uniform(4, 2, 2, ns=2, nr=4, mode="scores")
+    ids = ids_for(2, 40, seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        ref = _reference(model, plan, ids, mask)
+        fast = _fed(model, plan, ids, sizes, mask, prefill_chunk=64)  # the model may feed whole steps at once
+    real = mask.bool()
+    assert_close(fast[real], ref[real], what=f"{granularity} steps {sizes} vs reference")
+    assert len(count_block_steps) > 0 and set(count_block_steps) == set(range(4))
+
+
+def test_steps_past_the_limit_take_the_general_path(monkeypatch, count_block_steps):
+    """Past STEP_LIMIT (the kept exp-scores grow with the step's square) the general path, still exact."""
+    monkeypatch.setattr(block_pass, "STEP_LIMIT", 8)
     model = tiny_model("llama")
     plan = random_plan(4, 2, 2, 4, seed=4, mode="scores")
     ids = ids_for(1, 24, seed=4)
     with torch.no_grad():
         ref = _reference(model, plan, ids)
         with pytest.warns(UserWarning, match="general path"):
-            fast = _fed(model, plan, ids, (20, 1), prefill_chunk=64)  # the model may feed 20 tokens at once
+            fast = _fed(model, plan, ids, (20, 1), prefill_chunk=64)
     assert_close(fast, ref, what="long chunk then decode")
     assert len(count_block_steps) == 4 * 4  # the 4 decode steps only
 

@@ -15,10 +15,13 @@ so the merge is a rescale — the same single softmax as the reference (paper §
 g = σ(lseP − lseD); :mod:`podkv.attention.lse`).
 
 When does the cache hold what the block needs? A query at cache index i reads distant tokens
-[pad + ns, i − nr]. For a step of L queries [i0, i0 + L) that is at most index i0 + L − 1 − nr < i0
-when L <= nr: tokens from earlier steps, whose values every layer already stored. So this path covers
-decode (L = 1) and prefill fed in chunks of at most ``nr`` tokens (:mod:`podkv.models.chunked_forward`
-does that). Anything else — a longer chunk, training — takes the general path of
+[pad + ns, i − nr]. For a step of L queries [i0, i0 + L) those are tokens of earlier steps, whose values
+every layer already stored, plus — when L > nr — the step's own tokens [i0, i0 + L − nr). The member
+layers have not stored values for those yet when the anchor runs, so the anchor keeps its exp-scores
+over them (L × (L − nr) per query head) and each member applies them to its own values when its turn
+comes. That is exact too, and lets prefill go in steps of a few hundred tokens (:mod:`podkv.models.
+chunked_forward`; 2·nr by default), where the weight products run well, instead of at most nr.
+Steps longer than ``STEP_LIMIT`` (memory grows with L²) and training take the general path of
 :mod:`podkv.attention.chunked`, which recomputes the anchor scores in every layer.
 
 Per step and KV head this reads the anchor's distant keys once per block instead of once per layer,
@@ -35,10 +38,14 @@ from podkv.attention.lse import to_bias
 from podkv.attention.reference import allowed_mask, distant_span, proximal_mask
 
 
+STEP_LIMIT = 1024  # longest step the block pass takes (tokens); longer ones take the general path
+
+
 def block_pass_applies(cache, query: torch.Tensor, enabled: bool = True) -> bool:
-    """Steps this module computes: ``scores`` mode, at most ``nr`` queries, no autograd."""
+    """Steps this module computes: ``scores`` mode, no autograd, at most ``max(nr, STEP_LIMIT)`` queries
+    (a step's own distant scores wait for the block's later layers: memory grows with its square)."""
     plan = cache.plan
-    return (enabled and plan.mode == "scores" and query.shape[2] <= plan.nr
+    return (enabled and plan.mode == "scores" and query.shape[2] <= max(plan.nr, STEP_LIMIT)
             and not (torch.is_grad_enabled() and query.requires_grad))
 
 
@@ -52,10 +59,10 @@ def pod_block_attention(step, query: torch.Tensor, key: torch.Tensor, scale: flo
     G = Hq // H
     qg = query.reshape(B, H, G * L, D)  # the G query heads of a KV head act as G*L queries (rows g*L + l)
     i0, i1 = step.i0, step.i1
-    stash = cache.per_step("block_distant", dict)  # member layer -> list of (h0, h1, out, peak, total)
+    stash = cache.per_step("block_distant", dict)  # member layer -> list of (h0, h1, out, peak, total, waiting)
 
     _anchor_distant(cache, layer, qg, i0, i1, G, scale, stash)
-    out = _proximal_merged(step, qg, key, G, scale, stash.pop(layer, ()))
+    out = _proximal_merged(step, qg, key, G, scale, _own_values_applied(cache, layer, stash.pop(layer, ())))
     return out.reshape(B, Hq, L, D).to(query.dtype)
 
 
@@ -76,30 +83,83 @@ def _anchor_distant(cache, layer, qg, i0, i1, G, scale, stash) -> None:
         return  # no query of this step has a distant token
     members = [tuple(block_members(plan, layer, h)) for h in heads]
     bias, cols = _distant_bias(cache, i0, i1, lo, hi, G)
+    split = min(max(i0, lo), hi)  # distant tokens [lo, split) are from earlier steps, [split, hi) from this one
     q = qg * scale  # (B, H, G*L, D): scaling the few queries beats scaling the many scores
+    B, rows = qg.shape[0], qg.shape[2]
     for (p0, p1), (j0, j1) in head_runs(heads, list(range(len(heads))), members):
         h0, h1 = heads[p0], heads[p0] + p1 - p0
-        for a, b in _slices(h0, h1, qg.shape[0] * qg.shape[2] * (hi - lo)):
-            s = torch.matmul(q[:, a:b], store.k_full[:, j0 + a - h0:j0 + b - h0, lo:hi].transpose(-1, -2))
+        for a, b, r0, r1 in _tiles(h0, h1, rows, B * (hi - lo)):
+            s = torch.matmul(q[:, a:b, r0:r1], store.k_full[:, j0 + a - h0:j0 + b - h0, lo:hi].transpose(-1, -2))
             if bias is not None:  # only the last `cols` columns are hidden from some rows
-                s[..., s.shape[-1] - cols:] += bias
+                s[..., s.shape[-1] - cols:] += bias[:, :, r0:r1]
             # Unnormalised softmax in place (max, exp, sum: three passes over the scores). Each member gets
             # exp(s - peak) @ V_m with peak and total; it normalises once, after merging (_proximal_merged).
-            peak = s.amax(dim=-1, keepdim=True).nan_to_num_(0.0, neginf=0.0)  # (B, h, G*L, 1); 0: row of -inf
+            peak = s.amax(dim=-1, keepdim=True).nan_to_num_(0.0, neginf=0.0)  # (B, h, r, 1); 0: row of -inf
             s.sub_(peak).exp_()
-            total = _f32(s.sum(dim=-1, keepdim=True))  # (B, h, G*L, 1); 0: a row with no distant key
+            total = _f32(s.sum(dim=-1, keepdim=True))  # (B, h, r, 1); 0: a row with no distant key
             peak = _f32(peak)
+            own = (s[..., split - lo:].clone(), split, hi) if split < hi and len(members[p0]) > 1 else None
             for m in members[p0]:
-                o = _f32(torch.matmul(s, cache.layers[m].values_of(a, b)[:, :, lo:hi]))  # (B, h, G*L, D), unnormalised
-                stash.setdefault(m, []).append((a, b, o, peak, total))
+                if m == layer or own is None:  # every distant value of this step is in m's cache already
+                    o, waiting = _f32(torch.matmul(s, cache.layers[m].values_of(a, b)[:, :, lo:hi])), None
+                elif split == lo:  # all of them are the step's own: m stores their values when its turn comes
+                    o, waiting = s.new_zeros(*s.shape[:-1], store.v.shape[-1], dtype=torch.float32), own
+                else:
+                    o = _f32(torch.matmul(s[..., :split - lo], cache.layers[m].values_of(a, b)[:, :, lo:split]))
+                    waiting = own
+                _stash(stash, m, a, b, r0, r1, rows, o, peak, total, waiting)
 
 
-def _slices(h0: int, h1: int, per_head: int, budget: int = 1 << 24):
-    """Head ranges whose score matrix stays under ``budget`` elements (a prefill chunk of 240 queries
-    against 8K tokens is 2M scores per head and batch row)."""
-    step = max(1, budget // max(1, per_head))
+def _own_values_applied(cache, layer, parts) -> list:
+    """Finish the distant parts an anchor left for ``layer``: add ``exp(s − peak) @ V`` over the step's own
+    distant tokens, whose values this layer has just stored -> (h0, h1, o, peak, total) per head range."""
+    done = []
+    for a, b, o, peak, total, waiting in parts:
+        if waiting is not None:
+            weights, split, hi = waiting
+            o = o + torch.matmul(weights, cache.layers[layer].values_of(a, b)[:, :, split:hi]).float()
+        done.append((a, b, o, peak, total))
+    return done
+
+
+TILE = 1 << 21  # scores per tile: 8 MB in float32, which the three softmax passes then read from cache
+
+
+def _tiles(h0: int, h1: int, rows: int, per_row: int, budget: int | None = None):
+    """(head range, row range) tiles of the score matrix under ``budget`` elements each. Why: the softmax
+    passes are memory-bound, and a 240-query prefill chunk against 4K keys is 35 MB of scores for three
+    heads: per-head tiles of at most 2M scores stay in the last-level cache (about 1.5x faster on this CPU);
+    decode steps (a few rows) take all heads at once."""
+    budget = budget or TILE
+    per_head = max(1, rows * per_row)
+    if per_head > budget:  # one head per tile, its rows split
+        step = max(1, budget // max(1, per_row))
+        for a in range(h0, h1):
+            for r in range(0, rows, step):
+                yield a, a + 1, r, min(rows, r + step)
+        return
+    step = max(1, budget // per_head)
     for a in range(h0, h1, step):
-        yield a, min(h1, a + step)
+        yield a, min(h1, a + step), 0, rows
+
+
+def _stash(stash, m, a, b, r0, r1, rows, o, peak, total, waiting) -> None:
+    """File a tile's distant part for member layer ``m``: one entry per head range, its row tiles written into
+    full-height tensors (decode and most tiles cover every row: no copy). ``waiting``: (weights, split, hi)
+    over the step's own distant tokens, or None."""
+    parts = stash.setdefault(m, [])
+    if r0 == 0 and r1 == rows:
+        parts.append((a, b, o, peak, total, waiting))
+        return
+    if r0 == 0:
+        B, h, _, D = o.shape
+        full = None if waiting is None else (waiting[0].new_empty(B, h, rows, waiting[0].shape[-1]), *waiting[1:])
+        parts.append((a, b, o.new_empty(B, h, rows, D), peak.new_empty(B, h, rows, 1), total.new_empty(B, h, rows, 1),
+                      full))
+    _, _, O, P, S, W = parts[-1]
+    O[:, :, r0:r1], P[:, :, r0:r1], S[:, :, r0:r1] = o, peak, total
+    if W is not None:
+        W[0][:, :, r0:r1] = waiting[0]
 
 
 def _proximal_merged(step, qg, key, G, scale, distant) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 
 from podkv.attention.chunked import DEFAULT_CHUNK, KeySources, pod_attention_groups
 from podkv.attention import gate_skip
+from podkv.attention import block_pass
 from podkv.attention.block_pass import block_pass_applies, pod_block_attention
 from podkv.attention.decode import decode_applies, pod_decode
 from podkv.attention.heads import select_heads
@@ -83,7 +84,7 @@ def _forward(module, query, key, value, attention_mask, scaling, dropout, refere
             runtime.warned_slow = True
             warnings.warn(f"podkv: a {query.shape[2]}-token step of a scores-mode plan takes the general path "
                           f"(every layer recomputes its anchor's scores): the one-pass-per-block path needs steps of "
-                          f"at most nr={plan.nr} tokens and decode_fast_path on", stacklevel=2)
+                          f"at most {max(plan.nr, block_pass.STEP_LIMIT)} tokens and decode_fast_path on", stacklevel=2)
     if plan.mode == "scores":
         runtime.queries[layer] = query
     anchor_query = _anchor_query(runtime, layer, query) if plan.mode == "scores" else None
