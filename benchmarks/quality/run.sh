@@ -25,13 +25,13 @@ run() {  # run STEP: what-method
   case $what in needles) args=$NEEDLES;; ruler) args=$RULER;; logprob) args=$LOGPROB;; ppl) args=$PPL;; *) echo "unknown step $1" >&2; exit 2;; esac
   podkv eval compare $(model_of "$method") $args --out "$OUT/$what/$method-${LENGTHS//,/_}"
 }
-merge() {  # records of every run -> benchmarks/quality/<what>/<method>.jsonl (smollm2-pod-<len> runs joined), report
+merge() {  # each finished run's records replace the committed records of the (task, length) pairs it covers
   for what in needles ruler logprob ppl; do
     ls "$OUT/$what"/*/records.jsonl > /dev/null 2>&1 || continue  # no finished run (unfinished ones are .partial)
-    rm -rf "benchmarks/quality/$what"; mkdir -p "benchmarks/quality/$what"
+    mkdir -p "benchmarks/quality/$what"
     for d in "$OUT/$what"/*/; do
       name=$(basename "$d"); name=${name%%-[0-9]*}; [ "$name" = smollm2-pod ] && name=pod
-      cat "$d/records.jsonl" >> "benchmarks/quality/$what/$name.jsonl"
+      python benchmarks/quality/merge_records.py "$d/records.jsonl" "benchmarks/quality/$what/$name.jsonl"
     done
   done
   python benchmarks/quality/report.py
