@@ -13,7 +13,7 @@ from peers import kvpress_or_skip
 from tiny import tiny_model
 from tolerances import KV8_NLL_REL
 
-RUNNABLE = [m for m in METHODS if m not in ("kv8", "pod+kv8")]  # 8-bit methods: their own tests below
+RUNNABLE = [m for m in METHODS if m not in ("kv8", "pod+kv8", "pod+kv4")]  # quantized methods: their own tests below
 KVPRESS = ("kvpress-streaming", "snapkv", "h2o", "pyramidkv")
 T = 160
 
@@ -236,21 +236,24 @@ def test_kv8_holds_a_quarter_and_keeps_the_answer(model):
     assert nlls["kv8"] == pytest.approx(nlls["dense"], rel=KV8_NLL_REL)
 
 
-def test_pod_kv8_holds_the_formula_and_tracks_pod(model, plan):
-    """PoD over an 8-bit PodCache: measured bytes = the formula for the plan in 8 bits, NLL within 1% of PoD's."""
+@pytest.mark.parametrize("quantized, bits", [("pod+kv8", 8), ("pod+kv4", 4)])
+def test_pod_kv8_holds_the_formula_and_tracks_pod(model, plan, quantized, bits):
+    """PoD over an 8- or 4-bit PodCache: measured bytes = the formula for the plan in that many bits, NLL within 1%
+    of PoD's."""
     from podkv.cache.memory import pod_kv_bytes
 
     ids = torch.randint(3, 120, (1, T), generator=torch.Generator().manual_seed(0))
     nlls = {}
-    for name in ("pod", "pod+kv8"):
-        method = make_method(name, plan=plan, budget=0.5 if name == "pod+kv8" else None)
+    for name in ("pod", quantized):
+        method = make_method(name, plan=plan, budget=0.5 if name == quantized else None)
         method.check(model.config, [T])
         with method.attached(model):
             _, pre = greedy_answer(model, method, ids, 2)
             nlls[name], _, _ = continuation_nll(model, method, ids[:, :100], ids[:, 100:])
-    group = METHODS["pod+kv8"]().group_for(model.config)
-    assert pre.kv_bytes == pod_kv_bytes(model.config, plan, T, kv_bits=8, kv_group=group)
-    assert nlls["pod+kv8"] == pytest.approx(nlls["pod"], rel=KV8_NLL_REL)
+    assert method.describe()["kv_bits"] == bits
+    group = METHODS[quantized]().group_for(model.config)
+    assert pre.kv_bytes == pod_kv_bytes(model.config, plan, T, kv_bits=bits, kv_group=group)
+    assert nlls[quantized] == pytest.approx(nlls["pod"], rel=KV8_NLL_REL)
 
 
 def test_kv8_refuses_a_budget(model):

@@ -1,31 +1,43 @@
-"""8-bit PodCache storage (``kv_bits=8``, issue 21): rounding bound, indexing, real bytes = formula, and PoD over
-it tracks the fp32 PodCache on every plan kind (keys, scores, window-only pairs), through crop and batch edits."""
+"""Quantized PodCache storage (``kv_bits`` 8 and 4, issue 21): rounding bound, indexing, real bytes = formula, and
+PoD over it tracks the fp32 PodCache on every plan kind (keys, scores, window-only pairs), through crop and batch
+edits."""
 
 import pytest
 import torch
 
 from podkv import PodCache, SharingPlan, disable_pod, enable_pod
-from podkv.cache.int8 import Int8Tokens, dequantize, quantize
+from podkv.cache.quant import QuantTokens, dequantize, quantize
 from podkv.cache.memory import dense_kv_bytes, pod_kv_bytes
 from podkv.compat import cache_kwargs
 from podkv.errors import PodError
 from test_core_model import ids_for, random_plan
 from test_window_policy import window_plan
-from tiny import tiny_model
-from tolerances import KV8_LOGITS_ATOL, TOL
+from tiny import tiny_config, tiny_model
+from tolerances import KV4_LOGITS_ATOL, KV8_LOGITS_ATOL, TOL
 
 
-def test_round_trip_error_is_half_a_step():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_round_trip_error_is_half_a_step(bits):
     x = torch.randn(2, 3, 50, 64, generator=torch.Generator().manual_seed(0)) * 3
-    codes, scale, zero = quantize(x, 32)
-    assert codes.dtype == torch.uint8 and scale.shape == (2, 3, 50, 2)
-    err = (dequantize(codes, scale, zero, 32, x.dtype) - x).abs().unflatten(-1, (2, 32)).amax(-1)
+    codes, scale, zero = quantize(x, 32, bits)
+    assert codes.dtype == torch.uint8 and codes.shape == (2, 3, 50, 64 * bits // 8) and scale.shape == (2, 3, 50, 2)
+    g = x.unflatten(-1, (2, 32))
+    torch.testing.assert_close(scale, (g.amax(-1) - g.amin(-1)) / (2 ** bits - 1))  # (max - min) / (2^bits - 1)
+    err = (dequantize(codes, scale, zero, 32, x.dtype, bits) - x).abs().unflatten(-1, (2, 32)).amax(-1)
     assert bool((err <= scale / 2 * (1 + TOL[torch.float32][0]) + 1e-6).all())
 
 
-def test_tokens_index_like_the_tensor():
+def test_4bit_packs_first_half_low_nibble_second_half_high():
+    x = torch.arange(16.0)  # one group of 16 channels, min 0 and max 15: scale 1, code = value
+    codes, scale, zero = quantize(x, 16, 4)
+    assert codes.tolist() == [c | (c + 8) << 4 for c in range(8)]
+    assert torch.equal(dequantize(codes, scale, zero, 16, x.dtype, 4), x)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_tokens_index_like_the_tensor(bits):
     x = torch.randn(2, 3, 40, 16, generator=torch.Generator().manual_seed(1))
-    store = Int8Tokens(x[:, :, :0], 8)
+    store = QuantTokens(x[:, :, :0], 8, bits)
     store.append(x[:, :, :30])
     store.append(x[:, :, 30:])  # grows past the first buffer
     full = store[:, :]
@@ -37,41 +49,43 @@ def test_tokens_index_like_the_tensor():
 
 
 @pytest.mark.parametrize("plan_kind", ["keys", "scores", "window"])
-def test_pod_over_int8_cache_tracks_fp32_and_bytes_equal_formula(plan_kind):
+def test_pod_over_quantized_cache_tracks_fp32_and_bytes_equal_formula(plan_kind):
     model = tiny_model("llama")
     plan = window_plan(seed=5) if plan_kind == "window" else random_plan(4, 2, 3, 6, seed=2, mode=plan_kind)
     ids = ids_for(2, 40, seed=3)
     enable_pod(model, plan)
     outs = {}
     with torch.no_grad():
-        for bits in (None, 8):
+        for bits in (None, 8, 4):
             cache = PodCache(model.config, kv_bits=bits, kv_group=8)
             logits = [model(ids[:, :30], **cache_kwargs(cache)).logits]
             logits += [model(ids[:, t:t + 1], **cache_kwargs(cache)).logits for t in range(30, 40)]
             outs[bits] = torch.cat(logits, dim=1)
             assert cache.kv_bytes() == pod_kv_bytes(model.config, plan, 40, batch=2, kv_bits=bits, kv_group=8)
     disable_pod(model)
-    torch.testing.assert_close(outs[8], outs[None], rtol=0, atol=KV8_LOGITS_ATOL)
-    assert not torch.equal(outs[8], outs[None])  # it really is quantized
+    for bits, atol in ((8, KV8_LOGITS_ATOL), (4, KV4_LOGITS_ATOL)):
+        torch.testing.assert_close(outs[bits], outs[None], rtol=0, atol=atol)
+        assert not torch.equal(outs[bits], outs[None])  # it really is quantized
 
 
-def test_int8_bytes_at_4k_follow_the_bit_width():
-    """SmolLM2's head dim: 8 + 2 x 32/64 = 9 bits per stored element instead of 32 for the token-long tensors."""
-    from tiny import tiny_config
-
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_bytes_at_4k_follow_the_bit_width(bits):
+    """SmolLM2's head dim: bits + 2 x 32/64 (9 or 5) bits per stored element instead of 32 for the token-long
+    tensors."""
     config = tiny_config("llama", layers=4, heads=4, kv_heads=2, head_dim=64)
     identity = SharingPlan.identity(4, 2, ns=16, nr=240)
-    ratio = pod_kv_bytes(config, identity, 4096, kv_bits=8) / dense_kv_bytes(config, 4096)
-    assert ratio == pytest.approx(9 / 32)
+    ratio = pod_kv_bytes(config, identity, 4096, kv_bits=bits) / dense_kv_bytes(config, 4096)
+    assert ratio == pytest.approx((bits + 1) / 32)
 
 
-def test_crop_and_batch_edits_on_int8_cache():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_crop_and_batch_edits_on_quantized_cache(bits):
     model = tiny_model("llama")
     plan = random_plan(4, 2, 3, 6, seed=4, mode="keys")
     ids = ids_for(2, 30, seed=5)
     enable_pod(model, plan)
     with torch.no_grad():
-        cache = PodCache(model.config, crop_margin=2, kv_bits=8, kv_group=8)
+        cache = PodCache(model.config, crop_margin=2, kv_bits=bits, kv_group=8)
         model(ids[:, :27], **cache_kwargs(cache))
         first = model(ids[:, 27:], **cache_kwargs(cache)).logits
         cache.crop(-3)
@@ -87,21 +101,26 @@ def test_crop_and_batch_edits_on_int8_cache():
 def test_bad_settings_are_one_line_errors():
     model = tiny_model("llama")
     plan = random_plan(4, 2, 3, 6, seed=4)
-    with pytest.raises(PodError, match="'kv_bits' = 4"):
-        PodCache(model.config, plan, kv_bits=4)
+    with pytest.raises(PodError, match="'kv_bits' = 3: supported are None .*, 8 and 4$"):
+        PodCache(model.config, plan, kv_bits=3)
     with pytest.raises(PodError, match="'kv_group' = 12 must divide the head dim 16"):
         PodCache(model.config, plan, kv_bits=8, kv_group=12)  # before any compute
+    odd = tiny_config("llama", head_dim=15)
+    with pytest.raises(PodError, match="'kv_bits' = 4 packs two channels per byte: the head dim 15 must be even"):
+        PodCache(odd, SharingPlan.identity(4, 2), kv_bits=4, kv_group=5)
+    PodCache(odd, SharingPlan.identity(4, 2), kv_bits=8, kv_group=5)  # 8 bits: any head dim
 
 
-def test_enable_pod_kv_bits_makes_generate_use_an_8bit_cache():
-    """enable_pod(..., kv_bits=8): generate's default PodCache is 8-bit; greedy tokens of the tiny model match the
-    fp32 cache's here (4 layers, 12 tokens), and a bad setting fails at enable_pod, before any compute."""
+def test_enable_pod_kv_bits_makes_generate_use_a_quantized_cache():
+    """enable_pod(..., kv_bits=8 or 4): generate's default PodCache holds that many bits; greedy tokens of the tiny
+    model match the fp32 cache's here (4 layers, 12 tokens), and a bad setting fails at enable_pod, before any
+    compute."""
     from podkv.compat import output_cache
 
     plan = random_plan(4, 2, 2, 4, seed=1)
     ids = ids_for(1, 11, seed=2)
     outs = {}
-    for bits in (None, 8):
+    for bits in (None, 8, 4):
         model = enable_pod(tiny_model("llama"), plan, kv_bits=bits)
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None,
@@ -109,6 +128,7 @@ def test_enable_pod_kv_bits_makes_generate_use_an_8bit_cache():
         cache = output_cache(out)
         assert isinstance(cache, PodCache) and cache.kv_bits == bits
         outs[bits] = out.sequences
-    assert torch.equal(outs[8], outs[None])
-    with pytest.raises(PodError, match="'kv_bits' = 4"):
-        enable_pod(tiny_model("llama"), plan, kv_bits=4)
+        assert bits is None or cache.layers[0].v.bits == bits
+    assert torch.equal(outs[8], outs[None]) and torch.equal(outs[4], outs[None])
+    with pytest.raises(PodError, match="'kv_bits' = 3"):
+        enable_pod(tiny_model("llama"), plan, kv_bits=3)

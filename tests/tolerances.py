@@ -39,13 +39,20 @@ DIFFERS = (1e-3, 1e-5)
 # Anything podkv needs to run (transformers, the shipped plans and adapted model, the default model)
 # is never skipped: its absence is a packaging bug and fails.
 # 8-bit KV (method kv8) rounds each key and value to 1/255 of its group's range: on the tiny model the
-# continuation NLL moves by well under 1%; a broken scale or zero moves it by far more.
+# continuation NLL moves by well under 1%; a broken scale or zero moves it by far more. Also bounds pod+kv4 vs pod
+# (4 bits, 1/15 of the range): measured 3e-5 relative on the tiny model (pod+kv8: 4e-6).
 KV8_NLL_REL = 0.01
 
 # PoD over an 8-bit PodCache (kv_bits=8) vs the same PodCache in fp32, logits of the tiny model. Each stored
 # element moves by at most (max - min)/510 of its 64-channel group (~1e-2 for unit-scale keys); through four
 # layers the logits moved by at most 0.03 (measured); a wrong scale or zero moves them by O(1).
 KV8_LOGITS_ATOL = 0.1
+
+# The same over a 4-bit PodCache (kv_bits=4): each stored element moves by at most (max - min)/30 of its group,
+# 17x the 8-bit step. Measured on the tiny model (groups of 8, 40 tokens, logits up to 0.63): at most 0.045
+# (keys plan; scores 0.019, window-only pairs 0.037); 0.14 is 3x that. A zero off by one step moves them by 0.37,
+# nibbles unpacked in the wrong order by 0.9.
+KV4_LOGITS_ATOL = 0.14
 
 # A continuation's NLL from one forward over S tokens vs S one-token forwards over the same cache: the same
 # math in another reduction order (fp32). Measured: below 1e-6 relative on the tiny model; a wrong causal

@@ -11,7 +11,7 @@ KV saved at 4K: a plan's analytic saving (``plan.kv_saving(4096)``; a PodCache h
 budget of an eviction method. 8-bit storage is counted against a 16-bit cache, the baseline a user compares it
 with (the models run in fp32 here, which would make any 8-bit cache look 4x smaller): bytes of a bf16 deployment,
 8 bits per element plus a bf16 scale and zero per 64 elements (8.5 bits), from the formula the fp32 runs check
-(``pod_kv_bytes(..., kv_bits=8)`` = measured, tests/test_int8_cache.py).
+(``pod_kv_bytes(..., kv_bits=8)`` = measured, tests/test_quant_cache.py).
 """
 
 from __future__ import annotations

@@ -27,8 +27,9 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", action=Int, default=64)
     p.add_argument("--chat", action=argparse_bool(), default=True, help="wrap the prompt in the chat template")
     p.add_argument("--plan", type=Path, default=None, help="PoD sharing plan (JSON) to run with")
-    p.add_argument("--kv-bits", type=int, default=None, choices=(8,),
-                   help="8: hold the PodCache's token-long values and anchor keys in 8 bits (a PoD model or --plan)")
+    p.add_argument("--kv-bits", type=int, default=None, choices=(8, 4),
+                   help="8 or 4: hold the PodCache's token-long values and anchor keys in that many bits (a PoD model "
+                        "or --plan)")
     p.set_defaults(func=run)
 
 

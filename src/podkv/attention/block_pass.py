@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from podkv.attention.heads import head_runs
+from podkv.attention.heads import head_runs, select_heads
 from podkv.attention.lse import to_bias
 from podkv.attention.reference import allowed_mask, distant_span, proximal_mask
 
@@ -173,9 +173,8 @@ def _proximal_merged(step, qg, key, G, scale, distant) -> torch.Tensor:
     Every query sees itself (``allowed_mask``), so the proximal max is finite and the sum is >= 1.
     """
     cache, i0, i1 = step.cache, step.i0, step.i1
-    held_k, held_v, held_idx = step.held()
-    k_p = _f32(torch.cat([held_k, key], dim=2))  # (B, H, n + L, D): small
-    v_p = _f32(torch.cat([held_v, step.values_new], dim=2))
+    k_p, v_p, held_idx = _proximal_inputs(step, key)
+    k_p, v_p = _f32(k_p), _f32(v_p)  # (B, H, n + L, D): small
     s = torch.matmul(_f32(qg), k_p.transpose(-1, -2)).mul_(scale)  # (B, H, G*L, n + L)
     bias = _proximal_bias(cache, held_idx, i0, i1, G)
     if bias is not None:
@@ -192,6 +191,31 @@ def _proximal_merged(step, qg, key, G, scale, distant) -> torch.Tensor:
         out.addcmul_(w, o)
         den.addcmul_(w, total)
     return out.div_(den)
+
+
+def _proximal_inputs(step, key: torch.Tensor):
+    """Keys and values of [held slots | the step's tokens] for every KV head, (B, H, n + L, D) each, and the held
+    slot indices (B, n). Values and anchor keys are read where ``update`` just stored the step's tokens, so the
+    slot runs simply extend over them: one copy each instead of a gather and a concatenation (batch-1 decode
+    pays per op). Padded rows, window-only heads and quantized stores take :meth:`PodStep.held`."""
+    store, runs = step.store, step.cache.slot_runs(step.idx)
+    if runs is None or store.window_heads or not isinstance(store.v, torch.Tensor):
+        held_k, held_v, idx = step.held()
+        return torch.cat([held_k, key], dim=2), torch.cat([held_v, step.values_new], dim=2), idx
+    runs = runs[:-1] + [(runs[-1][0], step.i1)] if runs and runs[-1][1] == step.i0 else runs + [(step.i0, step.i1)]
+    values = _take_runs(store.v, runs)
+    if not store.anchor_heads:
+        return torch.cat([step.k_prox, key], dim=2), values, step.idx
+    keys = _take_runs(store.k_full, runs)
+    if store.ring_heads:
+        ring = torch.cat([step.k_prox, select_heads(key, store.ring_heads)], dim=2)
+        keys = torch.cat([keys, ring], dim=1)[:, store._head_order]  # [anchor | ring] -> head order
+    return keys, values, step.idx
+
+
+def _take_runs(x: torch.Tensor, runs) -> torch.Tensor:
+    parts = [x[:, :, a:b] for a, b in runs]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 def _all_heads(distant, H: int):

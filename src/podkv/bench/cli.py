@@ -30,8 +30,9 @@ def register(sub) -> None:
     p.add_argument("--decode", type=int, default=4, help="greedy tokens decoded after the prefill")
     p.add_argument("--selection-budget", type=float, default=0.1,
                    help="also measure pod+snapkv holding this fraction of the dense KV (0: skip)")
-    p.add_argument("--kv-bits", type=int, default=None, choices=(8,),
-                   help="8: the PodCache holds its token-long values and anchor keys in 8 bits (podkv.cache.int8)")
+    p.add_argument("--kv-bits", type=int, default=None, choices=(8, 4),
+                   help="8 or 4: the PodCache holds its token-long values and anchor keys in that many bits "
+                        "(podkv.cache.quant)")
     _common(p, "memory")
 
     p = cmds.add_parser("batch", help="largest batch under a fixed KV budget, or (--rss-budget) a process-memory "

@@ -27,18 +27,18 @@ class MemoryConfig:
     batch: int = 1
     decode: int = 4
     selection_budget: float | None = 0.1  # pod+snapkv: dense KV fraction kept after prefill (paper: 8.1%)
-    kv_bits: int | None = None  # 8: PodCache in 8 bits (the PoD columns), formula pod_kv_bytes(..., kv_bits=8)
+    kv_bits: int | None = None  # 8 or 4: PodCache in that many bits (the PoD columns), formula pod_kv_bytes
 
     def __post_init__(self):
         if not self.lengths or min(self.lengths) < 1:
             raise PodError(f"bench memory field 'lengths' must be positive integers, got {self.lengths}")
         if self.selection_budget is not None and not 0 < self.selection_budget <= 1:
             raise PodError(f"bench memory field 'selection_budget' must be a KV fraction in (0, 1], got {self.selection_budget}")
-        if self.kv_bits not in (None, 8):
-            raise PodError(f"bench memory field 'kv_bits' = {self.kv_bits!r}: supported are None and 8")
+        if self.kv_bits not in (None, 8, 4):
+            raise PodError(f"bench memory field 'kv_bits' = {self.kv_bits!r}: supported are None, 8 and 4")
         if self.kv_bits and self.selection_budget:
-            raise PodError("bench memory: --kv-bits 8 with --selection-budget is not supported (pod+snapkv "
-                           "compaction needs a float PodCache); pass --selection-budget 0")
+            raise PodError(f"bench memory: --kv-bits {self.kv_bits} with --selection-budget is not supported "
+                           "(pod+snapkv compaction needs a float PodCache); pass --selection-budget 0")
         if self.batch < 1 or self.decode < 0:
             raise PodError(f"bench memory needs batch >= 1 and decode >= 0, got {self.batch}, {self.decode}")
 

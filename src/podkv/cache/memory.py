@@ -26,8 +26,8 @@ def pod_kv_bytes(config, plan: SharingPlan, seq_len: int, batch: int = 1, dtype:
     """What a PodCache holds for ``plan`` (paper §2.3): values everywhere, distant keys in anchors only.
 
     ``crop_margin`` M: each sharing or window-only head keeps M more recent keys, and a window-only head M more
-    values (PodCache's exact-crop margin). ``kv_bits=8``: the token-long tensors (values of non-window heads,
-    anchor keys) take one byte per element plus a scale and a zero in ``dtype`` per ``kv_group`` elements.
+    values (PodCache's exact-crop margin). ``kv_bits`` 8 or 4: the token-long tensors (values of non-window heads,
+    anchor keys) take ``kv_bits / 8`` bytes per element plus a scale and a zero in ``dtype`` per ``kv_group`` elements.
     """
     elem = torch.empty((), dtype=dtype).element_size()
     ring = sum(len(plan.shared_heads(layer)) + 2 * len(plan.window_heads(layer)) for layer in range(plan.num_layers))
@@ -37,8 +37,8 @@ def pod_kv_bytes(config, plan: SharingPlan, seq_len: int, batch: int = 1, dtype:
     if kv_bits is None:
         return total * elem
     long = sum(len(plan.anchor_heads(l)) + plan.num_kv_heads - len(plan.window_heads(l)) for l in range(plan.num_layers))
-    long *= seq_len * head_dim(config) * batch  # elements held in 8 bits
-    return (total - long) * elem + long + long // kv_group * 2 * elem
+    long *= seq_len * head_dim(config) * batch  # elements held in kv_bits
+    return (total - long) * elem + long * kv_bits // 8 + long // kv_group * 2 * elem
 
 
 def cache_bytes(cache) -> int:

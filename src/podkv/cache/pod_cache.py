@@ -9,8 +9,8 @@ Per layer it holds
     at cache indices ``prox_idx`` (B x n), -1 = empty (layout in :mod:`podkv.cache.window`);
   * for window-only heads (plan policy "window", issue 21) their values in the same slots (``v_prox``).
 Distant keys of a sharing head are read from its anchor layer's ``k_full`` at attention time.
-With ``kv_bits=8`` the token-long tensors ``v`` and ``k_full`` are held in 8 bits (:mod:`podkv.cache.int8`;
-indexing them dequantises what is read); the small proximal ring stays in the model's dtype.
+With ``kv_bits=8`` or ``4`` the token-long tensors ``v`` and ``k_full`` are held in that many bits
+(:mod:`podkv.cache.quant`; indexing them dequantises what is read); the small proximal ring stays in the model's dtype.
 
 The model calls ``update`` right before attention. ``update`` appends what is kept in full, moves the
 proximal window over the new tokens, and returns the values with a :class:`PodStep` attached
@@ -39,7 +39,7 @@ from transformers.cache_utils import Cache
 
 from podkv import compat
 from podkv.cache import window
-from podkv.cache.int8 import GROUP, Int8Tokens
+from podkv.cache.quant import GROUP, QuantTokens
 from podkv.cache.window import transition as _proximal_transition  # noqa: F401  (selection.py)
 from podkv.errors import PodError
 from podkv.plan import SharingPlan
@@ -87,8 +87,9 @@ class PodLayer(compat.CacheLayer):
         if self.anchor_heads:
             self.k_full = key_states.new_zeros(B, len(self.anchor_heads), 0, D)
         if self.cache.kv_bits:
-            self.v = Int8Tokens(self.v, self.cache.kv_group)
-            self.k_full = None if self.k_full is None else Int8Tokens(self.k_full, self.cache.kv_group)
+            bits, group = self.cache.kv_bits, self.cache.kv_group
+            self.v = QuantTokens(self.v, group, bits)
+            self.k_full = None if self.k_full is None else QuantTokens(self.k_full, group, bits)
         if self.ring_heads:
             self.k_prox = key_states.new_zeros(B, len(self.ring_heads), 0, D)
         if self.window_heads:
@@ -106,7 +107,7 @@ class PodLayer(compat.CacheLayer):
         i0, i1 = self.seen, self.seen + key_states.shape[2]
         # the window held before this step, and the step's values of every head
         step = PodStep(self.cache, self, i0, i1, self.k_prox, self.prox_idx, self.v_prox, value_states)
-        if isinstance(self.v, Int8Tokens):
+        if isinstance(self.v, QuantTokens):
             self.v.append(_heads(value_states, self.value_heads))
             if self.anchor_heads:
                 self.k_full.append(_heads(key_states, self.anchor_heads))
@@ -119,7 +120,7 @@ class PodLayer(compat.CacheLayer):
         self._roll(i0, i1, _heads(key_states, self.ring_heads) if self.ring_heads else None,
                    _heads(value_states, self.window_heads) if self.window_heads else None)
         # a fresh view for this step: what the step is attached to (attention reads the step, not the tensor)
-        values = value_states[:, :, :] if isinstance(self.v, Int8Tokens) else self.v[:, :, :]
+        values = value_states[:, :, :] if isinstance(self.v, QuantTokens) else self.v[:, :, :]
         values.pod_step = step
         return key_states, values
 
@@ -159,12 +160,12 @@ class PodLayer(compat.CacheLayer):
     def tensors(self) -> list[torch.Tensor]:
         out = []
         for t in (self.v, self.k_full, self.k_prox, self.v_prox):
-            out += t.tensors() if isinstance(t, Int8Tokens) else [] if t is None else [t]
+            out += t.tensors() if isinstance(t, QuantTokens) else [] if t is None else [t]
         return out
 
     def reserved_bytes(self) -> int:
         """Bytes allocated, spare room of the growth buffers included (at most GROWTH tokens per tensor)."""
-        if isinstance(self.v, Int8Tokens):
+        if isinstance(self.v, QuantTokens):
             fp = [self.k_prox, self.v_prox]
             return sum(t.numel() * t.element_size() for t in fp if t is not None) + sum(
                 t.reserved_bytes() for t in (self.v, self.k_full) if t is not None)
@@ -230,9 +231,9 @@ class PodCache(Cache):
     crop_margin : int
         Extra recent keys kept per sharing head so that ``crop`` can go back ``crop_margin + 1``
         tokens exactly (module docstring). ``generate`` raises it when it needs to.
-    kv_bits : None or 8
-        8: hold the token-long values and anchor keys in 8 bits, groups of ``kv_group`` channels
-        (:mod:`podkv.cache.int8`); None: the model's dtype.
+    kv_bits : None, 8 or 4
+        8 or 4: hold the token-long values and anchor keys in that many bits, groups of ``kv_group`` channels
+        (:mod:`podkv.cache.quant`; 4 needs an even head dim); None: the model's dtype.
     """
 
     def __init__(self, config, plan: SharingPlan | None = None, crop_margin: int = 0, kv_bits: int | None = None,
@@ -245,8 +246,8 @@ class PodCache(Cache):
         plan.validate_for(config)
         if not isinstance(crop_margin, int) or isinstance(crop_margin, bool) or crop_margin < 0:
             raise PodError(f"PodCache field 'crop_margin' must be an integer >= 0, got {crop_margin!r}")
-        if kv_bits not in (None, 8):
-            raise PodError(f"PodCache field 'kv_bits' = {kv_bits!r}: supported are None (the model's dtype) and 8")
+        if kv_bits not in (None, 8, 4):
+            raise PodError(f"PodCache field 'kv_bits' = {kv_bits!r}: supported are None (the model's dtype), 8 and 4")
         if not isinstance(kv_group, int) or kv_group < 1:
             raise PodError(f"PodCache field 'kv_group' must be a positive integer, got {kv_group!r}")
         if kv_bits:
@@ -254,6 +255,9 @@ class PodCache(Cache):
 
             if head_dim(config) % kv_group:
                 raise PodError(f"PodCache field 'kv_group' = {kv_group} must divide the head dim {head_dim(config)}")
+            if kv_bits == 4 and head_dim(config) % 2:
+                raise PodError(f"PodCache field 'kv_bits' = 4 packs two channels per byte: the head dim "
+                               f"{head_dim(config)} must be even")
         self.plan, self.crop_margin, self.kv_bits, self.kv_group = plan, crop_margin, kv_bits, kv_group
         self.pad = None  # (B,) left-padding counts, fixed at prefill (see the property)
         self.in_forward = 0  # forwards of a PoD model using this cache right now (forward_scope.py)
@@ -354,7 +358,7 @@ class PodCache(Cache):
         self.check_ready()
         new_idx, pos = window.crop(self.layers[0].prox_idx, length, self.pad, self.plan.ns, self.plan.nr, self.window)
         for layer in self.layers:
-            if isinstance(layer.v, Int8Tokens):
+            if isinstance(layer.v, QuantTokens):
                 for t in (layer.v, layer.k_full):
                     if t is not None:
                         t.crop(length)
@@ -387,7 +391,7 @@ class PodCache(Cache):
         for layer in self.layers:
             for name in ("v", "k_full", "k_prox", "v_prox"):
                 t = getattr(layer, name)
-                if isinstance(t, Int8Tokens):
+                if isinstance(t, QuantTokens):
                     t.map_batch(fn)
                 elif t is not None:
                     setattr(layer, name, fn(t))
@@ -427,7 +431,7 @@ class PodCache(Cache):
 
 
 def storage(config, kv_bits: int | None) -> dict:
-    """PodCache / ``pod_kv_bytes`` keywords for ``kv_bits`` (None or 8): 8-bit groups of :data:`GROUP` channels,
+    """PodCache / ``pod_kv_bytes`` keywords for ``kv_bits`` (None, 8 or 4): groups of :data:`GROUP` channels,
     or the head dim if smaller."""
     from podkv.cache.memory import head_dim
 
@@ -493,7 +497,7 @@ def _take_slots(x: torch.Tensor, pos: torch.Tensor, runs: list[tuple[int, int]] 
     if runs is not None:
         parts = [x[:, :, a:b] for a, b in runs] or [x[:, :, :0]]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-    if isinstance(x, Int8Tokens):
+    if isinstance(x, QuantTokens):
         x = x[:, :]  # padded rows gather element-wise: dequantise the rows first
     pos = pos.clamp(min=0)
     if pos.shape[0] == 1 or bool((pos == pos[:1]).all()):

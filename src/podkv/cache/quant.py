@@ -1,11 +1,14 @@
-"""8-bit storage for the token-long tensors a :class:`~podkv.cache.PodCache` holds (issue 21: PoD composed with
-8-bit KV).
+"""8- or 4-bit storage for the token-long tensors a :class:`~podkv.cache.PodCache` holds (issue 21: PoD composed
+with quantized KV).
 
-Each token's vector of each head is cut into groups of ``group`` channels, and each group is stored as uint8
-codes with its own scale and zero in the model's dtype (asymmetric round-to-nearest: x ≈ code·scale + zero,
-error <= scale/2 = (max − min)/510 of the group). With groups of 64 that is 8 + 2·32/64 = 9 bits per fp32
-element, the layout of the ``kv8`` peer (transformers' QuantizedCache, HQQ backend, groups of 64 along the
-head dim), so the two compare at the same bits.
+Each token's vector of each head is cut into groups of ``group`` channels, and each group is stored as
+``bits``-bit codes with its own scale and zero in the model's dtype (asymmetric round-to-nearest over 2^bits − 1
+steps: x ≈ code·scale + zero, error <= scale/2 = (max − min)/(2·(2^bits − 1)) of the group). That is
+bits + 2·(dtype bits)/group bits per element: with groups of 64 in fp32, 9 at 8 bits, the layout of the ``kv8``
+peer (transformers' QuantizedCache, HQQ backend, groups of 64 along the head dim), so the two compare at the
+same bits; 5 at 4 bits. Why 4 bits too: KIVI (Liu et al. 2024) reports 4-bit per-token fake quantization of both
+K and V close to fp16. At 4 bits two codes share a byte: channels [0, D/2) in the low nibble, [D/2, D) in the
+high one, so packing is two slices, not an interleave.
 
 Why not HQQ itself: its half-quadratic optimisation took 6.5 s per 4K-token tensor of SmolLM2 on our CPU
 (60 such tensors per prefill), and at 8 bits it buys nothing measurable (the kv8 peer's NLL equals dense's to
@@ -25,21 +28,24 @@ GROWTH = 128  # tokens of spare room the buffers grow by (as PodCache's float bu
 GROUP = 64  # channels per scale and zero (the kv8 peer's group), or the head dim when smaller
 
 
-class Int8Tokens:
-    """A (B, H, T, D) tensor held as uint8 codes + per-(token, head, group) scale and zero, growing along T."""
+class QuantTokens:
+    """A (B, H, T, D) tensor held as ``bits``-bit codes (uint8; two per byte at 4 bits) + per-(token, head, group)
+    scale and zero, growing along T."""
 
-    def __init__(self, like: torch.Tensor, group: int):
+    def __init__(self, like: torch.Tensor, group: int, bits: int = 8):
         B, H, _, D = like.shape
         if D % group:
             raise PodError(f"PodCache field 'kv_group' = {group} must divide the head dim {D}")
-        self.group, self.dtype, self.T = group, like.dtype, 0
-        self.codes = torch.empty(B, H, GROWTH, D, dtype=torch.uint8, device=like.device)
+        if bits == 4 and D % 2:
+            raise PodError(f"PodCache field 'kv_bits' = 4 packs two channels per byte: the head dim {D} must be even")
+        self.group, self.bits, self.dtype, self.T, self.D = group, bits, like.dtype, 0, D
+        self.codes = torch.empty(B, H, GROWTH, D * bits // 8, dtype=torch.uint8, device=like.device)
         self.scale = torch.empty(B, H, GROWTH, D // group, dtype=like.dtype, device=like.device)
         self.zero = torch.empty_like(self.scale)
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((*self.codes.shape[:2], self.T, self.codes.shape[-1]))
+        return torch.Size((*self.codes.shape[:2], self.T, self.D))
 
     def append(self, x: torch.Tensor) -> None:
         """Quantise the new tokens x (B, H, C, D) and store them after the held ones."""
@@ -47,7 +53,7 @@ class Int8Tokens:
         if self.T + C > self.codes.shape[2]:
             grow = self.T + C + GROWTH
             self.codes, self.scale, self.zero = (_grown(t, self.T, grow) for t in (self.codes, self.scale, self.zero))
-        codes, scale, zero = quantize(x, self.group)
+        codes, scale, zero = quantize(x, self.group, self.bits)
         self.codes[:, :, self.T:self.T + C] = codes
         self.scale[:, :, self.T:self.T + C] = scale
         self.zero[:, :, self.T:self.T + C] = zero
@@ -57,11 +63,11 @@ class Int8Tokens:
         """Dequantised ``tensor[index]``; ``index`` may address the batch, head and token dims, not channels."""
         index = index if isinstance(index, tuple) else (index,)
         if len(index) > 3:
-            raise IndexError("Int8Tokens indexes batch, head and token dims only")
+            raise IndexError("QuantTokens indexes batch, head and token dims only")
         index = index + (slice(None),) * (3 - len(index))
         T = slice(0, self.T)
         held = [t[:, :, T] for t in (self.codes, self.scale, self.zero)]
-        return dequantize(*(t[index] for t in held), self.group, self.dtype)
+        return dequantize(*(t[index] for t in held), self.group, self.dtype, self.bits)
 
     def crop(self, length: int) -> None:
         self.T = min(self.T, length)
@@ -78,17 +84,24 @@ class Int8Tokens:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
 
 
-def quantize(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (..., D) -> uint8 codes (..., D), scale and zero (..., D // group): asymmetric round-to-nearest."""
+def quantize(x: torch.Tensor, group: int, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (..., D) -> uint8 codes (..., D·bits/8), scale and zero (..., D // group): asymmetric round-to-nearest."""
+    top = 2 ** bits - 1
     g = x.float().unflatten(-1, (-1, group))
     lo, hi = g.amin(-1), g.amax(-1)
-    scale = ((hi - lo) / 255).clamp(min=torch.finfo(torch.float32).tiny)
-    codes = ((g - lo[..., None]) / scale[..., None]).round_().clamp_(0, 255).to(torch.uint8).flatten(-2)
+    scale = ((hi - lo) / top).clamp(min=torch.finfo(torch.float32).tiny)
+    codes = ((g - lo[..., None]) / scale[..., None]).round_().clamp_(0, top).to(torch.uint8).flatten(-2)
+    if bits == 4:
+        low, high = codes.chunk(2, dim=-1)
+        codes = low | high << 4
     return codes, scale.to(x.dtype), lo.to(x.dtype)
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, dtype) -> torch.Tensor:
-    """Inverse of :func:`quantize`: codes (..., D) -> (..., D) in ``dtype``."""
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, dtype,
+               bits: int = 8) -> torch.Tensor:
+    """Inverse of :func:`quantize`: codes (..., D·bits/8) -> (..., D) in ``dtype``."""
+    if bits == 4:
+        codes = torch.cat([codes & 15, codes >> 4], dim=-1)
     g = codes.unflatten(-1, (-1, group)).to(dtype)
     return torch.addcmul(zero[..., None], g, scale[..., None]).flatten(-2)
 

@@ -76,7 +76,7 @@ def compact(cache, kept: dict) -> None:
         return
     plan = cache.plan
     if cache.kv_bits:
-        raise PodError("pod+snapkv compaction does not support an 8-bit PodCache (kv_bits=8) yet")
+        raise PodError(f"pod+snapkv compaction does not support a quantized PodCache (kv_bits={cache.kv_bits}) yet")
     if plan.has_window:
         raise PodError("pod+snapkv compaction does not support plans with window-only pairs (policy 'window') yet")
     if cache.pad is None or bool(cache.pad.any()):

@@ -130,31 +130,40 @@ class Pod(Method):
 
 
 class PodKV8(Pod):
-    """PoD over an 8-bit PodCache (issue 21): the plan's policies, and the token-long values and anchor keys in
-    8 bits, groups of 64 channels or the head dim if smaller (:mod:`podkv.cache.int8`, the kv8 peer's bit layout)."""
+    """PoD over a quantized PodCache (issue 21): the plan's policies, and the token-long values and anchor keys in
+    ``bits`` bits, groups of 64 channels or the head dim if smaller (:mod:`podkv.cache.quant`; at 8 bits the kv8
+    peer's bit layout)."""
 
     name = "pod+kv8"
+    bits: ClassVar[int] = 8
 
     def group_for(self, config) -> int:
         from podkv.cache.pod_cache import storage  # startup: transformers
 
-        return storage(config, 8)["kv_group"]
+        return storage(config, self.bits)["kv_group"]
 
     def held_fraction(self, config, plan, T: int) -> float:
         from podkv.cache.memory import dense_kv_bytes, pod_kv_bytes
         from podkv.cache.pod_cache import storage  # startup: transformers
 
-        return pod_kv_bytes(config, plan, T, **storage(config, 8)) / dense_kv_bytes(config, T)
+        return pod_kv_bytes(config, plan, T, **storage(config, self.bits)) / dense_kv_bytes(config, T)
 
     def new_cache(self, model):
         from podkv.cache.pod_cache import pod_cache_for  # startup: transformers
 
-        return pod_cache_for(model.config, self.sharing_plan(), 8)
+        return pod_cache_for(model.config, self.sharing_plan(), self.bits)
 
     def describe(self) -> dict:
-        from podkv.cache.int8 import GROUP
+        from podkv.cache.quant import GROUP
 
-        return {**super().describe(), "kv_bits": 8, "group": GROUP}
+        return {**super().describe(), "kv_bits": self.bits, "group": GROUP}
+
+
+class PodKV4(PodKV8):
+    """The same in 4 bits: 4 + 2·32/64 = 5 bits per fp32 element of the token-long tensors."""
+
+    name = "pod+kv4"
+    bits = 4
 
 
 class PodScores(Pod):
@@ -357,7 +366,8 @@ def _unwrap_pod_attention() -> None:
 
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Dense, Pod, PodScores, Streaming, SnapKV, H2O, PyramidKV,
-                                                             PodSnapKV, KVPressStreaming, QuantizedKV, PodKV8)}
+                                                             PodSnapKV, KVPressStreaming, QuantizedKV, PodKV8,
+                                                             PodKV4)}
 
 
 def kvpress_available() -> bool:

@@ -52,9 +52,9 @@ def enable_pod(model, plan: SharingPlan, *, chunk: int = DEFAULT_CHUNK, referenc
         Queries scored per SDPA call during prefill (bounds memory at chunk x T per head).
     reference : bool
         Use the materialised reference attention instead (tests only; O(T^2) memory, no cache).
-    kv_bits : None or 8
-        The default PodCache's storage: 8 holds the token-long values and anchor keys in 8 bits
-        (:mod:`podkv.cache.int8`, groups of 64 channels or the head dim if smaller).
+    kv_bits : None, 8 or 4
+        The default PodCache's storage: 8 or 4 holds the token-long values and anchor keys in that many bits
+        (:mod:`podkv.cache.quant`, groups of 64 channels or the head dim if smaller).
     """
     check_supported(model.config)
     plan.validate_for(model.config)
