@@ -8,7 +8,7 @@ with a seeded bootstrap 95% interval over windows. Runs on smollm2-pod's weights
 ``control`` (those weights with dense attention), which separates what PoD costs from what the weights changed.
 
 KV saved at 4K: a plan's analytic saving (``plan.kv_saving(4096)``; a PodCache holds exactly that, tested) and the
-budget of an eviction method. 8-bit storage is counted against a 16-bit cache, the baseline a user compares it
+budget of an eviction method. 8- and 4-bit storage is counted against a 16-bit cache, the baseline a user compares it
 with (the models run in fp32 here, which would make any 8-bit cache look 4x smaller): bytes of a bf16 deployment,
 8 bits per element plus a bf16 scale and zero per 64 elements (8.5 bits), from the formula the fp32 runs check
 (``pod_kv_bytes(..., kv_bits=8)`` = measured, tests/test_quant_cache.py).
@@ -30,32 +30,43 @@ HERE = Path(__file__).resolve().parent
 SHIPPED = HERE.parents[1] / "src/podkv/assets/smollm2-pod/pod_plan.json"
 CONTEXT = 4096
 ON_POD_WEIGHTS = ("control", "smollm2-pod", "pod+window-")  # runs whose weights are smollm2-pod's
-FAMILY = {"window-+kv8": "window-only pairs, 8-bit (original weights)", "window-": "window-only pairs (original weights)", "pod+window-+kv8": "smollm2-pod + window-only, 8-bit",
-          "pod+window-": "smollm2-pod + window-only pairs",
-          "smollm2-pod": "smollm2-pod (shipped)", "kv8": "8-bit KV (HQQ)", "smollm2-pod+kv8": "smollm2-pod, 8-bit", "streaming-": "StreamingLLM",
+FAMILY = {"window-+kv8": "window-only pairs, 8-bit (original weights)", "window-+kv4": "window-only pairs, 4-bit (original weights)",
+          "window-": "window-only pairs (original weights)", "pod+window-+kv8": "smollm2-pod + window-only, 8-bit",
+          "pod+window-+kv4": "smollm2-pod + window-only, 4-bit", "pod+window-": "smollm2-pod + window-only pairs",
+          "smollm2-pod": "smollm2-pod (shipped)", "kv8": "8-bit KV (HQQ)", "kv4": "4-bit KV (podkv round-to-nearest)",
+          "smollm2-pod+kv8": "smollm2-pod, 8-bit", "smollm2-pod+kv4": "smollm2-pod, 4-bit", "streaming-": "StreamingLLM",
           "snapkv-": "SnapKV", "pyramidkv-": "PyramidKV", "control": "smollm2-pod weights, dense attention",
           "dense": "dense"}
 
 
+def bits_of(name: str) -> int | None:
+    """Storage bits of a run: 8 or 4 for the quantized ones (``kv8``, ``kv4``, ``<plan>+kv8``, ``<plan>+kv4``)."""
+    for bits in (8, 4):
+        if name == f"kv{bits}" or name.endswith(f"+kv{bits}"):
+            return bits
+    return None
+
+
 def family(name: str) -> str:
-    if name.endswith("+kv8") and name.startswith(("pod+window-", "window-")):
-        return FAMILY[name.split("-")[0] + "-+kv8"]
+    bits = bits_of(name)
+    if bits and name.startswith(("pod+window-", "window-")):
+        return FAMILY[name.split("-")[0] + f"-+kv{bits}"]
     return next(v for k, v in FAMILY.items() if name == k or (k.endswith("-") and name.startswith(k)))
 
 
 def plan_of(name: str) -> SharingPlan:
-    base = name.removesuffix("+kv8")
+    base = name.removesuffix("+kv8").removesuffix("+kv4")
     return SharingPlan.load(SHIPPED if base == "smollm2-pod" else HERE / "plans" / f"{base}.json")
 
 
-def bits8_saving(plan: SharingPlan | None) -> float:
-    """KV saved at 4K by ``plan`` (None: dense) held in 8 bits, against a bf16 cache (module docstring)."""
+def quantized_saving(plan: SharingPlan | None, bits: int) -> float:
+    """KV saved at 4K by ``plan`` (None: dense) held in ``bits`` bits, against a bf16 cache (module docstring)."""
     from transformers import AutoConfig
 
     config = AutoConfig.for_model("llama", num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                                   hidden_size=576)  # SmolLM2-135M's attention shape
     plan = plan or SharingPlan.identity(30, 3)
-    held = pod_kv_bytes(config, plan, CONTEXT, dtype=torch.bfloat16, kv_bits=8)
+    held = pod_kv_bytes(config, plan, CONTEXT, dtype=torch.bfloat16, kv_bits=bits)
     return 1.0 - held / dense_kv_bytes(config, CONTEXT, dtype=torch.bfloat16)
 
 
@@ -68,10 +79,9 @@ def saving(name: str, recs: list[dict]) -> float:
     """KV saved at 4K (module docstring)."""
     if name in ("dense", "control"):
         return 0.0
-    if name == "kv8":
-        return bits8_saving(None)
-    if name.endswith("+kv8"):
-        return bits8_saving(plan_of(name))
+    bits = bits_of(name)
+    if bits:
+        return quantized_saving(None if name == f"kv{bits}" else plan_of(name), bits)
     if name.startswith(("smollm2-pod", "window-", "pod+window-")):
         return plan_of(name).kv_saving(CONTEXT)
     return 1.0 - float(name.rsplit("-", 1)[1])
@@ -175,7 +185,7 @@ def figure(rep: dict):
         ys = [r["vs_dense"]["gap_pct"] if r["vs_dense"] else 0.0 for r in rs]
         err = [[y - (r["vs_dense"]["ci95"][0] if r["vs_dense"] else 0) for y, r in zip(ys, rs)],
                [(r["vs_dense"]["ci95"][1] if r["vs_dense"] else 0) - y for y, r in zip(ys, rs)]]
-        marker = "s" if "8-bit" in fam else "o"  # 8-bit storage: squares
+        marker = "s" if "8-bit" in fam else "D" if "4-bit" in fam else "o"  # 8-bit storage: squares, 4-bit: diamonds
         ax.errorbar(xs, ys, yerr=err, fmt=marker + ("-" if len(rs) > 1 else ""), label=fam, capsize=3,
                     color=plt.cm.tab20(i % 20))
     ax.axhline(2.0, color="grey", ls="--", lw=0.8)

@@ -26,6 +26,7 @@ analysis() {  # head scores + similarity of the original model (12 min on the lo
 }
 plans() {
   mkdir -p "$HERE/plans"
+  python -c "from podkv.plan import SharingPlan; SharingPlan.identity(30, 3, ns=16, nr=240).save('$HERE/plans/identity.json')"
   for n in $WINDOWS; do  # windows only: the target is exactly n window pairs' saving, so no pair is shared
     podkv plan --analysis "$HERE/analysis.json" --kind similarity --window-pairs "$n" --force \
       --target-saving "$(python -c "print(2 * $n * $per_pair - 1e-6)")" --out "$HERE/plans/window-$n.json"
@@ -39,11 +40,12 @@ run() {  # run NAME: one `podkv eval compare` of held-out NLL
   local name=$1 args
   case $name in
     dense|kv8) args="--methods $name";;
+    kv4) args="--methods pod+kv4 --plan $HERE/plans/identity.json";;  # every pair its own anchor: dense attention
     control) args="--model smollm2-pod --methods dense";;
     smollm2-pod) args="--model smollm2-pod --methods pod";;
-    smollm2-pod+kv8) args="--model smollm2-pod --methods pod+kv8";;
-    pod+window-*+kv8) args="--model smollm2-pod --methods pod+kv8 --plan $HERE/plans/${name%+kv8}.json";;
-    window-*+kv8) args="--methods pod+kv8 --plan $HERE/plans/${name%+kv8}.json";;
+    smollm2-pod+kv8|smollm2-pod+kv4) args="--model smollm2-pod --methods pod+${name##*+}";;
+    pod+window-*+kv8|pod+window-*+kv4) args="--model smollm2-pod --methods pod+${name##*+} --plan $HERE/plans/${name%+kv*}.json";;
+    window-*+kv8|window-*+kv4) args="--methods pod+${name##*+} --plan $HERE/plans/${name%+kv*}.json";;
     window-*) args="--methods pod --plan $HERE/plans/$name.json";;
     pod+window-*) args="--model smollm2-pod --methods pod --plan $HERE/plans/$name.json";;
     streaming-*|snapkv-*|pyramidkv-*) args="--methods ${name%-*} --budget ${name##*-}";;
@@ -70,8 +72,9 @@ gather() {  # records of runs made elsewhere (other worktrees, same OUT) -> ppl/
 }
 all_runs="dense control kv8 smollm2-pod smollm2-pod+kv8"
 for n in $WINDOWS; do all_runs="$all_runs window-$n"; done
-all_runs="$all_runs window-48+kv8"
+all_runs="$all_runs window-48+kv8 kv4 smollm2-pod+kv4"
 for n in $ADDED; do all_runs="$all_runs pod+window-$n pod+window-$n+kv8"; done
+all_runs="$all_runs pod+window-30+kv4"
 for b in $BUDGETS; do all_runs="$all_runs streaming-$b snapkv-$b pyramidkv-$b"; done
 steps=${*:-analysis plans $(for r in $all_runs; do echo ppl-$r; done) ruler-window-48 ruler-pod+window-30 report}
 for s in $steps; do
