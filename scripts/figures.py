@@ -187,23 +187,28 @@ def readme_policies(p):
         return f"{r['run']} {pct(r['kv_saved_4k'])}: {bold_if(gap, r['run'] in p['pareto_front'])}"
     runs = [r for r in p["rows"] if r["run"] != "dense"]
 
-    def reached(saving, bits8):  # the CI's upper end within 2% of dense
-        return _met(any(r["kv_saved_4k"] >= saving and r["vs_dense"]["ci95"][1] <= 2.0 and ("kv8" in r["run"]) == bits8
+    def reached(saving, bits):  # the CI's upper end within 2% of dense, stored in `bits` bits (None: unquantized)
+        return _met(any(r["kv_saved_4k"] >= saving and r["vs_dense"]["ci95"][1] <= 2.0 and _bits(r["run"]) == bits
                         for r in runs))
     return ("KV saved at 4K vs held-out NLL gap to dense (issue 21 sweep: window-only pairs, smollm2-pod + window-only "
-            "pairs, 8-bit storage, peers; training-free except smollm2-pod's plan; 8 windows × 4K; bold: Pareto front)",
+            "pairs, 8- and 4-bit storage, peers; training-free except smollm2-pod's plan; 8 windows × 4K; bold: Pareto front)",
             "; ".join(cell(r) for r in runs) + f" (NLL within 2% of dense at ≥ 50% saved without quantization: "
-            f"{reached(0.5, False)}; at ≥ 70% with 8-bit storage: {reached(0.7, True)}; ahead of every peer at 50% "
+            f"{reached(0.5, None)}; at ≥ 70% with 8-bit storage: {reached(0.7, 8)}; ahead of every peer at 50% "
             f"on NLL: {_met(_ahead_of_peers(runs, 0.5))})")
 
 
 PEERS = ("streaming-", "snapkv-", "pyramidkv-")
 
 
+def _bits(run: str) -> int | None:
+    """Storage bits of a sweep run (kv8, kv4, <plan>+kv8, <plan>+kv4), None when unquantized."""
+    return next((b for b in (8, 4) if run == f"kv{b}" or run.endswith(f"+kv{b}")), None)
+
+
 def _ahead_of_peers(runs, saving: float) -> bool:
     """podkv's best NLL gap among runs saving >= ``saving`` without quantization beats every peer's at that budget."""
     own = [r["vs_dense"]["gap_pct"] for r in runs if r["kv_saved_4k"] >= saving - 1e-9
-           and not r["run"].startswith(PEERS) and "kv8" not in r["run"]]
+           and not r["run"].startswith(PEERS) and _bits(r["run"]) is None]
     peers = [r["vs_dense"]["gap_pct"] for r in runs if r["run"].startswith(PEERS) and r["kv_saved_4k"] >= saving - 1e-9]
     return bool(own) and all(min(own) < g for g in peers)
 
