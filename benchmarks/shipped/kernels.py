@@ -5,7 +5,7 @@
 Times the operations of one layer's attention at SmolLM2's shape (3 KV heads, 3 query heads each, head dim 64)
 with 1 and 2 threads, and writes kernels.md and kernels.json here:
 
-* decode (batch 1): the block pass's two products — scores of the anchor's keys (q · K) and one member's values
+* decode (batch 1): the block pass's two products, over prefix views of growth buffers as the cache holds them — scores of the anchor's keys (q · K) and one member's values
   (p · V) — against dense's fused flash-attention call over the same keys and values;
 * prefill (a 240-token step): the block pass's distant part for a block of three layers (scores once, softmax
   passes, three value products) with the score matrix whole or cut into the cache-sized tiles that
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from podkv.attention.block_pass import TILE
+from podkv.bench.common import machine_info
 from podkv.io import atomic_write_text, write_json
 
 HERE = Path(__file__).parent
@@ -58,8 +59,10 @@ def block_distant(q, k, values, rows: int) -> None:
 
 def measure(T: int) -> dict:
     gen = torch.Generator().manual_seed(0)
-    k, v = (torch.randn(1, H, T, D, generator=gen) for _ in range(2))
-    members = [torch.randn(1, H, T, D, generator=gen) for _ in range(3)]
+    # keys and values as the PodCache holds them: prefix views of buffers with room to grow (see pod_cache._append)
+    k, v = (torch.randn(1, H, T + 128, D, generator=gen)[:, :, :T] for _ in range(2))
+    members = [torch.randn(1, H, T + 128, D, generator=gen)[:, :, :T] for _ in range(3)]
+    v_dense = v.contiguous()
     q1, s1 = torch.randn(1, H, G, D, generator=gen), torch.randn(1, H, G, T, generator=gen)
     qd = torch.randn(1, H * G, 1, D, generator=gen)
     qp = torch.randn(1, H, G * STEP, D, generator=gen)
@@ -67,6 +70,7 @@ def measure(T: int) -> dict:
     cases = {
         "decode: scores q·K (one anchor, 3 heads)": (lambda: torch.matmul(q1, k.transpose(-1, -2)), 200),
         "decode: values p·V (one member, 3 heads)": (lambda: torch.matmul(s1, v), 200),
+        "decode: values p·V, the same values contiguous": (lambda: torch.matmul(s1, v_dense), 200),
         "decode: dense flash attention (9 query heads)": (lambda: FLASH(qd, k, v, 0.0, False, scale=0.125), 200),
         "prefill step: block distant part, 3 members, untiled": (lambda: block_distant(qp, k, members, qp.shape[2]), 10),
         f"prefill step: block distant part, 3 members, tiles of {tile_rows} rows x 1 head":
@@ -87,12 +91,14 @@ def main(argv=None) -> None:
     ap.add_argument("--context", type=int, default=4096)
     args = ap.parse_args(argv)
     res = measure(args.context)
+    info = machine_info()
     lines = [f"# One layer's attention kernels at {args.context} tokens (SmolLM2 shape), ms, median", "",
-             f"Command: `python benchmarks/shipped/kernels.py --context {args.context}`", "",
+             f"Command: `python benchmarks/shipped/kernels.py --context {args.context}`; {info['date']}, "
+             f"load average {info.get('load_avg_1m')} (other jobs on the 2 cores shrink the 2-thread speed-ups)", "",
              "| kernel | 1 thread | 2 threads | 2-thread speed-up |", "|---|---|---|---|"]
     for name, t in res.items():
         lines.append(f"| {name} | {t['1 threads']:.3f} | {t['2 threads']:.3f} | {t['1 threads'] / t['2 threads']:.2f}× |")
-    write_json(HERE / f"kernels_{args.context}.json", {"context": args.context, "ms": res})
+    write_json(HERE / f"kernels_{args.context}.json", {"context": args.context, "ms": res, "machine": info})
     atomic_write_text(HERE / f"kernels_{args.context}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
