@@ -105,10 +105,10 @@ def test_bad_settings_are_one_line_errors():
         PodCache(model.config, plan, kv_bits=3)
     with pytest.raises(PodError, match="'kv_group' = 12 must divide the head dim 16"):
         PodCache(model.config, plan, kv_bits=8, kv_group=12)  # before any compute
-    odd = tiny_config("llama", head_dim=15)
+    # an odd head dim (no RoPE model has one: transformers >= 5.25 refuses such a config, so the store is checked)
     with pytest.raises(PodError, match="'kv_bits' = 4 packs two channels per byte: the head dim 15 must be even"):
-        PodCache(odd, SharingPlan.identity(4, 2), kv_bits=4, kv_group=5)
-    PodCache(odd, SharingPlan.identity(4, 2), kv_bits=8, kv_group=5)  # 8 bits: any head dim
+        QuantTokens(torch.empty(1, 2, 0, 15), 5, bits=4)
+    QuantTokens(torch.empty(1, 2, 0, 15), 5, bits=8)  # 8 bits: any head dim
 
 
 def test_enable_pod_kv_bits_makes_generate_use_a_quantized_cache():
