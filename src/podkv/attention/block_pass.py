@@ -19,8 +19,8 @@ When does the cache hold what the block needs? A query at cache index i reads di
 every layer already stored, plus — when L > nr — the step's own tokens [i0, i0 + L − nr). The member
 layers have not stored values for those yet when the anchor runs, so the anchor keeps its exp-scores
 over them (L × (L − nr) per query head) and each member applies them to its own values when its turn
-comes. That is exact too, and lets prefill go in steps of a few hundred tokens (:mod:`podkv.models.
-chunked_forward`; 2·nr by default), where the weight products run well, instead of at most nr.
+comes. That is exact too. Prefill itself still goes in steps of ``nr`` (:mod:`podkv.models.chunked_forward`):
+longer steps measured slower on CPU (docs/architecture.md); they serve callers that feed longer steps.
 Steps longer than ``STEP_LIMIT`` (memory grows with L²) and training take the general path of
 :mod:`podkv.attention.chunked`, which recomputes the anchor scores in every layer.
 
