@@ -1,0 +1,69 @@
+"""smollm2-pod prefill, dense vs PoD variants in one run, alternating: score tiles on/off, prefill step sizes.
+
+    python benchmarks/shipped/prefill_variants.py [--context 4096] [--reps 3]
+
+Where the figures in docs/architecture.md and docs/bench.md on tiles (``block_pass.TILE``) and on prefill steps
+longer than nr come from. Prints medians and PoD ÷ dense per variant (2 threads, shipped model and plan,
+scores mode); writes prefill_variants_<context>.json here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from podkv.attention import block_pass
+from podkv.bench.common import machine_info, new_cache, token_ids
+from podkv.io import write_json
+from podkv.models.enable import disable_pod
+from podkv.models.loading import load_model
+
+HERE = Path(__file__).parent
+VARIANTS = {"tiles, steps of 240": (block_pass.TILE, 240), "untiled, steps of 240": (1 << 30, 240),
+            "tiles, steps of 480": (block_pass.TILE, 480), "tiles, steps of 720": (block_pass.TILE, 720)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    pod, tok = load_model("smollm2-pod", progress=False)
+    plan = pod.pod_runtime.plan
+    dense = copy.deepcopy(pod)
+    disable_pod(dense)
+    ids = token_ids(tok, pod.config.vocab_size, 1, args.context)
+
+    @torch.no_grad()
+    def run(name: str) -> float:
+        model, method = (dense, "dense") if name == "dense" else (pod, "pod")
+        if name != "dense":
+            block_pass.TILE, pod.pod_runtime.prefill_chunk = VARIANTS[name]
+        cache = new_cache(model, method, plan)
+        t0 = time.perf_counter()
+        model(ids, past_key_values=cache, logits_to_keep=1)
+        return time.perf_counter() - t0
+
+    names = ["dense", *VARIANTS]
+    for name in names:  # warm-up
+        run(name)
+    times = {name: [] for name in names}
+    for rep in range(args.reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            times[name].append(run(name))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    for name in names:
+        print(f"{name:24s} {med[name]:7.2f} s  PoD/dense {med[name] / med['dense']:.3f}")
+    write_json(HERE / f"prefill_variants_{args.context}.json",
+               {"model": "smollm2-pod", "plan": "the model's own (scores mode)", "context": args.context,
+                "seconds": times, "ratio": {n: med[n] / med["dense"] for n in VARIANTS}, "machine": machine_info()})
+
+
+if __name__ == "__main__":
+    main()
