@@ -200,3 +200,29 @@ def test_forward_without_a_cache_holds_nothing_afterwards(mode):
         assert isinstance(output_cache(model(ids, use_cache=True)), PodCache)
         model(ids, use_cache=False)
     assert not model.pod_runtime.keys and not model.pod_runtime.queries
+
+
+@pytest.mark.parametrize("split", [2, 3, 4])
+@pytest.mark.parametrize("granularity", ["head", "layer", "window"])
+def test_split_key_decode_equals_reference(monkeypatch, split, granularity):
+    """Batch-1 decode cuts each head's distant keys into ``split`` chunks (one batched product, parallel on
+    CPU), starting early and masking the extra columns: still the reference, for every step length of the span."""
+    monkeypatch.setattr(block_pass, "SPLIT", split)
+    monkeypatch.setattr(block_pass, "SPLIT_MIN_KEYS", 1)
+    taken = []
+    real = block_pass._anchor_distant_split
+    monkeypatch.setattr(block_pass, "_anchor_distant_split", lambda *a: taken.append(1) or real(*a))
+    model = tiny_model("llama")
+    plan = random_plan(4, 2, 4, 5, seed=11, mode="scores")
+    if granularity == "layer":
+        plan = SharingPlan.uniform(4, 2, 2, ns=4, nr=5, mode="scores")
+    if granularity == "window":  # window-only pairs: their heads get no distant part (weighed 0 in the merge)
+        from test_window_policy import window_plan
+        plan = window_plan(seed=1, mode="scores", ns=4, nr=5)
+        assert plan.has_window
+    ids = ids_for(1, 44, seed=11)
+    with torch.no_grad():
+        ref = _reference(model, plan, ids)
+        fast = _fed(model, plan, ids, (5, 5, 1))
+    assert_close(fast, ref, what=f"split {split} decode vs reference")
+    assert taken

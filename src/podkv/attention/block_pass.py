@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from podkv.attention.heads import head_runs, select_heads
+from podkv.attention.heads import head_runs, select_heads, unstack
 from podkv.attention.lse import to_bias
 from podkv.attention.reference import allowed_mask, distant_span, proximal_mask
 
@@ -62,7 +62,12 @@ def pod_block_attention(step, query: torch.Tensor, key: torch.Tensor, scale: flo
     stash = cache.per_step("block_distant", dict)  # member layer -> list of (h0, h1, out, peak, total, waiting)
 
     _anchor_distant(cache, layer, qg, i0, i1, G, scale, stash)
-    out = _proximal_merged(step, qg, key, G, scale, _own_values_applied(cache, layer, stash.pop(layer, ())))
+    parts = stash.pop(layer, ())
+    if parts is _JOINED:
+        distant = _joined_part(cache, layer, G * L, D)
+    else:
+        distant = _all_heads(_own_values_applied(cache, layer, parts), H)
+    out = _proximal_merged(step, qg, key, G, scale, distant)
     return out.reshape(B, Hq, L, D).to(query.dtype)
 
 
@@ -85,6 +90,8 @@ def _anchor_distant(cache, layer, qg, i0, i1, G, scale, stash) -> None:
     bias, cols = _distant_bias(cache, i0, i1, lo, hi, G)
     split = min(max(i0, lo), hi)  # distant tokens [lo, split) are from earlier steps, [split, hi) from this one
     q = qg * scale  # (B, H, G*L, D): scaling the few queries beats scaling the many scores
+    if _split_keys_apply(cache, qg, lo, hi, bias, split):
+        return _anchor_distant_split(cache, layer, q, lo, hi, members, stash)
     B, rows = qg.shape[0], qg.shape[2]
     for (p0, p1), (j0, j1) in head_runs(heads, list(range(len(heads))), members):
         h0, h1 = heads[p0], heads[p0] + p1 - p0
@@ -108,6 +115,81 @@ def _anchor_distant(cache, layer, qg, i0, i1, G, scale, stash) -> None:
                     o = _f32(torch.matmul(s[..., :split - lo], cache.layers[m].values_of(a, b)[:, :, lo:split]))
                     waiting = own
                 _stash(stash, m, a, b, r0, r1, rows, o, peak, total, waiting)
+
+
+SPLIT = 4  # chunks of the distant keys in a batch-1 decode step (one bmm batch entry each)
+SPLIT_MIN_KEYS = 256  # below this many distant keys a step is too small to gain from splitting
+
+
+def _split_keys_apply(cache, qg, lo, hi, bias, split) -> bool:
+    """Batch-1 decode: a (few rows × 4K keys) product of one head is a single matrix product, which the CPU
+    runs on one thread at about half the memory bandwidth of two; cutting the keys into ``SPLIT`` chunks
+    makes it a batch of ``SPLIT`` products that run in parallel (1.6x on 2 cores, benchmarks/shipped).
+    Needs: plain tensors (not quantized), no mask inside the span, nothing of this step in it, and room
+    below ``lo`` to start the chunks early (the extra columns, fewer than SPLIT, sinks or padding, are masked
+    in the first chunk: so a chunk holds at least SPLIT keys)."""
+    rows, n = qg.shape[2], hi - lo
+    if qg.shape[0] != 1 or rows > 16 or bias is not None or split < hi or n < max(SPLIT_MIN_KEYS, SPLIT * SPLIT):
+        return False
+    v = cache.layers[0].v  # float32 storage only: the joined statistics are float32 and written in place
+    return hi - SPLIT * -(-n // SPLIT) >= 0 and isinstance(v, torch.Tensor) and v.dtype == torch.float32
+
+
+def _anchor_distant_split(cache, layer, q, lo, hi, members, stash) -> None:
+    """:func:`_anchor_distant` of a batch-1 decode step, head by head, keys cut into ``SPLIT`` chunks of ``w``.
+
+    The chunks cover [lo2, hi) with lo2 = hi − SPLIT·w <= lo; the ``lo − lo2`` columns before ``lo`` get −inf.
+    Scores stay in the chunked layout (SPLIT, rows, w): the softmax statistics reduce over chunks and
+    columns, and each member's ``exp(s − peak) @ V`` is a batch of SPLIT products summed. Results go to the
+    step's joined buffer (:func:`_joined_cells`), which the member layers read whole. Batch-1 decode pays per
+    operator, views included: every view here is taken once per (layer, head)."""
+    store = cache.layers[layer]
+    w = -(-(hi - lo) // SPLIT)
+    lo2 = hi - SPLIT * w
+    rows, D = q.shape[2], q.shape[3]
+    cells, H = _joined_cells(cache, rows, D)
+    q0, k0 = q[0], store.k_full[0]
+    for j, (h, block) in enumerate(zip(store.anchor_heads, members)):
+        k = k0[j, lo2:hi].view(SPLIT, w, D) if k0.stride(1) == D else k0[j, lo2:hi].reshape(SPLIT, w, D)
+        s = torch.bmm(q0[h].expand(SPLIT, rows, D), k.transpose(1, 2))  # (SPLIT, rows, w)
+        if lo2 < lo:
+            s[0, :, :lo - lo2] = float("-inf")
+        stats = cells[layer * H + h][:, D:]  # (rows, 2) [peak | total]: the anchor is its block's first member
+        torch.amax(s, dim=(0, 2), out=stats[:, 0])  # finite: every row sees every key in [lo, hi)
+        s.sub_(stats[:, :1]).exp_()
+        torch.sum(s, dim=(0, 2), out=stats[:, 1])
+        for m in block:
+            member = cache.layers[m]
+            v = member.v[0, member.vrow[h], lo2:hi]
+            y = torch.bmm(s, v.view(SPLIT, w, D) if v.stride(0) == D else v.reshape(SPLIT, w, D))  # (SPLIT, rows, D)
+            cell = cells[m * H + h]
+            torch.sum(y, dim=0, out=cell[:, :D])
+            if m != layer:
+                cell[:, D:].copy_(stats)
+    for m in {m for block in members for m in block}:
+        stash[m] = _JOINED
+
+
+_JOINED = "joined"  # stash mark: this member's distant part is its slice of the step's joined buffer
+
+
+def _joined_cells(cache, rows, D):
+    """The step's distant parts of every layer, one float32 buffer (layers, H, rows, D + 2) made once per step:
+    [o | peak | total] per (layer, KV head), and its (rows, D + 2) cells, cell ``layer * H + head``.
+    Window-only heads keep o = 0, peak = −inf, total = 0, which the merge weighs by e^(−inf) = 0."""
+    def build():
+        H = len(cache.layers[0].value_heads) + len(cache.layers[0].window_heads)
+        buf = torch.zeros(len(cache.layers), H, rows, D + 2, dtype=torch.float32, device=cache.layers[0].v.device)
+        buf[..., D].fill_(float("-inf"))
+        return buf, buf.view(-1, rows, D + 2).unbind(0), H
+    buf, cells, H = cache.per_step("block_joined", build)
+    return cells, H
+
+
+def _joined_part(cache, layer, rows, D):
+    """Layer ``layer``'s (o, peak, total) of the joined buffer, (1, H, rows, ·) each."""
+    buf = cache.per_step("block_joined", None)[0][layer:layer + 1]
+    return buf[..., :D], buf[..., D:D + 1], buf[..., D + 1:]
 
 
 def _own_values_applied(cache, layer, parts) -> list:
@@ -166,8 +248,8 @@ def _proximal_merged(step, qg, key, G, scale, distant) -> torch.Tensor:
     """Own-key attention over the held sinks + window and this step's tokens, in one softmax with the
     distant parts of its blocks -> (B, H, G*L, D) float32.
 
-    ``distant``: (h0, h1, o, peak, total) per head range, ``o = Σ exp(s − peak)·v`` over the distant keys
-    and ``total = Σ exp(s − peak)``. With m = max(proximal max, peak) per row, the softmax over both
+    ``distant``: (o, peak, total) over all H heads (:func:`_all_heads`), or None; ``o = Σ exp(s − peak)·v`` over
+    the distant keys and ``total = Σ exp(s − peak)``. With m = max(proximal max, peak) per row, the softmax over both
     key sets is (Σ_P e^(s−m)·v + e^(peak−m)·o) / (Σ_P e^(s−m) + e^(peak−m)·total): exact, and a dozen
     small ops fewer than an attention call plus a log-sum-exp merge (batch-1 decode pays per op).
     Every query sees itself (``allowed_mask``), so the proximal max is finite and the sum is >= 1.
@@ -181,7 +263,7 @@ def _proximal_merged(step, qg, key, G, scale, distant) -> torch.Tensor:
         s.add_(bias)
     m = s.amax(dim=-1, keepdim=True)
     if distant:
-        o, peak, total = _all_heads(distant, s.shape[1])
+        o, peak, total = distant
         m = torch.maximum(m, peak)
     s.sub_(m).exp_()
     den = s.sum(dim=-1, keepdim=True)
@@ -209,7 +291,7 @@ def _proximal_inputs(step, key: torch.Tensor):
     keys = _take_runs(store.k_full, runs)
     if store.ring_heads:
         ring = torch.cat([step.k_prox, select_heads(key, store.ring_heads)], dim=2)
-        keys = torch.cat([keys, ring], dim=1)[:, store._head_order]  # [anchor | ring] -> head order
+        keys = unstack((keys, ring), store.key_runs)  # [anchor | ring] -> head order
     return keys, values, step.idx
 
 
@@ -222,7 +304,9 @@ def _all_heads(distant, H: int):
     """The (h0, h1, o, peak, total) parts of a layer's distant pass, one per anchor head range, joined into
     (o, peak, total) over all H heads, so the merge runs once instead of once per range. Every (layer, KV
     head) has one anchor, except window-only heads: they get an empty distant part (o = 0, peak = −inf,
-    total = 0), which the merge weighs by e^(−inf) = 0."""
+    total = 0), which the merge weighs by e^(−inf) = 0. None when the layer has no distant part this step."""
+    if not distant:
+        return None
     parts = sorted(distant, key=lambda part: part[0])
     filled, h = [], 0
     for part in parts + [(H, H, None, None, None)]:

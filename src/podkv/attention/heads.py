@@ -35,3 +35,25 @@ def put_heads(out: torch.Tensor, heads: list[int], value: torch.Tensor) -> None:
         out[:, heads[0]:heads[-1] + 1] = value
     else:
         out[:, heads] = value
+
+
+def stacked_runs(order: list[int], first: int) -> list[tuple[int, int, int]]:
+    """Head order of two stacked head sets, [first ``first`` heads | the rest], as runs (part, start, stop):
+    ``order[h]`` is head h's position in the stack. Why: :func:`unstack` then puts heads back in order with
+    one ``cat`` of slices, where stacking and an advanced index costs a copy more (batch-1 decode pays per op)."""
+    runs: list[list[int]] = []
+    for pos in order:
+        part, i = (0, pos) if pos < first else (1, pos - first)
+        if runs and runs[-1][0] == part and runs[-1][2] == i:
+            runs[-1][2] = i + 1
+        else:
+            runs.append([part, i, i + 1])
+    return [tuple(r) for r in runs]
+
+
+def unstack(parts: tuple[torch.Tensor, torch.Tensor], runs) -> torch.Tensor:
+    """The heads of ``parts`` (two tensors, heads on dim 1) in the order :func:`stacked_runs` describes."""
+    if len(runs) == 1:
+        part, a, b = runs[0]
+        return parts[part][:, a:b]
+    return torch.cat([parts[part][:, a:b] for part, a, b in runs], dim=1)

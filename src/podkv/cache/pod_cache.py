@@ -38,6 +38,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from podkv import compat
+from podkv.attention.heads import stacked_runs, unstack
 from podkv.cache import window
 from podkv.cache.quant import GROUP, QuantTokens
 from podkv.cache.window import transition as _proximal_transition  # noqa: F401  (selection.py)
@@ -64,9 +65,9 @@ class PodLayer(compat.CacheLayer):
         self.vrow = {h: n for n, h in enumerate(self.value_heads)}  # KV head -> its row of v
         self.wrow = {h: n for n, h in enumerate(self.window_heads)}  # window-only KV head -> its row of v_prox
         stored = self.anchor_heads + self.ring_heads  # held() stacks [anchor | ring] keys; this undoes it
-        self._head_order = [stored.index(h) for h in range(len(stored))]
+        self.key_runs = stacked_runs([stored.index(h) for h in range(len(stored))], len(self.anchor_heads))
         stored = self.value_heads + self.window_heads  # ... and [v | v_prox] values
-        self._value_order = [stored.index(h) for h in range(len(stored))]
+        self.value_runs = stacked_runs([stored.index(h) for h in range(len(stored))], len(self.value_heads))
         self.clear()
 
     def clear(self) -> None:
@@ -127,10 +128,11 @@ class PodLayer(compat.CacheLayer):
     def _roll(self, i0: int, i1: int, new_keys: torch.Tensor | None, new_values: torch.Tensor | None) -> None:
         """Move the proximal window over tokens [i0, i1): sinks + the last ``nr + M`` (:mod:`podkv.cache.window`)."""
         new_idx, pos = self.cache.transition(i0, i1, self.prox_idx if i0 else None)
+        runs = self.cache.slot_runs(pos)
         if new_keys is not None:
-            self.k_prox = _take_slots(torch.cat([self.k_prox, new_keys], dim=2), pos, self.cache.slot_runs(pos))
+            self.k_prox = _take_slots_of(self.k_prox, new_keys, pos, runs)
         if new_values is not None:
-            self.v_prox = _take_slots(torch.cat([self.v_prox, new_values], dim=2), pos, self.cache.slot_runs(pos))
+            self.v_prox = _take_slots_of(self.v_prox, new_values, pos, runs)
         self.prox_idx = new_idx
 
     def values_of(self, h0: int, h1: int) -> torch.Tensor:
@@ -198,14 +200,13 @@ class PodStep:
         runs = self.cache.slot_runs(idx)
         values = _take_slots(store.v, idx, runs)
         if store.window_heads:
-            values = torch.cat([values, self.v_prox], dim=1)[:, store._value_order]  # [v | v_prox] -> head order
+            values = unstack((values, self.v_prox), store.value_runs)  # [v | v_prox] -> head order
         if not store.anchor_heads:
             return self.k_prox, values, idx
         anchor_keys = _take_slots(store.k_full, idx, runs)
         if not store.ring_heads:
             return anchor_keys, values, idx
-        keys = torch.cat([anchor_keys, self.k_prox], dim=1)  # heads in [anchor | ring] order
-        return keys[:, store._head_order], values, idx
+        return unstack((anchor_keys, self.k_prox), store.key_runs), values, idx  # [anchor | ring] -> head order
 
     def held_ring(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`held` for the ring heads only (shared and window-only, ``ring_heads`` order), without gathering
@@ -488,6 +489,22 @@ def slot_runs(slots: torch.Tensor) -> list[tuple[int, int]] | None:
     bounds = [0, *cut, row.numel()]
     firsts = row[bounds[:-1]].tolist()
     return [(f, f + b - a) for f, a, b in zip(firsts, bounds[:-1], bounds[1:])]
+
+
+def _take_slots_of(old: torch.Tensor, new: torch.Tensor, pos: torch.Tensor, runs) -> torch.Tensor:
+    """:func:`_take_slots` of [old | new] along the token dim, slicing each run from where it lies instead of
+    concatenating the two first: one copy of the window per step instead of two."""
+    if runs is None or isinstance(old, QuantTokens) or isinstance(new, QuantTokens):
+        return _take_slots(torch.cat([old, new], dim=2), pos, runs)
+    n, parts = old.shape[2], []
+    for a, b in runs:
+        if a < n:
+            parts.append(old[:, :, a:min(b, n)])
+        if b > n:
+            parts.append(new[:, :, max(a, n) - n:b - n])
+    if not parts:
+        return old[:, :, :0]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 def _take_slots(x: torch.Tensor, pos: torch.Tensor, runs: list[tuple[int, int]] | None = None) -> torch.Tensor:
