@@ -1,0 +1,70 @@
+"""smollm2-pod batch-1 decode, dense vs PoD with and without split distant keys, in one run, alternating.
+
+    python benchmarks/shipped/decode_split.py [--context 4096] [--steps 40]
+
+Where the split-key figures in docs/bench.md come from (``block_pass.SPLIT``: each head's distant keys of a
+batch-1 decode step cut into chunks, one batched product that uses both cores). Prefills one held-out prompt
+per variant, then times ``--steps`` decode steps of each in turn (2 threads, shipped model and plan, scores
+mode). Prints medians and PoD ÷ dense; writes decode_split_<context>.json here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from podkv.attention import block_pass
+from podkv.bench.common import machine_info, new_cache, token_ids
+from podkv.io import write_json
+from podkv.models.loading import load_model
+
+HERE = Path(__file__).parent
+VARIANTS = {"dense": None, "pod, split keys": block_pass.SPLIT_MIN_KEYS, "pod, unsplit": 1 << 40}
+
+
+@torch.no_grad()
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=40)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    pod, tok = load_model("smollm2-pod", progress=False)
+    plan = pod.pod_runtime.plan
+    dense = copy.deepcopy(pod)
+    ids = token_ids(tok, pod.config.vocab_size, 1, args.context)
+    state = {}
+    for name, min_keys in VARIANTS.items():
+        model = dense if min_keys is None else pod
+        cache = new_cache(model, "dense" if min_keys is None else "pod", plan)
+        state[name] = [model, cache, model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)]
+    times = {name: [] for name in VARIANTS}
+    for step in range(args.steps + 2):  # the first two steps of each are warm-up
+        for name, min_keys in VARIANTS.items():
+            if min_keys is not None:
+                block_pass.SPLIT_MIN_KEYS = min_keys
+            model, cache, nxt = state[name]
+            start = time.perf_counter()
+            state[name][2] = model(nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+            if step >= 2:
+                times[name].append(time.perf_counter() - start)
+    block_pass.SPLIT_MIN_KEYS = VARIANTS["pod, split keys"]
+    dense_ms = statistics.median(times["dense"]) * 1e3
+    rows = {name: {"median_ms": statistics.median(t) * 1e3, "min_ms": min(t) * 1e3,
+                   "ratio_to_dense": statistics.median(t) * 1e3 / dense_ms} for name, t in times.items()}
+    for name, row in rows.items():
+        print(f"{name:18s} median {row['median_ms']:.1f} ms/step  PoD/dense {row['ratio_to_dense']:.3f}")
+    write_json(HERE / f"decode_split_{args.context}.json",
+               {"model": "smollm2-pod", "plan": "the model's own (scores mode)", "context": args.context, "batch": 1,
+                "steps": args.steps, "split": block_pass.SPLIT, "threads": 2, "machine": machine_info(),
+                "variants": rows, "seconds": times,
+                "command": f"python benchmarks/shipped/decode_split.py --context {args.context} --steps {args.steps}"})
+
+
+if __name__ == "__main__":
+    main()
