@@ -11,7 +11,6 @@ mode). Prints medians and PoD ÷ dense; writes decode_split_<context>.json here.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 from pathlib import Path
@@ -19,9 +18,8 @@ from pathlib import Path
 import torch
 
 from podkv.attention import block_pass
-from podkv.bench.common import machine_info, new_cache, token_ids
+from podkv.bench.common import machine_info, new_cache, shipped_and_dense, token_ids
 from podkv.io import write_json
-from podkv.models.loading import load_model
 
 HERE = Path(__file__).parent
 VARIANTS = {"dense": None, "pod, split keys": block_pass.SPLIT_MIN_KEYS, "pod, unsplit": 1 << 40}
@@ -33,10 +31,7 @@ def main(argv=None) -> None:
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=40)
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
-    pod, tok = load_model("smollm2-pod", progress=False)
-    plan = pod.pod_runtime.plan
-    dense = copy.deepcopy(pod)
+    pod, dense, tok, plan = shipped_and_dense()
     ids = token_ids(tok, pod.config.vocab_size, 1, args.context)
     state = {}
     for name, min_keys in VARIANTS.items():

@@ -10,7 +10,6 @@ scores mode); writes prefill_variants_<context>.json here.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 from pathlib import Path
@@ -18,10 +17,8 @@ from pathlib import Path
 import torch
 
 from podkv.attention import block_pass
-from podkv.bench.common import machine_info, new_cache, token_ids
+from podkv.bench.common import machine_info, new_cache, shipped_and_dense, token_ids
 from podkv.io import write_json
-from podkv.models.enable import disable_pod
-from podkv.models.loading import load_model
 
 HERE = Path(__file__).parent
 VARIANTS = {"tiles, steps of 240": (block_pass.TILE, 240), "untiled, steps of 240": (1 << 30, 240),
@@ -33,11 +30,7 @@ def main(argv=None) -> None:
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
-    pod, tok = load_model("smollm2-pod", progress=False)
-    plan = pod.pod_runtime.plan
-    dense = copy.deepcopy(pod)
-    disable_pod(dense)
+    pod, dense, tok, plan = shipped_and_dense()
     ids = token_ids(tok, pod.config.vocab_size, 1, args.context)
 
     @torch.no_grad()

@@ -11,15 +11,13 @@ per step, operator count per step, and the operators that take the most self tim
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from podkv.bench.common import new_cache, token_ids
-from podkv.models.loading import load_model
+from podkv.bench.common import new_cache, shipped_and_dense, token_ids
 
 HERE = Path(__file__).parent
 
@@ -57,9 +55,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=8)
     args = ap.parse_args(argv)
-    pod, tok = load_model("smollm2-pod", progress=False)
-    plan = pod.pod_runtime.plan
-    dense = copy.deepcopy(pod)
+    pod, dense, tok, plan = shipped_and_dense(threads=torch.get_num_threads())
     ids = token_ids(tok, pod.config.vocab_size, 1, args.context)
     out = [f"# Decode step profile: smollm2-pod (plan {plan.describe() if hasattr(plan, 'describe') else plan.mode}, "
            f"scores mode, block pass) vs dense, same weights, context {args.context} x batch {args.batch}, "

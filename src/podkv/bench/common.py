@@ -152,3 +152,17 @@ def _text_ids(tok) -> torch.Tensor:
     """Why held-out: `bench skip` scores perplexity on these ids, and an adapted model trained on the plan/train
     split (help topics) would be flattered there."""
     return tok(text("heldout"), return_tensors="pt").input_ids[0]
+
+
+def shipped_and_dense(threads: int = 2):
+    """The shipped ``smollm2-pod`` (PoD on) and a dense copy of the same weights, for the A/B scripts in
+    benchmarks/shipped/ that time both in one process -> (pod, dense, tokenizer, plan)."""
+    import copy
+
+    from podkv.models.enable import disable_pod  # startup: transformers
+    from podkv.models.loading import load_model  # startup: transformers
+
+    torch.set_num_threads(threads)
+    pod, tok = load_model("smollm2-pod", progress=False)
+    dense = disable_pod(copy.deepcopy(pod))
+    return pod, dense, tok, pod.pod_runtime.plan
