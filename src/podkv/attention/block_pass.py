@@ -124,7 +124,7 @@ SPLIT_MIN_KEYS = 256  # below this many distant keys a step is too small to gain
 def _split_keys_apply(cache, qg, lo, hi, bias, split) -> bool:
     """Batch-1 decode: a (few rows × 4K keys) product of one head is a single matrix product, which the CPU
     runs on one thread at about half the memory bandwidth of two; cutting the keys into ``SPLIT`` chunks
-    makes it a batch of ``SPLIT`` products that run in parallel (1.6x on 2 cores, benchmarks/shipped).
+    makes it a batch of ``SPLIT`` products that run in parallel (1.6x on 2 cores: docs/bench.md).
     Needs: plain tensors (not quantized), no mask inside the span, nothing of this step in it, and room
     below ``lo`` to start the chunks early (the extra columns, fewer than SPLIT, sinks or padding, are masked
     in the first chunk: so a chunk holds at least SPLIT keys)."""
