@@ -226,3 +226,15 @@ def test_split_key_decode_equals_reference(monkeypatch, split, granularity):
         fast = _fed(model, plan, ids, (5, 5, 1))
     assert_close(fast, ref, what=f"split {split} decode vs reference")
     assert taken
+
+
+@pytest.mark.parametrize("anchor,ring", [([0], [1, 2]), ([1], [0, 2]), ([0, 2], [1]), ([0, 1, 2], []), ([], [0, 1, 2])])
+def test_unstack_puts_heads_back_in_order(anchor, ring):
+    """[anchor | ring] stacks back in head order by one cat of slices (heads.stacked_runs / unstack)."""
+    from podkv.attention.heads import stacked_runs, unstack
+
+    x = torch.randn(2, 3, 5, 4)
+    stacked = anchor + ring
+    runs = stacked_runs([stacked.index(h) for h in range(3)], len(anchor))
+    out = unstack((x[:, anchor], x[:, ring]), runs)
+    torch.testing.assert_close(out, x, rtol=0, atol=0)
