@@ -128,11 +128,10 @@ class PodLayer(compat.CacheLayer):
     def _roll(self, i0: int, i1: int, new_keys: torch.Tensor | None, new_values: torch.Tensor | None) -> None:
         """Move the proximal window over tokens [i0, i1): sinks + the last ``nr + M`` (:mod:`podkv.cache.window`)."""
         new_idx, pos = self.cache.transition(i0, i1, self.prox_idx if i0 else None)
-        runs = self.cache.slot_runs(pos)
         if new_keys is not None:
-            self.k_prox = _take_slots_of(self.k_prox, new_keys, pos, runs)
+            self.k_prox = _take_slots(torch.cat([self.k_prox, new_keys], dim=2), pos, self.cache.slot_runs(pos))
         if new_values is not None:
-            self.v_prox = _take_slots_of(self.v_prox, new_values, pos, runs)
+            self.v_prox = _take_slots(torch.cat([self.v_prox, new_values], dim=2), pos, self.cache.slot_runs(pos))
         self.prox_idx = new_idx
 
     def values_of(self, h0: int, h1: int) -> torch.Tensor:
@@ -489,22 +488,6 @@ def slot_runs(slots: torch.Tensor) -> list[tuple[int, int]] | None:
     bounds = [0, *cut, row.numel()]
     firsts = row[bounds[:-1]].tolist()
     return [(f, f + b - a) for f, a, b in zip(firsts, bounds[:-1], bounds[1:])]
-
-
-def _take_slots_of(old: torch.Tensor, new: torch.Tensor, pos: torch.Tensor, runs) -> torch.Tensor:
-    """:func:`_take_slots` of [old | new] along the token dim, slicing each run from where it lies instead of
-    concatenating the two first: one copy of the window per step instead of two."""
-    if runs is None or isinstance(old, QuantTokens) or isinstance(new, QuantTokens):
-        return _take_slots(torch.cat([old, new], dim=2), pos, runs)
-    n, parts = old.shape[2], []
-    for a, b in runs:
-        if a < n:
-            parts.append(old[:, :, a:min(b, n)])
-        if b > n:
-            parts.append(new[:, :, max(a, n) - n:b - n])
-    if not parts:
-        return old[:, :, :0]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 def _take_slots(x: torch.Tensor, pos: torch.Tensor, runs: list[tuple[int, int]] | None = None) -> torch.Tensor:
