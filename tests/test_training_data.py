@@ -15,11 +15,16 @@ from podkv.models.anchor_init import init_from_anchor
 from podkv.training.longrange import (
     CHAIN_WORDINGS,
     MULTI_WORDINGS,
+    TRACK_FILLER,
+    TRACK_QUESTIONS,
+    TRACK_WORDINGS,
     chain_document,
     long_range_blocks,
     lookup_document,
     multilookup_document,
     repeat_document,
+    track_document,
+    track_texts,
 )
 
 
@@ -106,9 +111,43 @@ def test_chain_document_names_every_holder_in_chain_order():
 
 def test_training_wordings_never_use_the_evaluation_templates():
     """The RULER-style tasks must stay unseen: no magic numbers, no ``VAR X = Y`` chains, no passkey."""
-    wordings = " ".join(w for group in (MULTI_WORDINGS, CHAIN_WORDINGS) for t in group for w in t).lower()
-    for phrase in ("magic number", "var ", "pass key", "passkey", "memorize", "variable assignment"):
+    groups = (MULTI_WORDINGS, CHAIN_WORDINGS, TRACK_WORDINGS, TRACK_QUESTIONS)
+    wordings = " ".join(w for group in groups for t in group for w in t).lower() + " " + TRACK_FILLER.lower()
+    for phrase in ("magic number", "var ", "pass key", "passkey", "memorize", "variable assignment",
+                   "grass is green", "sky is blue", "there and back"):
         assert phrase not in wordings
+
+
+def test_track_texts_hold_two_ordered_chains_and_answer_the_asked_one():
+    questions = set()
+    for seed in range(24):
+        texts, tail, asked = track_texts(random.Random(seed))
+        def assignment(first, t):
+            m = template_regex(first).match(t)
+            return m if m and m["value"].isdigit() and " " not in m["a"] else None
+
+        first, copy = next(w for w in TRACK_WORDINGS if sum(assignment(w[0], t) is not None for t in texts) == 2)
+        starts = [assignment(first, t) for t in texts]  # the two chains' first statements
+        values = {m["value"] for m in starts if m}
+        assert len(values) == 2
+        copies = [template_regex(copy).match(t) for t in texts]
+        start = next(i for i, m in enumerate(starts) if m and m["a"] == asked[0])
+        hops = [next(i for i, m in enumerate(copies) if m and (m["a"], m["b"]) == ab) for ab in zip(asked, asked[1:])]
+        assert [start] + hops == sorted([start] + hops)  # the asked chain, in order
+        assert tail.endswith(" ".join(asked) + ".")
+        questions.add(next(q for q, _ in TRACK_QUESTIONS if q.split("{value}")[0] in tail))
+    assert len(questions) == len(TRACK_QUESTIONS)
+
+
+def test_track_document_is_exact_length_in_prose_or_filler():
+    tok = WordTok()
+    filler = set(tok.encode(TRACK_FILLER))
+    in_filler = 0
+    for seed in range(12):
+        ids = track_document(tok, STREAM, 900, random.Random(seed))
+        assert len(ids) == 900
+        in_filler += len(filler & set(ids)) > 0 and not any(i >= 100_000 for i in ids)
+    assert 0 < in_filler < 12  # both haystacks occur
 
 
 def test_long_range_kinds_cycle_and_unknown_kind_is_refused():

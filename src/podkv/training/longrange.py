@@ -2,7 +2,7 @@
 
 The help topics are short: packed with EOS, almost no token depends on anything beyond the
 256-token proximal window, so adaptation never learns to read distant tokens through an
-anchor's keys. Two generated kinds fix that, each exactly ``seq_len - 1`` tokens (+ EOS, so
+anchor's keys. Generated kinds fix that, each exactly ``seq_len - 1`` tokens (+ EOS, so
 packing never splits one):
 
 * **repeat** — a passage, unrelated text, then the passage again. Every token of the second copy
@@ -16,6 +16,11 @@ packing never splits one):
 * **chain** — a value is assigned to one name, then copied name to name (``<b> takes the value of
   <a>``) at later points of the prose; the end names every holder of the value, in chain order.
   Teaches multi-hop reading of distant tokens. Wordings from :data:`CHAIN_WORDINGS`.
+* **track** — two copy chains (2-5 hops each, different values) interleaved in either prose or a
+  repetitive filler of our own (:data:`TRACK_FILLER`), identifiers in one of several styles, one of
+  several statement syntaxes and question forms (:data:`TRACK_WORDINGS`, :data:`TRACK_QUESTIONS`); the
+  end asks for the holders of one chain's value. Teaches following one chain past a distractor in
+  repetitive text, in wordings, formats and haystacks unlike each other.
 
 None uses RULER's "special magic number" needles, its ``VAR X = Y`` chains, the passkey filler,
 or the held-out text: the evaluation's prompts stay unseen (wordings are checked in the tests).
@@ -27,7 +32,7 @@ import random
 
 from podkv.errors import PodError
 
-KINDS = ("repeat", "lookup", "multilookup", "chain")
+KINDS = ("repeat", "lookup", "multilookup", "chain", "track")
 DEFAULT_KINDS = ("repeat", "lookup")
 # (record, final line) templates; {name}, {value}, {values} (comma-joined, in order of appearance)
 MULTI_WORDINGS = (
@@ -43,6 +48,24 @@ CHAIN_WORDINGS = (
     ("The box {a} contains {value}.", "The box {b} contains whatever box {a} contains.",
      "Boxes containing {value}: {names}."),
 )
+# (first assignment, copy) statement syntaxes of a track document; {a}, {b}, {value}
+TRACK_WORDINGS = (
+    ("{a} = {value}", "{b} = {a}"),
+    ("set {a} to {value}", "set {b} to {a}"),
+    ("{a} <- {value}", "{b} <- {a}"),
+    ("const {a} = {value};", "const {b} = {a};"),
+    ("Register {a} is loaded with {value}.", "Register {b} is loaded from register {a}."),
+    ("{a}: {value}", "{b}: ref {a}"),
+)
+# (question, answer) at the end of a track document; {value}, {names} (space-joined, chain order), {n}
+TRACK_QUESTIONS = (
+    ("Which names end up holding {value}?", "{names}"),
+    ("List every identifier whose value is {value}, in order.", "In order: {names}"),
+    ("Q: trace {value} through the text. A:", "{names}"),
+    ("Who holds {value} after all the copies?", "The {n} holders are {names}"),
+)
+# Our own repetitive haystack: the evaluation's passkey filler is never used in training.
+TRACK_FILLER = "The lake is still. The road is long. The wind is cold. On we walk. Up the hill and down again."
 NAMES = ("amber", "birch", "cobalt", "dune", "ember", "fjord", "garnet", "harbor", "indigo", "juniper", "kestrel",
          "lagoon", "meadow", "nickel", "orchid", "pepper", "quartz", "raven", "saffron", "tundra", "umber", "violet",
          "walnut", "xenon", "yarrow", "zephyr", "basalt", "cedar", "delta", "falcon", "glacier", "hazel")
@@ -91,6 +114,48 @@ def chain_document(tok, stream: list[int], n: int, rng: random.Random, hops: int
     return _scatter(tok, stream, n, rng, texts, "\n\n" + final.format(value=value, names=" ".join(names)))
 
 
+def track_document(tok, stream: list[int], n: int, rng: random.Random) -> list[int]:
+    """``n`` token ids: :func:`track_texts` scattered in prose or, half the time, in :data:`TRACK_FILLER`."""
+    texts, tail, _ = track_texts(rng)
+    if rng.random() < 0.5:
+        reps = 2 + n // max(1, len(tok.encode(TRACK_FILLER, add_special_tokens=False)))
+        stream = list(tok.encode(" ".join([TRACK_FILLER] * reps), add_special_tokens=False))
+    return _scatter(tok, stream, n, rng, texts, tail)
+
+
+def track_texts(rng: random.Random) -> tuple[list[str], str, list[str]]:
+    """(statements of two interleaved copy chains with different values, the final question + answer, the
+    asked chain's names). Each chain's statements stay in chain order."""
+    first, copy = rng.choice(TRACK_WORDINGS)
+    question, answer = rng.choice(TRACK_QUESTIONS)
+    hops = [rng.randint(2, 5), rng.randint(2, 5)]
+    names = _track_names(rng, sum(hops) + 2)
+    chains = [names[:hops[0] + 1], names[hops[0] + 1:]]
+    values = [str(v) for v in rng.sample(range(100, 99_999), 2)]
+    lines = [[first.format(a=c[0], value=v)] + [copy.format(a=a, b=b) for a, b in zip(c, c[1:])]
+             for c, v in zip(chains, values)]
+    order = rng.sample([0] * len(lines[0]) + [1] * len(lines[1]), len(lines[0]) + len(lines[1]))
+    heads = [iter(lines[0]), iter(lines[1])]
+    texts = [next(heads[i]) for i in order]
+    asked = rng.randrange(2)
+    tail = "\n\n" + question.format(value=values[asked]) + " " + answer.format(
+        names=" ".join(chains[asked]), n=len(chains[asked])) + "."
+    return texts, tail, chains[asked]
+
+
+def _track_names(rng: random.Random, count: int) -> list[str]:
+    """``count`` distinct identifiers in one style per document: lower-case words, capitals, or ``x_NN``."""
+    style = rng.randrange(3)
+    if style == 0:
+        return rng.sample(NAMES, count)
+    seen: dict[str, None] = {}
+    while len(seen) < count:
+        name = ("".join(rng.choices("ABCDEFGHIJKLMNOPQRSTUVWXYZ", k=rng.choice((3, 4, 6)))) if style == 1
+                else f"{rng.choice('xyzuvw')}_{rng.randint(10, 99)}")
+        seen.setdefault(name)
+    return list(seen)
+
+
 def _scatter(tok, stream: list[int], n: int, rng: random.Random, texts: list[str], tail_text: str) -> list[int]:
     """``texts`` in order at random points of a stretch of prose, then ``tail_text``: exactly ``n`` ids."""
     enc = lambda s: list(tok.encode(s, add_special_tokens=False))  # noqa: E731
@@ -131,7 +196,8 @@ def long_range_blocks(tok, stream: list[int], seq_len: int, count: int, seed: in
     make = {"repeat": lambda: repeat_document(stream, n, rng, min_gap),
             "lookup": lambda: lookup_document(tok, stream, n, rng),
             "multilookup": lambda: multilookup_document(tok, stream, n, rng),
-            "chain": lambda: chain_document(tok, stream, n, rng)}
+            "chain": lambda: chain_document(tok, stream, n, rng),
+            "track": lambda: track_document(tok, stream, n, rng)}
     rows = []
     for i in range(count):
         doc = make[kinds[i % len(kinds)]]()
