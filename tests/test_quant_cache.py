@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from podkv import PodCache, SharingPlan, disable_pod, enable_pod
-from podkv.cache.quant import QuantTokens, dequantize, quantize
+from podkv.cache.quant import QuantChannels, QuantTokens, dequantize, quantize
 from podkv.cache.memory import dense_kv_bytes, pod_kv_bytes
 from podkv.compat import cache_kwargs
 from podkv.errors import PodError
@@ -48,6 +48,37 @@ def test_tokens_index_like_the_tensor(bits):
     assert store.shape[2] == 25 and torch.equal(store[:, :], full[:, :, :25])
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_channel_keys_index_like_the_tensor_and_bound_the_error_per_channel(bits):
+    """KIVI's layout: full groups of 8 tokens quantised per channel (error <= half a step of that channel's
+    range over the group), the unfilled group held exactly; reads, crops and batch edits as on the tensor."""
+    x = torch.randn(2, 3, 45, 16, generator=torch.Generator().manual_seed(1))
+    x[..., 5] *= 40  # an outlier channel (KIVI's observation about keys)
+    store = QuantChannels(x[:, :, :0], 8, bits)
+    for a, b in ((0, 13), (13, 14), (14, 45)):  # a prefill, one decode token, a chunk that fills several groups
+        store.append(x[:, :, a:b])
+    full = store[:, :]
+    assert store.shape == x.shape and store.Tq == 40 and torch.equal(full[:, :, 40:], x[:, :, 40:])
+    g = x[:, :, :40].unflatten(2, (5, 8))
+    step = (g.amax(3) - g.amin(3)) / (2 ** bits - 1)  # (B, H, groups, D)
+    err = (full[:, :, :40] - x[:, :, :40]).abs().unflatten(2, (5, 8)).amax(3)
+    assert bool((err <= step / 2 * (1 + TOL[torch.float32][0]) + 1e-6).all())
+    per_token = QuantTokens(x[:, :, :0], 8, bits)
+    per_token.append(x)
+    assert (full - x).abs().mean() < (per_token[:, :] - x).abs().mean()  # the outlier no longer costs the others
+    for index in [(slice(None), slice(1, 3), slice(5, 17)), (slice(None), 2, slice(0, 9)), (1,), (0, 1, slice(38, 45)),
+                  (slice(None), slice(None), 42), (slice(None), slice(None), slice(20, 20))]:
+        assert torch.equal(store[index], full[index]), index
+    store.map_batch(lambda t: t.flip(0))
+    assert torch.equal(store[:, :], full.flip(0))
+    store.crop(43)
+    assert torch.equal(store[:, :], full.flip(0)[:, :, :43])
+    store.crop(21)  # inside a quantised group: its first 5 tokens go back to the residual, as read
+    assert store.Tq == 16 and torch.equal(store[:, :], full.flip(0)[:, :, :21])
+    assert [tuple(t.shape) for t in store.tensors()] == [(2, 3, 16, 16 * bits // 8), (2, 3, 2, 16), (2, 3, 2, 16),
+                                                         (2, 3, 5, 16)]
+
+
 @pytest.mark.parametrize("plan_kind", ["keys", "scores", "window"])
 def test_pod_over_quantized_cache_tracks_fp32_and_bytes_equal_formula(plan_kind):
     model = tiny_model("llama")
@@ -55,17 +86,21 @@ def test_pod_over_quantized_cache_tracks_fp32_and_bytes_equal_formula(plan_kind)
     ids = ids_for(2, 40, seed=3)
     enable_pod(model, plan)
     outs = {}
+    settings = [(None, "token"), (8, "token"), (4, "token"), (8, "channel"), (4, "channel")]
     with torch.no_grad():
-        for bits in (None, 8, 4):
-            cache = PodCache(model.config, kv_bits=bits, kv_group=8)
+        for bits, keys in settings:
+            cache = PodCache(model.config, kv_bits=bits, kv_group=8, key_quant=keys)
             logits = [model(ids[:, :30], **cache_kwargs(cache)).logits]
             logits += [model(ids[:, t:t + 1], **cache_kwargs(cache)).logits for t in range(30, 40)]
-            outs[bits] = torch.cat(logits, dim=1)
-            assert cache.kv_bytes() == pod_kv_bytes(model.config, plan, 40, batch=2, kv_bits=bits, kv_group=8)
+            outs[bits, keys] = torch.cat(logits, dim=1)
+            assert cache.kv_bytes() == pod_kv_bytes(model.config, plan, 40, batch=2, kv_bits=bits, kv_group=8,
+                                                    key_quant=keys)
     disable_pod(model)
-    for bits, atol in ((8, KV8_LOGITS_ATOL), (4, KV4_LOGITS_ATOL)):
-        torch.testing.assert_close(outs[bits], outs[None], rtol=0, atol=atol)
-        assert not torch.equal(outs[bits], outs[None])  # it really is quantized
+    for (bits, keys), out in outs.items():
+        if bits:
+            torch.testing.assert_close(out, outs[None, "token"], rtol=0, atol=KV8_LOGITS_ATOL if bits == 8 else KV4_LOGITS_ATOL)
+            assert not torch.equal(out, outs[None, "token"])  # it really is quantized
+    assert not torch.equal(outs[4, "channel"], outs[4, "token"])
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -76,16 +111,20 @@ def test_quantized_bytes_at_4k_follow_the_bit_width(bits):
     identity = SharingPlan.identity(4, 2, ns=16, nr=240)
     ratio = pod_kv_bytes(config, identity, 4096, kv_bits=bits) / dense_kv_bytes(config, 4096)
     assert ratio == pytest.approx((bits + 1) / 32)
+    # KIVI keys, groups of 64 tokens: the same bits once groups fill; 4100 tokens leave 4 keys per head in fp32
+    kivi = pod_kv_bytes(config, identity, 4100, kv_bits=bits, key_quant="channel") - pod_kv_bytes(
+        config, identity, 4100, kv_bits=bits)
+    assert kivi == 4 * 2 * 4 * 64 * (4 - bits / 8 - 2 * 4 / 64)  # 4 tokens x 8 (layer, head) x 64 channels
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_crop_and_batch_edits_on_quantized_cache(bits):
+@pytest.mark.parametrize("bits,keys", [(8, "token"), (4, "token"), (4, "channel")])
+def test_crop_and_batch_edits_on_quantized_cache(bits, keys):
     model = tiny_model("llama")
     plan = random_plan(4, 2, 3, 6, seed=4, mode="keys")
     ids = ids_for(2, 30, seed=5)
     enable_pod(model, plan)
-    with torch.no_grad():
-        cache = PodCache(model.config, crop_margin=2, kv_bits=bits, kv_group=8)
+    with torch.no_grad():  # 27 + 3 tokens in groups of 8: the crops stay in the channel layout's exact residual
+        cache = PodCache(model.config, crop_margin=2, kv_bits=bits, kv_group=8, key_quant=keys)
         model(ids[:, :27], **cache_kwargs(cache))
         first = model(ids[:, 27:], **cache_kwargs(cache)).logits
         cache.crop(-3)
@@ -103,6 +142,8 @@ def test_bad_settings_are_one_line_errors():
     plan = random_plan(4, 2, 3, 6, seed=4)
     with pytest.raises(PodError, match="'kv_bits' = 3: supported are None .*, 8 and 4$"):
         PodCache(model.config, plan, kv_bits=3)
+    with pytest.raises(PodError, match="'key_quant' = 'head': choose from token, channel$"):
+        PodCache(model.config, plan, kv_bits=8, key_quant="head")
     with pytest.raises(PodError, match="'kv_group' = 12 must divide the head dim 16"):
         PodCache(model.config, plan, kv_bits=8, kv_group=12)  # before any compute
     # an odd head dim (no RoPE model has one: transformers >= 5.25 refuses such a config, so the store is checked)

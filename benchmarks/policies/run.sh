@@ -40,12 +40,12 @@ run() {  # run NAME: one `podkv eval compare` of held-out NLL
   local name=$1 args
   case $name in
     dense|kv8) args="--methods $name";;
-    kv4) args="--methods pod+kv4 --plan $HERE/plans/identity.json";;  # every pair its own anchor: dense attention
+    kv4|kivi4|kivi8) args="--methods pod+$name --plan $HERE/plans/identity.json";;  # every pair its own anchor: dense attention
     control) args="--model smollm2-pod --methods dense";;
     smollm2-pod) args="--model smollm2-pod --methods pod";;
-    smollm2-pod+kv8|smollm2-pod+kv4) args="--model smollm2-pod --methods pod+${name##*+}";;
-    pod+window-*+kv8|pod+window-*+kv4) args="--model smollm2-pod --methods pod+${name##*+} --plan $HERE/plans/${name%+kv*}.json";;
-    window-*+kv8|window-*+kv4) args="--methods pod+${name##*+} --plan $HERE/plans/${name%+kv*}.json";;
+    smollm2-pod+kv[48]|smollm2-pod+kivi[48]) args="--model smollm2-pod --methods pod+${name##*+}";;
+    pod+window-*+kv[48]|pod+window-*+kivi[48]) args="--model smollm2-pod --methods pod+${name##*+} --plan $HERE/plans/${name%+*}.json";;
+    window-*+kv[48]|window-*+kivi[48]) args="--methods pod+${name##*+} --plan $HERE/plans/${name%+*}.json";;
     window-*) args="--methods pod --plan $HERE/plans/$name.json";;
     pod+window-*) args="--model smollm2-pod --methods pod --plan $HERE/plans/$name.json";;
     streaming-*|snapkv-*|pyramidkv-*) args="--methods ${name%-*} --budget ${name##*-}";;
@@ -74,7 +74,7 @@ all_runs="dense control kv8 smollm2-pod smollm2-pod+kv8"
 for n in $WINDOWS; do all_runs="$all_runs window-$n"; done
 all_runs="$all_runs window-48+kv8 kv4 smollm2-pod+kv4"
 for n in $ADDED; do all_runs="$all_runs pod+window-$n pod+window-$n+kv8"; done
-all_runs="$all_runs pod+window-30+kv4"
+all_runs="$all_runs pod+window-30+kv4 kivi4 smollm2-pod+kivi4 pod+window-30+kivi4"
 for b in $BUDGETS; do all_runs="$all_runs streaming-$b snapkv-$b pyramidkv-$b"; done
 steps=${*:-analysis plans $(for r in $all_runs; do echo ppl-$r; done) ruler-window-48 ruler-pod+window-30 report}
 for s in $steps; do

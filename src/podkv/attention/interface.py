@@ -49,6 +49,7 @@ class PodRuntime:
     prefill_chunk: int | None = None  # tokens per forward step of a long input ("scores" mode); None: plan.nr
     caches: list = field(default_factory=list)  # cache of each forward in progress, innermost last (forward_scope.py)
     kv_bits: int | None = None  # storage of the PodCache a forward or generate makes by default (8, 4: cache/quant.py)
+    key_quant: str = "token"  # its anchor keys' grouping with kv_bits: "token" or "channel" (KIVI)
 
 
 def pod_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

@@ -22,12 +22,13 @@ def dense_kv_bytes(config, seq_len: int, batch: int = 1, dtype: torch.dtype = to
 
 
 def pod_kv_bytes(config, plan: SharingPlan, seq_len: int, batch: int = 1, dtype: torch.dtype = torch.float32,
-                 crop_margin: int = 0, kv_bits: int | None = None, kv_group: int = 64) -> int:
+                 crop_margin: int = 0, kv_bits: int | None = None, kv_group: int = 64, key_quant: str = "token") -> int:
     """What a PodCache holds for ``plan`` (paper §2.3): values everywhere, distant keys in anchors only.
 
     ``crop_margin`` M: each sharing or window-only head keeps M more recent keys, and a window-only head M more
     values (PodCache's exact-crop margin). ``kv_bits`` 8 or 4: the token-long tensors (values of non-window heads,
-    anchor keys) take ``kv_bits / 8`` bytes per element plus a scale and a zero in ``dtype`` per ``kv_group`` elements.
+    anchor keys) take ``kv_bits / 8`` bytes per element plus a scale and a zero in ``dtype`` per ``kv_group`` elements;
+    with ``key_quant="channel"`` (KIVI) the anchor keys' last ``seq_len mod kv_group`` tokens stay in ``dtype``.
     """
     elem = torch.empty((), dtype=dtype).element_size()
     ring = sum(len(plan.shared_heads(layer)) + 2 * len(plan.window_heads(layer)) for layer in range(plan.num_layers))
@@ -36,9 +37,14 @@ def pod_kv_bytes(config, plan: SharingPlan, seq_len: int, batch: int = 1, dtype:
     total = plan.kv_elements(seq_len, head_dim(config), batch) + margin
     if kv_bits is None:
         return total * elem
-    long = sum(len(plan.anchor_heads(l)) + plan.num_kv_heads - len(plan.window_heads(l)) for l in range(plan.num_layers))
-    long *= seq_len * head_dim(config) * batch  # elements held in kv_bits
-    return (total - long) * elem + long * kv_bits // 8 + long // kv_group * 2 * elem
+    heads = {"keys": sum(len(plan.anchor_heads(l)) for l in range(plan.num_layers)),
+             "values": sum(plan.num_kv_heads - len(plan.window_heads(l)) for l in range(plan.num_layers))}
+    coded = {kind: n * seq_len for kind, n in heads.items()}  # tokens x heads held as codes
+    if key_quant == "channel":
+        coded["keys"] = heads["keys"] * (seq_len // kv_group * kv_group)
+    per_token = head_dim(config) * batch  # elements of one token of one head
+    coded_elems = sum(coded.values()) * per_token
+    return (total - coded_elems) * elem + coded_elems * kv_bits // 8 + coded_elems // kv_group * 2 * elem
 
 
 def cache_bytes(cache) -> int:

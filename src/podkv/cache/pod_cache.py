@@ -40,7 +40,7 @@ from transformers.cache_utils import Cache
 from podkv import compat
 from podkv.attention.heads import stacked_runs, unstack
 from podkv.cache import window
-from podkv.cache.quant import GROUP, QuantTokens
+from podkv.cache.quant import GROUP, QuantChannels, QuantStore, QuantTokens
 from podkv.cache.window import transition as _proximal_transition  # noqa: F401  (selection.py)
 from podkv.errors import PodError
 from podkv.plan import SharingPlan
@@ -89,8 +89,9 @@ class PodLayer(compat.CacheLayer):
             self.k_full = key_states.new_zeros(B, len(self.anchor_heads), 0, D)
         if self.cache.kv_bits:
             bits, group = self.cache.kv_bits, self.cache.kv_group
+            keys = QuantChannels if self.cache.key_quant == "channel" else QuantTokens
             self.v = QuantTokens(self.v, group, bits)
-            self.k_full = None if self.k_full is None else QuantTokens(self.k_full, group, bits)
+            self.k_full = None if self.k_full is None else keys(self.k_full, group, bits)
         if self.ring_heads:
             self.k_prox = key_states.new_zeros(B, len(self.ring_heads), 0, D)
         if self.window_heads:
@@ -108,7 +109,7 @@ class PodLayer(compat.CacheLayer):
         i0, i1 = self.seen, self.seen + key_states.shape[2]
         # the window held before this step, and the step's values of every head
         step = PodStep(self.cache, self, i0, i1, self.k_prox, self.prox_idx, self.v_prox, value_states)
-        if isinstance(self.v, QuantTokens):
+        if isinstance(self.v, QuantStore):
             self.v.append(_heads(value_states, self.value_heads))
             if self.anchor_heads:
                 self.k_full.append(_heads(key_states, self.anchor_heads))
@@ -121,7 +122,7 @@ class PodLayer(compat.CacheLayer):
         self._roll(i0, i1, _heads(key_states, self.ring_heads) if self.ring_heads else None,
                    _heads(value_states, self.window_heads) if self.window_heads else None)
         # a fresh view for this step: what the step is attached to (attention reads the step, not the tensor)
-        values = value_states[:, :, :] if isinstance(self.v, QuantTokens) else self.v[:, :, :]
+        values = value_states[:, :, :] if isinstance(self.v, QuantStore) else self.v[:, :, :]
         values.pod_step = step
         return key_states, values
 
@@ -161,12 +162,12 @@ class PodLayer(compat.CacheLayer):
     def tensors(self) -> list[torch.Tensor]:
         out = []
         for t in (self.v, self.k_full, self.k_prox, self.v_prox):
-            out += t.tensors() if isinstance(t, QuantTokens) else [] if t is None else [t]
+            out += t.tensors() if isinstance(t, QuantStore) else [] if t is None else [t]
         return out
 
     def reserved_bytes(self) -> int:
         """Bytes allocated, spare room of the growth buffers included (at most GROWTH tokens per tensor)."""
-        if isinstance(self.v, QuantTokens):
+        if isinstance(self.v, QuantStore):
             fp = [self.k_prox, self.v_prox]
             return sum(t.numel() * t.element_size() for t in fp if t is not None) + sum(
                 t.reserved_bytes() for t in (self.v, self.k_full) if t is not None)
@@ -234,10 +235,13 @@ class PodCache(Cache):
     kv_bits : None, 8 or 4
         8 or 4: hold the token-long values and anchor keys in that many bits, groups of ``kv_group`` channels
         (:mod:`podkv.cache.quant`; 4 needs an even head dim); None: the model's dtype.
+    key_quant : "token" or "channel"
+        How the quantised anchor keys are grouped: "token" as the values (``kv_group`` channels of one token),
+        "channel" as KIVI (one channel over ``kv_group`` tokens; the last unfilled group stays in the model's dtype).
     """
 
     def __init__(self, config, plan: SharingPlan | None = None, crop_margin: int = 0, kv_bits: int | None = None,
-                 kv_group: int = 64):
+                 kv_group: int = 64, key_quant: str = "token"):
         from podkv.plan import plan_from_config
 
         plan = plan or plan_from_config(config)
@@ -250,6 +254,8 @@ class PodCache(Cache):
             raise PodError(f"PodCache field 'kv_bits' = {kv_bits!r}: supported are None (the model's dtype), 8 and 4")
         if not isinstance(kv_group, int) or kv_group < 1:
             raise PodError(f"PodCache field 'kv_group' must be a positive integer, got {kv_group!r}")
+        if key_quant not in KEY_QUANT:
+            raise PodError(f"PodCache field 'key_quant' = {key_quant!r}: choose from {', '.join(KEY_QUANT)}")
         if kv_bits:
             from podkv.cache.memory import head_dim
 
@@ -259,6 +265,7 @@ class PodCache(Cache):
                 raise PodError(f"PodCache field 'kv_bits' = 4 packs two channels per byte: the head dim "
                                f"{head_dim(config)} must be even")
         self.plan, self.crop_margin, self.kv_bits, self.kv_group = plan, crop_margin, kv_bits, kv_group
+        self.key_quant = key_quant
         self.pad = None  # (B,) left-padding counts, fixed at prefill (see the property)
         self.in_forward = 0  # forwards of a PoD model using this cache right now (forward_scope.py)
         self.dropped = 0  # tokens removed by token selection (selection.compact): positions run ahead by this
@@ -358,7 +365,7 @@ class PodCache(Cache):
         self.check_ready()
         new_idx, pos = window.crop(self.layers[0].prox_idx, length, self.pad, self.plan.ns, self.plan.nr, self.window)
         for layer in self.layers:
-            if isinstance(layer.v, QuantTokens):
+            if isinstance(layer.v, QuantStore):
                 for t in (layer.v, layer.k_full):
                     if t is not None:
                         t.crop(length)
@@ -391,7 +398,7 @@ class PodCache(Cache):
         for layer in self.layers:
             for name in ("v", "k_full", "k_prox", "v_prox"):
                 t = getattr(layer, name)
-                if isinstance(t, QuantTokens):
+                if isinstance(t, QuantStore):
                     t.map_batch(fn)
                 elif t is not None:
                     setattr(layer, name, fn(t))
@@ -430,17 +437,22 @@ class PodCache(Cache):
         return 0 if idx is None else idx.numel() * idx.element_size()
 
 
-def storage(config, kv_bits: int | None) -> dict:
+KEY_QUANT = ("token", "channel")
+
+
+def storage(config, kv_bits: int | None, key_quant: str = "token") -> dict:
     """PodCache / ``pod_kv_bytes`` keywords for ``kv_bits`` (None, 8 or 4): groups of :data:`GROUP` channels,
-    or the head dim if smaller."""
+    or the head dim if smaller; with ``key_quant="channel"`` the keys' groups are that many tokens of one channel."""
     from podkv.cache.memory import head_dim
 
-    return {} if kv_bits is None else {"kv_bits": kv_bits, "kv_group": min(GROUP, head_dim(config))}
+    if kv_bits is None:
+        return {}
+    return {"kv_bits": kv_bits, "kv_group": min(GROUP, head_dim(config)), "key_quant": key_quant}
 
 
-def pod_cache_for(config, plan: SharingPlan, kv_bits: int | None = None, **kw) -> PodCache:
+def pod_cache_for(config, plan: SharingPlan, kv_bits: int | None = None, key_quant: str = "token", **kw) -> PodCache:
     """The PodCache a PoD model makes when the caller gives none: ``plan``, in ``kv_bits``."""
-    return PodCache(config, plan, **storage(config, kv_bits), **kw)
+    return PodCache(config, plan, **storage(config, kv_bits, key_quant), **kw)
 
 
 GROWTH = 128  # tokens of spare room a value/key buffer grows by
@@ -497,7 +509,7 @@ def _take_slots(x: torch.Tensor, pos: torch.Tensor, runs: list[tuple[int, int]] 
     if runs is not None:
         parts = [x[:, :, a:b] for a, b in runs] or [x[:, :, :0]]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-    if isinstance(x, QuantTokens):
+    if isinstance(x, QuantStore):
         x = x[:, :]  # padded rows gather element-wise: dequantise the rows first
     pos = pos.clamp(min=0)
     if pos.shape[0] == 1 or bool((pos == pos[:1]).all()):

@@ -136,6 +136,7 @@ class PodKV8(Pod):
 
     name = "pod+kv8"
     bits: ClassVar[int] = 8
+    key_quant: ClassVar[str] = "token"
 
     def group_for(self, config) -> int:
         from podkv.cache.pod_cache import storage  # startup: transformers
@@ -146,23 +147,38 @@ class PodKV8(Pod):
         from podkv.cache.memory import dense_kv_bytes, pod_kv_bytes
         from podkv.cache.pod_cache import storage  # startup: transformers
 
-        return pod_kv_bytes(config, plan, T, **storage(config, self.bits)) / dense_kv_bytes(config, T)
+        return pod_kv_bytes(config, plan, T, **storage(config, self.bits, self.key_quant)) / dense_kv_bytes(config, T)
 
     def new_cache(self, model):
         from podkv.cache.pod_cache import pod_cache_for  # startup: transformers
 
-        return pod_cache_for(model.config, self.sharing_plan(), self.bits)
+        return pod_cache_for(model.config, self.sharing_plan(), self.bits, self.key_quant)
 
     def describe(self) -> dict:
         from podkv.cache.quant import GROUP
 
-        return {**super().describe(), "kv_bits": self.bits, "group": GROUP}
+        return {**super().describe(), "kv_bits": self.bits, "group": GROUP, "key_quant": self.key_quant}
 
 
 class PodKV4(PodKV8):
     """The same in 4 bits: 4 + 2·32/64 = 5 bits per fp32 element of the token-long tensors."""
 
     name = "pod+kv4"
+    bits = 4
+
+
+class PodKivi8(PodKV8):
+    """KIVI's layout (Liu et al. 2024): anchor keys quantised per channel over groups of 64 tokens (the last
+    unfilled group kept in the model's dtype), values per token as in ``pod+kv8``. Same bits per element."""
+
+    name = "pod+kivi8"
+    key_quant = "channel"
+
+
+class PodKivi4(PodKivi8):
+    """The same in 4 bits, where per-channel keys matter most (KIVI's 2-bit and 4-bit results)."""
+
+    name = "pod+kivi4"
     bits = 4
 
 
@@ -367,7 +383,7 @@ def _unwrap_pod_attention() -> None:
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Dense, Pod, PodScores, Streaming, SnapKV, H2O, PyramidKV,
                                                              PodSnapKV, KVPressStreaming, QuantizedKV, PodKV8,
-                                                             PodKV4)}
+                                                             PodKV4, PodKivi8, PodKivi4)}
 
 
 def kvpress_available() -> bool:

@@ -41,7 +41,8 @@ def _pod_forward(model, input_ids=None, attention_mask=None, position_ids=None, 
     inference = not (torch.is_grad_enabled() and model.training) and model.config._attn_implementation == ATTN_NAME
     cache = compat.given_cache(kwargs)
     if cache is None and inference and kwargs.get("use_cache", model.config.use_cache):
-        cache = pod_cache_for(model.config, model.pod_runtime.plan, model.pod_runtime.kv_bits)
+        runtime = model.pod_runtime
+        cache = pod_cache_for(model.config, runtime.plan, runtime.kv_bits, runtime.key_quant)
         for name in compat.CACHE_ARGS:
             call.pop(name, None)
         call[compat.CACHE_ARG] = cache
