@@ -55,21 +55,24 @@ def test_memory_measured_equals_formula(results):
         assert r["pod_snapkv_matches_formula"] and r["pod_snapkv_saving"] >= 0.5 - 1e-9
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_memory_quantized_window_plan_measured_equals_formula(tmp_path, bits):
-    """`bench memory --kv-bits 8|4` on a plan with window-only pairs: the quantized PodCache's bytes = the formula."""
+@pytest.mark.parametrize("bits,keys", [(8, "token"), (4, "token"), (4, "channel")])
+def test_memory_quantized_window_plan_measured_equals_formula(tmp_path, bits, keys):
+    """`bench memory --kv-bits 8|4 [--key-quant channel]` on a plan with window-only pairs: the quantized PodCache's
+    bytes = the formula (with KIVI keys, 42 tokens in groups of 16 leave 10 keys per anchor head unquantised)."""
     from test_window_policy import window_plan
 
     plan = window_plan(seed=5, ns=4, nr=8)
-    cfg = MemoryConfig(lengths=(40,), decode=2, selection_budget=None, kv_bits=bits)
+    cfg = MemoryConfig(lengths=(40,), decode=2, selection_budget=None, kv_bits=bits, key_quant=keys)
     res = json.loads(run_bench("memory", tiny_model("llama"), None, cfg, out_dir=tmp_path, plan=plan).read_text())
     row = res["rows"][0]
-    assert res["all_match_formula"] and res["kv_bits"] == bits
+    assert res["all_match_formula"] and res["kv_bits"] == bits and res["key_quant"] == keys
     assert row["saving"] > plan.kv_saving(row["tokens_held"])  # 8 bits on top of the plan
     with pytest.raises(PodError, match="--selection-budget 0"):
         MemoryConfig(kv_bits=8)
     with pytest.raises(PodError, match="'kv_bits' = 3"):
         MemoryConfig(kv_bits=3, selection_budget=None)
+    with pytest.raises(PodError, match="'key_quant' = 'rows': choose from token, channel"):
+        MemoryConfig(kv_bits=4, key_quant="rows", selection_budget=None)
 
 
 def test_batch_search_and_ratio(results):

@@ -35,38 +35,45 @@ FAMILY = {"window-+kv8": "window-only pairs, 8-bit (original weights)", "window-
           "pod+window-+kv4": "smollm2-pod + window-only, 4-bit", "pod+window-": "smollm2-pod + window-only pairs",
           "smollm2-pod": "smollm2-pod (shipped)", "kv8": "8-bit KV (HQQ)", "kv4": "4-bit KV (podkv round-to-nearest)",
           "smollm2-pod+kv8": "smollm2-pod, 8-bit", "smollm2-pod+kv4": "smollm2-pod, 4-bit", "streaming-": "StreamingLLM",
+          "kivi4": "4-bit KV, KIVI keys (podkv)", "kivi8": "8-bit KV, KIVI keys (podkv)",
+          "smollm2-pod+kivi4": "smollm2-pod, 4-bit KIVI keys", "smollm2-pod+kivi8": "smollm2-pod, 8-bit KIVI keys",
+          "pod+window-+kivi4": "smollm2-pod + window-only, 4-bit KIVI keys",
+          "window-+kivi4": "window-only pairs, 4-bit KIVI keys (original weights)",
           "snapkv-": "SnapKV", "pyramidkv-": "PyramidKV", "control": "smollm2-pod weights, dense attention",
           "dense": "dense"}
 
 
-def bits_of(name: str) -> int | None:
-    """Storage bits of a run: 8 or 4 for the quantized ones (``kv8``, ``kv4``, ``<plan>+kv8``, ``<plan>+kv4``)."""
-    for bits in (8, 4):
-        if name == f"kv{bits}" or name.endswith(f"+kv{bits}"):
-            return bits
-    return None
+# storage suffix of a run -> (bits, key grouping); "kivi": keys per channel (KIVI), values per token
+QUANT = {"kv8": (8, "token"), "kv4": (4, "token"), "kivi8": (8, "channel"), "kivi4": (4, "channel")}
+
+
+def quant_of(name: str) -> str | None:
+    """The storage suffix of a quantized run (``kv4``, ``<plan>+kivi4``, ...), None for the others."""
+    return next((q for q in QUANT if name == q or name.endswith(f"+{q}")), None)
 
 
 def family(name: str) -> str:
-    bits = bits_of(name)
-    if bits and name.startswith(("pod+window-", "window-")):
-        return FAMILY[name.split("-")[0] + f"-+kv{bits}"]
+    quant = quant_of(name)
+    if quant and name.startswith(("pod+window-", "window-")):
+        return FAMILY[name.split("-")[0] + f"-+{quant}"]
     return next(v for k, v in FAMILY.items() if name == k or (k.endswith("-") and name.startswith(k)))
 
 
 def plan_of(name: str) -> SharingPlan:
-    base = name.removesuffix("+kv8").removesuffix("+kv4")
+    quant = quant_of(name)
+    base = name.removesuffix(f"+{quant}") if quant else name
     return SharingPlan.load(SHIPPED if base == "smollm2-pod" else HERE / "plans" / f"{base}.json")
 
 
-def quantized_saving(plan: SharingPlan | None, bits: int) -> float:
-    """KV saved at 4K by ``plan`` (None: dense) held in ``bits`` bits, against a bf16 cache (module docstring)."""
+def quantized_saving(plan: SharingPlan | None, quant: str) -> float:
+    """KV saved at 4K by ``plan`` (None: dense) held as ``quant`` says, against a bf16 cache (module docstring)."""
     from transformers import AutoConfig
 
     config = AutoConfig.for_model("llama", num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                                   hidden_size=576)  # SmolLM2-135M's attention shape
     plan = plan or SharingPlan.identity(30, 3)
-    held = pod_kv_bytes(config, plan, CONTEXT, dtype=torch.bfloat16, kv_bits=bits)
+    bits, keys = QUANT[quant]
+    held = pod_kv_bytes(config, plan, CONTEXT, dtype=torch.bfloat16, kv_bits=bits, key_quant=keys)
     return 1.0 - held / dense_kv_bytes(config, CONTEXT, dtype=torch.bfloat16)
 
 
@@ -79,9 +86,9 @@ def saving(name: str, recs: list[dict]) -> float:
     """KV saved at 4K (module docstring)."""
     if name in ("dense", "control"):
         return 0.0
-    bits = bits_of(name)
-    if bits:
-        return quantized_saving(None if name == f"kv{bits}" else plan_of(name), bits)
+    quant = quant_of(name)
+    if quant:
+        return quantized_saving(None if name == quant else plan_of(name), quant)
     if name.startswith(("smollm2-pod", "window-", "pod+window-")):
         return plan_of(name).kv_saving(CONTEXT)
     return 1.0 - float(name.rsplit("-", 1)[1])

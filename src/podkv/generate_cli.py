@@ -30,6 +30,9 @@ def register(sub) -> None:
     p.add_argument("--kv-bits", type=int, default=None, choices=(8, 4),
                    help="8 or 4: hold the PodCache's token-long values and anchor keys in that many bits (a PoD model "
                         "or --plan)")
+    p.add_argument("--key-quant", choices=("token", "channel"), default="token",
+                   help="with --kv-bits: group the anchor keys per token as the values, or per channel over 64 tokens "
+                        "(KIVI)")
     p.set_defaults(func=run)
 
 
@@ -54,7 +57,7 @@ def run(args) -> int:
         from podkv.cache.pod_cache import pod_cache_for  # startup: transformers
         from podkv.plan import plan_from_config
 
-        cache = pod_cache_for(model.config, plan_from_config(model.config), args.kv_bits)
+        cache = pod_cache_for(model.config, plan_from_config(model.config), args.kv_bits, args.key_quant)
     elif args.kv_bits:
         raise PodError("--kv-bits needs a PoD model (e.g. --model smollm2-pod) or --plan: it sets the PodCache's storage")
     from transformers import TextStreamer  # startup: transformers

@@ -33,6 +33,8 @@ def register(sub) -> None:
     p.add_argument("--kv-bits", type=int, default=None, choices=(8, 4),
                    help="8 or 4: the PodCache holds its token-long values and anchor keys in that many bits "
                         "(podkv.cache.quant)")
+    p.add_argument("--key-quant", choices=("token", "channel"), default="token",
+                   help="with --kv-bits: anchor keys per token as the values, or per channel over 64 tokens (KIVI)")
     _common(p, "memory")
 
     p = cmds.add_parser("batch", help="largest batch under a fixed KV budget, or (--rss-budget) a process-memory "
@@ -102,7 +104,8 @@ def build_config(args):
     name = args.bench_name
     if name == "memory":
         return MemoryConfig(lengths=args.lengths, batch=args.batch, decode=args.decode,
-                            selection_budget=args.selection_budget or None, kv_bits=args.kv_bits)
+                            selection_budget=args.selection_budget or None, kv_bits=args.kv_bits,
+                            key_quant=args.key_quant)
     if bench_name(args) == "batch_rss":
         return RssBatchConfig(rss_budget_gib=args.rss_budget, length=args.length, new_tokens=args.new_tokens,
                               max_batch=args.max_batch, model=args.model, threads=args.threads)

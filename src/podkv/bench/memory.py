@@ -28,6 +28,7 @@ class MemoryConfig:
     decode: int = 4
     selection_budget: float | None = 0.1  # pod+snapkv: dense KV fraction kept after prefill (paper: 8.1%)
     kv_bits: int | None = None  # 8 or 4: PodCache in that many bits (the PoD columns), formula pod_kv_bytes
+    key_quant: str = "token"  # with kv_bits: anchor keys per token, or per channel over 64 tokens (KIVI)
 
     def __post_init__(self):
         if not self.lengths or min(self.lengths) < 1:
@@ -36,6 +37,8 @@ class MemoryConfig:
             raise PodError(f"bench memory field 'selection_budget' must be a KV fraction in (0, 1], got {self.selection_budget}")
         if self.kv_bits not in (None, 8, 4):
             raise PodError(f"bench memory field 'kv_bits' = {self.kv_bits!r}: supported are None, 8 and 4")
+        if self.key_quant not in ("token", "channel"):
+            raise PodError(f"bench memory field 'key_quant' = {self.key_quant!r}: choose from token, channel")
         if self.kv_bits and self.selection_budget:
             raise PodError(f"bench memory: --kv-bits {self.kv_bits} with --selection-budget is not supported "
                            "(pod+snapkv compaction needs a float PodCache); pass --selection-budget 0")
@@ -64,7 +67,7 @@ def run_memory(model, tok, plan, cfg: MemoryConfig) -> dict:
     config, dtype = model.config, model.dtype
     from podkv.cache.pod_cache import storage  # startup: transformers
 
-    bits = storage(config, cfg.kv_bits)
+    bits = storage(config, cfg.kv_bits, cfg.key_quant)
     rows = []
     for method in ("dense", "pod"):  # warm-up: the first run's allocator growth is not the cache's
         prefill_decode(model, token_ids(tok, config.vocab_size, cfg.batch, 64).to(model.device),
@@ -96,7 +99,8 @@ def run_memory(model, tok, plan, cfg: MemoryConfig) -> dict:
 
     disable_pod(model)
     return {"rows": rows, "all_match_formula": all(r["matches_formula"] for r in rows),
-            "selection_budget": cfg.selection_budget, "kv_bits": cfg.kv_bits, "plan_summary": plan.summary(4096)}
+            "selection_budget": cfg.selection_budget, "kv_bits": cfg.kv_bits,
+            "key_quant": cfg.key_quant if cfg.kv_bits else None, "plan_summary": plan.summary(4096)}
 
 
 def memory_markdown(result: dict) -> str:
