@@ -56,9 +56,14 @@ run() {  # run NAME: one `podkv eval compare` of held-out NLL
 }
 ruler() {  # ruler NAME: the five RULER-style tasks on a plan of plans/, 50 prompts per length, seed 0: the prompts of
   # benchmarks/quality, so report.py pairs them with its dense records (no dense rerun)
-  local name=$1 lengths=${RULER_LENGTHS:-1024} model=""
-  case $name in pod+window-*) model="--model smollm2-pod";; esac  # plans added to smollm2-pod's run on its weights
-  podkv eval compare $model --methods pod --plan "$HERE/plans/$name.json" --lengths "$lengths" --samples 50 --seed 0 \
+  local name=$1 lengths=${RULER_LENGTHS:-1024} model="" method=pod plan="--plan $HERE/plans/$1.json"
+  case $name in pod+window-*|smollm2-pod*) model="--model smollm2-pod";; esac  # runs on smollm2-pod's weights
+  case $name in  # storage suffix: the quantized method; kv4/kivi4 alone are dense attention (the identity plan)
+    kv[48]|kivi[48]) method=pod+$name plan="--plan $HERE/plans/identity.json";;
+    smollm2-pod+*) method=pod+${name##*+} plan="";;
+    *+kv[48]|*+kivi[48]) method=pod+${name##*+} plan="--plan $HERE/plans/${name%+*}.json";;
+  esac
+  podkv eval compare $model --methods $method $plan --lengths "$lengths" --samples 50 --seed 0 \
     --tasks niah_single_prose,niah_single_noise,niah_multikey,niah_multivalue,vt --threads 1 --budget 0.76 --quiet \
     --out "$OUT/ruler/$name-${lengths//,/_}" --force
   mkdir -p "$HERE/ruler"; cat "$OUT/ruler/$name"-[0-9]*/records.jsonl > "$HERE/ruler/$name.jsonl"
