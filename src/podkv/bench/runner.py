@@ -47,7 +47,11 @@ def write_bench(name: str, result: dict, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     plot(result, out_dir / f"{name}.png")
     command = COMMANDS.get(name, name)
+    bits = result.get("kv_bits")
+    storage = "" if not bits else f"; PoD's PodCache in {bits} bits" + (
+        ", KIVI keys (per channel)" if result.get("key_quant") == "channel" else ", per-token groups")
     section = (f"## {title}\n\n`podkv bench {command}` — model {result['model']}, plan {result['plan']} "
-               f"(analytic KV saving at 4K: {100 * result['plan_saving_4k']:.1f}%).\n{machine_line(result['machine'])}"
+               f"(analytic KV saving at 4K: {100 * result['plan_saving_4k']:.1f}%){storage}.\n"
+               f"{machine_line(result['machine'])}"
                f"\n\n{markdown(result)}\n\n![{name}]({name}.png)")
     return write_results(out_dir, name, result, section)
