@@ -191,7 +191,7 @@ def readme_policies(p):
         return _met(any(r["kv_saved_4k"] >= saving and r["vs_dense"]["ci95"][1] <= 2.0 and _bits(r["run"]) == bits
                         for r in runs))
     return ("KV saved at 4K vs held-out NLL gap to dense (issue 21 sweep: window-only pairs, smollm2-pod + window-only "
-            "pairs, 8- and 4-bit storage, peers; training-free except smollm2-pod's plan; 8 windows × 4K; bold: Pareto front)",
+            "pairs, 8- and 4-bit storage (per-token groups, or KIVI's per-channel keys), peers; training-free except smollm2-pod's plan; 8 windows × 4K; bold: Pareto front)",
             "; ".join(cell(r) for r in runs) + f" (NLL within 2% of dense at ≥ 50% saved without quantization: "
             f"{reached(0.5, None)}; at ≥ 70% with 8-bit storage: {reached(0.7, 8)}; ahead of every peer at 50% "
             f"on NLL: {_met(_ahead_of_peers(runs, 0.5))})")
@@ -201,8 +201,8 @@ PEERS = ("streaming-", "snapkv-", "pyramidkv-")
 
 
 def _bits(run: str) -> int | None:
-    """Storage bits of a sweep run (kv8, kv4, <plan>+kv8, <plan>+kv4), None when unquantized."""
-    return next((b for b in (8, 4) if run == f"kv{b}" or run.endswith(f"+kv{b}")), None)
+    """Storage bits of a sweep run (kv8, kivi4, <plan>+kv4, <plan>+kivi4, ...), None when unquantized."""
+    return next((b for b in (8, 4) for q in (f"kv{b}", f"kivi{b}") if run == q or run.endswith(f"+{q}")), None)
 
 
 def _ahead_of_peers(runs, saving: float) -> bool:
