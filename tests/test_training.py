@@ -168,6 +168,32 @@ def test_lora_distill_deltas_reproduce_the_merged_model(setup):
         torch.testing.assert_close(p.detach(), merged[name], rtol=0, atol=BF16_STORAGE_ATOL)  # deltas are stored in bf16
 
 
+def test_training_on_an_adapted_model_saves_deltas_relative_to_the_base(setup):
+    """Stage 2 trains on stage 1's folder: its deltas file carries both stages (LoRA ranks stacked), so the
+    base checkpoint + that one file is stage 2's merged model; composing is exact."""
+    from safetensors.torch import load_file
+
+    from podkv.models.deltas import apply_deltas, compose_deltas
+    from podkv.training.runner import train
+
+    first = _cfg(setup, "stage1", objective="distill", lora_rank=4, max_steps=2)
+    train(first)
+    second = _cfg(setup, "stage2", model=first.out, objective="distill", lora_rank=4, max_steps=2, seed=1)
+    train(second)
+    entries = load_file(f"{second.out}/pod_deltas.safetensors")
+    assert all(v.shape[0 if k.endswith("lora_A") else 1] == 8 for k, v in entries.items())  # rank 4 + 4
+    base = podkv.load_model(str(setup[1]), progress=False)[0]
+    apply_deltas(base, f"{second.out}/pod_deltas.safetensors")
+    merged = load_file(f"{second.out}/model.safetensors")
+    for name, p in base.named_parameters():
+        torch.testing.assert_close(p.detach(), merged[name], rtol=0, atol=2 * BF16_STORAGE_ATOL)  # two bf16 stages
+    a = {"w::lora_A": torch.randn(2, 5), "w::lora_B": torch.randn(3, 2), "u::delta": torch.randn(3, 5)}
+    b = {"w::delta": torch.randn(3, 5), "u::lora_A": torch.randn(1, 5), "u::lora_B": torch.randn(3, 1)}
+    both = compose_deltas(a, b)
+    torch.testing.assert_close(both["w::delta"], a["w::lora_B"] @ a["w::lora_A"] + b["w::delta"])
+    torch.testing.assert_close(both["u::delta"], a["u::delta"] + b["u::lora_B"] @ b["u::lora_A"])
+
+
 # ------------------------------------------------------------------ bad input fails before compute
 @pytest.mark.parametrize("change, match", [
     (dict(plan="plan6"), "layers"),

@@ -52,6 +52,21 @@ def adapt_weights(model, plan, asset_dir: Path) -> None:
     apply_deltas(model, Path(asset_dir) / DELTA_FILE)  # deltas are added in fp32, then cast once
 
 
+def carried_deltas(model: str | None) -> dict[str, torch.Tensor]:
+    """The deltas a model loaded by name already carries over its base checkpoint: the shipped ones for
+    ``"smollm2-pod"``, a ``podkv train`` folder's own; empty for a plain checkpoint. Training on top of such a
+    model composes its deltas with these (:func:`podkv.models.deltas.compose_deltas`)."""
+    from safetensors.torch import load_file
+
+    if model == "smollm2-pod":
+        path = ASSET_DIR / DELTA_FILE
+    elif model and (Path(model) / DELTA_FILE).is_file():
+        path = Path(model) / DELTA_FILE
+    else:
+        return {}
+    return load_file(str(path))
+
+
 def recipe(asset_dir: Path | None = None) -> dict:
     """How the shipped deltas were made: command, tokens, wall time, measured gaps."""
     path = Path(asset_dir or ASSET_DIR) / RECIPE_FILE

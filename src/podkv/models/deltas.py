@@ -36,6 +36,39 @@ def full_deltas(model, base_state: dict[str, torch.Tensor], names: list[str]) ->
     return {f"{n}::delta": (params[n].detach().float() - base_state[n].float()).contiguous() for n in names}
 
 
+def compose_deltas(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of ``first`` then ``second`` as one set: applying it equals applying both in turn.
+
+    Why: ``podkv train --model smollm2-pod`` adapts weights that already carry the shipped deltas; its own
+    deltas are relative to those, so a model that ships (or reloads) from the base checkpoint needs both.
+    Two LoRA updates of a parameter stack along the rank (B1 A1 + B2 A2 = [B1 B2] [A1; A2]); a full delta on
+    either side makes the sum a full delta.
+    """
+    def parts(entries):
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in entries.items():
+            name, kind = key.rsplit("::", 1)
+            out.setdefault(name, {})[kind] = value.float()
+        return out
+
+    a, b = parts(first), parts(second)
+    out = {}
+    for name in {**a, **b}:
+        pa, pb = a.get(name, {}), b.get(name, {})
+        if not pa or not pb:
+            out.update({f"{name}::{k}": v for k, v in (pa or pb).items()})
+        elif "lora_A" in pa and "lora_A" in pb:
+            out[f"{name}::lora_A"] = torch.cat([pa["lora_A"], pb["lora_A"]], dim=0)
+            out[f"{name}::lora_B"] = torch.cat([pa["lora_B"], pb["lora_B"]], dim=1)
+        else:
+            out[f"{name}::delta"] = _dense(pa) + _dense(pb)
+    return out
+
+
+def _dense(entry: dict[str, torch.Tensor]) -> torch.Tensor:
+    return entry["delta"] if "delta" in entry else entry["lora_B"] @ entry["lora_A"]
+
+
 def save_deltas(tensors: dict[str, torch.Tensor], path: str | Path, dtype=torch.bfloat16) -> Path:
     """Write ``tensors`` as safetensors in ``dtype`` (bf16: the deltas are small updates), atomically."""
     return atomic_write_bytes(path, save({k: v.to(dtype) for k, v in tensors.items()}))

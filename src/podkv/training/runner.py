@@ -21,7 +21,8 @@ from podkv.errors import PodError
 from podkv.io import write_json
 from podkv.models import loading
 from podkv.models.anchor_init import init_from_anchor
-from podkv.models.deltas import full_deltas, lora_factors, save_deltas
+from podkv.models.adapted import carried_deltas
+from podkv.models.deltas import compose_deltas, full_deltas, lora_factors, save_deltas
 from podkv.models.enable import check_supported, disable_pod, enable_pod
 from podkv.outputs import refuse_existing, replace_dir
 from podkv.plan import SharingPlan
@@ -131,7 +132,7 @@ def _finish(cfg, trainer, tok, plan, names, base_state, probe, dense_nll, wall, 
         shutil.rmtree(final)
     model.save_pretrained(final)
     tok.save_pretrained(final)
-    save_deltas(deltas, final / DELTA_FILE)
+    save_deltas(compose_deltas(carried_deltas(cfg.model), deltas), final / DELTA_FILE)  # relative to the base checkpoint
     plan.save(final / "pod_plan.json")
     steps = trainer.state.global_step
     result = {
