@@ -59,7 +59,7 @@ ruler() {  # ruler NAME: the five RULER-style tasks on a plan of plans/, 50 prom
   local name=$1 lengths=${RULER_LENGTHS:-1024} model="" method=pod plan="--plan $HERE/plans/$1.json"
   case $name in pod+window-*|smollm2-pod*) model="--model smollm2-pod";; esac  # runs on smollm2-pod's weights
   case $name in  # storage suffix: the quantized method; kv4/kivi4 alone are dense attention (the identity plan)
-    kv[48]|kivi[48]) method=pod+$name plan="--plan $HERE/plans/identity.json";;
+    kv4|kivi[48]) method=pod+$name plan="--plan $HERE/plans/identity.json";;  # (kv8 is the HQQ peer: not run here)
     smollm2-pod+*) method=pod+${name##*+} plan="";;
     *+kv[48]|*+kivi[48]) method=pod+${name##*+} plan="--plan $HERE/plans/${name%+*}.json";;
   esac
