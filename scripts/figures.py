@@ -202,7 +202,8 @@ PEERS = ("streaming-", "snapkv-", "pyramidkv-")
 
 def _bits(run: str) -> int | None:
     """Storage bits of a sweep run (kv8, kivi4, <plan>+kv4, <plan>+kivi4, ...), None when unquantized."""
-    return next((b for b in (8, 4) for q in (f"kv{b}", f"kivi{b}") if run == q or run.endswith(f"+{q}")), None)
+    return next((b for b in (8, 4) for q in (f"kv{b}", f"kivi{b}", f"kivi{b}r") if run == q or run.endswith(f"+{q}")),
+                None)
 
 
 def _ahead_of_peers(runs, saving: float) -> bool:

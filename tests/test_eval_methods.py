@@ -13,7 +13,8 @@ from peers import kvpress_or_skip
 from tiny import tiny_model
 from tolerances import KV8_NLL_REL
 
-RUNNABLE = [m for m in METHODS if m not in ("kv8", "pod+kv8", "pod+kv4", "pod+kivi8", "pod+kivi4")]  # quantized methods: their own tests below
+RUNNABLE = [m for m in METHODS if m not in ("kv8", "pod+kv8", "pod+kv4", "pod+kivi8", "pod+kivi4", "pod+kivi8r",
+                                     "pod+kivi4r")]  # quantized methods: their own tests below
 KVPRESS = ("kvpress-streaming", "snapkv", "h2o", "pyramidkv")
 T = 160
 
@@ -236,7 +237,8 @@ def test_kv8_holds_a_quarter_and_keeps_the_answer(model):
     assert nlls["kv8"] == pytest.approx(nlls["dense"], rel=KV8_NLL_REL)
 
 
-@pytest.mark.parametrize("quantized, bits", [("pod+kv8", 8), ("pod+kv4", 4), ("pod+kivi8", 8), ("pod+kivi4", 4)])
+@pytest.mark.parametrize("quantized, bits", [("pod+kv8", 8), ("pod+kv4", 4), ("pod+kivi8", 8), ("pod+kivi4", 4),
+                                             ("pod+kivi4r", 4)])
 def test_pod_kv8_holds_the_formula_and_tracks_pod(model, plan, quantized, bits):
     """PoD over an 8- or 4-bit PodCache: measured bytes = the formula for the plan in that many bits, NLL within 1%
     of PoD's."""
@@ -252,7 +254,8 @@ def test_pod_kv8_holds_the_formula_and_tracks_pod(model, plan, quantized, bits):
             nlls[name], _, _ = continuation_nll(model, method, ids[:, :100], ids[:, 100:])
     assert method.describe()["kv_bits"] == bits
     group, keys = METHODS[quantized]().group_for(model.config), METHODS[quantized].key_quant
-    assert pre.kv_bytes == pod_kv_bytes(model.config, plan, T, kv_bits=bits, kv_group=group, key_quant=keys)
+    assert pre.kv_bytes == pod_kv_bytes(model.config, plan, T, kv_bits=bits, kv_group=group, key_quant=keys,
+                                        kv_keep_proximal=METHODS[quantized].keep_proximal)
     assert nlls[quantized] == pytest.approx(nlls["pod"], rel=KV8_NLL_REL)
 
 

@@ -75,8 +75,25 @@ def test_channel_keys_index_like_the_tensor_and_bound_the_error_per_channel(bits
     assert torch.equal(store[:, :], full.flip(0)[:, :, :43])
     store.crop(21)  # inside a quantised group: its first 5 tokens go back to the residual, as read
     assert store.Tq == 16 and torch.equal(store[:, :], full.flip(0)[:, :, :21])
-    assert [tuple(t.shape) for t in store.tensors()] == [(2, 3, 16, 16 * bits // 8), (2, 3, 2, 16), (2, 3, 2, 16),
-                                                         (2, 3, 5, 16)]
+    assert [tuple(t.shape) for t in store.tensors()] == [(2, 3, 0, 16), (2, 3, 16, 16 * bits // 8), (2, 3, 2, 16),
+                                                         (2, 3, 2, 16), (2, 3, 5, 16)]
+
+
+@pytest.mark.parametrize("layout", [QuantTokens, QuantChannels])
+def test_kept_first_and_last_tokens_stay_exact(layout):
+    """keep_first tokens, then the last keep_last of every append, are held in the model's dtype; the tokens between
+    are coded once they leave the kept tail (the channel layout: in whole groups)."""
+    x = torch.randn(1, 2, 60, 16, generator=torch.Generator().manual_seed(2))
+    store = layout(x[:, :, :0], 8, 4, keep_first=5)
+    for t in range(0, 60, 7):
+        store.append(x[:, :, t:t + 7], keep_last=12)
+    full = store[:, :]
+    assert torch.equal(full[:, :, :5], x[:, :, :5]) and torch.equal(full[:, :, -12:], x[:, :, -12:])
+    coded = 43 if layout is QuantTokens else 40  # 60 - 5 - 12, in groups of 8 for channels
+    assert store.Tq == coded and not torch.equal(full[:, :, 5:5 + coded], x[:, :, 5:5 + coded])
+    assert torch.equal(full[:, :, 5 + coded:], x[:, :, 5 + coded:])
+    store.crop(3)
+    assert store.T == 3 and store.Tq == 0 and torch.equal(store[:, :], x[:, :, :3])
 
 
 @pytest.mark.parametrize("plan_kind", ["keys", "scores", "window"])
@@ -86,21 +103,25 @@ def test_pod_over_quantized_cache_tracks_fp32_and_bytes_equal_formula(plan_kind)
     ids = ids_for(2, 40, seed=3)
     enable_pod(model, plan)
     outs = {}
-    settings = [(None, "token"), (8, "token"), (4, "token"), (8, "channel"), (4, "channel")]
+    settings = [(None, "token", False), (8, "token", False), (4, "token", False), (8, "channel", False),
+                (4, "channel", False), (4, "token", True), (4, "channel", True)]
     with torch.no_grad():
-        for bits, keys in settings:
-            cache = PodCache(model.config, kv_bits=bits, kv_group=8, key_quant=keys)
+        for bits, keys, prox in settings:
+            cache = PodCache(model.config, kv_bits=bits, kv_group=8, key_quant=keys, kv_keep_proximal=prox)
             logits = [model(ids[:, :30], **cache_kwargs(cache)).logits]
             logits += [model(ids[:, t:t + 1], **cache_kwargs(cache)).logits for t in range(30, 40)]
-            outs[bits, keys] = torch.cat(logits, dim=1)
+            outs[bits, keys, prox] = torch.cat(logits, dim=1)
             assert cache.kv_bytes() == pod_kv_bytes(model.config, plan, 40, batch=2, kv_bits=bits, kv_group=8,
-                                                    key_quant=keys)
+                                                    key_quant=keys, kv_keep_proximal=prox)
     disable_pod(model)
-    for (bits, keys), out in outs.items():
+    exact = outs[None, "token", False]
+    for (bits, keys, prox), out in outs.items():
         if bits:
-            torch.testing.assert_close(out, outs[None, "token"], rtol=0, atol=KV8_LOGITS_ATOL if bits == 8 else KV4_LOGITS_ATOL)
-            assert not torch.equal(out, outs[None, "token"])  # it really is quantized
-    assert not torch.equal(outs[4, "channel"], outs[4, "token"])
+            torch.testing.assert_close(out, exact, rtol=0, atol=KV8_LOGITS_ATOL if bits == 8 else KV4_LOGITS_ATOL)
+            assert not torch.equal(out, exact)  # it really is quantized
+    assert not torch.equal(outs[4, "channel", False], outs[4, "token", False])
+    # the proximal tokens exact: the prefill's logits (every query's proximal window still exact) move less
+    assert (outs[4, "channel", True] - exact).abs().sum() < (outs[4, "channel", False] - exact).abs().sum()
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -117,14 +138,15 @@ def test_quantized_bytes_at_4k_follow_the_bit_width(bits):
     assert kivi == 4 * 2 * 4 * 64 * (4 - bits / 8 - 2 * 4 / 64)  # 4 tokens x 8 (layer, head) x 64 channels
 
 
-@pytest.mark.parametrize("bits,keys", [(8, "token"), (4, "token"), (4, "channel")])
-def test_crop_and_batch_edits_on_quantized_cache(bits, keys):
+@pytest.mark.parametrize("bits,keys,prox", [(8, "token", False), (4, "token", False), (4, "channel", False),
+                                            (4, "channel", True), (8, "token", True)])
+def test_crop_and_batch_edits_on_quantized_cache(bits, keys, prox):
     model = tiny_model("llama")
     plan = random_plan(4, 2, 3, 6, seed=4, mode="keys")
     ids = ids_for(2, 30, seed=5)
     enable_pod(model, plan)
     with torch.no_grad():  # 27 + 3 tokens in groups of 8: the crops stay in the channel layout's exact residual
-        cache = PodCache(model.config, crop_margin=2, kv_bits=bits, kv_group=8, key_quant=keys)
+        cache = PodCache(model.config, crop_margin=2, kv_bits=bits, kv_group=8, key_quant=keys, kv_keep_proximal=prox)
         model(ids[:, :27], **cache_kwargs(cache))
         first = model(ids[:, 27:], **cache_kwargs(cache)).logits
         cache.crop(-3)

@@ -38,13 +38,18 @@ FAMILY = {"window-+kv8": "window-only pairs, 8-bit (original weights)", "window-
           "kivi4": "4-bit KV, KIVI keys (podkv)", "kivi8": "8-bit KV, KIVI keys (podkv)",
           "smollm2-pod+kivi4": "smollm2-pod, 4-bit KIVI keys", "smollm2-pod+kivi8": "smollm2-pod, 8-bit KIVI keys",
           "pod+window-+kivi4": "smollm2-pod + window-only, 4-bit KIVI keys",
+          "kivi4r": "4-bit KV, KIVI keys, proximal tokens exact (podkv)",
+          "smollm2-pod+kivi4r": "smollm2-pod, 4-bit KIVI keys, proximal tokens exact",
+          "pod+window-+kivi4r": "smollm2-pod + window-only, 4-bit KIVI keys, proximal exact",
           "window-+kivi4": "window-only pairs, 4-bit KIVI keys (original weights)",
           "snapkv-": "SnapKV", "pyramidkv-": "PyramidKV", "control": "smollm2-pod weights, dense attention",
           "dense": "dense"}
 
 
-# storage suffix of a run -> (bits, key grouping); "kivi": keys per channel (KIVI), values per token
-QUANT = {"kv8": (8, "token"), "kv4": (4, "token"), "kivi8": (8, "channel"), "kivi4": (4, "channel")}
+# storage suffix of a run -> (bits, key grouping, proximal tokens exact); "kivi": keys per channel (KIVI), values per
+# token; "r": KIVI's full-precision residual, which in PoD is the proximal set (first ns, last nr tokens)
+QUANT = {"kv8": (8, "token", False), "kv4": (4, "token", False), "kivi8": (8, "channel", False),
+         "kivi4": (4, "channel", False), "kivi4r": (4, "channel", True), "kivi8r": (8, "channel", True)}
 
 
 def quant_of(name: str) -> str | None:
@@ -72,8 +77,9 @@ def quantized_saving(plan: SharingPlan | None, quant: str) -> float:
     config = AutoConfig.for_model("llama", num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                                   hidden_size=576)  # SmolLM2-135M's attention shape
     plan = plan or SharingPlan.identity(30, 3)
-    bits, keys = QUANT[quant]
-    held = pod_kv_bytes(config, plan, CONTEXT, dtype=torch.bfloat16, kv_bits=bits, key_quant=keys)
+    bits, keys, prox = QUANT[quant]
+    held = pod_kv_bytes(config, plan, CONTEXT, dtype=torch.bfloat16, kv_bits=bits, key_quant=keys,
+                        kv_keep_proximal=prox)
     return 1.0 - held / dense_kv_bytes(config, CONTEXT, dtype=torch.bfloat16)
 
 

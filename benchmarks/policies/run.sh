@@ -40,12 +40,12 @@ run() {  # run NAME: one `podkv eval compare` of held-out NLL
   local name=$1 args
   case $name in
     dense|kv8) args="--methods $name";;
-    kv4|kivi4|kivi8) args="--methods pod+$name --plan $HERE/plans/identity.json";;  # every pair its own anchor: dense attention
+    kv4|kivi[48]|kivi[48]r) args="--methods pod+$name --plan $HERE/plans/identity.json";;  # every pair its own anchor: dense attention
     control) args="--model smollm2-pod --methods dense";;
     smollm2-pod) args="--model smollm2-pod --methods pod";;
-    smollm2-pod+kv[48]|smollm2-pod+kivi[48]) args="--model smollm2-pod --methods pod+${name##*+}";;
-    pod+window-*+kv[48]|pod+window-*+kivi[48]) args="--model smollm2-pod --methods pod+${name##*+} --plan $HERE/plans/${name%+*}.json";;
-    window-*+kv[48]|window-*+kivi[48]) args="--methods pod+${name##*+} --plan $HERE/plans/${name%+*}.json";;
+    smollm2-pod+kv[48]|smollm2-pod+kivi[48]*) args="--model smollm2-pod --methods pod+${name##*+}";;
+    pod+window-*+kv[48]|pod+window-*+kivi[48]*) args="--model smollm2-pod --methods pod+${name##*+} --plan $HERE/plans/${name%+*}.json";;
+    window-*+kv[48]|window-*+kivi[48]*) args="--methods pod+${name##*+} --plan $HERE/plans/${name%+*}.json";;
     window-*) args="--methods pod --plan $HERE/plans/$name.json";;
     pod+window-*) args="--model smollm2-pod --methods pod --plan $HERE/plans/$name.json";;
     streaming-*|snapkv-*|pyramidkv-*) args="--methods ${name%-*} --budget ${name##*-}";;
@@ -59,9 +59,9 @@ ruler() {  # ruler NAME: the five RULER-style tasks on a plan of plans/, 50 prom
   local name=$1 lengths=${RULER_LENGTHS:-1024} model="" method=pod plan="--plan $HERE/plans/$1.json"
   case $name in pod+window-*|smollm2-pod*) model="--model smollm2-pod";; esac  # runs on smollm2-pod's weights
   case $name in  # storage suffix: the quantized method; kv4/kivi4 alone are dense attention (the identity plan)
-    kv4|kivi[48]) method=pod+$name plan="--plan $HERE/plans/identity.json";;  # (kv8 is the HQQ peer: not run here)
+    kv4|kivi[48]|kivi[48]r) method=pod+$name plan="--plan $HERE/plans/identity.json";;  # (kv8 is the HQQ peer: not run here)
     smollm2-pod+*) method=pod+${name##*+} plan="";;
-    *+kv[48]|*+kivi[48]) method=pod+${name##*+} plan="--plan $HERE/plans/${name%+*}.json";;
+    *+kv[48]|*+kivi[48]*) method=pod+${name##*+} plan="--plan $HERE/plans/${name%+*}.json";;
   esac
   podkv eval compare $model --methods $method $plan --lengths "$lengths" --samples 50 --seed 0 \
     --tasks niah_single_prose,niah_single_noise,niah_multikey,niah_multivalue,vt --threads 1 --budget 0.76 --quiet \

@@ -33,6 +33,8 @@ def register(sub) -> None:
     p.add_argument("--key-quant", choices=("token", "channel"), default="token",
                    help="with --kv-bits: group the anchor keys per token as the values, or per channel over 64 tokens "
                         "(KIVI)")
+    p.add_argument("--kv-keep-proximal", action="store_true",
+                   help="with --kv-bits: keep the first ns and last nr tokens in the model's dtype (KIVI's residual)")
     p.set_defaults(func=run)
 
 
@@ -57,7 +59,8 @@ def run(args) -> int:
         from podkv.cache.pod_cache import pod_cache_for  # startup: transformers
         from podkv.plan import plan_from_config
 
-        cache = pod_cache_for(model.config, plan_from_config(model.config), args.kv_bits, args.key_quant)
+        cache = pod_cache_for(model.config, plan_from_config(model.config), args.kv_bits, args.key_quant,
+                              args.kv_keep_proximal)
     elif args.kv_bits:
         raise PodError("--kv-bits needs a PoD model (e.g. --model smollm2-pod) or --plan: it sets the PodCache's storage")
     from transformers import TextStreamer  # startup: transformers

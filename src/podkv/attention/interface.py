@@ -50,6 +50,7 @@ class PodRuntime:
     caches: list = field(default_factory=list)  # cache of each forward in progress, innermost last (forward_scope.py)
     kv_bits: int | None = None  # storage of the PodCache a forward or generate makes by default (8, 4: cache/quant.py)
     key_quant: str = "token"  # its anchor keys' grouping with kv_bits: "token" or "channel" (KIVI)
+    kv_keep_proximal: bool = False  # with kv_bits: the first ns and last nr tokens in the model's dtype
 
 
 def pod_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

@@ -35,6 +35,8 @@ def register(sub) -> None:
                         "(podkv.cache.quant)")
     p.add_argument("--key-quant", choices=("token", "channel"), default="token",
                    help="with --kv-bits: anchor keys per token as the values, or per channel over 64 tokens (KIVI)")
+    p.add_argument("--kv-keep-proximal", action="store_true",
+                   help="with --kv-bits: keep the first ns and last nr tokens in the model's dtype (KIVI's residual)")
     _common(p, "memory")
 
     p = cmds.add_parser("batch", help="largest batch under a fixed KV budget, or (--rss-budget) a process-memory "
@@ -105,7 +107,7 @@ def build_config(args):
     if name == "memory":
         return MemoryConfig(lengths=args.lengths, batch=args.batch, decode=args.decode,
                             selection_budget=args.selection_budget or None, kv_bits=args.kv_bits,
-                            key_quant=args.key_quant)
+                            key_quant=args.key_quant, keep_proximal=args.kv_keep_proximal)
     if bench_name(args) == "batch_rss":
         return RssBatchConfig(rss_budget_gib=args.rss_budget, length=args.length, new_tokens=args.new_tokens,
                               max_batch=args.max_batch, model=args.model, threads=args.threads)

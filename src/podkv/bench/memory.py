@@ -29,6 +29,7 @@ class MemoryConfig:
     selection_budget: float | None = 0.1  # pod+snapkv: dense KV fraction kept after prefill (paper: 8.1%)
     kv_bits: int | None = None  # 8 or 4: PodCache in that many bits (the PoD columns), formula pod_kv_bytes
     key_quant: str = "token"  # with kv_bits: anchor keys per token, or per channel over 64 tokens (KIVI)
+    keep_proximal: bool = False  # with kv_bits: the first ns and last nr tokens in the model's dtype
 
     def __post_init__(self):
         if not self.lengths or min(self.lengths) < 1:
@@ -67,7 +68,7 @@ def run_memory(model, tok, plan, cfg: MemoryConfig) -> dict:
     config, dtype = model.config, model.dtype
     from podkv.cache.pod_cache import storage  # startup: transformers
 
-    bits = storage(config, cfg.kv_bits, cfg.key_quant)
+    bits = storage(config, cfg.kv_bits, cfg.key_quant, cfg.keep_proximal)
     rows = []
     for method in ("dense", "pod"):  # warm-up: the first run's allocator growth is not the cache's
         prefill_decode(model, token_ids(tok, config.vocab_size, cfg.batch, 64).to(model.device),
@@ -100,7 +101,8 @@ def run_memory(model, tok, plan, cfg: MemoryConfig) -> dict:
     disable_pod(model)
     return {"rows": rows, "all_match_formula": all(r["matches_formula"] for r in rows),
             "selection_budget": cfg.selection_budget, "kv_bits": cfg.kv_bits,
-            "key_quant": cfg.key_quant if cfg.kv_bits else None, "plan_summary": plan.summary(4096)}
+            "key_quant": cfg.key_quant if cfg.kv_bits else None,
+            "keep_proximal": cfg.keep_proximal if cfg.kv_bits else None, "plan_summary": plan.summary(4096)}
 
 
 def memory_markdown(result: dict) -> str:

@@ -49,7 +49,8 @@ def write_bench(name: str, result: dict, out_dir: str | Path) -> Path:
     command = COMMANDS.get(name, name)
     bits = result.get("kv_bits")
     storage = "" if not bits else f"; PoD's PodCache in {bits} bits" + (
-        ", KIVI keys (per channel)" if result.get("key_quant") == "channel" else ", per-token groups")
+        ", KIVI keys (per channel)" if result.get("key_quant") == "channel" else ", per-token groups") + (
+        ", proximal tokens exact" if result.get("keep_proximal") else "")
     section = (f"## {title}\n\n`podkv bench {command}` — model {result['model']}, plan {result['plan']} "
                f"(analytic KV saving at 4K: {100 * result['plan_saving_4k']:.1f}%){storage}.\n"
                f"{machine_line(result['machine'])}"

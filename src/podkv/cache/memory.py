@@ -22,13 +22,15 @@ def dense_kv_bytes(config, seq_len: int, batch: int = 1, dtype: torch.dtype = to
 
 
 def pod_kv_bytes(config, plan: SharingPlan, seq_len: int, batch: int = 1, dtype: torch.dtype = torch.float32,
-                 crop_margin: int = 0, kv_bits: int | None = None, kv_group: int = 64, key_quant: str = "token") -> int:
+                 crop_margin: int = 0, kv_bits: int | None = None, kv_group: int = 64, key_quant: str = "token",
+                 kv_keep_proximal: bool = False) -> int:
     """What a PodCache holds for ``plan`` (paper §2.3): values everywhere, distant keys in anchors only.
 
     ``crop_margin`` M: each sharing or window-only head keeps M more recent keys, and a window-only head M more
     values (PodCache's exact-crop margin). ``kv_bits`` 8 or 4: the token-long tensors (values of non-window heads,
     anchor keys) take ``kv_bits / 8`` bytes per element plus a scale and a zero in ``dtype`` per ``kv_group`` elements;
-    with ``key_quant="channel"`` (KIVI) the anchor keys' last ``seq_len mod kv_group`` tokens stay in ``dtype``.
+    with ``key_quant="channel"`` (KIVI) the anchor keys' last ``seq_len mod kv_group`` tokens stay in ``dtype``;
+    ``kv_keep_proximal``: the first ``ns`` and last ``nr + M`` tokens of those tensors stay in ``dtype`` too.
     """
     elem = torch.empty((), dtype=dtype).element_size()
     ring = sum(len(plan.shared_heads(layer)) + 2 * len(plan.window_heads(layer)) for layer in range(plan.num_layers))
@@ -39,9 +41,11 @@ def pod_kv_bytes(config, plan: SharingPlan, seq_len: int, batch: int = 1, dtype:
         return total * elem
     heads = {"keys": sum(len(plan.anchor_heads(l)) for l in range(plan.num_layers)),
              "values": sum(plan.num_kv_heads - len(plan.window_heads(l)) for l in range(plan.num_layers))}
-    coded = {kind: n * seq_len for kind, n in heads.items()}  # tokens x heads held as codes
+    exact = min(seq_len, plan.ns + plan.nr + crop_margin) if kv_keep_proximal else 0  # tokens never coded
+    codable = seq_len - exact
+    coded = {kind: n * codable for kind, n in heads.items()}  # tokens x heads held as codes
     if key_quant == "channel":
-        coded["keys"] = heads["keys"] * (seq_len // kv_group * kv_group)
+        coded["keys"] = heads["keys"] * (codable // kv_group * kv_group)
     per_token = head_dim(config) * batch  # elements of one token of one head
     coded_elems = sum(coded.values()) * per_token
     return (total - coded_elems) * elem + coded_elems * kv_bits // 8 + coded_elems // kv_group * 2 * elem

@@ -90,8 +90,9 @@ class PodLayer(compat.CacheLayer):
         if self.cache.kv_bits:
             bits, group = self.cache.kv_bits, self.cache.kv_group
             keys = QuantChannels if self.cache.key_quant == "channel" else QuantTokens
-            self.v = QuantTokens(self.v, group, bits)
-            self.k_full = None if self.k_full is None else keys(self.k_full, group, bits)
+            first = self.cache.plan.ns if self.cache.kv_keep_proximal else 0
+            self.v = QuantTokens(self.v, group, bits, first)
+            self.k_full = None if self.k_full is None else keys(self.k_full, group, bits, first)
         if self.ring_heads:
             self.k_prox = key_states.new_zeros(B, len(self.ring_heads), 0, D)
         if self.window_heads:
@@ -110,9 +111,10 @@ class PodLayer(compat.CacheLayer):
         # the window held before this step, and the step's values of every head
         step = PodStep(self.cache, self, i0, i1, self.k_prox, self.prox_idx, self.v_prox, value_states)
         if isinstance(self.v, QuantStore):
-            self.v.append(_heads(value_states, self.value_heads))
+            last = self.cache.window if self.cache.kv_keep_proximal else 0
+            self.v.append(_heads(value_states, self.value_heads), last)
             if self.anchor_heads:
-                self.k_full.append(_heads(key_states, self.anchor_heads))
+                self.k_full.append(_heads(key_states, self.anchor_heads), last)
         else:
             self._v_room, self.v = _append(self._v_room, self.v, _heads(value_states, self.value_heads))
             if self.anchor_heads:
@@ -238,10 +240,13 @@ class PodCache(Cache):
     key_quant : "token" or "channel"
         How the quantised anchor keys are grouped: "token" as the values (``kv_group`` channels of one token),
         "channel" as KIVI (one channel over ``kv_group`` tokens; the last unfilled group stays in the model's dtype).
+    kv_keep_proximal : bool
+        With ``kv_bits``: the first ``ns`` and the last ``nr + crop_margin`` tokens of the quantised tensors stay in
+        the model's dtype (PoD's proximal tokens; KIVI's full-precision residual), the rest is coded as it leaves.
     """
 
     def __init__(self, config, plan: SharingPlan | None = None, crop_margin: int = 0, kv_bits: int | None = None,
-                 kv_group: int = 64, key_quant: str = "token"):
+                 kv_group: int = 64, key_quant: str = "token", kv_keep_proximal: bool = False):
         from podkv.plan import plan_from_config
 
         plan = plan or plan_from_config(config)
@@ -265,7 +270,7 @@ class PodCache(Cache):
                 raise PodError(f"PodCache field 'kv_bits' = 4 packs two channels per byte: the head dim "
                                f"{head_dim(config)} must be even")
         self.plan, self.crop_margin, self.kv_bits, self.kv_group = plan, crop_margin, kv_bits, kv_group
-        self.key_quant = key_quant
+        self.key_quant, self.kv_keep_proximal = key_quant, bool(kv_keep_proximal)
         self.pad = None  # (B,) left-padding counts, fixed at prefill (see the property)
         self.in_forward = 0  # forwards of a PoD model using this cache right now (forward_scope.py)
         self.dropped = 0  # tokens removed by token selection (selection.compact): positions run ahead by this
@@ -440,19 +445,22 @@ class PodCache(Cache):
 KEY_QUANT = ("token", "channel")
 
 
-def storage(config, kv_bits: int | None, key_quant: str = "token") -> dict:
+def storage(config, kv_bits: int | None, key_quant: str = "token", keep_proximal: bool = False) -> dict:
     """PodCache / ``pod_kv_bytes`` keywords for ``kv_bits`` (None, 8 or 4): groups of :data:`GROUP` channels,
-    or the head dim if smaller; with ``key_quant="channel"`` the keys' groups are that many tokens of one channel."""
+    or the head dim if smaller; with ``key_quant="channel"`` the keys' groups are that many tokens of one channel;
+    ``keep_proximal``: the proximal tokens stay in the model's dtype."""
     from podkv.cache.memory import head_dim
 
     if kv_bits is None:
         return {}
-    return {"kv_bits": kv_bits, "kv_group": min(GROUP, head_dim(config)), "key_quant": key_quant}
+    return {"kv_bits": kv_bits, "kv_group": min(GROUP, head_dim(config)), "key_quant": key_quant,
+            "kv_keep_proximal": keep_proximal}
 
 
-def pod_cache_for(config, plan: SharingPlan, kv_bits: int | None = None, key_quant: str = "token", **kw) -> PodCache:
+def pod_cache_for(config, plan: SharingPlan, kv_bits: int | None = None, key_quant: str = "token",
+                  keep_proximal: bool = False, **kw) -> PodCache:
     """The PodCache a PoD model makes when the caller gives none: ``plan``, in ``kv_bits``."""
-    return PodCache(config, plan, **storage(config, kv_bits, key_quant), **kw)
+    return PodCache(config, plan, **storage(config, kv_bits, key_quant, keep_proximal), **kw)
 
 
 GROWTH = 128  # tokens of spare room a value/key buffer grows by

@@ -35,21 +35,112 @@ GROUP = 64  # channels per scale and zero (the kv8 peer's group), or the head di
 
 
 class QuantStore:
-    """What both layouts share: a (B, H, T, D) tensor that grows along T, read by indexing (dequantised)."""
+    """A (B, H, T, D) tensor that grows along T, read by indexing (dequantised where coded). Held in three parts:
+    the first ``keep_first`` tokens in the model's dtype, then the coded tokens, then the tokens that wait in the
+    model's dtype — the last ``keep_last`` (given at each append) and whatever the layout codes only in groups.
 
-    T: int
-    D: int
+    Why keep some tokens exact: PoD's proximal tokens (the ``ns`` sinks and the last ``nr``) carry most of the
+    attention mass, so their rounding error weighs most; KIVI keeps its recent tokens in full precision for the
+    same reason (its residual). ``PodCache(kv_keep_proximal=True)`` sets ``keep_first = ns``, ``keep_last = nr + M``.
+    """
+
+    def __init__(self, like: torch.Tensor, group: int, bits: int = 8, keep_first: int = 0):
+        _check_bits(like.shape[-1], bits)
+        self.group, self.bits, self.dtype, self.D, self.keep_first = group, bits, like.dtype, like.shape[-1], keep_first
+        self.first = like[:, :, :0].clone()
+        self.last = like[:, :, :0].clone()
+        self.Tq = 0  # coded tokens
+
+    @property
+    def T(self) -> int:
+        return self.first.shape[2] + self.Tq + self.last.shape[2]
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((*self.codes.shape[:2], self.T, self.D))
+        return torch.Size((*self.first.shape[:2], self.T, self.D))
+
+    def append(self, x: torch.Tensor, keep_last: int = 0) -> None:
+        """Add tokens x (B, H, C, D); code every waiting token the layout can, except the last ``keep_last``."""
+        x = x.to(self.dtype)
+        take = min(max(0, self.keep_first - self.first.shape[2]), x.shape[2])
+        if take:
+            self.first = torch.cat([self.first, x[:, :, :take]], dim=2)
+        waiting = torch.cat([self.last, x[:, :, take:]], dim=2) if self.last.shape[2] else x[:, :, take:]
+        n = self._codable(waiting.shape[2] - keep_last)
+        if n > 0:
+            self._code(waiting[:, :, :n])
+        self.last = waiting[:, :, n:].clone()
+
+    def __getitem__(self, index) -> torch.Tensor:
+        """``tensor[index]`` (dequantised): batch and head dims any index, the token dim an int or a unit-step slice."""
+        index = index if isinstance(index, tuple) else (index,)
+        if len(index) > 3:
+            raise IndexError(f"{type(self).__name__} indexes batch, head and token dims only")
+        b, h, t = index + (slice(None),) * (3 - len(index))
+        drop = [d for d, i in enumerate((b, h, t)) if isinstance(i, int)]
+        b, h, t = (slice(i, i + 1 or None) if isinstance(i, int) else i for i in (b, h, t))
+        lo, hi, step = t.indices(self.T)
+        if step != 1:
+            raise IndexError(f"{type(self).__name__} reads unit-step token ranges only")
+        hi = max(lo, hi)
+        F = self.first.shape[2]
+        E = F + self.Tq
+        parts = []
+        if lo < F:
+            parts.append(self.first[b, h, lo:min(hi, F)])
+        if hi > F and lo < E:
+            parts.append(self._decode(b, h, max(lo, F) - F, min(hi, E) - F))
+        if hi > E:
+            parts.append(self.last[b, h, max(lo, E) - E:hi - E])
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2) if parts else self.first[b, h, :0]
+        for d in reversed(drop):
+            out = out.squeeze(d)
+        return out
+
+    def crop(self, length: int) -> None:
+        """Keep tokens [0, length). A cut inside the coded tokens keeps them coded (the layout may move a partly
+        kept group back to the waiting tokens, as read), so tokens fed again need not be coded as before."""
+        F = self.first.shape[2]
+        if length >= self.T:
+            return
+        if length <= F:
+            self.first, self.last = self.first[:, :, :length], self.last[:, :, :0]
+            self._truncate(0)
+        elif length <= F + self.Tq:
+            self.last = self._truncate(length - F)
+        else:
+            self.last = self.last[:, :, :length - F - self.Tq]
+
+    def map_batch(self, fn) -> None:
+        """Apply a batch-dim edit (beam reorder, repeat, select) to the held rows."""
+        self.first, self.last = fn(self.first).contiguous(), fn(self.last).contiguous()
+        self._map_codes(fn)
 
     def tensors(self) -> list[torch.Tensor]:
-        """What is held for the T tokens: codes, scales, zeros (and KIVI's float residual)."""
-        raise NotImplementedError
+        """What is held for the T tokens: the exact parts and the codes, scales and zeros."""
+        return [self.first, *self._coded(), self.last]
 
     def reserved_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.first, self.last, *self._buffers()))
+
+    # what a layout defines
+    def _codable(self, n: int) -> int:
+        """How many of the first ``n`` waiting tokens to code now."""
         raise NotImplementedError
+
+    def _code(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _decode(self, b, h, a: int, z: int) -> torch.Tensor:
+        """Coded tokens [a, z) of rows ``b`` and heads ``h`` (slices), dequantised."""
+        raise NotImplementedError
+
+    def _truncate(self, n: int) -> torch.Tensor:
+        """Keep coded tokens [0, n): returns those that become waiting tokens again (dequantised)."""
+        raise NotImplementedError
+
+    def _buffers(self) -> tuple[torch.Tensor, ...]:
+        return self.codes, self.scale, self.zero
 
 
 def _check_bits(D: int, bits: int) -> None:
@@ -58,144 +149,97 @@ def _check_bits(D: int, bits: int) -> None:
 
 
 class QuantTokens(QuantStore):
-    """A (B, H, T, D) tensor held as ``bits``-bit codes (uint8; two per byte at 4 bits) + per-(token, head, group)
-    scale and zero, growing along T."""
+    """Coded per token: ``bits``-bit codes (uint8; two per byte at 4 bits) + a scale and zero per (token, head,
+    group of ``group`` channels)."""
 
-    def __init__(self, like: torch.Tensor, group: int, bits: int = 8):
+    def __init__(self, like: torch.Tensor, group: int, bits: int = 8, keep_first: int = 0):
         B, H, _, D = like.shape
         if D % group:
             raise PodError(f"PodCache field 'kv_group' = {group} must divide the head dim {D}")
-        _check_bits(D, bits)
-        self.group, self.bits, self.dtype, self.T, self.D = group, bits, like.dtype, 0, D
+        super().__init__(like, group, bits, keep_first)
         self.codes = torch.empty(B, H, GROWTH, D * bits // 8, dtype=torch.uint8, device=like.device)
         self.scale = torch.empty(B, H, GROWTH, D // group, dtype=like.dtype, device=like.device)
         self.zero = torch.empty_like(self.scale)
 
-    def append(self, x: torch.Tensor) -> None:
-        """Quantise the new tokens x (B, H, C, D) and store them after the held ones."""
+    def _codable(self, n: int) -> int:
+        return max(0, n)
+
+    def _code(self, x: torch.Tensor) -> None:
         C = x.shape[2]
-        if self.T + C > self.codes.shape[2]:
-            grow = self.T + C + GROWTH
-            self.codes, self.scale, self.zero = (_grown(t, self.T, grow) for t in (self.codes, self.scale, self.zero))
+        if self.Tq + C > self.codes.shape[2]:
+            grow = self.Tq + C + GROWTH
+            self.codes, self.scale, self.zero = (_grown(t, self.Tq, grow) for t in (self.codes, self.scale, self.zero))
         codes, scale, zero = quantize(x, self.group, self.bits)
-        self.codes[:, :, self.T:self.T + C] = codes
-        self.scale[:, :, self.T:self.T + C] = scale
-        self.zero[:, :, self.T:self.T + C] = zero
-        self.T += C
+        self.codes[:, :, self.Tq:self.Tq + C] = codes
+        self.scale[:, :, self.Tq:self.Tq + C] = scale
+        self.zero[:, :, self.Tq:self.Tq + C] = zero
+        self.Tq += C
 
-    def __getitem__(self, index) -> torch.Tensor:
-        """Dequantised ``tensor[index]``; ``index`` may address the batch, head and token dims, not channels."""
-        index = index if isinstance(index, tuple) else (index,)
-        if len(index) > 3:
-            raise IndexError("QuantTokens indexes batch, head and token dims only")
-        index = index + (slice(None),) * (3 - len(index))
-        T = slice(0, self.T)
-        held = [t[:, :, T] for t in (self.codes, self.scale, self.zero)]
-        return dequantize(*(t[index] for t in held), self.group, self.dtype, self.bits)
+    def _decode(self, b, h, a: int, z: int) -> torch.Tensor:
+        return dequantize(*(t[b, h, a:z] for t in (self.codes, self.scale, self.zero)), self.group, self.dtype,
+                          self.bits)
 
-    def crop(self, length: int) -> None:
-        self.T = min(self.T, length)
+    def _truncate(self, n: int) -> torch.Tensor:
+        self.Tq = n
+        return self.last[:, :, :0]
 
-    def map_batch(self, fn) -> None:
-        """Apply a batch-dim edit (beam reorder, repeat, select) to the held rows."""
-        self.codes, self.scale, self.zero = (fn(t[:, :, :self.T]).contiguous() for t in (self.codes, self.scale, self.zero))
+    def _map_codes(self, fn) -> None:
+        self.codes, self.scale, self.zero = (fn(t[:, :, :self.Tq]).contiguous() for t in (self.codes, self.scale, self.zero))
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [t[:, :, :self.T] for t in (self.codes, self.scale, self.zero)]
-
-    def reserved_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+    def _coded(self) -> list[torch.Tensor]:
+        return [t[:, :, :self.Tq] for t in (self.codes, self.scale, self.zero)]
 
 
 class QuantChannels(QuantStore):
-    """KIVI's key layout: a (B, H, T, D) tensor whose full groups of ``group`` tokens are held as ``bits``-bit codes
-    with a scale and zero per (group, head, channel); the last ``T mod group`` tokens stay in the model's dtype
-    until their group fills."""
+    """KIVI's key layout: coded in groups of ``group`` tokens, with a scale and zero per (group, head, channel); the
+    tokens of a group that is not full yet wait in the model's dtype."""
 
-    def __init__(self, like: torch.Tensor, group: int, bits: int = 8):
+    def __init__(self, like: torch.Tensor, group: int, bits: int = 8, keep_first: int = 0):
         B, H, _, D = like.shape
-        _check_bits(D, bits)
-        self.group, self.bits, self.dtype, self.D = group, bits, like.dtype, D
-        self.Tq = 0  # tokens held as codes: a multiple of ``group``
+        super().__init__(like, group, bits, keep_first)
         room = -(-GROWTH // group) * group
         self.codes = torch.empty(B, H, room, D * bits // 8, dtype=torch.uint8, device=like.device)
         self.scale = torch.empty(B, H, room // group, D, dtype=like.dtype, device=like.device)
         self.zero = torch.empty_like(self.scale)
-        self.residual = like[:, :, :0].clone()
 
-    @property
-    def T(self) -> int:
-        return self.Tq + self.residual.shape[2]
+    def _codable(self, n: int) -> int:
+        return max(0, n) // self.group * self.group
 
-    def append(self, x: torch.Tensor) -> None:
-        """Add tokens x (B, H, C, D): every group they complete is quantised per channel, the rest waits."""
-        r = torch.cat([self.residual, x.to(self.dtype)], dim=2)
-        n = r.shape[2] // self.group * self.group
-        if n:
-            G, g0 = self.group, self.Tq // self.group
-            if self.Tq + n > self.codes.shape[2]:
-                grow = -(-(self.Tq + n + GROWTH) // G) * G
-                self.codes = _grown(self.codes, self.Tq, grow)
-                self.scale, self.zero = (_grown(t, g0, grow // G) for t in (self.scale, self.zero))
-            # each channel of each group of G tokens is one quantisation group: codes (B, H, groups, D, 1, G)
-            codes, scale, zero = _round(r[:, :, :n].unflatten(2, (-1, G)).transpose(-1, -2), G, self.bits)
-            # stored token-major (B, H, n, D·bits/8), packed along channels as QuantTokens packs
-            self.codes[:, :, self.Tq:self.Tq + n] = _pack(codes.squeeze(-2).transpose(-1, -2).flatten(2, 3), self.bits)
-            self.scale[:, :, g0:g0 + n // G] = scale.squeeze(-1)
-            self.zero[:, :, g0:g0 + n // G] = zero.squeeze(-1)
-            self.Tq += n
-        self.residual = r[:, :, n:].clone()
+    def _code(self, x: torch.Tensor) -> None:
+        n, G, g0 = x.shape[2], self.group, self.Tq // self.group
+        if self.Tq + n > self.codes.shape[2]:
+            grow = -(-(self.Tq + n + GROWTH) // G) * G
+            self.codes = _grown(self.codes, self.Tq, grow)
+            self.scale, self.zero = (_grown(t, g0, grow // G) for t in (self.scale, self.zero))
+        # each channel of each group of G tokens is one quantisation group: codes (B, H, groups, D, 1, G)
+        codes, scale, zero = _round(x.unflatten(2, (-1, G)).transpose(-1, -2), G, self.bits)
+        # stored token-major (B, H, n, D·bits/8), packed along channels as QuantTokens packs
+        self.codes[:, :, self.Tq:self.Tq + n] = _pack(codes.squeeze(-2).transpose(-1, -2).flatten(2, 3), self.bits)
+        self.scale[:, :, g0:g0 + n // G] = scale.squeeze(-1)
+        self.zero[:, :, g0:g0 + n // G] = zero.squeeze(-1)
+        self.Tq += n
 
-    def __getitem__(self, index) -> torch.Tensor:
-        """Dequantised ``tensor[index]``: batch and head dims any index, the token dim an int or a unit-step slice."""
-        index = index if isinstance(index, tuple) else (index,)
-        if len(index) > 3:
-            raise IndexError("QuantChannels indexes batch, head and token dims only")
-        b, h, t = index + (slice(None),) * (3 - len(index))
-        drop = [d for d, i in enumerate((b, h, t)) if isinstance(i, int)]
-        b, h, t = (slice(i, i + 1 or None) if isinstance(i, int) else i for i in (b, h, t))
-        lo, hi, step = t.indices(self.T)
-        if step != 1:
-            raise IndexError("QuantChannels reads unit-step token ranges only")
-        hi = max(lo, hi)
-        parts = []
-        if lo < self.Tq:  # the groups overlapping [lo, min(hi, Tq)), dequantised, then cut to the range
-            G, g0, g1 = self.group, lo // self.group, -(-min(hi, self.Tq) // self.group)
-            codes = _unpack(self.codes[b, h, g0 * G:g1 * G], self.bits).unflatten(2, (-1, G)).to(self.dtype)
-            x = torch.addcmul(self.zero[b, h, g0:g1, None], codes, self.scale[b, h, g0:g1, None]).flatten(2, 3)
-            parts.append(x[:, :, lo - g0 * G:min(hi, self.Tq) - g0 * G])
-        if hi > self.Tq:
-            parts.append(self.residual[b, h, max(lo, self.Tq) - self.Tq:hi - self.Tq])
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2) if parts else self.residual[b, h, :0]
-        for d in reversed(drop):
-            out = out.squeeze(d)
-        return out
+    def _decode(self, b, h, a: int, z: int) -> torch.Tensor:
+        """The groups overlapping [a, z), dequantised, then cut to the range."""
+        G, g0, g1 = self.group, a // self.group, -(-z // self.group)
+        codes = _unpack(self.codes[b, h, g0 * G:g1 * G], self.bits).unflatten(2, (-1, G)).to(self.dtype)
+        x = torch.addcmul(self.zero[b, h, g0:g1, None], codes, self.scale[b, h, g0:g1, None]).flatten(2, 3)
+        return x[:, :, a - g0 * G:z - g0 * G]
 
-    def crop(self, length: int) -> None:
-        """Keep tokens [0, length); a cut inside a quantised group moves that group's kept tokens, dequantised, back
-        to the residual (so a crop followed by the same tokens need not reproduce the first codes bit for bit)."""
-        if length >= self.T:
-            return
-        if length >= self.Tq:
-            self.residual = self.residual[:, :, :length - self.Tq]
-            return
-        keep = length // self.group * self.group
-        self.residual = self[:, :, keep:length].contiguous()
+    def _truncate(self, n: int) -> torch.Tensor:
+        keep = n // self.group * self.group
+        back = self._decode(slice(None), slice(None), keep, n).contiguous()
         self.Tq = keep
+        return back
 
-    def map_batch(self, fn) -> None:
+    def _map_codes(self, fn) -> None:
         G = self.group
         self.codes = fn(self.codes[:, :, :self.Tq]).contiguous()
         self.scale, self.zero = (fn(t[:, :, :self.Tq // G]).contiguous() for t in (self.scale, self.zero))
-        self.residual = fn(self.residual).contiguous()
 
-    def tensors(self) -> list[torch.Tensor]:
+    def _coded(self) -> list[torch.Tensor]:
         G = self.group
-        return [self.codes[:, :, :self.Tq], self.scale[:, :, :self.Tq // G], self.zero[:, :, :self.Tq // G],
-                self.residual]
-
-    def reserved_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero, self.residual))
+        return [self.codes[:, :, :self.Tq], self.scale[:, :, :self.Tq // G], self.zero[:, :, :self.Tq // G]]
 
 
 def quantize(x: torch.Tensor, group: int, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

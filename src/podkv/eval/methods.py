@@ -137,6 +137,7 @@ class PodKV8(Pod):
     name = "pod+kv8"
     bits: ClassVar[int] = 8
     key_quant: ClassVar[str] = "token"
+    keep_proximal: ClassVar[bool] = False
 
     def group_for(self, config) -> int:
         from podkv.cache.pod_cache import storage  # startup: transformers
@@ -147,17 +148,19 @@ class PodKV8(Pod):
         from podkv.cache.memory import dense_kv_bytes, pod_kv_bytes
         from podkv.cache.pod_cache import storage  # startup: transformers
 
-        return pod_kv_bytes(config, plan, T, **storage(config, self.bits, self.key_quant)) / dense_kv_bytes(config, T)
+        kw = storage(config, self.bits, self.key_quant, self.keep_proximal)
+        return pod_kv_bytes(config, plan, T, **kw) / dense_kv_bytes(config, T)
 
     def new_cache(self, model):
         from podkv.cache.pod_cache import pod_cache_for  # startup: transformers
 
-        return pod_cache_for(model.config, self.sharing_plan(), self.bits, self.key_quant)
+        return pod_cache_for(model.config, self.sharing_plan(), self.bits, self.key_quant, self.keep_proximal)
 
     def describe(self) -> dict:
         from podkv.cache.quant import GROUP
 
-        return {**super().describe(), "kv_bits": self.bits, "group": GROUP, "key_quant": self.key_quant}
+        return {**super().describe(), "kv_bits": self.bits, "group": GROUP, "key_quant": self.key_quant,
+                "keep_proximal": self.keep_proximal}
 
 
 class PodKV4(PodKV8):
@@ -179,6 +182,22 @@ class PodKivi4(PodKivi8):
     """The same in 4 bits, where per-channel keys matter most (KIVI's 2-bit and 4-bit results)."""
 
     name = "pod+kivi4"
+    bits = 4
+
+
+class PodKivi8R(PodKivi8):
+    """KIVI with its full-precision residual, which in PoD is the proximal set: the first ``ns`` and last ``nr``
+    tokens of the quantised tensors stay in the model's dtype (``PodCache(kv_keep_proximal=True)``); a token is
+    coded when it leaves the window."""
+
+    name = "pod+kivi8r"
+    keep_proximal = True
+
+
+class PodKivi4R(PodKivi8R):
+    """The same in 4 bits."""
+
+    name = "pod+kivi4r"
     bits = 4
 
 
@@ -383,7 +402,8 @@ def _unwrap_pod_attention() -> None:
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Dense, Pod, PodScores, Streaming, SnapKV, H2O, PyramidKV,
                                                              PodSnapKV, KVPressStreaming, QuantizedKV, PodKV8,
-                                                             PodKV4, PodKivi8, PodKivi4)}
+                                                             PodKV4, PodKivi8, PodKivi4, PodKivi8R,
+                                                             PodKivi4R)}
 
 
 def kvpress_available() -> bool:

@@ -42,7 +42,7 @@ def _pod_forward(model, input_ids=None, attention_mask=None, position_ids=None, 
     cache = compat.given_cache(kwargs)
     if cache is None and inference and kwargs.get("use_cache", model.config.use_cache):
         runtime = model.pod_runtime
-        cache = pod_cache_for(model.config, runtime.plan, runtime.kv_bits, runtime.key_quant)
+        cache = pod_cache_for(model.config, runtime.plan, runtime.kv_bits, runtime.key_quant, runtime.kv_keep_proximal)
         for name in compat.CACHE_ARGS:
             call.pop(name, None)
         call[compat.CACHE_ARG] = cache

@@ -43,7 +43,7 @@ def decoder_layers(model) -> list:
 
 
 def enable_pod(model, plan: SharingPlan, *, chunk: int = DEFAULT_CHUNK, reference: bool = False,
-               kv_bits: int | None = None, key_quant: str = "token"):
+               kv_bits: int | None = None, key_quant: str = "token", kv_keep_proximal: bool = False):
     """Make ``model`` use PoD attention with ``plan``; ``generate`` then defaults to a :class:`PodCache`.
 
     Parameters
@@ -57,16 +57,18 @@ def enable_pod(model, plan: SharingPlan, *, chunk: int = DEFAULT_CHUNK, referenc
         (:mod:`podkv.cache.quant`, groups of 64 channels or the head dim if smaller).
     key_quant : "token" or "channel"
         With ``kv_bits``: anchor keys grouped per token as the values, or per channel over 64 tokens (KIVI).
+    kv_keep_proximal : bool
+        With ``kv_bits``: the first ``ns`` and last ``nr`` tokens stay in the model's dtype (KIVI's residual).
     """
     check_supported(model.config)
     plan.validate_for(model.config)
     register()
     if not hasattr(model, "_pod_saved"):
         model._pod_saved = {"attn": model.config._attn_implementation}
-    runtime = PodRuntime(plan=plan, chunk=chunk, kv_bits=kv_bits, key_quant=key_quant)
+    runtime = PodRuntime(plan=plan, chunk=chunk, kv_bits=kv_bits, key_quant=key_quant, kv_keep_proximal=kv_keep_proximal)
     from podkv.cache.pod_cache import pod_cache_for  # startup: transformers
 
-    pod_cache_for(model.config, plan, kv_bits, key_quant)  # a bad setting fails here, before any compute
+    pod_cache_for(model.config, plan, kv_bits, key_quant, kv_keep_proximal)  # a bad setting fails here, before compute
     for module in attention_modules(model):
         module.pod_runtime = runtime
     model.config.pod_plan = plan.to_dict()
@@ -116,7 +118,8 @@ def _generate_with_pod_cache(model, *args, **kwargs):
         if cache is None and _setting(model, kwargs, "cache_implementation") is None:
             runtime = model.pod_runtime
             kwargs.update(compat.cache_kwargs(pod_cache_for(model.config, runtime.plan, runtime.kv_bits,
-                                                            runtime.key_quant, crop_margin=margin)))
+                                                            runtime.key_quant, runtime.kv_keep_proximal,
+                                                            crop_margin=margin)))
         elif isinstance(cache, PodCache):
             forward_scope.check_positions(cache, {})
             cache.reserve_crop_margin(margin)
