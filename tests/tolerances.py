@@ -26,6 +26,8 @@ SCALAR = 1e-6
 # Weights merged from deltas stored in bf16 vs the fp32 weights they came from: bf16 rounds a weight of
 # magnitude <= 0.5 by at most 2^-9 = 2e-3 (the tiny model's weights are that small).
 BF16_STORAGE_ATOL = 2e-3
+# Two training stages, each merged into fp32 weights while its deltas are stored in bf16: two such roundings.
+BF16_TWO_STAGES_ATOL = 2 * BF16_STORAGE_ATOL
 
 # A percentile bootstrap interval (2000 resamples) vs the normal-approximation interval of a proportion
 # (n = 100, p = 0.3): they are different estimators. The bootstrap's quantiles move by ~1/sqrt(2000) of
