@@ -73,6 +73,8 @@ def test_memory_quantized_window_plan_measured_equals_formula(tmp_path, bits, ke
         MemoryConfig(kv_bits=3, selection_budget=None)
     with pytest.raises(PodError, match="'key_quant' = 'rows': choose from token, channel"):
         MemoryConfig(kv_bits=4, key_quant="rows", selection_budget=None)
+    with pytest.raises(PodError, match="--kv-keep-proximal need --kv-bits"):
+        MemoryConfig(keep_proximal=True, selection_budget=None)
 
 
 def test_batch_search_and_ratio(results):

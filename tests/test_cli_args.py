@@ -61,3 +61,13 @@ def test_bad_list_value_is_one_podError_line(argv, flag, value, tmp_path, capsys
     assert len(lines) == 1 and lines[0].startswith("podkv: error: "), captured.err
     assert flag in lines[0] and value in lines[0] and "invalid" not in lines[0]
     assert not captured.out
+
+
+def test_generate_refuses_a_quantization_layout_without_bits(capsys):
+    """--key-quant / --kv-keep-proximal only shape a quantized PodCache: alone they are a one-line error, before any
+    model is loaded."""
+    from podkv.cli import main
+
+    for flags in (["--key-quant", "channel"], ["--kv-keep-proximal"]):
+        assert main(["generate", *flags]) == 2
+        assert "need --kv-bits 8 or 4" in capsys.readouterr().err

@@ -166,6 +166,10 @@ def test_bad_settings_are_one_line_errors():
         PodCache(model.config, plan, kv_bits=3)
     with pytest.raises(PodError, match="'key_quant' = 'head': choose from token, channel$"):
         PodCache(model.config, plan, kv_bits=8, key_quant="head")
+    with pytest.raises(PodError, match="'kv_keep_proximal' = True sets how quantized tensors are held: it needs kv_bits"):
+        PodCache(model.config, plan, kv_keep_proximal=True)
+    with pytest.raises(PodError, match="'key_quant' = 'channel' .* needs kv_bits = 8 or 4"):
+        PodCache(model.config, plan, key_quant="channel")
     with pytest.raises(PodError, match="'kv_group' = 12 must divide the head dim 16"):
         PodCache(model.config, plan, kv_bits=8, kv_group=12)  # before any compute
     # an odd head dim (no RoPE model has one: transformers >= 5.25 refuses such a config, so the store is checked)
@@ -195,3 +199,5 @@ def test_enable_pod_kv_bits_makes_generate_use_a_quantized_cache():
     assert torch.equal(outs[8], outs[None]) and torch.equal(outs[4], outs[None])
     with pytest.raises(PodError, match="'kv_bits' = 3"):
         enable_pod(tiny_model("llama"), plan, kv_bits=3)
+    with pytest.raises(PodError, match="'key_quant' = 'channel' .* needs kv_bits"):
+        enable_pod(tiny_model("llama"), plan, key_quant="channel")

@@ -45,6 +45,9 @@ def argparse_bool():
 def run(args) -> int:
     if args.max_new_tokens < 1:
         raise PodError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.kv_bits and (args.key_quant != "token" or args.kv_keep_proximal):
+        raise PodError("--key-quant channel and --kv-keep-proximal set how quantized tensors are held: they need "
+                       "--kv-bits 8 or 4")
     prompt = read_prompt(args.prompt, args.prompt_file)
     model, tok = loading.load_model(args.model)
     plan = None

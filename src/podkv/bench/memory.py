@@ -40,6 +40,8 @@ class MemoryConfig:
             raise PodError(f"bench memory field 'kv_bits' = {self.kv_bits!r}: supported are None, 8 and 4")
         if self.key_quant not in ("token", "channel"):
             raise PodError(f"bench memory field 'key_quant' = {self.key_quant!r}: choose from token, channel")
+        if not self.kv_bits and (self.key_quant != "token" or self.keep_proximal):
+            raise PodError("bench memory: --key-quant channel and --kv-keep-proximal need --kv-bits 8 or 4")
         if self.kv_bits and self.selection_budget:
             raise PodError(f"bench memory: --kv-bits {self.kv_bits} with --selection-budget is not supported "
                            "(pod+snapkv compaction needs a float PodCache); pass --selection-budget 0")

@@ -261,6 +261,10 @@ class PodCache(Cache):
             raise PodError(f"PodCache field 'kv_group' must be a positive integer, got {kv_group!r}")
         if key_quant not in KEY_QUANT:
             raise PodError(f"PodCache field 'key_quant' = {key_quant!r}: choose from {', '.join(KEY_QUANT)}")
+        if not kv_bits and (key_quant != "token" or kv_keep_proximal):
+            field, value = ("key_quant", key_quant) if key_quant != "token" else ("kv_keep_proximal", kv_keep_proximal)
+            raise PodError(f"PodCache field '{field}' = {value!r} sets how quantized tensors are held: it needs "
+                           "kv_bits = 8 or 4")
         if kv_bits:
             from podkv.cache.memory import head_dim
 
@@ -451,8 +455,9 @@ def storage(config, kv_bits: int | None, key_quant: str = "token", keep_proximal
     ``keep_proximal``: the proximal tokens stay in the model's dtype."""
     from podkv.cache.memory import head_dim
 
-    if kv_bits is None:
-        return {}
+    if kv_bits is None:  # a layout without bits goes on to PodCache, which refuses it in one line
+        return {} if (key_quant, keep_proximal) == ("token", False) else {"key_quant": key_quant,
+                                                                          "kv_keep_proximal": keep_proximal}
     return {"kv_bits": kv_bits, "kv_group": min(GROUP, head_dim(config)), "key_quant": key_quant,
             "kv_keep_proximal": keep_proximal}
 
