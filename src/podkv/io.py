@@ -33,6 +33,19 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def read_json(path: str | Path, flag: str, what: str) -> Any:
+    """The JSON in ``path``; a missing or unreadable file is a one-line PodError naming ``flag`` and ``what`` it should be."""
+    from podkv.errors import PodError
+
+    path = Path(path)
+    if not path.is_file():
+        raise PodError(f"{flag} file {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PodError(f"{flag} file {path} is not {what} ({exc})") from None
+
+
 def save_figure(fig, path: str | Path) -> Path:
     """Save a matplotlib figure atomically as PNG."""
     import io

@@ -175,6 +175,28 @@ class SharingPlan:
                 out[-1] = (out[-1][0], layer)
         return out
 
+    def split_block(self, layer: int, head: int) -> SharingPlan:
+        """This plan with shared pair ``(layer, head)`` made an anchor: the rest of its block reads its keys.
+
+        One more anchor and blocks stay consecutive (what the per-pair ablation, ``analysis/ablation.py``, tries).
+        """
+        if not (0 <= layer < self.num_layers and 0 <= head < self.num_kv_heads):
+            raise PodError(f"pair (layer {layer}, head {head}) is outside the plan's "
+                           f"{self.num_layers} x {self.num_kv_heads} grid")
+        if self.policy(layer, head) != "shared":
+            raise PodError(f"pair (layer {layer}, head {head}) is {self.policy(layer, head)!r}, not shared: "
+                           "only a shared pair's block can be split there")
+        anchors = [list(row) for row in self.anchors]
+        old = anchors[layer][head]
+        for l in range(layer, self.num_layers):
+            if anchors[l][head] != old:
+                break
+            anchors[l][head] = layer
+        policies = None if self.policies is None else [
+            ["window" if self.is_window(l, h) else "anchor" if a == l else "shared" for h, a in enumerate(row)]
+            for l, row in enumerate(anchors)]
+        return SharingPlan(anchors, ns=self.ns, nr=self.nr, mode=self.mode, meta=dict(self.meta), policies=policies)
+
     # -------------------------------------------------------------- builders
     @classmethod
     def identity(cls, num_layers: int, num_kv_heads: int, **kw) -> SharingPlan:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -10,6 +9,7 @@ import torch
 from podkv.analysis.run import AnalysisConfig, analyze, replan
 from podkv.cli_args import Int, Ints
 from podkv.errors import PodError
+from podkv.io import read_json
 from podkv.outputs import add_out_arguments, refuse_existing, staged_dir
 from podkv.plan import SharingPlan
 
@@ -35,13 +35,29 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
     q = sub.add_parser("plan", help="make a sharing plan from an analysis.json written by `podkv analyze`")
-    q.add_argument("--analysis", type=Path, required=True, help="analysis.json")
+    q.add_argument("--analysis", type=Path, default=None, help="analysis.json (every way but --ablation)")
     q.add_argument("--base", type=Path, default=None, metavar="PLAN",
                    help="with --window-pairs N: add N window-only pairs to this plan (least needed block ends "
                         "first) and keep its other anchors, e.g. the plan an adapted model was trained on")
+    q.add_argument("--ablation", type=Path, default=None, metavar="JSON",
+                   help="with --base and --add-anchors K: split the base plan's blocks at the K pairs whose own keys "
+                        "helped answers most in this ablation.json from `podkv ablate`")
+    q.add_argument("--add-anchors", type=int, default=0, metavar="K", help="with --ablation: anchors to add")
     _plan_flags(q, ns_nr=False)
     add_out_arguments(q, "plan JSON file to write (refused if it exists, unless --force)")
     q.set_defaults(func=run_plan)
+
+    a = sub.add_parser("ablate", help="per-pair ablation: the answer log-prob gained when each shared (layer, KV head) "
+                                      "pair of a plan gets its own keys, on multi-hop and multi-value prompts")
+    a.add_argument("--model", default=None, help="default: smollm2-pod (the shipped adapted model)")
+    a.add_argument("--plan", type=Path, default=None, help="plan JSON (default: the model's own plan)")
+    a.add_argument("--prompts", type=int, default=16, help="prompts, half track and half multilookup (default 16)")
+    a.add_argument("--length", action=Int, default=1024, help="tokens per prompt (default 1024)")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    add_out_arguments(a, "output directory: ablation.json, ablation.md, ablation.png")
+    a.add_argument("--no-progress", action="store_true")
+    a.set_defaults(func=run_ablate)
 
 
 def _plan_flags(p, ns_nr: bool = True) -> None:
@@ -86,14 +102,13 @@ def run(args) -> int:
 
 def run_plan(args) -> int:
     refuse_existing(args.out, args.force)
-    if not args.analysis.is_file():
-        raise PodError(f"--analysis file {args.analysis} does not exist")
-    try:
-        data = json.loads(args.analysis.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PodError(f"--analysis file {args.analysis} is not an analysis.json from `podkv analyze` "
-                       f"({exc})") from None
-    if args.base is not None:
+    if args.ablation is not None or args.add_anchors:
+        return _add_anchors(args)
+    if args.analysis is None:
+        raise PodError("podkv plan needs --analysis analysis.json (from `podkv analyze`), or --base, --ablation and "
+                       "--add-anchors")
+    data = read_json(args.analysis, "--analysis", "an analysis.json from `podkv analyze`")
+    if args.base is not None and args.ablation is None:
         return _add_windows(args, data)
     plan, cfg = replan(data, str(args.analysis), kind=args.kind, delta=args.delta,
                        target_saving=args.target_saving, granularity=args.granularity, context=args.context,
@@ -121,6 +136,57 @@ def _add_windows(args, data: dict) -> int:
     plan.save(args.out)
     _print_plan(plan, args.context)
     print(f"wrote {args.out}")
+    return 0
+
+
+def _add_anchors(args) -> int:
+    """``podkv plan --base PLAN --ablation ablation.json --add-anchors K``."""
+    from podkv.analysis.ablation import add_anchors
+
+    if args.base is None or args.ablation is None or args.add_anchors < 1:
+        raise PodError("--ablation needs --base PLAN and --add-anchors K (K >= 1): the plan the ablation was made on "
+                       "and the anchors to add")
+    data = read_json(args.ablation, "--ablation", "an ablation.json from `podkv ablate`")
+    if not isinstance(data, dict) or not isinstance(data.get("pairs"), list):
+        raise PodError(f"--ablation file {args.ablation} has no 'pairs' list: it is not an ablation.json from `podkv ablate`")
+    base = SharingPlan.load(args.base)
+    plan = add_anchors(base, data["pairs"], args.add_anchors)
+    plan.meta["added_anchors_from"] = {"base": str(args.base), "ablation": str(args.ablation)}
+    plan.save(args.out)
+    _print_plan(plan, args.context)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def run_ablate(args) -> int:
+    from podkv import load_model, texts
+    from podkv.analysis import ablation
+    from podkv.io import atomic_write_text, write_json
+    from podkv.plan import plan_from_config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = args.model or "smollm2-pod"
+    plan = SharingPlan.load(args.plan) if args.plan is not None else None
+    refuse_existing(args.out, args.force)
+    model, tok = load_model(name, progress=not args.no_progress)
+    if plan is None:
+        plan = plan_from_config(model.config)
+        if plan is None:
+            raise PodError(f"model {name} carries no PoD plan: pass --plan")
+    plan.validate_for(model.config)
+    prompts = ablation.answer_prompts(tok, args.prompts, args.length, args.seed)
+    with staged_dir(args.out, args.force) as stage:
+        result = ablation.pair_ablation(model, plan, prompts, progress=not args.no_progress)
+        result.update(model=name, plan_name=str(args.plan or f"{name}'s own"), plan_json=plan.to_dict(),
+                      length=args.length, seed=args.seed, text=texts.describe("plan"))
+        write_json(stage / "ablation.json", result)
+        atomic_write_text(stage / "ablation.md", ablation.markdown(result))
+        ablation.figure(result, plan.num_layers, plan.num_kv_heads, stage / "ablation.png")
+    best = max(result["pairs"], key=lambda r: r["delta"], default=None)
+    if best is not None:
+        print(f"most helpful split: layer {best['layer']}, head {best['head']} ({best['delta']:+.4f} nats/answer token)")
+    print(f"wrote {args.out}/ablation.json, ablation.md, ablation.png")
     return 0
 
 
