@@ -141,7 +141,8 @@ def test_steps_longer_than_nr_equal_reference(granularity, sizes, count_block_st
 
 
 def test_steps_past_the_limit_take_the_general_path(monkeypatch, count_block_steps):
-    """Past STEP_LIMIT (the kept exp-scores grow with the step's square) the general path, still exact."""
+    """Past STEP_LIMIT (the kept exp-scores grow with the step's square) a step that continues a cache takes the
+    general path, still exact, and says so once."""
     monkeypatch.setattr(block_pass, "STEP_LIMIT", 8)
     model = tiny_model("llama")
     plan = random_plan(4, 2, 2, 4, seed=4, mode="scores")
@@ -149,9 +150,31 @@ def test_steps_past_the_limit_take_the_general_path(monkeypatch, count_block_ste
     with torch.no_grad():
         ref = _reference(model, plan, ids)
         with pytest.warns(UserWarning, match="general path"):
-            fast = _fed(model, plan, ids, (20, 1), prefill_chunk=64)
-    assert_close(fast, ref, what="long chunk then decode")
-    assert len(count_block_steps) == 4 * 4  # the 4 decode steps only
+            fast = _fed(model, plan, ids, (4, 16, 1), prefill_chunk=64)
+    assert_close(fast, ref, what="short step, long step, then decode")
+    assert len(count_block_steps) == 5 * 4  # the first 4-token step and the 4 one-token steps
+
+
+def test_a_long_first_step_takes_the_two_pass_prefill(monkeypatch, count_block_steps):
+    """A first step past STEP_LIMIT without padding is a one-shot prefill: the two-pass path (prefill.py) with
+    the anchors' queries for distant keys, exact and without the general path's warning."""
+    import warnings
+
+    import podkv.attention.chunked as chunked
+
+    monkeypatch.setattr(block_pass, "STEP_LIMIT", 8)
+    calls = []
+    real = chunked.pod_prefill
+    monkeypatch.setattr(chunked, "pod_prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_model("llama")
+    plan = random_plan(4, 2, 2, 4, seed=4, mode="scores")
+    ids = ids_for(1, 24, seed=4)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ref = _reference(model, plan, ids)
+        fast = _fed(model, plan, ids, (20, 1), prefill_chunk=64)
+    assert_close(fast, ref, what="one-shot scores prefill then decode")
+    assert len(calls) == 4 and len(count_block_steps) == 4 * 4  # every layer's prefill; the decode steps
 
 
 def test_long_input_is_fed_in_chunks_of_nr(count_block_steps):

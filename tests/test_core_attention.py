@@ -25,9 +25,9 @@ def _inputs(B, Hq, Hkv, T, D=16, seed=0):
 
 
 @pytest.mark.parametrize("ns,nr,T,Hq,Hkv,chunk", SETTINGS)
-@pytest.mark.parametrize("scores_mode,padded", [(False, True), (True, True), (False, False)])
+@pytest.mark.parametrize("scores_mode,padded", [(False, True), (True, True), (False, False), (True, False)])
 def test_chunked_equals_reference(ns, nr, T, Hq, Hkv, chunk, scores_mode, padded):
-    """Padded or "scores" inputs take the single-SDPA path; unpadded "keys" inputs the LSE-split path."""
+    """Padded inputs take the single-SDPA path; unpadded ones (either mode) the LSE-split path."""
     q, k_own, k_anc, v = _inputs(2, Hq, Hkv, T)
     q_anc = torch.randn_like(q) if scores_mode else None
     pad = torch.tensor([0, 3 if padded else 0])
@@ -57,16 +57,19 @@ def test_gate_form_equals_single_softmax():
     assert_close(gated, joint, what="gate")
 
 
-def test_split_path_mixed_anchors_equals_reference():
+@pytest.mark.parametrize("scores_mode", [False, True])
+def test_split_path_mixed_anchors_equals_reference(scores_mode):
     """Heads reading different anchor tensors (and a non-identity head order) on the split path."""
     q, k_own, k_anc, v = _inputs(1, 6, 3, 90)
+    q_anc = torch.randn_like(q) if scores_mode else None
     other = torch.randn_like(k_anc)
     sources = [(k_anc, 1), (k_anc, 2), (other, 0)]
     anchor = torch.stack([t[:, j] for t, j in sources], dim=1)
-    ref = pod_attention_reference(q, k_own, anchor, v, ns=4, nr=10, scale=0.25)
+    ref = pod_attention_reference(q, k_own, anchor, v, ns=4, nr=10, scale=0.25, anchor_query=q_anc)
     src = KeySources(own_keys=k_own, own_start=0, values=v, anchor_keys=sources)
-    fast = pod_attention_chunked(q, 0, src, pad=torch.zeros(1, dtype=torch.long), ns=4, nr=10, scale=0.25, chunk=16)
-    assert_close(fast, ref, what="mixed anchors, split path")
+    fast = pod_attention_chunked(q, 0, src, pad=torch.zeros(1, dtype=torch.long), ns=4, nr=10, scale=0.25, chunk=16,
+                                 anchor_query=q_anc)
+    assert_close(fast, ref, what=f"mixed anchors, split path, scores={scores_mode}")
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -126,3 +129,18 @@ def test_attend_lse_accepts_views_with_a_strided_last_dim():
     out, _ = attend_lse(q, k_t.transpose(-1, -2), v, 0.3)
     ref = (q @ k_t * 0.3).softmax(-1) @ v
     assert_close(out, ref, what="strided keys")
+
+
+def test_scores_mode_one_shot_takes_the_split_path(monkeypatch):
+    """An unpadded "scores" prefill runs the two-pass path (fused causal kernel for the bulk), not one masked
+    SDPA over [own | anchor] keys per chunk."""
+    import podkv.attention.chunked as chunked
+
+    calls = []
+    real = chunked.pod_prefill
+    monkeypatch.setattr(chunked, "pod_prefill", lambda *a, **k: calls.append(k["anchor_query"]) or real(*a, **k))
+    q, k_own, k_anc, v = _inputs(1, 4, 2, 60)
+    q_anc = torch.randn_like(q)
+    src = KeySources(own_keys=k_own, own_start=0, values=v, anchor_keys=[(k_anc, h) for h in range(2)])
+    pod_attention_chunked(q, 0, src, pad=torch.zeros(1, dtype=torch.long), ns=4, nr=8, scale=0.25, anchor_query=q_anc)
+    assert len(calls) == 1 and calls[0] is q_anc

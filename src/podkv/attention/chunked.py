@@ -80,8 +80,8 @@ def pod_attention_chunked(
 ) -> torch.Tensor:
     """query (B, Hq, Tq, D) at cache indices [q_start, q_start+Tq) -> (B, Hq, Tq, D)."""
     Tq = query.shape[2]
-    if _split_applies(query, src, pad, anchor_query, dropout):
-        return pod_prefill(query, q_start, src, ns=ns, nr=nr, scale=scale, chunk=chunk)
+    if _split_applies(query, src, pad, dropout):
+        return pod_prefill(query, q_start, src, ns=ns, nr=nr, scale=scale, chunk=chunk, anchor_query=anchor_query)
     outs = []
     for c0 in range(0, Tq, chunk):
         c1 = min(Tq, c0 + chunk)
@@ -131,13 +131,13 @@ def _attend_chunk(q, q_anc, i0, i1, src: KeySources, pad, ns, nr, scale, dropout
                                           enable_gqa=q.shape[1] != keys.shape[1])
 
 
-def _split_applies(query, src: KeySources, pad, anchor_query, dropout) -> bool:
-    """The two-pass path (prefill.py) covers inference over a whole unpadded sequence in "keys" mode.
+def _split_applies(query, src: KeySources, pad, dropout) -> bool:
+    """The two-pass path (prefill.py) covers inference over a whole unpadded sequence, in either mode.
 
-    Training (autograd), padding, "scores" mode and a prefill that continues a PodCache (own keys
-    partly in the held proximal store) take the single-SDPA path: same math, fewer special cases.
+    Training (autograd), padding and a prefill that continues a PodCache (own keys partly in the held
+    proximal store) take the single-SDPA path: same math, fewer special cases.
     """
-    return (anchor_query is None and dropout == 0.0 and not (torch.is_grad_enabled() and query.requires_grad)
+    return (dropout == 0.0 and not (torch.is_grad_enabled() and query.requires_grad)
             and src.own_start == 0 and src.values_start == 0 and (src.held_idx is None or src.held_idx.shape[1] == 0)
             and not bool(pad.any()))
 

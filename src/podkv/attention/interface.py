@@ -82,7 +82,9 @@ def _forward(module, query, key, value, attention_mask, scaling, dropout, refere
         if not reference and block_pass_applies(cache, query, runtime.decode_fast_path):
             out = pod_block_attention(step, query, key, scale)  # "scores" mode: no anchor query kept
             return out.transpose(1, 2).contiguous(), None
-        if plan.mode == "scores" and not reference and not torch.is_grad_enabled() and not runtime.warned_slow:
+        one_shot = step.i0 == 0 and not bool(cache.pad.any())  # the two-pass prefill (prefill.py) takes it
+        if (plan.mode == "scores" and not reference and not torch.is_grad_enabled() and not one_shot
+                and not runtime.warned_slow):
             runtime.warned_slow = True
             warnings.warn(f"podkv: a {query.shape[2]}-token step of a scores-mode plan takes the general path "
                           f"(every layer recomputes its anchor's scores): the one-pass-per-block path needs steps of "

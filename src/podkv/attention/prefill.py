@@ -9,8 +9,9 @@ the distant keys are [ns, i−nr] (anchor keys). Splitting the softmax by group 
     under a top-left causal mask. No key is copied next to another, no T-long mask is built, and the
     bulk runs in the same fused kernel as dense causal attention.
 
-Used for inference over keys that start at index 0 without padding, in "keys" mode (what a
-one-shot prefill is); :mod:`podkv.attention.chunked` covers the rest with one masked SDPA per chunk.
+Used for inference over keys that start at index 0 without padding (what a one-shot prefill is), in both
+modes: in "scores" mode the distant pass takes the anchor's query (its scores are then the anchor's own),
+the proximal pass the layer's. :mod:`podkv.attention.chunked` covers the rest with one masked SDPA per chunk.
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ from podkv.attention.heads import head_runs
 from podkv.attention.lse import attend_lse, merge_lse_finite, to_bias
 
 
-def pod_prefill(query, q_start: int, src, *, ns: int, nr: int, scale: float, chunk: int) -> torch.Tensor:
-    """query (B, Hq, Tq, D) at indices [q_start, q_start+Tq); ``src`` a KeySources with own_start 0."""
+def pod_prefill(query, q_start: int, src, *, ns: int, nr: int, scale: float, chunk: int,
+                anchor_query: torch.Tensor | None = None) -> torch.Tensor:
+    """query (B, Hq, Tq, D) at indices [q_start, q_start+Tq); ``src`` a KeySources with own_start 0;
+    ``anchor_query`` (like ``query``): "scores" mode, the queries that score distant keys."""
     B, Hq, Tq, D = query.shape
     H = src.values.shape[1]
     G = Hq // H
     T = q_start + Tq
     qg = query.reshape(B, H, G, Tq, D)
+    qd = qg if anchor_query is None else anchor_query.reshape(B, H, G, Tq, D)
     out = torch.empty(B, H, G, Tq, D, dtype=torch.float32, device=query.device)
     lse = torch.empty(B, H, G, Tq, dtype=torch.float32, device=query.device)
     for c0 in range(0, Tq, chunk):  # proximal pass
@@ -43,7 +47,7 @@ def pod_prefill(query, q_start: int, src, *, ns: int, nr: int, scale: float, chu
         for (h0, h1), (j0, _) in head_runs(list(range(H)), [j for _, j in src.anchor_keys],
                                            [id(t) for t, _ in src.anchor_keys]):
             t = src.anchor_keys[h0][0]
-            o, l = _distant(qg[:, h0:h1, :, rows], a, b, t[:, j0:j0 + h1 - h0], src.values[:, h0:h1], ns, nr, scale)
+            o, l = _distant(qd[:, h0:h1, :, rows], a, b, t[:, j0:j0 + h1 - h0], src.values[:, h0:h1], ns, nr, scale)
             out[:, h0:h1, :, rows], lse[:, h0:h1, :, rows] = merge_lse_finite(out[:, h0:h1, :, rows], lse[:, h0:h1, :, rows], o, l)
     return out.reshape(B, Hq, Tq, D).to(query.dtype)
 
