@@ -218,10 +218,16 @@ def _ahead_of_peers(runs, saving: float) -> bool:
 def readme_policies_ruler(p):
     """The sweep's plans at 50% on the five RULER-style tasks, paired with dense on the same prompts."""
     def cells(run, tasks):
-        return ", ".join(f"`{k.split('@')[0]}` {c['diff']:+.0f} [{c['diff_ci95'][0]:+.0f}, {c['diff_ci95'][1]:+.0f}]"
-                         for k, c in tasks.items())
+        return ", ".join(f"`{k.split('@')[0]}`{label(k)} {c['diff']:+.0f} [{c['diff_ci95'][0]:+.0f}, "
+                         f"{c['diff_ci95'][1]:+.0f}]" for k, c in tasks.items())
+    lengths = sorted({int(k.split("@")[1]) for tasks in p["ruler"].values() for k in tasks})
+
+    def label(key):  # "@2K" where a run has more than the first length
+        n = int(key.split("@")[1])
+        return "" if n == lengths[0] else f" @{kilo(n)}"
     within = all(c["diff_ci95"][0] >= -5 for tasks in p["ruler"].values() for c in tasks.values())
-    return ("RULER-style tasks at 1K, sweep runs − dense (points, paired 95% CI, 50 prompts per task)",
+    return (f"RULER-style tasks at {' / '.join(kilo(n) for n in lengths)} (at {kilo(lengths[0])} unless marked), "
+            "sweep runs − dense (points, paired 95% CI, 50 prompts per task)",
             "; ".join(f"{run}: {cells(run, tasks)}" for run, tasks in p["ruler"].items())
             + f" (every task within 5 points of dense: {_met(within)})")
 
