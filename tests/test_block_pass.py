@@ -178,20 +178,45 @@ def test_a_long_first_step_takes_the_two_pass_prefill(monkeypatch, count_block_s
 
 
 def test_long_input_is_fed_in_chunks_of_nr(count_block_steps):
-    """One forward over 30 tokens with nr = 4: the model feeds 8 steps of <= 4 tokens, all on the block path,
-    returning the logits of every position as one forward would."""
+    """One forward over 30 tokens with nr = 4, continuing a cache or padded: the model feeds 8 steps of <= 4
+    tokens, all on the block path, returning the logits of every position as one forward would."""
+    model = tiny_model("mistral")
+    plan = random_plan(4, 2, 2, 4, seed=6, mode="scores")
+    ids = ids_for(2, 31, seed=6)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    with torch.no_grad():
+        ref = _reference(model, plan, ids, mask)
+        enable_pod(model, plan)
+        cache = PodCache(model.config)
+        first = model(ids[:, :1], attention_mask=mask[:, :1], **cache_kwargs(cache)).logits
+        out = model(ids[:, 1:], attention_mask=mask, **cache_kwargs(cache))  # continues the cache
+        last = model(ids, attention_mask=mask, logits_to_keep=3).logits  # a fresh PodCache by default; padded
+    real = mask.bool()
+    assert_close(torch.cat([first, out.logits], dim=1)[real], ref[real], what="one call, chunked inside")
+    assert_close(last[real[:, -3:]], ref[:, -3:][real[:, -3:]], what="logits_to_keep=3")
+    assert len(count_block_steps) == (1 + 8 + 8) * 4 and cache.get_seq_length() == 31  # steps x layers
+
+
+def test_a_first_unpadded_prompt_goes_in_one_step(monkeypatch, count_block_steps):
+    """The default: a whole unpadded prompt in one forward through the two-pass prefill (no block pass),
+    exact; decoding after it takes the block path. prefill_chunk forces steps."""
+    import podkv.attention.chunked as chunked
+
+    calls = []
+    real = chunked.pod_prefill
+    monkeypatch.setattr(chunked, "pod_prefill", lambda *a, **k: calls.append(a[0].shape[2]) or real(*a, **k))
     model = tiny_model("mistral")
     plan = random_plan(4, 2, 2, 4, seed=6, mode="scores")
     ids = ids_for(2, 30, seed=6)
     with torch.no_grad():
         ref = _reference(model, plan, ids)
-        enable_pod(model, plan)
-        cache = PodCache(model.config)
-        out = model(ids, **cache_kwargs(cache))
-        last = model(ids, logits_to_keep=3).logits  # no cache given: a PodCache by default, chunked too
-    assert_close(out.logits, ref, what="one call, chunked inside")
-    assert_close(last, ref[:, -3:], what="logits_to_keep=3")
-    assert len(count_block_steps) == 2 * 8 * 4 and cache.get_seq_length() == 30
+        fast = _fed(model, plan, ids, (28, 1))
+        assert calls == [28] * 4 and len(count_block_steps) == 2 * 4  # the two one-token steps
+        stepped = _fed(model, plan, ids, (28, 1), prefill_chunk=4)
+    assert_close(fast, ref, what="one-shot prefill then decode")
+    assert_close(stepped, ref, what="forced steps of 4")
+    assert len(count_block_steps) == 2 * 4 + (7 + 2) * 4
 
 
 def test_block_members_follow_the_plan():

@@ -1,4 +1,6 @@
-"""smollm2-pod prefill, dense vs PoD variants in one run, alternating: score tiles on/off, prefill step sizes.
+"""smollm2-pod prefill, dense vs PoD variants in one run, alternating: score tiles on/off, prefill step sizes,
+and the whole prompt in one step on the two-pass path (``attention/prefill.py``: no block pass, each layer
+scores its distant keys with its anchor's queries in the fused causal kernel).
 
     python benchmarks/shipped/prefill_variants.py [--context 4096] [--reps 3]
 
@@ -21,16 +23,23 @@ from podkv.bench.common import machine_info, new_cache, shipped_and_dense, token
 from podkv.io import write_json
 
 HERE = Path(__file__).parent
+ONE_SHOT = 1 << 30
 VARIANTS = {"tiles, steps of 240": (block_pass.TILE, 240), "untiled, steps of 240": (1 << 30, 240),
-            "tiles, steps of 480": (block_pass.TILE, 480), "tiles, steps of 720": (block_pass.TILE, 720)}
+            "tiles, steps of 480": (block_pass.TILE, 480), "tiles, steps of 720": (block_pass.TILE, 720),
+            "one step, two-pass": (block_pass.TILE, ONE_SHOT)}
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
+    ap.add_argument("--out", type=Path, default=None, help="results file (default: prefill_variants_<context>.json here)")
+    ap.add_argument("--variants", default=None, help="semicolon-separated subset of the variants (default: all)")
     args = ap.parse_args(argv)
-    pod, dense, tok, plan = shipped_and_dense()
+    variants = list(VARIANTS) if args.variants is None else [v.strip() for v in args.variants.split(";")]
+    limit = block_pass.STEP_LIMIT
+    pod, dense, tok, plan = shipped_and_dense(args.threads or 2)
     ids = token_ids(tok, pod.config.vocab_size, 1, args.context)
 
     @torch.no_grad()
@@ -38,12 +47,13 @@ def main(argv=None) -> None:
         model, method = (dense, "dense") if name == "dense" else (pod, "pod")
         if name != "dense":
             block_pass.TILE, pod.pod_runtime.prefill_chunk = VARIANTS[name]
+            block_pass.STEP_LIMIT = 0 if VARIANTS[name][1] == ONE_SHOT else limit  # one step: not the block pass
         cache = new_cache(model, method, plan)
         t0 = time.perf_counter()
         model(ids, past_key_values=cache, logits_to_keep=1)
         return time.perf_counter() - t0
 
-    names = ["dense", *VARIANTS]
+    names = ["dense", *variants]
     for name in names:  # warm-up
         run(name)
     times = {name: [] for name in names}
@@ -53,9 +63,10 @@ def main(argv=None) -> None:
     med = {name: statistics.median(t) for name, t in times.items()}
     for name in names:
         print(f"{name:24s} {med[name]:7.2f} s  PoD/dense {med[name] / med['dense']:.3f}")
-    write_json(HERE / f"prefill_variants_{args.context}.json",
+    write_json(args.out or HERE / f"prefill_variants_{args.context}.json",
                {"model": "smollm2-pod", "plan": "the model's own (scores mode)", "context": args.context,
-                "seconds": times, "ratio": {n: med[n] / med["dense"] for n in VARIANTS}, "machine": machine_info()})
+                "threads": torch.get_num_threads(),
+                "seconds": times, "ratio": {n: med[n] / med["dense"] for n in variants}, "machine": machine_info()})
 
 
 if __name__ == "__main__":

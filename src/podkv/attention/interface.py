@@ -46,7 +46,8 @@ class PodRuntime:
     observed_scale: float = 1.0
     decode_fast_path: bool = True  # one-token steps read keys in place (decode.py); False: the chunked path
     warned_slow: bool = False  # a scores-mode step took the general path (warned once)
-    prefill_chunk: int | None = None  # tokens per forward step of a long input ("scores" mode); None: plan.nr
+    prefill_chunk: int | None = None  # tokens per forward step of a long input ("scores" mode); None: one step for
+    # a first unpadded prompt (two-pass prefill), steps of plan.nr otherwise (models/chunked_forward.py)
     caches: list = field(default_factory=list)  # cache of each forward in progress, innermost last (forward_scope.py)
     kv_bits: int | None = None  # storage of the PodCache a forward or generate makes by default (8, 4: cache/quant.py)
     key_quant: str = "token"  # its anchor keys' grouping with kv_bits: "token" or "channel" (KIVI)
@@ -79,10 +80,13 @@ def _forward(module, query, key, value, attention_mask, scaling, dropout, refere
         if step is None or step.store is not cache.layers[layer] or step.i1 != step.store.seen:
             raise PodError(f"PoD attention of layer {layer} got values its PodCache did not just return: the cache "
                            "must be updated by this layer's forward right before attention")
-        if not reference and block_pass_applies(cache, query, runtime.decode_fast_path):
+        # A first, unpadded step is a one-shot prefill: the two-pass path (prefill.py) beat steps of nr through
+        # the block pass on CPU (docs/bench.md); longer than nr, it would keep L x (L - nr) exp-scores there.
+        one_shot = step.i0 == 0 and not bool(cache.pad.any())
+        if not reference and not (one_shot and query.shape[2] > plan.nr) \
+                and block_pass_applies(cache, query, runtime.decode_fast_path):
             out = pod_block_attention(step, query, key, scale)  # "scores" mode: no anchor query kept
             return out.transpose(1, 2).contiguous(), None
-        one_shot = step.i0 == 0 and not bool(cache.pad.any())  # the two-pass prefill (prefill.py) takes it
         if (plan.mode == "scores" and not reference and not torch.is_grad_enabled() and not one_shot
                 and not runtime.warned_slow):
             runtime.warned_slow = True

@@ -3,8 +3,12 @@
 Why chunks: in ``scores`` mode a block's distant pass is computed once, by its anchor layer, for every
 layer of the block (:mod:`podkv.attention.block_pass`). That needs the values of the block's later
 layers for every distant token of the step, which holds when a step adds at most ``nr`` tokens. So a
-long prompt goes through the model ``nr`` tokens at a time — exact (chunked prefill equals one-shot,
-tested), and less attention work than dense. ``generate`` calls this ``forward`` too.
+long input that continues a cache, or a padded batch, goes through the model ``nr`` tokens at a time —
+exact (chunked prefill equals one-shot, tested). A first, unpadded prompt goes in one forward instead:
+each layer's two-pass prefill (:mod:`podkv.attention.prefill`, the anchors' queries for distant keys)
+measured faster than ``nr``-token steps at 1K–4K on CPU (docs/bench.md: the steps' per-step operators
+cost more than the block pass saves). ``runtime.prefill_chunk`` set forces steps of that size.
+``generate`` calls this ``forward`` too.
 
 Why a default cache: transformers builds a ``DynamicCache`` when ``use_cache`` is on and no cache is
 given; it holds every key of every layer, so a PoD model would save nothing, silently. Inference
@@ -50,8 +54,10 @@ def _pod_forward(model, input_ids=None, attention_mask=None, position_ids=None, 
     chunk = model.pod_runtime.prefill_chunk or model.pod_runtime.plan.nr
     if not (_chunkable(model, cache, call, inference) and tokens is not None and tokens.shape[1] > chunk):
         return base(model, input_ids=input_ids, inputs_embeds=inputs_embeds, **call)
-
     n, past = tokens.shape[1], cache.get_seq_length()
+    if model.pod_runtime.prefill_chunk is None and past == 0 and (attention_mask is None or bool(attention_mask.all())):
+        return base(model, input_ids=input_ids, inputs_embeds=inputs_embeds, **call)  # one shot: the two-pass path
+
     logits, out = [], None
     for c0 in range(0, n, chunk):
         c1 = min(n, c0 + chunk)
