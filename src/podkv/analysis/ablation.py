@@ -160,6 +160,6 @@ def figure(result: dict, layers: int, heads: int, path) -> None:
     im = ax.imshow(grid.numpy(), cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
     ax.set_xlabel("KV head")
     ax.set_ylabel("layer")
-    ax.set_title(f"{result['model']}: Δ answer log-prob\nwhen a shared pair gets its own keys", fontsize=9)
+    ax.set_title(f"{result['model']}: Δ answer log-prob when a shared\npair gets its own keys (anchors blank)", fontsize=9)
     fig.colorbar(im, ax=ax, label="nats per answer token")
     save_figure(fig, path)
