@@ -111,8 +111,14 @@ def readme_shipped_speed(s):
     pre = " / ".join(f"{kilo(r['T'])}: **{times(r['ratio'])}**{_goal_mark(r)}" for r in s["prefill"])
     return (f"**{s['model']}** ({s['plan_mode']} mode, one distant pass per block) vs dense on the same weights: "
             "time PoD ÷ dense, same run, alternating",
-            f"decode step (context×batch) {dec}; prefill {pre} (PoD fed in {s['prefill_chunk']}-token steps, dense "
-            f"in one); bytes-read limit of a decode step at 4K×8: {times(_limit(s, 4096, 8))}")
+            f"decode step (context×batch) {dec}; prefill {pre} ({_prefill_feed(s)}); bytes-read limit of a decode "
+            f"step at 4K×8: {times(_limit(s, 4096, 8))}")
+
+
+def _prefill_feed(s) -> str:
+    if s.get("prefill_chunk"):
+        return f"PoD fed in {s['prefill_chunk']}-token steps, dense in one"
+    return "both in one forward; PoD's layers on the two-pass prefill"
 
 
 def _goal_mark(r) -> str:

@@ -217,6 +217,13 @@ def test_a_first_unpadded_prompt_goes_in_one_step(monkeypatch, count_block_steps
     assert_close(fast, ref, what="one-shot prefill then decode")
     assert_close(stepped, ref, what="forced steps of 4")
     assert len(count_block_steps) == 2 * 4 + (7 + 2) * 4
+    import podkv.models.chunked_forward as chunked_forward
+
+    monkeypatch.setattr(chunked_forward, "ONE_SHOT_MAX", 16)  # longer prompts go in steps of nr
+    with torch.no_grad():
+        long = _fed(model, plan, ids, (28, 1))
+    assert_close(long, ref, what="past ONE_SHOT_MAX: steps of nr")
+    assert calls == [28] * 4 and len(count_block_steps) == 2 * 4 + (7 + 2) * 4 + (7 + 2) * 4
 
 
 def test_block_members_follow_the_plan():

@@ -47,7 +47,7 @@ class PodRuntime:
     decode_fast_path: bool = True  # one-token steps read keys in place (decode.py); False: the chunked path
     warned_slow: bool = False  # a scores-mode step took the general path (warned once)
     prefill_chunk: int | None = None  # tokens per forward step of a long input ("scores" mode); None: one step for
-    # a first unpadded prompt (two-pass prefill), steps of plan.nr otherwise (models/chunked_forward.py)
+    # a first unpadded prompt up to ONE_SHOT_MAX tokens, steps of plan.nr otherwise (models/chunked_forward.py)
     caches: list = field(default_factory=list)  # cache of each forward in progress, innermost last (forward_scope.py)
     kv_bits: int | None = None  # storage of the PodCache a forward or generate makes by default (8, 4: cache/quant.py)
     key_quant: str = "token"  # its anchor keys' grouping with kv_bits: "token" or "channel" (KIVI)

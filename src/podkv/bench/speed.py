@@ -219,7 +219,8 @@ def run_speed(model, tok, plan, cfg: SpeedConfig) -> dict:
              "decode_ratio_at_longest": longest["ratio"], "decode_longest_T": longest["T"]}
     goals["prefill_goal_met"] = goals["prefill_ratio_max"] <= 1.15
     goals["decode_goal_met"] = goals["decode_ratio_at_longest"] <= 1.10
-    return {**parts, "goals": goals, "plan_mode": plan.mode, "prefill_chunk": plan.nr if plan.mode == "scores" else None}
+    chunk = getattr(getattr(model, "pod_runtime", None), "prefill_chunk", None)  # None: one forward (chunked_forward.py)
+    return {**parts, "goals": goals, "plan_mode": plan.mode, "prefill_chunk": chunk if plan.mode == "scores" else None}
 
 
 def step_bytes_ratio(model, plan, T: int, batch: int) -> float:
@@ -235,8 +236,9 @@ def step_bytes_ratio(model, plan, T: int, batch: int) -> float:
 
 
 def speed_markdown(result: dict) -> str:
-    out = [f"Plan mode: {result.get('plan_mode', 'keys')}; PoD prefill fed in steps of "
-           f"{result.get('prefill_chunk') or 'one'} tokens (scores mode: one distant pass per block), dense in one."]
+    chunk = result.get("prefill_chunk")
+    out = [f"Plan mode: {result.get('plan_mode', 'keys')}; PoD prefill fed "
+           f"{f'in steps of {chunk} tokens' if chunk else 'in one forward'}, dense in one."]
     for name, unit, scale in (("prefill", "s", 1), ("decode", "ms/step", 1e3),
                               ("attention_prefill", "ms", 1e3), ("attention_decode", "µs", 1e6)):
         if name not in result:

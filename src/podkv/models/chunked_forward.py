@@ -3,11 +3,12 @@
 Why chunks: in ``scores`` mode a block's distant pass is computed once, by its anchor layer, for every
 layer of the block (:mod:`podkv.attention.block_pass`). That needs the values of the block's later
 layers for every distant token of the step, which holds when a step adds at most ``nr`` tokens. So a
-long input that continues a cache, or a padded batch, goes through the model ``nr`` tokens at a time —
-exact (chunked prefill equals one-shot, tested). A first, unpadded prompt goes in one forward instead:
-each layer's two-pass prefill (:mod:`podkv.attention.prefill`, the anchors' queries for distant keys)
-measured faster than ``nr``-token steps at 1K–4K on CPU (docs/bench.md: the steps' per-step operators
-cost more than the block pass saves). ``runtime.prefill_chunk`` set forces steps of that size.
+long input that continues a cache, a padded batch, or a prompt longer than ``ONE_SHOT_MAX`` goes through the
+model ``nr`` tokens at a time — exact (chunked prefill equals one-shot, tested). A first, unpadded prompt of up
+to ``ONE_SHOT_MAX`` tokens goes in one forward instead: each layer's two-pass prefill
+(:mod:`podkv.attention.prefill`, the anchors' queries for distant keys) measured faster than ``nr``-token
+steps at 1K–4K on CPU, slower at 8K (the numbers at ``ONE_SHOT_MAX``). ``runtime.prefill_chunk`` set forces
+steps of that size.
 ``generate`` calls this ``forward`` too.
 
 Why a default cache: transformers builds a ``DynamicCache`` when ``use_cache`` is on and no cache is
@@ -27,6 +28,12 @@ import torch
 from podkv import compat
 from podkv.attention.interface import ATTN_NAME
 from podkv.cache.pod_cache import PodCache, pod_cache_for
+
+
+# Longest first prompt prefilled in one forward. Same runs, 2 threads, smollm2-pod, PoD ÷ dense
+# (benchmarks/shipped/prefill_variants.py): one forward 1.27 / 1.18 / 1.26 and 1.15 / 1.19 at 1K / 2K / 4K / 8K,
+# 240-token steps 1.62 / 1.29 / 1.37 and 1.37 / 1.12. Past 4K the steps' shared softmax outweighs their overhead.
+ONE_SHOT_MAX = 4096
 
 
 def install(model) -> None:
@@ -55,7 +62,8 @@ def _pod_forward(model, input_ids=None, attention_mask=None, position_ids=None, 
     if not (_chunkable(model, cache, call, inference) and tokens is not None and tokens.shape[1] > chunk):
         return base(model, input_ids=input_ids, inputs_embeds=inputs_embeds, **call)
     n, past = tokens.shape[1], cache.get_seq_length()
-    if model.pod_runtime.prefill_chunk is None and past == 0 and (attention_mask is None or bool(attention_mask.all())):
+    if (model.pod_runtime.prefill_chunk is None and past == 0 and n <= ONE_SHOT_MAX
+            and (attention_mask is None or bool(attention_mask.all()))):
         return base(model, input_ids=input_ids, inputs_embeds=inputs_embeds, **call)  # one shot: the two-pass path
 
     logits, out = [], None
