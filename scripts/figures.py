@@ -116,9 +116,10 @@ def readme_shipped_speed(s):
 
 
 def _prefill_feed(s) -> str:
-    if s.get("prefill_chunk"):
-        return f"PoD fed in {s['prefill_chunk']}-token steps, dense in one"
-    return "both in one forward; PoD's layers on the two-pass prefill"
+    feeds = [r["pod_feed"] for r in s["prefill"] if r.get("pod_feed")]
+    if feeds:
+        return "PoD fed " + ", ".join(f"at {kilo(r['T'])} in {r['pod_feed']}" for r in s["prefill"]) + "; dense in one"
+    return f"PoD fed in {s['prefill_chunk']}-token steps, dense in one"
 
 
 def _goal_mark(r) -> str:

@@ -214,6 +214,7 @@ def run_speed(model, tok, plan, cfg: SpeedConfig) -> dict:
         r["bytes_ratio"] = step_bytes_ratio(model, plan, r["T"], r["batch"])
     for r in parts["prefill"]:
         r["goal"], r["goal_met"] = PREFILL_GOAL, r["ratio"] <= PREFILL_GOAL
+        r["pod_feed"] = prefill_feed(model, plan, r["T"])
     longest = max(parts["decode"], key=lambda r: (r["T"], -r["batch"]))
     goals = {"prefill_ratio_max": max(r["ratio"] for r in parts["prefill"]),
              "decode_ratio_at_longest": longest["ratio"], "decode_longest_T": longest["T"]}
@@ -221,6 +222,16 @@ def run_speed(model, tok, plan, cfg: SpeedConfig) -> dict:
     goals["decode_goal_met"] = goals["decode_ratio_at_longest"] <= 1.10
     chunk = getattr(getattr(model, "pod_runtime", None), "prefill_chunk", None)  # None: one forward (chunked_forward.py)
     return {**parts, "goals": goals, "plan_mode": plan.mode, "prefill_chunk": chunk if plan.mode == "scores" else None}
+
+
+def prefill_feed(model, plan, T: int) -> str:
+    """How a T-token prompt goes through PoD (models/chunked_forward.py): one forward, or steps of N tokens."""
+    from podkv.models.chunked_forward import ONE_SHOT_MAX  # startup: transformers
+
+    chunk = getattr(getattr(model, "pod_runtime", None), "prefill_chunk", None)
+    if plan.mode != "scores" or (chunk is None and T <= ONE_SHOT_MAX):
+        return "one forward"
+    return f"{chunk or plan.nr}-token steps"
 
 
 def step_bytes_ratio(model, plan, T: int, batch: int) -> float:
