@@ -139,3 +139,16 @@ def test_plan_ablation_bad_input_is_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_ablate_refuses_a_bad_prompt_count_before_loading(tmp_path, capsys, monkeypatch):
+    import podkv
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before --prompts was checked")
+
+    monkeypatch.setattr(podkv, "load_model", no_load)
+    out = tmp_path / "abl"
+    assert main(["ablate", "--model", "smollm2", "--prompts", "1", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--prompts must be at least 2" in err and err.count("\n") == 1 and not out.exists()

@@ -7,6 +7,8 @@ PodCache fed in chunks of at most nr tokens and then token by token == the mater
 whole sequence, for head-wise and layer plans, left-padded batches, and bf16.
 """
 
+import types
+
 import pytest
 import torch
 
@@ -224,6 +226,25 @@ def test_a_first_unpadded_prompt_goes_in_one_step(monkeypatch, count_block_steps
         long = _fed(model, plan, ids, (28, 1))
     assert_close(long, ref, what="past ONE_SHOT_MAX: steps of nr")
     assert calls == [28] * 4 and len(count_block_steps) == 2 * 4 + (7 + 2) * 4 + (7 + 2) * 4
+
+
+def test_one_forward_rule_is_what_the_speed_benchmark_reports(monkeypatch):
+    """The feed rule of chunked_forward, and the speed benchmark's label for it, come from one predicate."""
+    import podkv.models.chunked_forward as chunked_forward
+    from podkv.attention.interface import PodRuntime
+    from podkv.bench.speed import prefill_feed
+
+    plan = random_plan(4, 2, 2, 4, seed=6, mode="scores")
+    runtime = PodRuntime(plan=plan)
+    monkeypatch.setattr(chunked_forward, "ONE_SHOT_MAX", 16)
+    one = chunked_forward.one_forward
+    assert one(runtime, 16) and not one(runtime, 17)  # a first prompt up to ONE_SHOT_MAX
+    assert one(runtime, plan.nr, past=20, padded=True)  # one step's worth always
+    assert not one(runtime, 12, past=20) and not one(runtime, 12, padded=True)
+    model = types.SimpleNamespace(pod_runtime=runtime)
+    assert prefill_feed(model, plan, 16) == "one forward" and prefill_feed(model, plan, 17) == f"{plan.nr}-token steps"
+    runtime.prefill_chunk = 4
+    assert not one(runtime, 16) and one(runtime, 4) and prefill_feed(model, plan, 16) == "4-token steps"
 
 
 def test_block_members_follow_the_plan():

@@ -36,10 +36,15 @@ class AnswerPrompt:
     kind: str
 
 
-def answer_prompts(tok, count: int, length: int, seed: int = 0) -> list[AnswerPrompt]:
-    """``count`` prompts of exactly ``length`` tokens, ``track`` and ``multilookup`` alternating."""
+def check_prompt_count(count: int) -> None:
+    """Refuse a prompt count the ablation cannot use (the CLI asks before it loads a model)."""
     if count < 2:
         raise PodError(f"--prompts must be at least 2 (one of each kind), got {count}")
+
+
+def answer_prompts(tok, count: int, length: int, seed: int = 0) -> list[AnswerPrompt]:
+    """``count`` prompts of exactly ``length`` tokens, ``track`` and ``multilookup`` alternating."""
+    check_prompt_count(count)
     rng = random.Random(seed)
     stream = list(tok.encode(texts.text("plan"), add_special_tokens=False))
     if len(stream) < 4 * length:

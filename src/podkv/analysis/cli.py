@@ -169,6 +169,7 @@ def run_ablate(args) -> int:
     name = args.model or "smollm2-pod"
     plan = SharingPlan.load(args.plan) if args.plan is not None else None
     refuse_existing(args.out, args.force)
+    ablation.check_prompt_count(args.prompts)
     model, tok = load_model(name, progress=not args.no_progress)
     if plan is None:
         plan = plan_from_config(model.config)

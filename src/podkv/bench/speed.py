@@ -226,12 +226,12 @@ def run_speed(model, tok, plan, cfg: SpeedConfig) -> dict:
 
 def prefill_feed(model, plan, T: int) -> str:
     """How a T-token prompt goes through PoD (models/chunked_forward.py): one forward, or steps of N tokens."""
-    from podkv.models.chunked_forward import ONE_SHOT_MAX  # startup: transformers
+    from podkv.models.chunked_forward import one_forward  # startup: transformers
 
-    chunk = getattr(getattr(model, "pod_runtime", None), "prefill_chunk", None)
-    if plan.mode != "scores" or (chunk is None and T <= ONE_SHOT_MAX):
+    runtime = getattr(model, "pod_runtime", None)
+    if plan.mode != "scores" or runtime is None or one_forward(runtime, T):
         return "one forward"
-    return f"{chunk or plan.nr}-token steps"
+    return f"{runtime.prefill_chunk or plan.nr}-token steps"
 
 
 def step_bytes_ratio(model, plan, T: int, batch: int) -> float:

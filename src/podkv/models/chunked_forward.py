@@ -36,6 +36,15 @@ from podkv.cache.pod_cache import PodCache, pod_cache_for
 ONE_SHOT_MAX = 4096
 
 
+def one_forward(runtime, n: int, past: int = 0, padded: bool = False) -> bool:
+    """Whether ``n`` new tokens go through a ``scores``-mode model in one forward rather than in steps: at most one
+    step's worth, or a first, unpadded prompt of at most ``ONE_SHOT_MAX`` tokens unless ``runtime.prefill_chunk``
+    asks for steps. (Shared with the speed benchmark, which reports how it fed each prompt.)"""
+    if n <= (runtime.prefill_chunk or runtime.plan.nr):
+        return True
+    return runtime.prefill_chunk is None and past == 0 and n <= ONE_SHOT_MAX and not padded
+
+
 def install(model) -> None:
     """Bind the chunking ``forward`` on ``model`` (a bound method: ``copy.deepcopy`` rebinds it)."""
     model.forward = types.MethodType(_pod_forward, model)
@@ -58,17 +67,18 @@ def _pod_forward(model, input_ids=None, attention_mask=None, position_ids=None, 
             call.pop(name, None)
         call[compat.CACHE_ARG] = cache
     tokens = input_ids if input_ids is not None else inputs_embeds
-    chunk = model.pod_runtime.prefill_chunk or model.pod_runtime.plan.nr
-    if not (_chunkable(model, cache, call, inference) and tokens is not None and tokens.shape[1] > chunk):
-        return base(model, input_ids=input_ids, inputs_embeds=inputs_embeds, **call)
+    runtime = model.pod_runtime
+    step = runtime.prefill_chunk or runtime.plan.nr
+    if not (_chunkable(model, cache, call, inference) and tokens is not None and tokens.shape[1] > step):
+        return base(model, input_ids=input_ids, inputs_embeds=inputs_embeds, **call)  # decode: no mask check
     n, past = tokens.shape[1], cache.get_seq_length()
-    if (model.pod_runtime.prefill_chunk is None and past == 0 and n <= ONE_SHOT_MAX
-            and (attention_mask is None or bool(attention_mask.all()))):
-        return base(model, input_ids=input_ids, inputs_embeds=inputs_embeds, **call)  # one shot: the two-pass path
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if one_forward(runtime, n, past, padded):  # a one-shot prefill on the two-pass path
+        return base(model, input_ids=input_ids, inputs_embeds=inputs_embeds, **call)
 
     logits, out = [], None
-    for c0 in range(0, n, chunk):
-        c1 = min(n, c0 + chunk)
+    for c0 in range(0, n, step):
+        c1 = min(n, c0 + step)
         part = dict(call)
         if attention_mask is not None:
             part["attention_mask"] = attention_mask[:, :past + c1]
