@@ -19,7 +19,7 @@ When does the cache hold what the block needs? A query at cache index i reads di
 every layer already stored, plus — when L > nr — the step's own tokens [i0, i0 + L − nr). The member
 layers have not stored values for those yet when the anchor runs, so the anchor keeps its exp-scores
 over them (L × (L − nr) per query head) and each member applies them to its own values when its turn
-comes. That is exact too. A first unpadded prompt of up to 4K tokens is prefilled in one forward on the
+comes. That is exact too. A first unpadded prompt of up to 1K tokens is prefilled in one forward on the
 two-pass path instead, longer ones and padded batches in steps of ``nr`` (:mod:`podkv.models.chunked_forward`):
 steps longer than ``nr`` measured slower on CPU (docs/architecture.md); they serve callers that feed them.
 Steps longer than ``STEP_LIMIT`` (memory grows with L²) and training take the general path of

@@ -7,7 +7,7 @@ long input that continues a cache, a padded batch, or a prompt longer than ``ONE
 model ``nr`` tokens at a time — exact (chunked prefill equals one-shot, tested). A first, unpadded prompt of up
 to ``ONE_SHOT_MAX`` tokens goes in one forward instead: each layer's two-pass prefill
 (:mod:`podkv.attention.prefill`, the anchors' queries for distant keys) measured faster than ``nr``-token
-steps at 1K–4K on CPU, slower at 8K (the numbers at ``ONE_SHOT_MAX``). ``runtime.prefill_chunk`` set forces
+steps at 1K on CPU, slower from 2K on (the numbers at ``ONE_SHOT_MAX``). ``runtime.prefill_chunk`` set forces
 steps of that size.
 ``generate`` calls this ``forward`` too.
 
@@ -30,10 +30,11 @@ from podkv.attention.interface import ATTN_NAME
 from podkv.cache.pod_cache import PodCache, pod_cache_for
 
 
-# Longest first prompt prefilled in one forward. Same runs, 2 threads, smollm2-pod, PoD ÷ dense
-# (benchmarks/shipped/prefill_variants.py): one forward 1.27 / 1.18 / 1.26 and 1.15 / 1.19 at 1K / 2K / 4K / 8K,
-# 240-token steps 1.62 / 1.29 / 1.37 and 1.37 / 1.12. Past 4K the steps' shared softmax outweighs their overhead.
-ONE_SHOT_MAX = 4096
+# Longest first prompt prefilled in one forward. Same runs, smollm2-pod, PoD ÷ dense, one forward / 240-token
+# steps, after the block pass took base-2 exponentials (benchmarks/shipped/prefill_exp2_*.json): 2 threads
+# 2K 1.31 / 1.21, 4K 1.21 / 0.97; 1 thread 1K 1.07 / 1.11, 2K 1.10 / 1.07, 4K 1.17 / 1.00, 8K 1.17 / 0.96.
+# From 2K on the steps' shared softmax outweighs their overhead.
+ONE_SHOT_MAX = 1024
 
 
 def one_forward(runtime, n: int, past: int = 0, padded: bool = False) -> bool:
