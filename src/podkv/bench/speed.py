@@ -214,7 +214,7 @@ def run_speed(model, tok, plan, cfg: SpeedConfig) -> dict:
         r["bytes_ratio"] = step_bytes_ratio(model, plan, r["T"], r["batch"])
     for r in parts["prefill"]:
         r["goal"], r["goal_met"] = PREFILL_GOAL, r["ratio"] <= PREFILL_GOAL
-        r["pod_feed"] = prefill_feed(model, plan, r["T"])
+        r["pod_feed"] = prefill_feed(models["pod"], plan, r["T"])  # the PoD copy: the dense model has no runtime
     longest = max(parts["decode"], key=lambda r: (r["T"], -r["batch"]))
     goals = {"prefill_ratio_max": max(r["ratio"] for r in parts["prefill"]),
              "decode_ratio_at_longest": longest["ratio"], "decode_longest_T": longest["T"]}
