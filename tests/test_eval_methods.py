@@ -14,7 +14,7 @@ from tiny import tiny_model
 from tolerances import KV8_NLL_REL
 
 RUNNABLE = [m for m in METHODS if m not in ("kv8", "pod+kv8", "pod+kv4", "pod+kivi8", "pod+kivi4", "pod+kivi8r",
-                                     "pod+kivi4r")]  # quantized methods: their own tests below
+                                     "pod+kivi4r", "pod+kivi2r")]  # quantized methods: their own tests below
 KVPRESS = ("kvpress-streaming", "snapkv", "h2o", "pyramidkv")
 T = 160
 
@@ -238,7 +238,7 @@ def test_kv8_holds_a_quarter_and_keeps_the_answer(model):
 
 
 @pytest.mark.parametrize("quantized, bits", [("pod+kv8", 8), ("pod+kv4", 4), ("pod+kivi8", 8), ("pod+kivi4", 4),
-                                             ("pod+kivi4r", 4)])
+                                             ("pod+kivi4r", 4), ("pod+kivi2r", 2)])
 def test_pod_kv8_holds_the_formula_and_tracks_pod(model, plan, quantized, bits):
     """PoD over an 8- or 4-bit PodCache: measured bytes = the formula for the plan in that many bits, NLL within 1%
     of PoD's."""

@@ -1,4 +1,4 @@
-"""Quantized PodCache storage (``kv_bits`` 8 and 4, issue 21): rounding bound, indexing, real bytes = formula, and
+"""Quantized PodCache storage (``kv_bits`` 8, 4 and 2, issue 21): rounding bound, indexing, real bytes = formula, and
 PoD over it tracks the fp32 PodCache on every plan kind (keys, scores, window-only pairs), through crop and batch
 edits."""
 
@@ -13,10 +13,10 @@ from podkv.errors import PodError
 from test_core_model import ids_for, random_plan
 from test_window_policy import window_plan
 from tiny import tiny_config, tiny_model
-from tolerances import KV4_LOGITS_ATOL, KV8_LOGITS_ATOL, TOL
+from tolerances import KV2_LOGITS_ATOL, KV4_LOGITS_ATOL, KV8_LOGITS_ATOL, TOL
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 def test_round_trip_error_is_half_a_step(bits):
     x = torch.randn(2, 3, 50, 64, generator=torch.Generator().manual_seed(0)) * 3
     codes, scale, zero = quantize(x, 32, bits)
@@ -34,7 +34,14 @@ def test_4bit_packs_first_half_low_nibble_second_half_high():
     assert torch.equal(dequantize(codes, scale, zero, 16, x.dtype, 4), x)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+def test_2bit_packs_four_quarters_into_one_byte():
+    x = torch.tensor([0.0, 1, 2, 3] * 4)  # one group of 16 channels, min 0 and max 3: scale 1, code = value
+    codes, scale, zero = quantize(x, 16, 2)
+    assert codes.tolist() == [x[c] + 4 * x[c + 4] + 16 * x[c + 8] + 64 * x[c + 12] for c in range(4)]
+    assert torch.equal(dequantize(codes, scale, zero, 16, x.dtype, 2), x)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
 def test_tokens_index_like_the_tensor(bits):
     x = torch.randn(2, 3, 40, 16, generator=torch.Generator().manual_seed(1))
     store = QuantTokens(x[:, :, :0], 8, bits)
@@ -48,7 +55,7 @@ def test_tokens_index_like_the_tensor(bits):
     assert store.shape[2] == 25 and torch.equal(store[:, :], full[:, :, :25])
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 def test_channel_keys_index_like_the_tensor_and_bound_the_error_per_channel(bits):
     """KIVI's layout: full groups of 8 tokens quantised per channel (error <= half a step of that channel's
     range over the group), the unfilled group held exactly; reads, crops and batch edits as on the tensor."""
@@ -104,7 +111,7 @@ def test_pod_over_quantized_cache_tracks_fp32_and_bytes_equal_formula(plan_kind)
     enable_pod(model, plan)
     outs = {}
     settings = [(None, "token", False), (8, "token", False), (4, "token", False), (8, "channel", False),
-                (4, "channel", False), (4, "token", True), (4, "channel", True)]
+                (4, "channel", False), (4, "token", True), (4, "channel", True), (2, "channel", True)]
     with torch.no_grad():
         for bits, keys, prox in settings:
             cache = PodCache(model.config, kv_bits=bits, kv_group=8, key_quant=keys, kv_keep_proximal=prox)
@@ -117,16 +124,17 @@ def test_pod_over_quantized_cache_tracks_fp32_and_bytes_equal_formula(plan_kind)
     exact = outs[None, "token", False]
     for (bits, keys, prox), out in outs.items():
         if bits:
-            torch.testing.assert_close(out, exact, rtol=0, atol=KV8_LOGITS_ATOL if bits == 8 else KV4_LOGITS_ATOL)
+            atol = {8: KV8_LOGITS_ATOL, 4: KV4_LOGITS_ATOL, 2: KV2_LOGITS_ATOL}[bits]
+            torch.testing.assert_close(out, exact, rtol=0, atol=atol)
             assert not torch.equal(out, exact)  # it really is quantized
     assert not torch.equal(outs[4, "channel", False], outs[4, "token", False])
     # the proximal tokens exact: the prefill's logits (every query's proximal window still exact) move less
     assert (outs[4, "channel", True] - exact).abs().sum() < (outs[4, "channel", False] - exact).abs().sum()
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 def test_quantized_bytes_at_4k_follow_the_bit_width(bits):
-    """SmolLM2's head dim: bits + 2 x 32/64 (9 or 5) bits per stored element instead of 32 for the token-long
+    """SmolLM2's head dim: bits + 2 x 32/64 (9, 5 or 3) bits per stored element instead of 32 for the token-long
     tensors."""
     config = tiny_config("llama", layers=4, heads=4, kv_heads=2, head_dim=64)
     identity = SharingPlan.identity(4, 2, ns=16, nr=240)
@@ -139,7 +147,7 @@ def test_quantized_bytes_at_4k_follow_the_bit_width(bits):
 
 
 @pytest.mark.parametrize("bits,keys,prox", [(8, "token", False), (4, "token", False), (4, "channel", False),
-                                            (4, "channel", True), (8, "token", True)])
+                                            (4, "channel", True), (8, "token", True), (2, "channel", True)])
 def test_crop_and_batch_edits_on_quantized_cache(bits, keys, prox):
     model = tiny_model("llama")
     plan = random_plan(4, 2, 3, 6, seed=4, mode="keys")
@@ -162,19 +170,21 @@ def test_crop_and_batch_edits_on_quantized_cache(bits, keys, prox):
 def test_bad_settings_are_one_line_errors():
     model = tiny_model("llama")
     plan = random_plan(4, 2, 3, 6, seed=4)
-    with pytest.raises(PodError, match="'kv_bits' = 3: supported are None .*, 8 and 4$"):
+    with pytest.raises(PodError, match="'kv_bits' = 3: supported are None .*, 8, 4, 2$"):
         PodCache(model.config, plan, kv_bits=3)
     with pytest.raises(PodError, match="'key_quant' = 'head': choose from token, channel$"):
         PodCache(model.config, plan, kv_bits=8, key_quant="head")
     with pytest.raises(PodError, match="'kv_keep_proximal' = True sets how quantized tensors are held: it needs kv_bits"):
         PodCache(model.config, plan, kv_keep_proximal=True)
-    with pytest.raises(PodError, match="'key_quant' = 'channel' .* needs kv_bits = 8 or 4"):
+    with pytest.raises(PodError, match=r"'key_quant' = 'channel' .* needs kv_bits \(one of 8, 4, 2\)"):
         PodCache(model.config, plan, key_quant="channel")
     with pytest.raises(PodError, match="'kv_group' = 12 must divide the head dim 16"):
         PodCache(model.config, plan, kv_bits=8, kv_group=12)  # before any compute
     # an odd head dim (no RoPE model has one: transformers >= 5.25 refuses such a config, so the store is checked)
-    with pytest.raises(PodError, match="'kv_bits' = 4 packs two channels per byte: the head dim 15 must be even"):
+    with pytest.raises(PodError, match="'kv_bits' = 4 packs 2 channels per byte: the head dim 15 must be a multiple of 2"):
         QuantTokens(torch.empty(1, 2, 0, 15), 5, bits=4)
+    with pytest.raises(PodError, match="'kv_bits' = 2 packs 4 channels per byte: the head dim 18 must be a multiple of 4"):
+        QuantTokens(torch.empty(1, 2, 0, 18), 6, bits=2)
     QuantTokens(torch.empty(1, 2, 0, 15), 5, bits=8)  # 8 bits: any head dim
 
 

@@ -39,6 +39,7 @@ FAMILY = {"window-+kv8": "window-only pairs, 8-bit (original weights)", "window-
           "smollm2-pod+kivi4": "smollm2-pod, 4-bit KIVI keys", "smollm2-pod+kivi8": "smollm2-pod, 8-bit KIVI keys",
           "pod+window-+kivi4": "smollm2-pod + window-only, 4-bit KIVI keys",
           "kivi4r": "4-bit KV, KIVI keys, proximal tokens exact (podkv)",
+          "kivi2r": "2-bit KV, KIVI keys, proximal tokens exact (podkv)",
           "smollm2-pod+kivi4r": "smollm2-pod, 4-bit KIVI keys, proximal tokens exact",
           "pod+window-+kivi4r": "smollm2-pod + window-only, 4-bit KIVI keys, proximal exact",
           "window-+kivi4": "window-only pairs, 4-bit KIVI keys (original weights)",
@@ -49,7 +50,8 @@ FAMILY = {"window-+kv8": "window-only pairs, 8-bit (original weights)", "window-
 # storage suffix of a run -> (bits, key grouping, proximal tokens exact); "kivi": keys per channel (KIVI), values per
 # token; "r": KIVI's full-precision residual, which in PoD is the proximal set (first ns, last nr tokens)
 QUANT = {"kv8": (8, "token", False), "kv4": (4, "token", False), "kivi8": (8, "channel", False),
-         "kivi4": (4, "channel", False), "kivi4r": (4, "channel", True), "kivi8r": (8, "channel", True)}
+         "kivi4": (4, "channel", False), "kivi4r": (4, "channel", True), "kivi8r": (8, "channel", True),
+         "kivi2r": (2, "channel", True)}
 
 
 def quant_of(name: str) -> str | None:

@@ -40,7 +40,7 @@ run() {  # run NAME: one `podkv eval compare` of held-out NLL
   local name=$1 args
   case $name in
     dense|kv8) args="--methods $name";;
-    kv4|kivi[48]|kivi[48]r) args="--methods pod+$name --plan $HERE/plans/identity.json";;  # every pair its own anchor: dense attention
+    kv4|kivi[48]|kivi[248]r) args="--methods pod+$name --plan $HERE/plans/identity.json";;  # every pair its own anchor: dense attention
     control) args="--model smollm2-pod --methods dense";;
     smollm2-pod) args="--model smollm2-pod --methods pod";;
     smollm2-pod+kv[48]|smollm2-pod+kivi[48]*) args="--model smollm2-pod --methods pod+${name##*+}";;
@@ -59,7 +59,7 @@ ruler() {  # ruler NAME: the five RULER-style tasks on a plan of plans/, 50 prom
   local name=$1 lengths=${RULER_LENGTHS:-1024} model="" method=pod plan="--plan $HERE/plans/$1.json"
   case $name in pod+window-*|smollm2-pod*) model="--model smollm2-pod";; esac  # runs on smollm2-pod's weights
   case $name in  # storage suffix: the quantized method; kv4/kivi4 alone are dense attention (the identity plan)
-    kv4|kivi[48]|kivi[48]r) method=pod+$name plan="--plan $HERE/plans/identity.json";;  # (kv8 is the HQQ peer: not run here)
+    kv4|kivi[48]|kivi[248]r) method=pod+$name plan="--plan $HERE/plans/identity.json";;  # (kv8 is the HQQ peer: not run here)
     smollm2-pod+*) method=pod+${name##*+} plan="";;
     *+kv[48]|*+kivi[48]*) method=pod+${name##*+} plan="--plan $HERE/plans/${name%+*}.json";;
   esac

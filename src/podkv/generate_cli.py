@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from podkv.cache.memory import dense_kv_bytes
+from podkv.cache.quant import BITS
 from podkv.cli_args import Int
 from podkv.errors import PodError
 from podkv.models import loading
@@ -27,8 +28,8 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", action=Int, default=64)
     p.add_argument("--chat", action=argparse_bool(), default=True, help="wrap the prompt in the chat template")
     p.add_argument("--plan", type=Path, default=None, help="PoD sharing plan (JSON) to run with")
-    p.add_argument("--kv-bits", type=int, default=None, choices=(8, 4),
-                   help="8 or 4: hold the PodCache's token-long values and anchor keys in that many bits (a PoD model "
+    p.add_argument("--kv-bits", type=int, default=None, choices=BITS,
+                   help="8, 4 or 2: hold the PodCache's token-long values and anchor keys in that many bits (a PoD model "
                         "or --plan)")
     p.add_argument("--key-quant", choices=("token", "channel"), default="token",
                    help="with --kv-bits: group the anchor keys per token as the values, or per channel over 64 tokens "
@@ -47,7 +48,7 @@ def run(args) -> int:
         raise PodError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not args.kv_bits and (args.key_quant != "token" or args.kv_keep_proximal):
         raise PodError("--key-quant channel and --kv-keep-proximal set how quantized tensors are held: they need "
-                       "--kv-bits 8 or 4")
+                       "--kv-bits")
     prompt = read_prompt(args.prompt, args.prompt_file)
     model, tok = loading.load_model(args.model)
     plan = None

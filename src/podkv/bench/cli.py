@@ -12,6 +12,7 @@ from podkv.bench.memory import MemoryConfig
 from podkv.bench.runner import run_bench
 from podkv.bench.skip import SkipConfig
 from podkv.bench.speed import SpeedConfig
+from podkv.cache.quant import BITS
 from podkv.cli_args import Floats, Int, Ints
 from podkv.models import loading
 from podkv.outputs import refuse_existing
@@ -30,8 +31,8 @@ def register(sub) -> None:
     p.add_argument("--decode", type=int, default=4, help="greedy tokens decoded after the prefill")
     p.add_argument("--selection-budget", type=float, default=0.1,
                    help="also measure pod+snapkv holding this fraction of the dense KV (0: skip)")
-    p.add_argument("--kv-bits", type=int, default=None, choices=(8, 4),
-                   help="8 or 4: the PodCache holds its token-long values and anchor keys in that many bits "
+    p.add_argument("--kv-bits", type=int, default=None, choices=BITS,
+                   help="8, 4 or 2: the PodCache holds its token-long values and anchor keys in that many bits "
                         "(podkv.cache.quant)")
     p.add_argument("--key-quant", choices=("token", "channel"), default="token",
                    help="with --kv-bits: anchor keys per token as the values, or per channel over 64 tokens (KIVI)")

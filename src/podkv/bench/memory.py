@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from podkv.bench.common import PeakMemory, new_cache, prefill_decode, token_ids
 from podkv.bench.report import md_table, plot_lines
 from podkv.cache.memory import cache_bytes, dense_kv_bytes, pod_kv_bytes
+from podkv.cache.quant import BITS
 from podkv.cache.selection import kept_tokens_for_budget
 from podkv.errors import PodError
 from podkv.eval.generation import prefill
@@ -27,7 +28,7 @@ class MemoryConfig:
     batch: int = 1
     decode: int = 4
     selection_budget: float | None = 0.1  # pod+snapkv: dense KV fraction kept after prefill (paper: 8.1%)
-    kv_bits: int | None = None  # 8 or 4: PodCache in that many bits (the PoD columns), formula pod_kv_bytes
+    kv_bits: int | None = None  # 8, 4 or 2: PodCache in that many bits (the PoD columns), formula pod_kv_bytes
     key_quant: str = "token"  # with kv_bits: anchor keys per token, or per channel over 64 tokens (KIVI)
     keep_proximal: bool = False  # with kv_bits: the first ns and last nr tokens in the model's dtype
 
@@ -36,12 +37,13 @@ class MemoryConfig:
             raise PodError(f"bench memory field 'lengths' must be positive integers, got {self.lengths}")
         if self.selection_budget is not None and not 0 < self.selection_budget <= 1:
             raise PodError(f"bench memory field 'selection_budget' must be a KV fraction in (0, 1], got {self.selection_budget}")
-        if self.kv_bits not in (None, 8, 4):
-            raise PodError(f"bench memory field 'kv_bits' = {self.kv_bits!r}: supported are None, 8 and 4")
+        if self.kv_bits is not None and self.kv_bits not in BITS:
+            raise PodError(f"bench memory field 'kv_bits' = {self.kv_bits!r}: supported are None, "
+                           f"{', '.join(map(str, BITS))}")
         if self.key_quant not in ("token", "channel"):
             raise PodError(f"bench memory field 'key_quant' = {self.key_quant!r}: choose from token, channel")
         if not self.kv_bits and (self.key_quant != "token" or self.keep_proximal):
-            raise PodError("bench memory: --key-quant channel and --kv-keep-proximal need --kv-bits 8 or 4")
+            raise PodError("bench memory: --key-quant channel and --kv-keep-proximal need --kv-bits")
         if self.kv_bits and self.selection_budget:
             raise PodError(f"bench memory: --kv-bits {self.kv_bits} with --selection-budget is not supported "
                            "(pod+snapkv compaction needs a float PodCache); pass --selection-budget 0")

@@ -220,7 +220,7 @@ def run_speed(model, tok, plan, cfg: SpeedConfig) -> dict:
              "decode_ratio_at_longest": longest["ratio"], "decode_longest_T": longest["T"]}
     goals["prefill_goal_met"] = goals["prefill_ratio_max"] <= 1.15
     goals["decode_goal_met"] = goals["decode_ratio_at_longest"] <= 1.10
-    chunk = getattr(getattr(model, "pod_runtime", None), "prefill_chunk", None)  # None: one forward (chunked_forward.py)
+    chunk = models["pod"].pod_runtime.prefill_chunk  # None: chunked_forward.py's rule (one_forward)
     return {**parts, "goals": goals, "plan_mode": plan.mode, "prefill_chunk": chunk if plan.mode == "scores" else None}
 
 
@@ -229,7 +229,9 @@ def prefill_feed(model, plan, T: int) -> str:
     from podkv.models.chunked_forward import one_forward  # startup: transformers
 
     runtime = getattr(model, "pod_runtime", None)
-    if plan.mode != "scores" or runtime is None or one_forward(runtime, T):
+    if runtime is None:
+        raise PodError("prefill_feed needs the PoD model (enable_pod), got a model without a PoD runtime")
+    if plan.mode != "scores" or one_forward(runtime, T):
         return "one forward"
     return f"{runtime.prefill_chunk or plan.nr}-token steps"
 
@@ -247,9 +249,8 @@ def step_bytes_ratio(model, plan, T: int, batch: int) -> float:
 
 
 def speed_markdown(result: dict) -> str:
-    chunk = result.get("prefill_chunk")
-    out = [f"Plan mode: {result.get('plan_mode', 'keys')}; PoD prefill fed "
-           f"{f'in steps of {chunk} tokens' if chunk else 'in one forward'}, dense in one."]
+    out = [f"Plan mode: {result.get('plan_mode', 'keys')}; dense prefill in one forward, PoD as its row's "
+           "'PoD fed' says (models/chunked_forward.py)."]
     for name, unit, scale in (("prefill", "s", 1), ("decode", "ms/step", 1e3),
                               ("attention_prefill", "ms", 1e3), ("attention_decode", "µs", 1e6)):
         if name not in result:
@@ -257,12 +258,15 @@ def speed_markdown(result: dict) -> str:
         rows = [{"T": r["T"], "batch": r.get("batch", 1), "dense": r["dense"]["median"] * scale,
                  "pod": r["pod"]["median"] * scale, "dense_spread": _spread(r["dense"], scale),
                  "pod_spread": _spread(r["pod"], scale), "ratio": r["ratio"], "n": r["dense"]["n"],
-                 "goal": _goal(r), "limit": r.get("bytes_ratio", float("nan"))} for r in result[name]]
+                 "goal": _goal(r), "limit": r.get("bytes_ratio", float("nan")), "feed": r.get("pod_feed", "–")}
+                for r in result[name]]
         cols = [("T", "context"), ("batch", "batch"), ("dense", f"dense median {unit}"), ("dense_spread", "dense min–max"),
                 ("pod", f"PoD median {unit}"), ("pod_spread", "PoD min–max"), ("ratio", "PoD/dense"), ("goal", "goal"),
                 ("n", "reps")]
         if name == "decode":
             cols.insert(7, ("limit", "bytes-read limit"))
+        if name == "prefill":
+            cols.insert(4, ("feed", "PoD fed"))
         out.append(f"**{name.replace('_', ' ')}**\n\n" + md_table(rows, cols))
     return "\n\n".join(out)
 

@@ -27,7 +27,7 @@ def pod_kv_bytes(config, plan: SharingPlan, seq_len: int, batch: int = 1, dtype:
     """What a PodCache holds for ``plan`` (paper §2.3): values everywhere, distant keys in anchors only.
 
     ``crop_margin`` M: each sharing or window-only head keeps M more recent keys, and a window-only head M more
-    values (PodCache's exact-crop margin). ``kv_bits`` 8 or 4: the token-long tensors (values of non-window heads,
+    values (PodCache's exact-crop margin). ``kv_bits`` 8, 4 or 2: the token-long tensors (values of non-window heads,
     anchor keys) take ``kv_bits / 8`` bytes per element plus a scale and a zero in ``dtype`` per ``kv_group`` elements;
     with ``key_quant="channel"`` (KIVI) the anchor keys' last ``seq_len mod kv_group`` tokens stay in ``dtype``;
     ``kv_keep_proximal``: the first ``ns`` and last ``nr + M`` tokens of those tensors stay in ``dtype`` too.

@@ -9,7 +9,7 @@ Per layer it holds
     at cache indices ``prox_idx`` (B x n), -1 = empty (layout in :mod:`podkv.cache.window`);
   * for window-only heads (plan policy "window", issue 21) their values in the same slots (``v_prox``).
 Distant keys of a sharing head are read from its anchor layer's ``k_full`` at attention time.
-With ``kv_bits=8`` or ``4`` the token-long tensors ``v`` and ``k_full`` are held in that many bits
+With ``kv_bits=8``, ``4`` or ``2`` the token-long tensors ``v`` and ``k_full`` are held in that many bits
 (:mod:`podkv.cache.quant`; indexing them dequantises what is read); the small proximal ring stays in the model's dtype.
 
 The model calls ``update`` right before attention. ``update`` appends what is kept in full, moves the
@@ -40,7 +40,7 @@ from transformers.cache_utils import Cache
 from podkv import compat
 from podkv.attention.heads import stacked_runs, unstack
 from podkv.cache import window
-from podkv.cache.quant import GROUP, QuantChannels, QuantStore, QuantTokens
+from podkv.cache.quant import BITS, GROUP, QuantChannels, QuantStore, QuantTokens, check_bits
 from podkv.cache.window import transition as _proximal_transition  # noqa: F401  (selection.py)
 from podkv.errors import PodError
 from podkv.plan import SharingPlan
@@ -234,9 +234,10 @@ class PodCache(Cache):
     crop_margin : int
         Extra recent keys kept per sharing head so that ``crop`` can go back ``crop_margin + 1``
         tokens exactly (module docstring). ``generate`` raises it when it needs to.
-    kv_bits : None, 8 or 4
-        8 or 4: hold the token-long values and anchor keys in that many bits, groups of ``kv_group`` channels
-        (:mod:`podkv.cache.quant`; 4 needs an even head dim); None: the model's dtype.
+    kv_bits : None, 8, 4 or 2
+        Hold the token-long values and anchor keys in that many bits, groups of ``kv_group`` channels
+        (:mod:`podkv.cache.quant`; 8/bits channels share a byte, so the head dim must be a multiple of that);
+        None: the model's dtype.
     key_quant : "token" or "channel"
         How the quantised anchor keys are grouped: "token" as the values (``kv_group`` channels of one token),
         "channel" as KIVI (one channel over ``kv_group`` tokens; the last unfilled group stays in the model's dtype).
@@ -255,8 +256,9 @@ class PodCache(Cache):
         plan.validate_for(config)
         if not isinstance(crop_margin, int) or isinstance(crop_margin, bool) or crop_margin < 0:
             raise PodError(f"PodCache field 'crop_margin' must be an integer >= 0, got {crop_margin!r}")
-        if kv_bits not in (None, 8, 4):
-            raise PodError(f"PodCache field 'kv_bits' = {kv_bits!r}: supported are None (the model's dtype), 8 and 4")
+        if kv_bits is not None and kv_bits not in BITS:
+            raise PodError(f"PodCache field 'kv_bits' = {kv_bits!r}: supported are None (the model's dtype), "
+                           f"{', '.join(map(str, BITS))}")
         if not isinstance(kv_group, int) or kv_group < 1:
             raise PodError(f"PodCache field 'kv_group' must be a positive integer, got {kv_group!r}")
         if key_quant not in KEY_QUANT:
@@ -264,15 +266,13 @@ class PodCache(Cache):
         if not kv_bits and (key_quant != "token" or kv_keep_proximal):
             field, value = ("key_quant", key_quant) if key_quant != "token" else ("kv_keep_proximal", kv_keep_proximal)
             raise PodError(f"PodCache field '{field}' = {value!r} sets how quantized tensors are held: it needs "
-                           "kv_bits = 8 or 4")
+                           f"kv_bits (one of {', '.join(map(str, BITS))})")
         if kv_bits:
             from podkv.cache.memory import head_dim
 
             if head_dim(config) % kv_group:
                 raise PodError(f"PodCache field 'kv_group' = {kv_group} must divide the head dim {head_dim(config)}")
-            if kv_bits == 4 and head_dim(config) % 2:
-                raise PodError(f"PodCache field 'kv_bits' = 4 packs two channels per byte: the head dim "
-                               f"{head_dim(config)} must be even")
+            check_bits(head_dim(config), kv_bits)
         self.plan, self.crop_margin, self.kv_bits, self.kv_group = plan, crop_margin, kv_bits, kv_group
         self.key_quant, self.kv_keep_proximal = key_quant, bool(kv_keep_proximal)
         self.pad = None  # (B,) left-padding counts, fixed at prefill (see the property)
@@ -450,7 +450,7 @@ KEY_QUANT = ("token", "channel")
 
 
 def storage(config, kv_bits: int | None, key_quant: str = "token", keep_proximal: bool = False) -> dict:
-    """PodCache / ``pod_kv_bytes`` keywords for ``kv_bits`` (None, 8 or 4): groups of :data:`GROUP` channels,
+    """PodCache / ``pod_kv_bytes`` keywords for ``kv_bits`` (None, 8, 4 or 2): groups of :data:`GROUP` channels,
     or the head dim if smaller; with ``key_quant="channel"`` the keys' groups are that many tokens of one channel;
     ``keep_proximal``: the proximal tokens stay in the model's dtype."""
     from podkv.cache.memory import head_dim

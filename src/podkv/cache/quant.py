@@ -1,4 +1,4 @@
-"""8- or 4-bit storage for the token-long tensors a :class:`~podkv.cache.PodCache` holds (issue 21: PoD composed
+"""8-, 4- or 2-bit storage for the token-long tensors a :class:`~podkv.cache.PodCache` holds (issue 21: PoD composed
 with quantized KV).
 
 Each token's vector of each head is cut into groups of ``group`` channels, and each group is stored as
@@ -6,9 +6,11 @@ Each token's vector of each head is cut into groups of ``group`` channels, and e
 steps: x ≈ code·scale + zero, error <= scale/2 = (max − min)/(2·(2^bits − 1)) of the group). That is
 bits + 2·(dtype bits)/group bits per element: with groups of 64 in fp32, 9 at 8 bits, the layout of the ``kv8``
 peer (transformers' QuantizedCache, HQQ backend, groups of 64 along the head dim), so the two compare at the
-same bits; 5 at 4 bits. Why 4 bits too: KIVI (Liu et al. 2024) reports 4-bit per-token fake quantization of both
-K and V close to fp16. At 4 bits two codes share a byte: channels [0, D/2) in the low nibble, [D/2, D) in the
-high one, so packing is two slices, not an interleave.
+same bits; 5 at 4 bits, 3 at 2 bits. Why 4 bits too: KIVI (Liu et al. 2024) reports 4-bit per-token fake
+quantization of both K and V close to fp16; its headline is 2 bits (keys per channel, values per token, the recent
+tokens exact), which ``bits=2`` with ``key_quant="channel"`` and the proximal tokens kept reproduces. Below 8 bits
+8/bits codes share a byte: channel slice j of D·bits/8 channels in bits [j·bits, (j+1)·bits), so packing is a
+few slices and shifts, not an interleave.
 
 Why not HQQ itself: its half-quadratic optimisation took 6.5 s per 4K-token tensor of SmolLM2 on our CPU
 (60 such tensors per prefill), and at 8 bits it buys nothing measurable (the kv8 peer's NLL equals dense's to
@@ -34,6 +36,7 @@ import torch
 from podkv.errors import PodError
 
 GROWTH = 128  # tokens of spare room the buffers grow by (as PodCache's float buffers)
+BITS = (8, 4, 2)  # code widths a store holds (a byte is 8/bits codes)
 GROUP = 64  # channels per scale and zero (the kv8 peer's group), or the head dim when smaller
 
 
@@ -48,7 +51,7 @@ class QuantStore:
     """
 
     def __init__(self, like: torch.Tensor, group: int, bits: int = 8, keep_first: int = 0):
-        _check_bits(like.shape[-1], bits)
+        check_bits(like.shape[-1], bits)
         self.group, self.bits, self.dtype, self.D, self.keep_first = group, bits, like.dtype, like.shape[-1], keep_first
         self.first = like[:, :, :0].clone()
         self.last = like[:, :, :0].clone()
@@ -146,9 +149,12 @@ class QuantStore:
         return self.codes, self.scale, self.zero
 
 
-def _check_bits(D: int, bits: int) -> None:
-    if bits == 4 and D % 2:
-        raise PodError(f"PodCache field 'kv_bits' = 4 packs two channels per byte: the head dim {D} must be even")
+def check_bits(D: int, bits: int) -> None:
+    if bits not in BITS:
+        raise PodError(f"PodCache field 'kv_bits' = {bits!r}: supported are {', '.join(map(str, BITS))}")
+    if D % (8 // bits):
+        raise PodError(f"PodCache field 'kv_bits' = {bits} packs {8 // bits} channels per byte: the head dim {D} "
+                       f"must be a multiple of {8 // bits}")
 
 
 class QuantTokens(QuantStore):
@@ -262,15 +268,22 @@ def _round(x: torch.Tensor, group: int, bits: int) -> tuple[torch.Tensor, torch.
 
 
 def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """One code per byte -> ``bits``-bit packing along the last dim (at 4 bits: first half low nibble)."""
-    if bits == 4:
-        low, high = codes.chunk(2, dim=-1)
-        codes = low | high << 4
-    return codes
+    """One code per byte -> ``bits``-bit packing along the last dim: slice j of the 8/bits equal slices goes to
+    bits [j·bits, (j+1)·bits) (at 4 bits: first half in the low nibble)."""
+    if bits == 8:
+        return codes
+    parts = codes.chunk(8 // bits, dim=-1)
+    out = parts[0].clone()
+    for j, part in enumerate(parts[1:], 1):
+        out |= part << (j * bits)
+    return out
 
 
 def _unpack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    return torch.cat([codes & 15, codes >> 4], dim=-1) if bits == 4 else codes
+    if bits == 8:
+        return codes
+    mask = (1 << bits) - 1
+    return torch.cat([(codes >> (j * bits)) & mask for j in range(8 // bits)], dim=-1)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, dtype,

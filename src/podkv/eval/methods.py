@@ -201,6 +201,14 @@ class PodKivi4R(PodKivi8R):
     bits = 4
 
 
+class PodKivi2R(PodKivi8R):
+    """The same in 2 bits: KIVI's headline layout (2-bit keys per channel, values per token, recent tokens exact),
+    2 + 2·32/64 = 3 bits per coded fp32 element."""
+
+    name = "pod+kivi2r"
+    bits = 2
+
+
 class PodScores(Pod):
     """Training-free variant: reuse the anchor layer's distant attention *scores* (``mode="scores"``)."""
 
@@ -403,7 +411,7 @@ def _unwrap_pod_attention() -> None:
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Dense, Pod, PodScores, Streaming, SnapKV, H2O, PyramidKV,
                                                              PodSnapKV, KVPressStreaming, QuantizedKV, PodKV8,
                                                              PodKV4, PodKivi8, PodKivi4, PodKivi8R,
-                                                             PodKivi4R)}
+                                                             PodKivi4R, PodKivi2R)}
 
 
 def kvpress_available() -> bool:

@@ -52,8 +52,8 @@ def enable_pod(model, plan: SharingPlan, *, chunk: int = DEFAULT_CHUNK, referenc
         Queries scored per SDPA call during prefill (bounds memory at chunk x T per head).
     reference : bool
         Use the materialised reference attention instead (tests only; O(T^2) memory, no cache).
-    kv_bits : None, 8 or 4
-        The default PodCache's storage: 8 or 4 holds the token-long values and anchor keys in that many bits
+    kv_bits : None, 8, 4 or 2
+        The default PodCache's storage: 8, 4 or 2 holds the token-long values and anchor keys in that many bits
         (:mod:`podkv.cache.quant`, groups of 64 channels or the head dim if smaller).
     key_quant : "token" or "channel"
         With ``kv_bits``: anchor keys grouped per token as the values, or per channel over 64 tokens (KIVI).
