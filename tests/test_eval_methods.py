@@ -136,6 +136,25 @@ def test_demo_needle_comparison_on_tiny_model(model, plan):
     _figure(rows, 400)
 
 
+def test_interleaved_methods_score_as_one_after_another(model, plan):
+    """The demo's turn-taking (interleave) changes only the order the cases run in: the same records, and each
+    method is attached around its own cases (a PoD case after a dense one runs PoD)."""
+    from podkv.eval.config import EvalConfig
+    from podkv.eval.runner import _schedule, evaluate
+    from test_eval_prompts import CharTokenizer
+
+    cfg = EvalConfig(methods=("dense", "pod", "streaming"), tasks=("niah_single_prose",), lengths=(400,),
+                     depths=tuple(round((i + 0.5) / 10, 4) for i in range(10)), samples=1, seed=0, budget=0.8,
+                     compare=True)
+    runs = [evaluate(model, CharTokenizer(), cfg, plan, progress=False, interleave=flag) for flag in (False, True)]
+    for name in cfg.methods:
+        one, other = (r[name]["tasks"]["niah_single_prose"]["records"] for r in runs)
+        assert [(a["score"], a["kv_fraction"]) for a in one] == [(b["score"], b["kv_fraction"]) for b in other]
+        assert all(r[name]["seconds"] > 0 for r in runs)
+    order = [m for m, _, _ in _schedule(["a", "b", "c"], {"t": [0, 1, 2]}, interleave=True)]
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+
+
 def test_pod_method_runs_the_plan_in_its_own_mode(plan):
     """An adapted model trained in "scores" mode must be evaluated in that mode, not silently in "keys"."""
     from podkv.eval.methods import make_method

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -47,20 +46,15 @@ def needle_compare(model, tok, plan, length: int, samples: int, seed: int, base=
     """Dense, PoD and StreamingLLM on the same ``samples`` needle prompts (held-out prose, depths
     spread evenly over the haystack); ``base`` (if given) runs dense and StreamingLLM.
 
-    With an adapted PoD model the baselines run on the original weights, as in the paper.
-    Returns the runner's per-method entries (summaries carry a 95% interval), each with ``seconds``:
-    the wall time of its prompts (prefill and greedy answer), each method run on its own.
+    With an adapted PoD model the baselines run on the original weights, as in the paper. The methods take
+    turns prompt by prompt, so their times (``seconds``: prefill and greedy answer) come from the same spell of
+    the machine. Returns the runner's per-method entries (summaries carry a 95% interval).
     """
     depths = tuple(round((i + 0.5) / samples, 4) for i in range(samples))
-    common = dict(tasks=("niah_single_prose",), lengths=(length,), depths=depths, samples=1, seed=seed,
-                  budget=default_budget(plan, [length]), compare=True)
-    out = {}
-    for name, runner in (("dense", base if base is not None else model), ("pod", model),
-                         ("streaming", base if base is not None else model)):
-        start = time.perf_counter()
-        out.update(evaluate(runner, tok, EvalConfig(methods=(name,), **common), plan, progress=True))
-        out[name]["seconds"] = time.perf_counter() - start
-    return out
+    cfg = EvalConfig(methods=("dense", "pod", "streaming"), tasks=("niah_single_prose",), lengths=(length,),
+                     depths=depths, samples=1, seed=seed, budget=default_budget(plan, [length]), compare=True)
+    models = {} if base is None else {"dense": base, "streaming": base}
+    return evaluate(model, tok, cfg, plan, progress=True, models=models, interleave=True)
 
 
 def demo(model_name: str | None = None, length: int = 2048, samples: int = 10, out: str = "demo_out",
@@ -86,8 +80,8 @@ def demo(model_name: str | None = None, length: int = 2048, samples: int = 10, o
               f"{r['kv_fraction']:8.1%} {r['seconds_per_prompt']:9.2f}   {''.join('o' if c else '.' for c in r['by_depth'])}")
     by = {r["method"]: r for r in rows}
     pod_over_dense = by["pod"]["seconds_per_prompt"] / by["dense"]["seconds_per_prompt"]
-    print(f"time per prompt, PoD ÷ dense: {pod_over_dense:.2f}x (one run each, same prompts; "
-          "`podkv bench speed` measures speed alternating)")
+    print(f"time per prompt, PoD ÷ dense: {pod_over_dense:.2f}x (same prompts, the methods taking turns; "
+          "`podkv bench speed` times prefill and decode apart)")
     out = Path(out)
     write_json(out / "demo.json", {"model": name, "plan_source": source, "capital_answer": answer,
                                    "length": length, "needles": rows, "pod_over_dense_time": pod_over_dense})

@@ -5,8 +5,10 @@ No method- or task-specific branches: both come from their registries.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -56,29 +58,50 @@ def build_methods(cfg: EvalConfig, plan: SharingPlan, model) -> dict:
     return out
 
 
-def evaluate(model, tok, cfg: EvalConfig, plan: SharingPlan, progress: bool = True, log=None) -> dict:
+def evaluate(model, tok, cfg: EvalConfig, plan: SharingPlan, progress: bool = True, log=None, models=None,
+             interleave: bool = False) -> dict:
     """Every method on every task; cases are built once per task so all methods see the same prompts.
 
     ``log``: optional path of a JSON-lines file that gets each record as soon as it is scored
-    (long CPU runs can be watched, and are not all lost if interrupted).
+    (long CPU runs can be watched, and are not all lost if interrupted). ``models``: {method name: model} for
+    methods that run on other weights (the demo's baselines on the original ones); the rest run on ``model``.
+    ``interleave``: the methods take turns case by case (the order rotating) instead of one after the other, so
+    a slow spell of a shared CPU falls on all of them and their ``seconds`` compare. Each entry's ``seconds``:
+    wall time of its cases.
     """
     methods = build_methods(cfg, plan, model)
     tasks = {name: make_task(name) for name in cfg.tasks}
     cases = {name: task.cases(tok, cfg, plan) for name, task in tasks.items()}
-    results = {}
-    for mname, method in methods.items():
-        entry = {"method": method.describe(), "tasks": {}}
-        with method.attached(model):
-            for tname, task in tasks.items():
-                bar = tqdm(cases[tname], desc=f"{mname}/{tname}", disable=not progress, leave=False)
-                records = []
-                for case in bar:
-                    records.append(task.run_case(model, tok, method, case, cfg))
-                    _log(log, {"method": mname, "task": tname, **records[-1]})
-                entry["tasks"][tname] = {"metric": task.metric, "summary": task.summarize(records),
-                                         "records": records}
-        results[mname] = entry
-    return results
+    runners = {name: (models or {}).get(name, model) for name in methods}
+    records = {(m, t): [] for m in methods for t in tasks}
+    seconds = dict.fromkeys(methods, 0.0)
+    order = list(_schedule(list(methods), cases, interleave))
+    bar = tqdm(order, disable=not progress, leave=False)
+    with contextlib.ExitStack() as attached:
+        current = None
+        for mname, tname, case in bar:
+            method, runner = methods[mname], runners[mname]
+            if mname != current:  # attach once per run of the same method
+                attached.close()
+                attached.enter_context(method.attached(runner))
+                current = mname
+            bar.set_description(f"{mname}/{tname}")
+            start = time.perf_counter()
+            records[mname, tname].append(tasks[tname].run_case(runner, tok, method, case, cfg))
+            seconds[mname] += time.perf_counter() - start
+            _log(log, {"method": mname, "task": tname, **records[mname, tname][-1]})
+    return {m: {"method": method.describe(), "seconds": seconds[m],
+                "tasks": {t: {"metric": task.metric, "summary": task.summarize(records[m, t]), "records": records[m, t]}
+                          for t, task in tasks.items()}} for m, method in methods.items()}
+
+
+def _schedule(methods: list[str], cases: dict, interleave: bool):
+    """(method, task, case) in run order: method by method, or case by case with the methods rotating."""
+    if not interleave:
+        return ((m, t, c) for m in methods for t, cs in cases.items() for c in cs)
+    turns = [(t, c) for t, cs in cases.items() for c in cs]
+    return ((m, t, c) for i, (t, c) in enumerate(turns)
+            for m in methods[i % len(methods):] + methods[:i % len(methods)])
 
 
 def _log(path, record: dict) -> None:
