@@ -30,7 +30,9 @@ HERE = Path(__file__).resolve().parent
 SHIPPED = HERE.parents[1] / "src/podkv/assets/smollm2-pod/pod_plan.json"
 CONTEXT = 4096
 ON_POD_WEIGHTS = ("control", "smollm2-pod", "pod+window-")  # runs whose weights are smollm2-pod's
-FAMILY = {"window-+kv8": "window-only pairs, 8-bit (original weights)", "window-+kv4": "window-only pairs, 4-bit (original weights)",
+ADAPTED = {"pod+window-30-adapted": "pod+window-30"}  # runs of a model adapted to a sweep plan (run.sh train-w30)
+FAMILY = {"pod+window-30-adapted": "smollm2-pod + window-only pairs, adapted to them",
+          "window-+kv8": "window-only pairs, 8-bit (original weights)", "window-+kv4": "window-only pairs, 4-bit (original weights)",
           "window-": "window-only pairs (original weights)", "pod+window-+kv8": "smollm2-pod + window-only, 8-bit",
           "pod+window-+kv4": "smollm2-pod + window-only, 4-bit", "pod+window-": "smollm2-pod + window-only pairs",
           "smollm2-pod": "smollm2-pod (shipped)", "kv8": "8-bit KV (HQQ)", "kv4": "4-bit KV (podkv round-to-nearest)",
@@ -69,6 +71,7 @@ def family(name: str) -> str:
 def plan_of(name: str) -> SharingPlan:
     quant = quant_of(name)
     base = name.removesuffix(f"+{quant}") if quant else name
+    base = ADAPTED.get(base, base)
     return SharingPlan.load(SHIPPED if base == "smollm2-pod" else HERE / "plans" / f"{base}.json")
 
 
@@ -149,7 +152,7 @@ def build() -> dict:
         row = {"run": name, "family": family(name), "kv_saved_4k": round(saving(name, recs), 4), "nll": round(nll, 5),
                "vs_dense": gap(recs, runs["dense"]) if name != "dense" else None,
                "kv_fraction_measured": round(max(r["kv_fraction"] for r in recs), 4)}
-        if name.startswith(ON_POD_WEIGHTS) and name != "control" and "control" in runs:
+        if name.startswith(ON_POD_WEIGHTS) and name not in ("control", *ADAPTED) and "control" in runs:
             row["vs_control"] = gap(recs, runs["control"])
         rows.append(row)
     rows.sort(key=lambda r: (r["kv_saved_4k"], r["run"]))

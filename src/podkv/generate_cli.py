@@ -48,7 +48,7 @@ def run(args) -> int:
         raise PodError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not args.kv_bits and (args.key_quant != "token" or args.kv_keep_proximal):
         raise PodError("--key-quant channel and --kv-keep-proximal set how quantized tensors are held: they need "
-                       "--kv-bits")
+                       f"--kv-bits {' or '.join(map(str, BITS))}")
     prompt = read_prompt(args.prompt, args.prompt_file)
     model, tok = loading.load_model(args.model)
     plan = None
