@@ -46,15 +46,19 @@ def check_parity(args, plan, cases: dict, records: list[dict]) -> dict:
     if not ref_python.exists():
         return {"skipped": f"no podkv reference venv at {ref_python} (set PODKV_REF_PYTHON)", "methods": methods}
     items = pick(cases, args.parity)
+    dense_model = getattr(args, "dense_model", None) or args.model
+    runs = {args.model: methods} if dense_model == args.model else {dense_model: ["dense"], args.model: methods[1:]}
+    reference = {}
     with tempfile.TemporaryDirectory(prefix="podkv-parity-") as tmp:
         prompts, ref = Path(tmp) / "prompts.json", Path(tmp) / "reference.json"
         prompts.write_text(json.dumps(items))
-        cmd = [str(ref_python), str(Path(__file__).resolve()), "--model", str(args.model), "--plan", str(args.plan),
-               "--methods", ",".join(methods), "--prompts", str(prompts), "--out", str(ref)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        if proc.returncode != 0:
-            raise RuntimeError(f"the podkv reference failed:\n{proc.stderr[-3000:]}")
-        reference = json.loads(ref.read_text())
+        for model, names in runs.items():  # each server's reference on the weights that server ran
+            cmd = [str(ref_python), str(Path(__file__).resolve()), "--model", str(model), "--plan", str(args.plan),
+                   "--methods", ",".join(names), "--prompts", str(prompts), "--out", str(ref)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if proc.returncode != 0:
+                raise RuntimeError(f"the podkv reference failed:\n{proc.stderr[-3000:]}")
+            reference.update(json.loads(ref.read_text()))
     served = {(r["method"], r["task"], r["length"], r["sample"]): r["nll"] if r["task"] == "nll" else r["token_ids"]
               for r in records}
     return {"reference_python": str(ref_python), "prompts": [{k: v for k, v in it.items() if k != "input_ids"}

@@ -108,7 +108,8 @@ def report_labels(report: dict) -> list[str]:
             f"`VLLM_CPU_KVCACHE_SPACE={report['VLLM_CPU_KVCACHE_SPACE']}` GiB. Scores in % (RULER string_match_all); "
             "95% intervals: Wilson for 0/1 tasks, else bootstrap; differences paired over the same prompts.",
             f"The PoD servers run `{s['model']}`'s own weights under the plan (`podkv serve-check --write-checkpoint` "
-            "copies them): unless that checkpoint was trained for this plan, PoD below dense is expected."]
+            "copies them): unless that checkpoint was trained for this plan, PoD below dense is expected. "
+            f"The dense server runs `{s.get('dense_model') or s['model']}`."]
 
 
 def nll_lines(sec: dict, methods: list[str]) -> list[str]:

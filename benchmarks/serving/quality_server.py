@@ -10,7 +10,7 @@ attention and pages. Same prompts (podkv's task generators: a prompt depends onl
 sample index), same scoring (RULER string_match_all) and statistics (podkv.eval.stats), so the served numbers
 are comparable to `podkv eval`'s and the paired differences to dense are tight.
 
-Per server (dense = the checkpoint served plainly; one PoD server per `--methods` name, `pod` = the plan's own
+Per server (dense = `--dense-model`, default `--model`, served plainly; one PoD server per `--methods` name, `pod` = the plan's own
 mode, `pod-scores` = the plan in mode scores, as `podkv eval` names them): each task's prompts are sent as token
 ids to ``/v1/completions`` (greedy, the task's answer length), and each held-out window with ``echo`` and
 ``logprobs=0`` (the prompt's log-probabilities; positions from the ppl task's split on are scored, as
@@ -135,7 +135,7 @@ def run(args) -> dict:
     servers = {}
     with tempfile.TemporaryDirectory(prefix="podkv-quality-") as tmp, open(partial, "w") as sink:
         tmp = Path(tmp)
-        dirs = {"dense": write_dense_checkpoint(args.model, tmp / "dense")}
+        dirs = {"dense": write_dense_checkpoint(args.dense_model or args.model, tmp / "dense")}
         for m in args.methods:
             dirs[m] = write_pod_checkpoint(args.model, served_plan(plan, m), tmp / m)
         for name, model_dir in dirs.items():
@@ -163,7 +163,7 @@ def read_records(path: Path) -> list[dict]:
 
 
 def settings(args) -> dict:
-    keys = ("model", "plan", "methods", "tasks", "lengths", "samples", "seed", "nll_windows", "nll_length", "parity",
+    keys = ("model", "dense_model", "plan", "methods", "tasks", "lengths", "samples", "seed", "nll_windows", "nll_length", "parity",
             "max_model_len", "max_num_batched_tokens", "concurrency")
     return {k: (str(v) if isinstance(v, Path) else v) for k in keys for v in [getattr(args, k)]}
 
@@ -171,6 +171,9 @@ def settings(args) -> dict:
 def parse(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True, help="HF checkpoint directory (served dense and with --plan)")
+    ap.add_argument("--dense-model", type=Path, default=None,
+                    help="checkpoint of the dense server (default: --model); an adapted --model is compared with "
+                         "the base weights it was trained from, which is what a user would otherwise serve")
     ap.add_argument("--plan", type=Path, required=True, help="a layer-granular plan JSON (head-wise: refused by vLLM)")
     ap.add_argument("--methods", action=Names, default=("pod",), help=f"PoD servers, of {', '.join(SERVED_METHODS)}")
     ap.add_argument("--tasks", action=Names, default=("niah_single_prose",), help="RULER-style tasks ('' for none)")
@@ -201,8 +204,8 @@ def check_args(args) -> None:
         raise PodError(f"--methods {bad[0]!r} is not served here; choose from {', '.join(SERVED_METHODS)}")
     if not args.tasks and not args.nll_windows:
         raise PodError("nothing to run: give --tasks or --nll-windows > 0")
-    for flag, path in (("--model", args.model), ("--plan", args.plan)):
-        if not path.exists():
+    for flag, path in (("--model", args.model), ("--dense-model", args.dense_model), ("--plan", args.plan)):
+        if path is not None and not path.exists():
             raise PodError(f"{flag} {path} does not exist")
     if max(args.lengths + (args.nll_length,)) >= args.max_model_len:
         raise PodError(f"--max-model-len {args.max_model_len} leaves no room for the answers of "
