@@ -150,6 +150,19 @@ def test_checkpoint_tokenizer_is_portable(tiny_dir, tmp_path):
         assert tok.decode(ids) == text
 
 
+def test_trained_folder_is_written_without_its_deltas(tiny_dir, tmp_path):
+    """A `podkv train` folder holds merged weights and its deltas; vLLM loads every *.safetensors of a checkpoint as
+    weights and refuses LoRA names, so the servable copy leaves the deltas behind (the source keeps them)."""
+    from podkv.models.adapted import DELTA_FILE
+
+    src = tmp_path / "run"
+    shutil.copytree(tiny_dir, src)
+    (src / DELTA_FILE).write_bytes(b"lora factors")
+    out = write_pod_checkpoint(src, SharingPlan.uniform(4, 2, 2, ns=4, nr=8), tmp_path / "pod")
+    assert not (out / DELTA_FILE).exists() and (src / DELTA_FILE).is_file()
+    assert {f.name for f in out.glob("*.safetensors")} == {f.name for f in tiny_dir.glob("*.safetensors")}
+
+
 @pytest.mark.integration
 def test_default_checkpoint_tokenizer_matches_gguf(tmp_path):
     """The default model's written checkpoint tokenizes and decodes like the GGUF tokenizer it came from

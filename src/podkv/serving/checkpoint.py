@@ -49,15 +49,19 @@ def pod_hf_overrides(plan: SharingPlan, config) -> dict:
 def write_pod_checkpoint(model_dir: str | Path, plan: SharingPlan, out_dir: str | Path) -> Path:
     """Copy ``model_dir`` to ``out_dir`` with the plan and the PoD architecture in config.json.
 
-    Weight files are hard-linked when possible (same file system), else copied.
+    Weight files are hard-linked when possible (same file system), else copied. A ``podkv train`` folder also
+    holds its deltas (``pod_deltas.safetensors``, already merged into its weights): they stay behind, since vLLM
+    loads every ``*.safetensors`` of the folder as weights and refuses their LoRA names.
     """
+    from podkv.models.adapted import DELTA_FILE  # startup: transformers
+
     src, out = Path(model_dir), Path(out_dir)
     config = load_hf_config(src)
     check_plan_servable(plan, config)
     check_new_dir(src, out)
     out.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
-        if f.is_file() and f.name != "config.json":
+        if f.is_file() and f.name not in ("config.json", DELTA_FILE):
             _link_or_copy(f, out / f.name)
     _write_config(src / "config.json", out, pod_hf_overrides(plan, config))
     return out
