@@ -46,7 +46,7 @@ def check_parity(args, plan, cases: dict, records: list[dict]) -> dict:
     if not ref_python.exists():
         return {"skipped": f"no podkv reference venv at {ref_python} (set PODKV_REF_PYTHON)", "methods": methods}
     items = pick(cases, args.parity)
-    dense_model = getattr(args, "dense_model", None) or args.model
+    dense_model = args.dense_model or args.model
     runs = {args.model: methods} if dense_model == args.model else {dense_model: ["dense"], args.model: methods[1:]}
     reference = {}
     with tempfile.TemporaryDirectory(prefix="podkv-parity-") as tmp:

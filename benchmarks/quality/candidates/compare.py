@@ -10,6 +10,7 @@ the same way — paired differences over the same prompts (the needle values are
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -18,7 +19,9 @@ QUALITY = Path(__file__).resolve().parents[1]
 FOLDERS = {"ppl": ("ppl",), "retrieval_logprob": ("logprob",)}  # other tasks: ruler/ and needles/
 
 
+@functools.cache
 def _report():
+    """benchmarks/quality/report.py, loaded once (it is a script, not a package module)."""
     spec = importlib.util.spec_from_file_location("quality_report", QUALITY / "report.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -38,11 +41,10 @@ def baseline(method: str, task: str) -> list[dict]:
 
 
 def value_of(task: str):
-    report = _report()
     if task == "ppl":
         return lambda r: r["nll"] / r["tokens"]
     if task == "retrieval_logprob":
-        return report._lp
+        return _report()._lp
     return lambda r: r["score"]
 
 
@@ -80,6 +82,9 @@ def main(argv=None) -> int:
     ap.add_argument("records", nargs="+", type=Path, help="the candidate's records.jsonl files")
     ap.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
+    missing = [p for p in args.records if not p.is_file()]
+    if missing:
+        ap.error(f"records file {missing[0]} does not exist")
     rows = compare([r for p in args.records for r in _read(p)])
     print(markdown(rows), end="")
     if args.out:
