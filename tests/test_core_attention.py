@@ -74,7 +74,7 @@ def test_split_path_mixed_anchors_equals_reference(scores_mode):
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_prefill_never_scores_full_matrix(monkeypatch, padded):
-    """A long prefill is scored chunk by chunk: no attention call sees T x T scores."""
+    """Where the scores are materialised, a long prefill is scored chunk by chunk: no call sees T x T scores."""
     import podkv.attention.chunked as chunked
     import podkv.attention.prefill as prefill
 
@@ -91,6 +91,7 @@ def test_prefill_never_scores_full_matrix(monkeypatch, padded):
 
     monkeypatch.setattr(chunked.F, "scaled_dot_product_attention", spy)
     monkeypatch.setattr(prefill, "attend_lse", spy_lse)
+    monkeypatch.setattr(prefill, "fused", lambda q: False)  # scores materialised (off CPU): rows go chunk by chunk
     T = 2048
     q, k_own, k_anc, v = _inputs(1, 2, 1, T, D=8)
     src = KeySources(own_keys=k_own, own_start=0, values=v, anchor_keys=[(k_anc, 0)])
@@ -98,6 +99,32 @@ def test_prefill_never_scores_full_matrix(monkeypatch, padded):
     pod_attention_chunked(q, 0, src, pad=pad, ns=16, nr=64, scale=0.3, chunk=256)
     assert max(seen) <= 256 * (T + 256 + 16 + 64)
     assert max(seen) < T * T / 4
+
+
+def test_fused_prefill_takes_the_distant_rows_in_one_call(monkeypatch):
+    """On CPU the distant pass is one fused causal call per head run (it never builds the scores): the same
+    output as chunk by chunk, in fewer calls."""
+    import podkv.attention.prefill as prefill
+
+    calls = []
+    real = prefill.attend_lse
+    monkeypatch.setattr(prefill, "attend_lse", lambda *a, **kw: calls.append(kw.get("causal", False)) or real(*a, **kw))
+    T, chunk = 600, 64
+    q, k_own, k_anc, v = _inputs(1, 4, 2, T, D=8)
+    q_anc = torch.randn_like(q)
+    src = KeySources(own_keys=k_own, own_start=0, values=v, anchor_keys=[(k_anc, 0), (k_anc, 1)])
+    pad = torch.zeros(1, dtype=torch.long)
+    run = lambda: pod_attention_chunked(q, 0, src, pad=pad, ns=8, nr=40, scale=0.3, chunk=chunk, anchor_query=q_anc)
+    one = run()
+    assert calls.count(True) == 1  # one causal distant call for the one head run
+    calls.clear()
+    monkeypatch.setattr(prefill, "fused", lambda q: False)
+    chunked_out = run()
+    assert calls.count(True) == len(range(8 + 40, T, chunk))
+    assert_close(one, chunked_out, what="distant rows in one call vs chunk by chunk")
+    ref = pod_attention_reference(q, k_own, torch.stack([k_anc[:, 0], k_anc[:, 1]], dim=1), v, ns=8, nr=40, scale=0.3,
+                                  anchor_query=q_anc)
+    assert_close(one, ref, what="one-call distant pass vs reference")
 
 
 def test_attend_lse_matches_softmax_and_marks_rows_without_keys():

@@ -194,6 +194,21 @@ def test_training_on_an_adapted_model_saves_deltas_relative_to_the_base(setup):
     torch.testing.assert_close(both["u::delta"], a["u::delta"] + b["u::lora_B"] @ b["u::lora_A"])
 
 
+def test_scaled_deltas_move_weights_along_the_update(tmp_path):
+    """``apply_deltas(scale=a)`` adds a times each update (LoRA or full): 0 is the base, 1 the trained model."""
+    from podkv.models.deltas import apply_deltas, save_deltas
+
+    torch.manual_seed(0)
+    entries = {"0.weight::lora_A": torch.randn(2, 5), "0.weight::lora_B": torch.randn(3, 2), "1.weight::delta": torch.randn(4, 3)}
+    path = save_deltas(entries, tmp_path / "d.safetensors", dtype=torch.float32)
+    for scale in (0.0, 0.5, 1.0, 1.5):
+        model = torch.nn.Sequential(torch.nn.Linear(5, 3, bias=False), torch.nn.Linear(3, 4, bias=False))
+        w0, w1 = model[0].weight.detach().clone(), model[1].weight.detach().clone()
+        assert apply_deltas(model, path, scale=scale) == 2
+        torch.testing.assert_close(model[0].weight.detach(), w0 + scale * entries["0.weight::lora_B"] @ entries["0.weight::lora_A"])
+        torch.testing.assert_close(model[1].weight.detach(), w1 + scale * entries["1.weight::delta"])
+
+
 # ------------------------------------------------------------------ bad input fails before compute
 @pytest.mark.parametrize("change, match", [
     (dict(plan="plan6"), "layers"),

@@ -58,7 +58,10 @@ def profile_prefill(model, method, plan, ids):
 
 def prefill_report(args, pod, dense, plan, ids) -> tuple[list[str], Path]:
     threads = [int(t) for t in args.threads.split(",")]
-    out = [f"# Prefill profile: smollm2-pod (scores mode, block pass, steps of {plan.nr}) vs dense (one forward), "
+    from podkv.models.chunked_forward import ONE_SHOT_MAX
+
+    how = ("one forward, two-pass" if args.context <= ONE_SHOT_MAX else f"block pass, steps of {plan.nr}")
+    out = [f"# Prefill profile: smollm2-pod (scores mode, {how}) vs dense (one forward), "
            f"same weights, {args.context} tokens, batch 1", "",
            f"Command: `python benchmarks/shipped/profile_decode.py --prefill --context {args.context} "
            f"--threads {args.threads}`", ""]

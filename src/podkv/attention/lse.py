@@ -13,22 +13,30 @@ import torch
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def attend_lse(q, k, v, scale: float, bias=None, causal: bool = False):
+def fused(q: torch.Tensor) -> bool:
+    """Whether :func:`attend_lse` runs the fused kernel for ``q`` (CPU): it never materialises the scores,
+    so a caller may pass many rows at once; elsewhere the scores are built, so callers chunk the queries."""
+    return q.device.type == "cpu" and _FLASH_CPU is not None
+
+
+def attend_lse(q, k, v, scale: float, bias=None, causal: bool = False, every_row_sees_a_key: bool = False):
     """Softmax attention that also returns the log-sum-exp of the scores (float32).
 
     q (B, h, L, D), k/v (B, h, n, D) (views are fine; a strided last dim is copied), bias additive float, broadcastable
     to (B, h, L, n), or None; ``causal``: top-left causal mask (row r sees keys [0, r]), L == n
     -> out (B, h, L, D) float32, lse (B, h, L) float32 (-inf: no key seen).
+    ``every_row_sees_a_key``: the caller knows no row of ``bias`` is all -inf, which skips the check for
+    such rows (a full pass over the bias per call: 1.3% of a 1K prefill).
     On CPU: one fused flash-attention call, which returns the log-sum-exp; elsewhere the scores
     are materialised (callers keep L small: one query chunk).
     """
-    if q.device.type == "cpu" and _FLASH_CPU is not None:
+    if fused(q):
         # The kernel reads rows with unit stride: a view whose last dim is strided gives wrong results.
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         b = None if bias is None else bias.to(q.dtype)
         o, lse = _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=b, scale=scale)
         lse = lse.float()
-        if bias is not None:  # the kernel reports lse 0 (not -inf) for a row that sees no key
+        if bias is not None and not every_row_sees_a_key:  # the kernel reports lse 0 (not -inf) for a row that sees no key
             lse = lse.masked_fill(torch.isneginf(bias).all(-1).expand(lse.shape), float("-inf"))
         return o.float(), lse
     s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale

@@ -74,8 +74,9 @@ def save_deltas(tensors: dict[str, torch.Tensor], path: str | Path, dtype=torch.
     return atomic_write_bytes(path, save({k: v.to(dtype) for k, v in tensors.items()}))
 
 
-def apply_deltas(model, path: str | Path) -> int:
-    """Add the stored updates to ``model``'s weights in place. Returns the number of tensors changed."""
+def apply_deltas(model, path: str | Path, scale: float = 1.0) -> int:
+    """Add the stored updates (times ``scale``: 1 is the trained model) to ``model``'s weights in place.
+    Returns the number of tensors changed."""
     path = Path(path)
     if not path.is_file():
         raise PodError(f"delta file {path} does not exist")
@@ -89,9 +90,9 @@ def apply_deltas(model, path: str | Path) -> int:
                 raise PodError(f"delta file {path} updates {name}, which this model does not have")
             p = params[name]
             if kind == "delta":
-                p.add_(value.to(p.dtype))
+                p.add_((scale * value.float()).to(p.dtype))
             elif kind == "lora_A":
                 b = entries[f"{name}::lora_B"].float()
-                p.add_((b @ value.float()).to(p.dtype))  # (out, r) @ (r, in)
+                p.add_((scale * (b @ value.float())).to(p.dtype))  # (out, r) @ (r, in)
             touched.add(name)
     return len(touched)
