@@ -26,7 +26,6 @@ from podkv.attention.heads import head_runs
 from podkv.attention.lse import attend_lse, fused, merge_lse_finite, to_bias
 
 
-
 def pod_prefill(query, q_start: int, src, *, ns: int, nr: int, scale: float, chunk: int,
                 anchor_query: torch.Tensor | None = None) -> torch.Tensor:
     """query (B, Hq, Tq, D) at indices [q_start, q_start+Tq); ``src`` a KeySources with own_start 0;
