@@ -13,7 +13,10 @@ import podkv
 from podkv.errors import PodError
 from podkv.models.anchor_init import init_from_anchor
 from podkv.training.longrange import (
+    CHAIN_QUESTIONS,
     CHAIN_WORDINGS,
+    CHAT_OPENINGS,
+    MULTI_QUESTIONS,
     MULTI_WORDINGS,
     TRACK_FILLER,
     TRACK_QUESTIONS,
@@ -111,7 +114,8 @@ def test_chain_document_names_every_holder_in_chain_order():
 
 def test_training_wordings_never_use_the_evaluation_templates():
     """The RULER-style tasks must stay unseen: no magic numbers, no ``VAR X = Y`` chains, no passkey."""
-    groups = (MULTI_WORDINGS, CHAIN_WORDINGS, TRACK_WORDINGS, TRACK_QUESTIONS)
+    groups = (MULTI_WORDINGS, CHAIN_WORDINGS, TRACK_WORDINGS, TRACK_QUESTIONS, [MULTI_QUESTIONS, CHAIN_QUESTIONS],
+              [CHAT_OPENINGS])
     wordings = " ".join(w for group in groups for t in group for w in t).lower() + " " + TRACK_FILLER.lower()
     for phrase in ("magic number", "var ", "pass key", "passkey", "memorize", "variable assignment",
                    "grass is green", "sky is blue", "there and back"):
@@ -134,8 +138,8 @@ def test_track_texts_hold_two_ordered_chains_and_answer_the_asked_one():
         start = next(i for i, m in enumerate(starts) if m and m["a"] == asked[0])
         hops = [next(i for i, m in enumerate(copies) if m and (m["a"], m["b"]) == ab) for ab in zip(asked, asked[1:])]
         assert [start] + hops == sorted([start] + hops)  # the asked chain, in order
-        assert tail.endswith(" ".join(asked) + ".")
-        questions.add(next(q for q, _ in TRACK_QUESTIONS if q.split("{value}")[0] in tail))
+        assert tail[1].endswith(" ".join(asked) + ".")
+        questions.add(next(q for q, _ in TRACK_QUESTIONS if q.split("{value}")[0] in tail[0]))
     assert len(questions) == len(TRACK_QUESTIONS)
 
 
@@ -155,6 +159,46 @@ def test_long_range_kinds_cycle_and_unknown_kind_is_refused():
     assert [len(r) for r in rows] == [1024] * 4
     with pytest.raises(PodError, match="--long-range-kinds: unknown kind 'recall'"):
         long_range_blocks(WordTok(), STREAM, 1024, 2, kinds=("chain", "recall"))
+
+
+class ChatTok(WordTok):
+    """WordTok with a chat template: turns as ``<role> text <end>``."""
+
+    chat_template = "role/text/end"
+
+    def apply_chat_template(self, messages, tokenize=False):
+        return "".join(f"<{m['role']}> {m['content']} <end> " for m in messages)
+
+
+def test_chat_framed_documents_put_the_haystack_and_question_in_a_user_turn_and_the_answer_in_the_assistants():
+    tok = ChatTok()
+    kinds = ("lookup", "multilookup", "chain", "track")
+    rows = long_range_blocks(tok, STREAM, 1024, 8, seed=3, kinds=kinds, chat_share=1.0)
+    for kind, row in zip(kinds * 2, rows):
+        assert len(row) == 1024 and row[-1] == 0
+        text = tok.decode(row[:-1])
+        assert text.startswith("<user> ") and any(i >= 100_000 for i in row)  # the haystack is in the first turn
+        turns = text.split("<assistant> ")[1:]
+        assert len(turns) == (3 if kind == "lookup" else 1)
+        if kind == "lookup":  # each answer is the code its record gave the asked name
+            asked = re.findall(r"Which access code belongs to (\w+)\?", text)
+            for name, turn in zip(asked, turns):
+                assert f"the access code of {name} is {turn.split(' <end>')[0]}." in text
+    # the same documents in plain text are those of a run without chat: the chat draws have their own generator
+    plain = long_range_blocks(tok, STREAM, 1024, 8, seed=3, kinds=kinds)
+    assert plain == long_range_blocks(tok, STREAM, 1024, 8, seed=3, kinds=kinds, chat_share=0.0)
+    assert all("<user>" not in tok.decode(r) for r in plain)
+    mixed = long_range_blocks(tok, STREAM, 1024, 40, seed=3, kinds=("repeat", "chain"), chat_share=0.5)
+    framed = ["<user>" in tok.decode(r) for r in mixed]
+    assert not any(framed[0::2]) and 0 < sum(framed[1::2]) < 20  # repeat never, chain about half
+
+
+def test_chat_framing_is_refused_without_a_template_and_outside_0_1():
+    with pytest.raises(PodError, match="--long-range-chat needs a tokenizer with a chat template"):
+        long_range_blocks(WordTok(), STREAM, 1024, 2, kinds=("chain",), chat_share=1.0)
+    for bad in (-0.1, 1.5, True):
+        with pytest.raises(PodError, match="--long-range-chat must be a share in \\[0, 1\\]"):
+            long_range_blocks(ChatTok(), STREAM, 1024, 2, chat_share=bad)
 
 
 def test_long_range_blocks_are_seq_len_rows_ending_in_eos():
@@ -214,6 +258,8 @@ def test_train_config_refuses_bad_long_range_and_init():
         TrainConfig(plan="p.json", out="o", max_steps=1, long_range=-1)
     with pytest.raises(PodError, match="--init must be one of"):
         TrainConfig(plan="p.json", out="o", max_steps=1, init="anchor-v")
+    with pytest.raises(PodError, match="--long-range-chat must be a share in \\[0, 1\\], got 2"):
+        TrainConfig(plan="p.json", out="o", max_steps=1, long_range_chat=2)
 
 
 def test_train_config_refuses_an_unknown_long_range_kind_before_compute():

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from podkv.errors import PodError
-from podkv.training.longrange import check_kinds
+from podkv.training.longrange import check_chat_share, check_kinds
 
 OBJECTIVES = ("lm", "distill", "local")
 TRAINABLE = ("qk", "attention", "all")
@@ -33,7 +33,9 @@ class TrainConfig:
         With the default text the held-out curve is measured on the ``heldout`` split instead.
     long_range : generated long-range documents (:mod:`podkv.training.longrange`) added to the
         training rows; 0 = none.
-    long_range_kinds : the kinds those documents cycle through (repeat, lookup, multilookup, chain).
+    long_range_kinds : the kinds those documents cycle through (repeat, lookup, multilookup, chain, track).
+    long_range_chat : share of the question documents (every kind but repeat) framed in the tokenizer's chat
+        template: haystack and question in a user turn, the answer in the assistant's; 0 = all plain text.
     init : ``"none"``, ``"anchor-q"`` or ``"anchor-qk"`` — start shared heads from their anchor's
         projections (:mod:`podkv.models.anchor_init`); recorded in the saved plan's ``meta["init"]``.
     eval_every : optimizer steps between held-out perplexity measurements (0 = only at start and end).
@@ -66,6 +68,7 @@ class TrainConfig:
     threads: int | None = None
     long_range: int = 0
     long_range_kinds: tuple[str, ...] = ("repeat", "lookup")
+    long_range_chat: float = 0.0
     init: str = "none"
 
     def __post_init__(self):
@@ -94,6 +97,7 @@ class TrainConfig:
         if self.long_range < 0:
             raise PodError(f"--long-range must be >= 0 documents, got {self.long_range}")
         self.long_range_kinds = check_kinds(self.long_range_kinds)
+        self.long_range_chat = check_chat_share(self.long_range_chat)
         if self.eval_every < 0:
             raise PodError(f"eval_every must be >= 0, got {self.eval_every}")
         self.data = [str(p) for p in self.data]

@@ -70,7 +70,8 @@ def split_stream(stream: torch.Tensor, seq_len: int, eval_fraction: float) -> Sp
 
 
 def load_split(tok, paths: list[str], seq_len: int, eval_fraction: float, long_range: int = 0,
-               seed: int = 0, long_range_kinds: tuple[str, ...] = ("repeat", "lookup")) -> Split:
+               seed: int = 0, long_range_kinds: tuple[str, ...] = ("repeat", "lookup"),
+               long_range_chat: float = 0.0) -> Split:
     """Packed training rows (``long_range`` generated documents first) and the held-out tokens."""
     docs = read_documents(paths) if paths else default_documents()
     split = split_stream(token_stream(tok, docs), seq_len, eval_fraction)
@@ -78,7 +79,7 @@ def load_split(tok, paths: list[str], seq_len: int, eval_fraction: float, long_r
         split.heldout = token_stream(tok, texts.documents("heldout"))
     if long_range:
         rows = long_range_blocks(tok, split.train.flatten().tolist(), seq_len, long_range, seed=seed,
-                                 kinds=long_range_kinds)
+                                 kinds=long_range_kinds, chat_share=long_range_chat)
         split.train = torch.cat([torch.tensor(rows, dtype=torch.long), split.train])
     return split
 

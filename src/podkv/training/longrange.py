@@ -24,6 +24,13 @@ packing never splits one):
 
 None uses RULER's "special magic number" needles, its ``VAR X = Y`` chains, the passkey filler,
 or the held-out text: the evaluation's prompts stay unseen (wordings are checked in the tests).
+
+**Chat framing** (``chat_share``): the shipped model is an instruct model, asked in its chat template (the
+demo, every evaluation prompt). Plain documents put the question and its answer in running text, so the
+student never sees the position where a user turn ends and the assistant's answer starts; after adaptation it
+preferred a blank line to the answer there (smollm2-pod on vt: 33 of 50 greedy answers open with "\n\n",
+dense 13). A chat-framed question document is the same haystack in a user turn, its questions as user turns
+and its answers as the assistant's, rendered by the tokenizer's own template.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from __future__ import annotations
 import random
 
 from podkv.errors import PodError
+
+_SLOT = "\x00PODKV_HAYSTACK\x00"
 
 KINDS = ("repeat", "lookup", "multilookup", "chain", "track")
 DEFAULT_KINDS = ("repeat", "lookup")
@@ -41,6 +50,9 @@ MULTI_WORDINGS = (
     ("Ledger line: {name} paid invoice {value}.", "The invoices that {name} paid were {values}."),
     ("Aside: {name} once rented room {value}.", "Rooms {name} rented, listed: {values}."),
 )
+# the user's question of a chat-framed multilookup document, one per MULTI_WORDINGS entry; {name}
+MULTI_QUESTIONS = ("Which shipment numbers does {name} have? List them in order.", "Which lockers was {name} given?",
+                   "List the invoices {name} paid.", "What rooms did {name} rent?")
 # (first assignment, copy, final line) templates; {a}, {b}, {value}, {names} (space-joined, chain order)
 CHAIN_WORDINGS = (
     ("Setting: {a} holds {value}.", "Setting: {b} takes the value of {a}.", "Holders of {value}: {names}."),
@@ -48,6 +60,12 @@ CHAIN_WORDINGS = (
     ("The box {a} contains {value}.", "The box {b} contains whatever box {a} contains.",
      "Boxes containing {value}: {names}."),
 )
+# the user's question of a chat-framed chain document, one per CHAIN_WORDINGS entry; {value}
+CHAIN_QUESTIONS = ("Who holds {value}, in the order it was passed on?", "Which names end up bound to {value}?",
+                   "Which boxes contain {value}?")
+# how a chat-framed document's user turn opens, before the haystack
+CHAT_OPENINGS = ("", "Read the text below, then answer my questions.\n\n", "Here is a document.\n\n",
+                 "Some notes are scattered in this text.\n\n")
 # (first assignment, copy) statement syntaxes of a track document; {a}, {b}, {value}
 TRACK_WORDINGS = (
     ("{a} = {value}", "{b} = {a}"),
@@ -81,50 +99,58 @@ def repeat_document(stream: list[int], n: int, rng: random.Random, min_gap: int)
 
 
 def lookup_document(tok, stream: list[int], n: int, rng: random.Random, records: int = 6,
-                    asked: int = 3) -> list[int]:
-    """``n`` token ids: prose with ``records`` access-code records, ``asked`` questions at the end."""
+                    asked: int = 3, chat: str | None = None) -> list[int]:
+    """``n`` token ids: prose with ``records`` access-code records, ``asked`` questions at the end.
+    ``chat``: the user turn's opening (:func:`_chat_frame`); None = plain text."""
     names = rng.sample(NAMES, records)
     codes = {w: str(rng.randint(1000, 999999)) for w in names}
     recs = [f"Entry {i + 1}: the access code of {w} is {codes[w]}." for i, w in enumerate(names)]
-    tail = "\n\n" + " ".join(f"Which access code belongs to {w}? {codes[w]}." for w in rng.sample(names, asked))
-    return _scatter(tok, stream, n, rng, recs, tail)
+    turns = [(f"Which access code belongs to {w}?", codes[w]) for w in rng.sample(names, asked)]
+    return _questions(tok, stream, n, rng, recs, turns, " ".join(f"{q} {a}." for q, a in turns), chat)
 
 
 def multilookup_document(tok, stream: list[int], n: int, rng: random.Random, values: int = 4,
-                         others: int = 3) -> list[int]:
+                         others: int = 3, chat: str | None = None) -> list[int]:
     """``n`` token ids: ``values`` numbers of one name and ``others`` of other names in prose; all of the
     first name's numbers listed at the end, in order of appearance."""
-    record, final = rng.choice(MULTI_WORDINGS)
+    wording = rng.choice(MULTI_WORDINGS)
+    record, final = wording
     name, *other_names = rng.sample(NAMES, 1 + others)
     numbers = [str(v) for v in rng.sample(range(10_000, 1_000_000), values + others)]
     owners = [name] * values + other_names
     order = rng.sample(range(len(owners)), len(owners))
     texts = [record.format(name=owners[i], value=numbers[i]) for i in order]
     mine = [numbers[i] for i in order if owners[i] == name]
-    return _scatter(tok, stream, n, rng, texts, "\n\n" + final.format(name=name, values=", ".join(mine)))
+    answer = final.format(name=name, values=", ".join(mine))
+    question = MULTI_QUESTIONS[MULTI_WORDINGS.index(wording)].format(name=name)
+    return _questions(tok, stream, n, rng, texts, [(question, answer)], answer, chat)
 
 
-def chain_document(tok, stream: list[int], n: int, rng: random.Random, hops: int = 4) -> list[int]:
+def chain_document(tok, stream: list[int], n: int, rng: random.Random, hops: int = 4,
+                   chat: str | None = None) -> list[int]:
     """``n`` token ids: a value assigned to one name, copied along ``hops`` names at later points of the prose,
     and a final line naming every holder in chain order."""
-    first, copy, final = rng.choice(CHAIN_WORDINGS)
+    wording = rng.choice(CHAIN_WORDINGS)
+    first, copy, final = wording
     names = rng.sample(NAMES, hops + 1)
     value = str(rng.randint(100, 99_999))
     texts = [first.format(a=names[0], value=value)] + [copy.format(a=a, b=b) for a, b in zip(names, names[1:])]
-    return _scatter(tok, stream, n, rng, texts, "\n\n" + final.format(value=value, names=" ".join(names)))
+    answer = final.format(value=value, names=" ".join(names))
+    question = CHAIN_QUESTIONS[CHAIN_WORDINGS.index(wording)].format(value=value)
+    return _questions(tok, stream, n, rng, texts, [(question, answer)], answer, chat)
 
 
-def track_document(tok, stream: list[int], n: int, rng: random.Random) -> list[int]:
+def track_document(tok, stream: list[int], n: int, rng: random.Random, chat: str | None = None) -> list[int]:
     """``n`` token ids: :func:`track_texts` scattered in prose or, half the time, in :data:`TRACK_FILLER`."""
-    texts, tail, _ = track_texts(rng)
+    texts, (question, answer), _ = track_texts(rng)
     if rng.random() < 0.5:
         reps = 2 + n // max(1, len(tok.encode(TRACK_FILLER, add_special_tokens=False)))
         stream = list(tok.encode(" ".join([TRACK_FILLER] * reps), add_special_tokens=False))
-    return _scatter(tok, stream, n, rng, texts, tail)
+    return _questions(tok, stream, n, rng, texts, [(question, answer)], f"{question} {answer}", chat)
 
 
-def track_texts(rng: random.Random) -> tuple[list[str], str, list[str]]:
-    """(statements of two interleaved copy chains with different values, the final question + answer, the
+def track_texts(rng: random.Random) -> tuple[list[str], tuple[str, str], list[str]]:
+    """(statements of two interleaved copy chains with different values, the final (question, answer), the
     asked chain's names). Each chain's statements stay in chain order."""
     first, copy = rng.choice(TRACK_WORDINGS)
     question, answer = rng.choice(TRACK_QUESTIONS)
@@ -138,9 +164,8 @@ def track_texts(rng: random.Random) -> tuple[list[str], str, list[str]]:
     heads = [iter(lines[0]), iter(lines[1])]
     texts = [next(heads[i]) for i in order]
     asked = rng.randrange(2)
-    tail = "\n\n" + question.format(value=values[asked]) + " " + answer.format(
-        names=" ".join(chains[asked]), n=len(chains[asked])) + "."
-    return texts, tail, chains[asked]
+    qa = question.format(value=values[asked]), answer.format(names=" ".join(chains[asked]), n=len(chains[asked])) + "."
+    return texts, qa, chains[asked]
 
 
 def _track_names(rng: random.Random, count: int) -> list[str]:
@@ -156,18 +181,43 @@ def _track_names(rng: random.Random, count: int) -> list[str]:
     return list(seen)
 
 
-def _scatter(tok, stream: list[int], n: int, rng: random.Random, texts: list[str], tail_text: str) -> list[int]:
-    """``texts`` in order at random points of a stretch of prose, then ``tail_text``: exactly ``n`` ids."""
+def _questions(tok, stream, n, rng, texts, turns, plain_tail: str, chat: str | None) -> list[int]:
+    """A question document: ``texts`` scattered in prose, then in plain text ``"\n\n" + plain_tail``, or with
+    ``chat`` (the user turn's opening) the chat frame of ``turns`` around the haystack."""
+    if chat is None:
+        return _scatter(tok, stream, n, rng, texts, "\n\n" + plain_tail)
+    head, tail = _chat_frame(tok, turns, chat)
+    return _scatter(tok, stream, n, rng, texts, tail, head)
+
+
+def _chat_frame(tok, turns: list[tuple[str, str]], opening: str) -> tuple[str, str]:
+    """The text before and after the haystack of a chat-framed document, rendered by the tokenizer's template:
+    a user turn (``opening``, the haystack, the first question), the assistant's answer, then one user and one
+    assistant turn per further question."""
+    if not getattr(tok, "chat_template", None):
+        raise PodError("--long-range-chat needs a tokenizer with a chat template; this one has none")
+    (question, answer), rest = turns[0], turns[1:]
+    messages = [{"role": "user", "content": f"{opening}{_SLOT}\n\n{question}"}, {"role": "assistant", "content": answer}]
+    for q, a in rest:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    before, after = tok.apply_chat_template(messages, tokenize=False).split(_SLOT)
+    return before, after
+
+
+def _scatter(tok, stream: list[int], n: int, rng: random.Random, texts: list[str], tail_text: str,
+             head_text: str = "") -> list[int]:
+    """``head_text``, then ``texts`` in order at random points of a stretch of prose, then ``tail_text``: exactly
+    ``n`` ids."""
     enc = lambda s: list(tok.encode(s, add_special_tokens=False))  # noqa: E731
     recs = [enc(f"\n\n{t}\n\n") for t in texts]
-    tail = enc(tail_text)
-    n_prose = n - len(tail) - sum(map(len, recs))
+    head, tail = enc(head_text) if head_text else [], enc(tail_text)
+    n_prose = n - len(head) - len(tail) - sum(map(len, recs))
     if n_prose < len(recs):
         raise PodError(f"--seq-len {n + 1} is too short for a long-range document")
     start = rng.randrange(len(stream) - n_prose)
     prose = stream[start:start + n_prose]
     cuts = sorted(rng.sample(range(1, n_prose), len(recs)))
-    out, prev = [], 0
+    out, prev = list(head), 0
     for cut, rec in zip(cuts, recs):
         out += prose[prev:cut] + rec
         prev = cut
@@ -184,23 +234,35 @@ def check_kinds(kinds) -> tuple[str, ...]:
     return kinds
 
 
+def check_chat_share(share: float) -> float:
+    """``share`` if it is a fraction in [0, 1], else a one-line error naming the flag."""
+    if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 <= share <= 1:
+        raise PodError(f"--long-range-chat must be a share in [0, 1], got {share!r}")
+    return float(share)
+
+
 def long_range_blocks(tok, stream: list[int], seq_len: int, count: int, seed: int = 0, min_gap: int = 256,
-                      kinds: tuple[str, ...] = DEFAULT_KINDS):
-    """``count`` token rows of exactly ``seq_len`` (document + EOS), cycling through ``kinds``."""
+                      kinds: tuple[str, ...] = DEFAULT_KINDS, chat_share: float = 0.0):
+    """``count`` token rows of exactly ``seq_len`` (document + EOS), cycling through ``kinds``; about
+    ``chat_share`` of the question documents (every kind but repeat) chat-framed. The chat draws come from a
+    generator of their own, so ``chat_share=0`` gives the documents of earlier releases unchanged."""
     if seq_len < 4 * min_gap:
         raise PodError(f"--seq-len {seq_len} is too short for long-range documents: use >= {4 * min_gap}")
     kinds = check_kinds(kinds)
-    rng = random.Random(seed)
+    check_chat_share(chat_share)
+    rng, chat_rng = random.Random(seed), random.Random(f"{seed}-chat")
     eos = tok.eos_token_id
     n = seq_len - 1
-    make = {"repeat": lambda: repeat_document(stream, n, rng, min_gap),
-            "lookup": lambda: lookup_document(tok, stream, n, rng),
-            "multilookup": lambda: multilookup_document(tok, stream, n, rng),
-            "chain": lambda: chain_document(tok, stream, n, rng),
-            "track": lambda: track_document(tok, stream, n, rng)}
+    make = {"repeat": lambda chat: repeat_document(stream, n, rng, min_gap),
+            "lookup": lambda chat: lookup_document(tok, stream, n, rng, chat=chat),
+            "multilookup": lambda chat: multilookup_document(tok, stream, n, rng, chat=chat),
+            "chain": lambda chat: chain_document(tok, stream, n, rng, chat=chat),
+            "track": lambda chat: track_document(tok, stream, n, rng, chat=chat)}
     rows = []
     for i in range(count):
-        doc = make[kinds[i % len(kinds)]]()
+        kind = kinds[i % len(kinds)]
+        framed = chat_share > 0 and kind != "repeat" and chat_rng.random() < chat_share
+        doc = make[kind](chat_rng.choice(CHAT_OPENINGS) if framed else None)
         assert len(doc) == n, (len(doc), n)
         rows.append(doc + [eos])
     return rows

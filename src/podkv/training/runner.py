@@ -49,7 +49,7 @@ def prepare(cfg: TrainConfig):
     if max_pos is not None and cfg.seq_len > max_pos:
         raise PodError(f"--seq-len {cfg.seq_len} exceeds the model's {max_pos} positions")
     split = load_split(tok, cfg.data, cfg.seq_len, cfg.eval_fraction, cfg.long_range, cfg.seed,
-                       cfg.long_range_kinds)
+                       cfg.long_range_kinds, cfg.long_range_chat)
     return model, tok, plan, split
 
 
