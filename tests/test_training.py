@@ -207,6 +207,11 @@ def test_scaled_deltas_move_weights_along_the_update(tmp_path):
         assert apply_deltas(model, path, scale=scale) == 2
         torch.testing.assert_close(model[0].weight.detach(), w0 + scale * entries["0.weight::lora_B"] @ entries["0.weight::lora_A"])
         torch.testing.assert_close(model[1].weight.detach(), w1 + scale * entries["1.weight::delta"])
+    model = torch.nn.Sequential(torch.nn.Linear(5, 3, bias=False), torch.nn.Linear(3, 4, bias=False))
+    w0, w1 = model[0].weight.detach().clone(), model[1].weight.detach().clone()
+    assert apply_deltas(model, path, modules=("1",)) == 1  # only module "1": the other keeps its weights
+    torch.testing.assert_close(model[0].weight.detach(), w0)
+    torch.testing.assert_close(model[1].weight.detach(), w1 + entries["1.weight::delta"])
 
 
 # ------------------------------------------------------------------ bad input fails before compute

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
 
 import torch
@@ -87,8 +88,7 @@ def main() -> None:
     atomic_write_text(out, json.dumps(result, indent=1))
     fmt = lambda v: f"{v[0]:+.2f} [{v[1]:+.2f}, {v[2]:+.2f}]"  # noqa: E731
     lines = [f"# Next token at the vt answer position ({args.length} tokens, {len(cases)} prompts, seed 0)", "",
-             f"Command: `python benchmarks/quality/candidates/first_token.py --samples {args.samples} "
-             f"--length {args.length} --out {args.out}`", "",
+             f"Command: `python benchmarks/quality/candidates/first_token.py {' '.join(sys.argv[1:])}`", "",
              "| model | top token a newline | log p(blank line) | − dense | log p(first name) | − dense |",
              "|---|---|---|---|---|---|"]
     for name, s in summary.items():

@@ -46,11 +46,11 @@ def adapted_plan(asset_dir: Path):
     return SharingPlan.load(Path(asset_dir) / PLAN_FILE)
 
 
-def adapt_weights(model, plan, asset_dir: Path, scale: float = 1.0) -> None:
+def adapt_weights(model, plan, asset_dir: Path, scale: float = 1.0, modules: tuple[str, ...] | None = None) -> None:
     """Base weights -> adapted weights, in place (fp32): replay the plan's init, add the stored deltas
-    (times ``scale``; 1 is the trained model)."""
+    (times ``scale``; 1 is the trained model; ``modules``: only those modules' deltas, see ``apply_deltas``)."""
     init_from_anchor(model, plan, plan.meta.get("init", "none"))  # deterministic: replayed, not stored
-    apply_deltas(model, Path(asset_dir) / DELTA_FILE, scale=scale)  # deltas are added in fp32, then cast once
+    apply_deltas(model, Path(asset_dir) / DELTA_FILE, scale=scale, modules=modules)  # added in fp32, cast once
 
 
 def carried_deltas(model: str | None) -> dict[str, torch.Tensor]:

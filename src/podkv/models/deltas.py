@@ -74,9 +74,10 @@ def save_deltas(tensors: dict[str, torch.Tensor], path: str | Path, dtype=torch.
     return atomic_write_bytes(path, save({k: v.to(dtype) for k, v in tensors.items()}))
 
 
-def apply_deltas(model, path: str | Path, scale: float = 1.0) -> int:
-    """Add the stored updates (times ``scale``: 1 is the trained model) to ``model``'s weights in place.
-    Returns the number of tensors changed."""
+def apply_deltas(model, path: str | Path, scale: float = 1.0, modules: tuple[str, ...] | None = None) -> int:
+    """Add the stored updates (times ``scale``: 1 is the trained model) to ``model``'s weights in place; with
+    ``modules`` (module-name endings such as ``"q_proj"``) only the updates of those modules, to tell where a
+    learned behaviour lives. Returns the number of tensors changed."""
     path = Path(path)
     if not path.is_file():
         raise PodError(f"delta file {path} does not exist")
@@ -88,6 +89,8 @@ def apply_deltas(model, path: str | Path, scale: float = 1.0) -> int:
             name, kind = key.rsplit("::", 1)
             if name not in params:
                 raise PodError(f"delta file {path} updates {name}, which this model does not have")
+            if modules is not None and not name.rsplit(".", 1)[0].endswith(modules):
+                continue
             p = params[name]
             if kind == "delta":
                 p.add_((scale * value.float()).to(p.dtype))
