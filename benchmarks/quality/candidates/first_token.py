@@ -1,7 +1,7 @@
 """Where a vt answer goes wrong first: the next-token choice at the end of the benchmark's vt prompts.
 
-    python benchmarks/quality/candidates/first_token.py --samples 50 --out benchmarks/quality/candidates/first_token_vt_1k.json \
-        [--model LABEL=DIR ...]
+    python benchmarks/quality/candidates/first_token.py --samples 50 \
+        --out benchmarks/quality/candidates/first_token_vt_1k.json [--model LABEL=DIR ...]
 
 Why: adapted models answer vt far below dense, and most of their greedy answers open with a blank line where
 dense lists the variables (benchmarks/quality/ruler/pod.jsonl at 1K: 33 of 50 answers open with a newline, dense 13).
@@ -80,7 +80,8 @@ def main() -> None:
             "lp_first_name": _mean_ci([r["lp_first_name"] for r in recs]),
             "top_is_newline": sum(r["top_is_newline"] for r in recs),
             "lp_blank_minus_dense": _mean_ci([r["lp_blank"] - d["lp_blank"] for r, d in zip(recs, dense)]),
-            "lp_first_name_minus_dense": _mean_ci([r["lp_first_name"] - d["lp_first_name"] for r, d in zip(recs, dense)]),
+            "lp_first_name_minus_dense": _mean_ci([r["lp_first_name"] - d["lp_first_name"]
+                                                   for r, d in zip(recs, dense)]),
         }
     result = {"task": "vt", "length": args.length, "samples": len(cases), "seed": 0, "summary": summary,
               "records": rows}
@@ -93,7 +94,8 @@ def main() -> None:
              "|---|---|---|---|---|---|"]
     for name, s in summary.items():
         lines.append(f"| {name} | {s['top_is_newline']}/{len(cases)} | {s['lp_blank'][0]:.2f} | "
-                     f"{fmt(s['lp_blank_minus_dense'])} | {s['lp_first_name'][0]:.2f} | {fmt(s['lp_first_name_minus_dense'])} |")
+                     f"{fmt(s['lp_blank_minus_dense'])} | {s['lp_first_name'][0]:.2f} | "
+                     f"{fmt(s['lp_first_name_minus_dense'])} |")
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 

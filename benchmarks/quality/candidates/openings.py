@@ -1,7 +1,8 @@
 """How many greedy answers open with a newline, per records file, task and length (vt by default).
 
     python benchmarks/quality/candidates/openings.py benchmarks/quality/ruler/{dense,pod}.jsonl \
-        benchmarks/quality/candidates/chat-ruler.jsonl > benchmarks/quality/candidates/openings_vt.md
+        benchmarks/quality/candidates/{chat-ruler,qk-deltas-vt,attention-deltas-vt}.jsonl \
+        > benchmarks/quality/candidates/openings_vt.md
 
 Why: an answer that opens with a blank line has lost — the model continues the haystack — and the adapted models
 open that way far more often than dense (README, "Where vt goes wrong first"). Counts from the records as scored.

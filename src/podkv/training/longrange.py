@@ -197,7 +197,8 @@ def _chat_frame(tok, turns: list[tuple[str, str]], opening: str) -> tuple[str, s
     if not getattr(tok, "chat_template", None):
         raise PodError("--long-range-chat needs a tokenizer with a chat template; this one has none")
     (question, answer), rest = turns[0], turns[1:]
-    messages = [{"role": "user", "content": f"{opening}{_SLOT}\n\n{question}"}, {"role": "assistant", "content": answer}]
+    messages = [{"role": "user", "content": f"{opening}{_SLOT}\n\n{question}"},
+                {"role": "assistant", "content": answer}]
     for q, a in rest:
         messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     before, after = tok.apply_chat_template(messages, tokenize=False).split(_SLOT)
