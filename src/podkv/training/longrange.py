@@ -30,7 +30,8 @@ demo, every evaluation prompt). Plain documents put the question and its answer 
 student never sees the position where a user turn ends and the assistant's answer starts; after adaptation it
 preferred a blank line to the answer there (smollm2-pod on vt: 33 of 50 greedy answers open with "\n\n",
 dense 13). A chat-framed question document is the same haystack in a user turn, its questions as user turns
-and its answers as the assistant's, rendered by the tokenizer's own template.
+and its answers as the assistant's, rendered by the tokenizer's own template. Measured (stop 35): with 0.75 of
+them framed, the blank line got *more* likely and vt fell 6 points (benchmarks/quality/candidates/README.md).
 """
 
 from __future__ import annotations
