@@ -78,6 +78,17 @@ def test_kl_is_zero_for_identical_logits_and_positive_otherwise():
     assert kl_per_token(a, torch.randn(2, 5, 11)).item() > 0
 
 
+def test_weighted_kl_is_the_weighted_mean_of_the_per_token_kl():
+    from podkv.training.objectives import kl_per_token
+
+    s, t = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    per_token = torch.stack([kl_per_token(s[b, i][None, None], t[b, i][None, None])
+                             for b in range(2) for i in range(5)]).view(2, 5)
+    torch.testing.assert_close(kl_per_token(s, t, torch.ones(2, 5)), kl_per_token(s, t))
+    w = torch.tensor([[1.0, 1, 10, 10, 1], [1, 1, 1, 1, 0]])
+    torch.testing.assert_close(kl_per_token(s, t, w), (per_token * w).sum() / w.sum())
+
+
 # ------------------------------------------------------------------ Trainer runs on a tiny model
 @pytest.fixture(scope="module")
 def setup(tiny_lm_dir, tmp_path_factory):

@@ -201,6 +201,25 @@ def test_chat_framing_is_refused_without_a_template_and_outside_0_1():
             long_range_blocks(ChatTok(), STREAM, 1024, 2, chat_share=bad)
 
 
+def test_answer_weights_fall_on_the_positions_that_predict_a_question_documents_tail():
+    from podkv.training.data import PackedDataset, answer_weights
+
+    tok = WordTok()
+    rows = long_range_blocks(tok, STREAM, 1024, 4, seed=2, kinds=("repeat", "lookup", "chain", "multilookup"))
+    assert rows[0].answer_start == 1023  # repeat: no tail
+    for row in rows[1:]:
+        tail = tok.decode(row[row.answer_start:-1])
+        assert tail.startswith("\n\n") and not any(i >= 100_000 for i in row[row.answer_start:])
+        assert row[row.answer_start - 1] >= 100_000 or tok.decode([row[row.answer_start - 1]]).endswith("\n\n")
+    w = answer_weights(rows, 1024, 8.0)
+    assert torch.equal(w[0], torch.ones(1024))
+    for row, wr in zip(rows[1:], w[1:]):
+        s = row.answer_start
+        assert (wr[s - 1:1022] == 8).all() and (wr[:s - 1] == 1).all() and (wr[1022:] == 1).all()
+    item = PackedDataset(torch.tensor(rows), w)[2]
+    assert torch.equal(item["loss_weights"], w[2]) and "loss_weights" not in PackedDataset(torch.tensor(rows))[2]
+
+
 def test_long_range_blocks_are_seq_len_rows_ending_in_eos():
     rows = long_range_blocks(WordTok(), STREAM, 1024, 4, seed=0)
     assert [len(r) for r in rows] == [1024] * 4 and all(r[-1] == 0 for r in rows)
@@ -260,6 +279,13 @@ def test_train_config_refuses_bad_long_range_and_init():
         TrainConfig(plan="p.json", out="o", max_steps=1, init="anchor-v")
     with pytest.raises(PodError, match="--long-range-chat must be a share in \\[0, 1\\], got 2"):
         TrainConfig(plan="p.json", out="o", max_steps=1, long_range_chat=2)
+    for bad in (0, -1.0, float("inf"), True):
+        with pytest.raises(PodError, match="--answer-weight must be a finite number > 0"):
+            TrainConfig(plan="p.json", out="o", max_steps=1, answer_weight=bad)
+    with pytest.raises(PodError, match="--answer-weight 4 needs --objective distill and --long-range"):
+        TrainConfig(plan="p.json", out="o", max_steps=1, answer_weight=4, long_range=8)
+    assert TrainConfig(plan="p.json", out="o", max_steps=1, objective="distill", long_range=8,
+                       answer_weight=4).answer_weight == 4
 
 
 def test_train_config_refuses_an_unknown_long_range_kind_before_compute():

@@ -24,6 +24,9 @@ def register(sub) -> None:
     p.add_argument("--long-range-chat", type=float, default=0.0,
                    help="share of the question documents (every kind but repeat) framed in the model's chat "
                         "template: haystack and question in a user turn, the answer in the assistant's")
+    p.add_argument("--answer-weight", type=float, default=1.0,
+                   help="distill: weight of the answer tails of question documents (the tokens after the "
+                        "haystack) in the loss, against 1 for every other position")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--max-steps", type=int, help="optimizer steps")
     budget.add_argument("--max-tokens", action=Int, help="training tokens (rounded up to whole steps)")
@@ -63,7 +66,7 @@ def run(args) -> int:
         grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing, save_steps=args.save_steps,
         eval_every=args.eval_every, eval_tokens=args.eval_tokens, precision=args.precision, threads=args.threads,
         seed=args.seed, resume=args.resume, force=args.force, long_range=args.long_range, init=args.init,
-        long_range_chat=args.long_range_chat,
+        long_range_chat=args.long_range_chat, answer_weight=args.answer_weight,
         long_range_kinds=tuple(k.strip() for k in args.long_range_kinds.split(",") if k.strip()),
     )
     result = train(cfg)

@@ -36,6 +36,8 @@ class TrainConfig:
     long_range_kinds : the kinds those documents cycle through (repeat, lookup, multilookup, chain, track).
     long_range_chat : share of the question documents (every kind but repeat) framed in the tokenizer's chat
         template: haystack and question in a user turn, the answer in the assistant's; 0 = all plain text.
+    answer_weight : ``distill`` only: loss weight of the positions that predict a question document's answer
+        tail (questions and answers after the haystack), against 1 elsewhere; 1 = the plain mean.
     init : ``"none"``, ``"anchor-q"`` or ``"anchor-qk"`` — start shared heads from their anchor's
         projections (:mod:`podkv.models.anchor_init`); recorded in the saved plan's ``meta["init"]``.
     eval_every : optimizer steps between held-out perplexity measurements (0 = only at start and end).
@@ -69,6 +71,7 @@ class TrainConfig:
     long_range: int = 0
     long_range_kinds: tuple[str, ...] = ("repeat", "lookup")
     long_range_chat: float = 0.0
+    answer_weight: float = 1.0
     init: str = "none"
 
     def __post_init__(self):
@@ -98,6 +101,12 @@ class TrainConfig:
             raise PodError(f"--long-range must be >= 0 documents, got {self.long_range}")
         self.long_range_kinds = check_kinds(self.long_range_kinds)
         self.long_range_chat = check_chat_share(self.long_range_chat)
+        if isinstance(self.answer_weight, bool) or not isinstance(self.answer_weight, (int, float)) \
+                or not 0 < self.answer_weight < float("inf"):
+            raise PodError(f"--answer-weight must be a finite number > 0, got {self.answer_weight!r}")
+        if self.answer_weight != 1 and (self.objective != "distill" or not self.long_range):
+            raise PodError(f"--answer-weight {self.answer_weight} needs --objective distill and --long-range "
+                           f"documents (got --objective {self.objective}, --long-range {self.long_range})")
         if self.eval_every < 0:
             raise PodError(f"eval_every must be >= 0, got {self.eval_every}")
         self.data = [str(p) for p in self.data]

@@ -56,6 +56,7 @@ def token_stream(tok, docs: list[str]) -> torch.Tensor:
 class Split:
     train: torch.Tensor  # (n_train, seq_len)
     heldout: torch.Tensor  # (N_heldout,) the stream's tail, evaluated in seq_len blocks
+    weights: torch.Tensor | None = None  # (n_train, seq_len) per-position loss weights; None = all 1
 
 
 def split_stream(stream: torch.Tensor, seq_len: int, eval_fraction: float) -> Split:
@@ -71,8 +72,9 @@ def split_stream(stream: torch.Tensor, seq_len: int, eval_fraction: float) -> Sp
 
 def load_split(tok, paths: list[str], seq_len: int, eval_fraction: float, long_range: int = 0,
                seed: int = 0, long_range_kinds: tuple[str, ...] = ("repeat", "lookup"),
-               long_range_chat: float = 0.0) -> Split:
-    """Packed training rows (``long_range`` generated documents first) and the held-out tokens."""
+               long_range_chat: float = 0.0, answer_weight: float = 1.0) -> Split:
+    """Packed training rows (``long_range`` generated documents first) and the held-out tokens; with
+    ``answer_weight`` != 1, loss weights that give the answer tails of question documents that weight."""
     docs = read_documents(paths) if paths else default_documents()
     split = split_stream(token_stream(tok, docs), seq_len, eval_fraction)
     if not paths:
@@ -80,19 +82,37 @@ def load_split(tok, paths: list[str], seq_len: int, eval_fraction: float, long_r
     if long_range:
         rows = long_range_blocks(tok, split.train.flatten().tolist(), seq_len, long_range, seed=seed,
                                  kinds=long_range_kinds, chat_share=long_range_chat)
+        if answer_weight != 1:
+            split.weights = torch.ones(len(rows) + len(split.train), seq_len)
+            split.weights[:len(rows)] = answer_weights(rows, seq_len, answer_weight)
         split.train = torch.cat([torch.tensor(rows, dtype=torch.long), split.train])
     return split
 
 
-class PackedDataset(torch.utils.data.Dataset):
-    """Rows of a (n, seq_len) tensor as ``{"input_ids", "labels"}`` (labels are shifted inside the model)."""
+def answer_weights(rows, seq_len: int, weight: float) -> torch.Tensor:
+    """(len(rows), seq_len) loss weights: ``weight`` at the positions whose *next* token is in a row's answer
+    tail (logits at t predict t+1; the closing EOS excluded), 1 elsewhere."""
+    out = torch.ones(len(rows), seq_len)
+    for i, row in enumerate(rows):
+        start = getattr(row, "answer_start", seq_len)
+        if start < seq_len - 1:
+            out[i, start - 1:seq_len - 2] = weight
+    return out
 
-    def __init__(self, blocks: torch.Tensor):
-        self.blocks = blocks
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Rows of a (n, seq_len) tensor as ``{"input_ids", "labels"}`` (labels are shifted inside the model), and
+    ``"loss_weights"`` when ``weights`` are given."""
+
+    def __init__(self, blocks: torch.Tensor, weights: torch.Tensor | None = None):
+        self.blocks, self.weights = blocks, weights
 
     def __len__(self):
         return self.blocks.shape[0]
 
     def __getitem__(self, i):
         row = self.blocks[i]
-        return {"input_ids": row, "labels": row.clone()}
+        item = {"input_ids": row, "labels": row.clone()}
+        if self.weights is not None:
+            item["loss_weights"] = self.weights[i]
+        return item

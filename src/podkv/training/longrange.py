@@ -40,6 +40,17 @@ import random
 
 from podkv.errors import PodError
 
+
+class Document(list):
+    """Token ids of one generated document. ``answer_start``: the index of its first tail token (the questions
+    and answers after the haystack, the only tokens that need distant ones to be predicted from a question);
+    ``len(self)`` for a document without one (repeat). ``--answer-weight`` weighs the loss there."""
+
+    def __init__(self, ids, answer_start: int | None = None):
+        super().__init__(ids)
+        self.answer_start = len(self) if answer_start is None else answer_start
+
+
 _SLOT = "\x00PODKV_HAYSTACK\x00"
 
 KINDS = ("repeat", "lookup", "multilookup", "chain", "track")
@@ -223,7 +234,8 @@ def _scatter(tok, stream: list[int], n: int, rng: random.Random, texts: list[str
     for cut, rec in zip(cuts, recs):
         out += prose[prev:cut] + rec
         prev = cut
-    return out + prose[prev:] + tail
+    out += prose[prev:]
+    return Document(out + tail, answer_start=len(out))
 
 
 def check_kinds(kinds) -> tuple[str, ...]:
@@ -245,8 +257,8 @@ def check_chat_share(share: float) -> float:
 
 def long_range_blocks(tok, stream: list[int], seq_len: int, count: int, seed: int = 0, min_gap: int = 256,
                       kinds: tuple[str, ...] = DEFAULT_KINDS, chat_share: float = 0.0):
-    """``count`` token rows of exactly ``seq_len`` (document + EOS), cycling through ``kinds``; about
-    ``chat_share`` of the question documents (every kind but repeat) chat-framed. The chat draws come from a
+    """``count`` token rows (:class:`Document`, ``answer_start`` kept) of exactly ``seq_len`` (document + EOS),
+    cycling through ``kinds``; about ``chat_share`` of the question documents (every kind but repeat) chat-framed. The chat draws come from a
     generator of their own, so ``chat_share=0`` gives the documents of earlier releases unchanged."""
     if seq_len < 4 * min_gap:
         raise PodError(f"--seq-len {seq_len} is too short for long-range documents: use >= {4 * min_gap}")
@@ -266,5 +278,5 @@ def long_range_blocks(tok, stream: list[int], seq_len: int, count: int, seed: in
         framed = chat_share > 0 and kind != "repeat" and chat_rng.random() < chat_share
         doc = make[kind](chat_rng.choice(CHAT_OPENINGS) if framed else None)
         assert len(doc) == n, (len(doc), n)
-        rows.append(doc + [eos])
+        rows.append(Document(doc + [eos], answer_start=getattr(doc, "answer_start", n)))
     return rows

@@ -33,15 +33,20 @@ class DistillTrainer(Trainer):
         with torch.no_grad():
             t_logits = self.teacher(input_ids=ids, use_cache=False).logits  # (B, T, V)
         outputs = model(input_ids=ids, use_cache=False)
-        loss = kl_per_token(outputs.logits, t_logits)
+        loss = kl_per_token(outputs.logits, t_logits, inputs.get("loss_weights"))
         return (loss, outputs) if return_outputs else loss
 
 
-def kl_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) x2 -> scalar mean over B*T of KL(p_teacher || p_student), in fp32."""
+def kl_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T, V) x2 -> scalar mean over B*T of KL(p_teacher || p_student), in fp32; with ``weights`` (B, T)
+    the weighted mean (``--answer-weight``: answer positions count more)."""
     s = F.log_softmax(student_logits.float(), dim=-1).flatten(0, 1)
     t = F.log_softmax(teacher_logits.float(), dim=-1).flatten(0, 1)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean")
+    if weights is None:
+        return F.kl_div(s, t, log_target=True, reduction="batchmean")
+    w = weights.flatten().to(s.dtype)
+    return (F.kl_div(s, t, log_target=True, reduction="none").sum(-1) * w).sum() / w.sum()
 
 
 class LayerLocalTrainer(DistillTrainer):

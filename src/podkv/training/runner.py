@@ -49,7 +49,7 @@ def prepare(cfg: TrainConfig):
     if max_pos is not None and cfg.seq_len > max_pos:
         raise PodError(f"--seq-len {cfg.seq_len} exceeds the model's {max_pos} positions")
     split = load_split(tok, cfg.data, cfg.seq_len, cfg.eval_fraction, cfg.long_range, cfg.seed,
-                       cfg.long_range_kinds, cfg.long_range_chat)
+                       cfg.long_range_kinds, cfg.long_range_chat, cfg.answer_weight)
     return model, tok, plan, split
 
 
@@ -113,7 +113,7 @@ def _build_trainer(cfg, model, tok, split, teacher, callbacks):
         disable_tqdm=False, save_only_model=False,
     )
     kwargs = {"teacher": teacher} if teacher is not None else {}
-    return TRAINERS[cfg.objective](model=model, args=args, train_dataset=PackedDataset(split.train),
+    return TRAINERS[cfg.objective](model=model, args=args, train_dataset=PackedDataset(split.train, split.weights),
                                    data_collator=default_data_collator, processing_class=tok,
                                    callbacks=callbacks, **kwargs)
 
