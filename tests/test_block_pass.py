@@ -280,14 +280,23 @@ def test_forward_without_a_cache_holds_nothing_afterwards(mode):
 
 @pytest.mark.parametrize("split", [2, 3, 4])
 @pytest.mark.parametrize("granularity", ["head", "layer", "window"])
-def test_split_key_decode_equals_reference(monkeypatch, split, granularity):
+@pytest.mark.parametrize("kernel", ["pytorch", "native"])
+def test_split_key_decode_equals_reference(monkeypatch, split, granularity, kernel):
     """Batch-1 decode cuts each head's distant keys into ``split`` chunks (one batched product, parallel on
-    CPU), starting early and masking the extra columns: still the reference, for every step length of the span."""
+    CPU), starting early and masking the extra columns: still the reference, for every step length of the span.
+    ``native``: the compiled kernel instead (attention/native), chunks of ``split`` keys."""
+    from podkv.attention import native
+
     monkeypatch.setattr(block_pass, "SPLIT", split)
     monkeypatch.setattr(block_pass, "SPLIT_MIN_KEYS", 1)
+    monkeypatch.setattr(native, "CHUNK", split)
+    if kernel == "native" and not native.enabled():
+        pytest.skip("no C compiler here: the PyTorch path is what runs")
+    monkeypatch.setattr(block_pass, "NATIVE", kernel == "native")
     taken = []
-    real = block_pass._anchor_distant_split
-    monkeypatch.setattr(block_pass, "_anchor_distant_split", lambda *a: taken.append(1) or real(*a))
+    path = "_anchor_distant_native" if kernel == "native" else "_anchor_distant_split"
+    real = getattr(block_pass, path)
+    monkeypatch.setattr(block_pass, path, lambda *a: taken.append(1) or real(*a))
     model = tiny_model("llama")
     plan = random_plan(4, 2, 4, 5, seed=11, mode="scores")
     if granularity == "layer":
@@ -300,8 +309,34 @@ def test_split_key_decode_equals_reference(monkeypatch, split, granularity):
     with torch.no_grad():
         ref = _reference(model, plan, ids)
         fast = _fed(model, plan, ids, (5, 5, 1))
-    assert_close(fast, ref, what=f"split {split} decode vs reference")
+    assert_close(fast, ref, what=f"split {split} decode ({kernel}) vs reference")
     assert taken
+
+
+def test_native_kernel_builds_once_and_a_failed_build_falls_back(monkeypatch, tmp_path):
+    """The kernel is cached under PODKV_HOME/native (a second load compiles nothing); a compiler that fails
+    gives a warning and the PyTorch path, and PODKV_NATIVE=0 switches the kernel off."""
+    from podkv.attention import native
+
+    monkeypatch.setenv("PODKV_HOME", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        if native.shutil.which("cc") or native.shutil.which("gcc"):
+            assert native.library() is not None
+            built = list((tmp_path / "native").glob("*/block_decode.so"))
+            assert len(built) == 1 and not list((tmp_path / "native").glob("*/tmp*"))
+            native.library.cache_clear()
+            assert native.library() is not None and list((tmp_path / "native").glob("*/block_decode.so")) == built
+        monkeypatch.setenv("PODKV_NATIVE", "0")
+        assert not native.enabled()
+        monkeypatch.delenv("PODKV_NATIVE")
+        monkeypatch.setenv("CC", "false")
+        native.library.cache_clear()
+        with pytest.warns(UserWarning, match="native decode kernel did not build"):
+            assert native.library() is None
+        assert not native.enabled()
+    finally:
+        native.library.cache_clear()
 
 
 @pytest.mark.parametrize("anchor,ring", [([0], [1, 2]), ([1], [0, 2]), ([0, 2], [1]), ([0, 1, 2], []), ([], [0, 1, 2])])

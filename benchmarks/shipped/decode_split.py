@@ -1,11 +1,13 @@
-"""smollm2-pod batch-1 decode, dense vs PoD with and without split distant keys, in one run, alternating.
+"""smollm2-pod batch-1 decode, dense vs PoD's distant-pass variants, in one run, alternating.
 
-    python benchmarks/shipped/decode_split.py [--context 4096] [--steps 40]
+    python benchmarks/shipped/decode_split.py [--context 4096] [--steps 40] [--threads 2] [--out FILE]
 
 Where the split-key figures in docs/bench.md come from (``block_pass.SPLIT``: each head's distant keys of a
 batch-1 decode step cut into chunks, one batched product that uses both cores). Prefills one held-out prompt
-per variant, then times ``--steps`` decode steps of each in turn (2 threads, shipped model and plan, scores
-mode). Prints medians and PoD ÷ dense; writes decode_split_<context>.json here.
+per variant, then times ``--steps`` decode steps of each in turn (``--threads``, shipped model and plan, scores
+mode). Prints medians and PoD ÷ dense; writes decode_split_<context>.json here (or ``--out``).
+Variants: the compiled kernel (``podkv.attention.native``, where it builds), the PyTorch split-key path, and
+unsplit products.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from pathlib import Path
 
 import torch
 
-from podkv.attention import block_pass
+from podkv.attention import block_pass, native
 from podkv.bench.common import machine_info, new_cache, shipped_and_dense, token_ids
 from podkv.io import write_json
 
 HERE = Path(__file__).parent
-VARIANTS = {"dense": None, "pod, split keys": block_pass.SPLIT_MIN_KEYS, "pod, unsplit": 1 << 40}
+# name -> (block_pass.SPLIT_MIN_KEYS, block_pass.NATIVE); None: dense
+VARIANTS = {"dense": None, "pod, native kernel": (block_pass.SPLIT_MIN_KEYS, True),
+            "pod, split keys": (block_pass.SPLIT_MIN_KEYS, False), "pod, unsplit": (1 << 40, False)}
 
 
 @torch.no_grad()
@@ -30,35 +34,42 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None, help="results JSON (default: decode_split_<context>.json here)")
     args = ap.parse_args(argv)
-    pod, dense, tok, plan = shipped_and_dense()
+    variants = {k: v for k, v in VARIANTS.items() if not (v and v[1]) or native.enabled()}
+    pod, dense, tok, plan = shipped_and_dense(args.threads)
     ids = token_ids(tok, pod.config.vocab_size, 1, args.context)
     state = {}
-    for name, min_keys in VARIANTS.items():
-        model = dense if min_keys is None else pod
-        cache = new_cache(model, "dense" if min_keys is None else "pod", plan)
+    for name, setting in variants.items():
+        model = dense if setting is None else pod
+        cache = new_cache(model, "dense" if setting is None else "pod", plan)
         state[name] = [model, cache, model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)]
-    times = {name: [] for name in VARIANTS}
+    times = {name: [] for name in variants}
     for step in range(args.steps + 2):  # the first two steps of each are warm-up
-        for name, min_keys in VARIANTS.items():
-            if min_keys is not None:
-                block_pass.SPLIT_MIN_KEYS = min_keys
+        for name, setting in variants.items():
+            if setting is not None:
+                block_pass.SPLIT_MIN_KEYS, block_pass.NATIVE = setting
             model, cache, nxt = state[name]
             start = time.perf_counter()
             state[name][2] = model(nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
             if step >= 2:
                 times[name].append(time.perf_counter() - start)
-    block_pass.SPLIT_MIN_KEYS = VARIANTS["pod, split keys"]
+    block_pass.SPLIT_MIN_KEYS, block_pass.NATIVE = VARIANTS["pod, native kernel"]
     dense_ms = statistics.median(times["dense"]) * 1e3
     rows = {name: {"median_ms": statistics.median(t) * 1e3, "min_ms": min(t) * 1e3,
                    "ratio_to_dense": statistics.median(t) * 1e3 / dense_ms} for name, t in times.items()}
     for name, row in rows.items():
         print(f"{name:18s} median {row['median_ms']:.1f} ms/step  PoD/dense {row['ratio_to_dense']:.3f}")
-    write_json(HERE / f"decode_split_{args.context}.json",
+    command = f"python benchmarks/shipped/decode_split.py --context {args.context} --steps {args.steps}"
+    if args.threads != 2:
+        command += f" --threads {args.threads}"
+    if args.out:
+        command += f" --out {args.out}"
+    write_json(args.out or HERE / f"decode_split_{args.context}.json",
                {"model": "smollm2-pod", "plan": "the model's own (scores mode)", "context": args.context, "batch": 1,
-                "steps": args.steps, "split": block_pass.SPLIT, "threads": 2, "machine": machine_info(),
-                "variants": rows, "seconds": times,
-                "command": f"python benchmarks/shipped/decode_split.py --context {args.context} --steps {args.steps}"})
+                "steps": args.steps, "split": block_pass.SPLIT, "native_chunk": native.CHUNK, "threads": args.threads,
+                "machine": machine_info(), "variants": rows, "seconds": times, "command": command})
 
 
 if __name__ == "__main__":

@@ -98,6 +98,8 @@ def _anchor_distant(cache, layer, qg, i0, i1, G, scale, stash) -> None:
     split = min(max(i0, lo), hi)  # distant tokens [lo, split) are from earlier steps, [split, hi) from this one
     q = qg * scale  # (B, H, G*L, D): scaling the few queries beats scaling the many scores
     if _split_keys_apply(cache, qg, lo, hi, bias, split):
+        if NATIVE and _anchor_distant_native(cache, layer, q, lo, hi, members, stash):
+            return None
         return _anchor_distant_split(cache, layer, q, lo, hi, members, stash)
     B, rows = qg.shape[0], qg.shape[2]
     for (p0, p1), (j0, j1) in head_runs(heads, list(range(len(heads))), members):
@@ -175,6 +177,41 @@ def _anchor_distant_split(cache, layer, q, lo, hi, members, stash) -> None:
                 cell[:, D:].copy_(stats)
     for m in {m for block in members for m in block}:
         stash[m] = _JOINED
+
+
+NATIVE = True  # batch-1 decode steps use the compiled kernel where it builds (tests switch it off to compare)
+
+
+def _anchor_distant_native(cache, layer, q, lo, hi, members, stash) -> bool:
+    """:func:`_anchor_distant_split` in one call of the compiled kernel (:mod:`podkv.attention.native`) for every
+    block this layer anchors: the same [o | peak | total] cells, each key and value row read once. False when
+    the kernel is not built here or the tensors are not float32 rows it can read in place."""
+    from podkv.attention import native
+
+    store = cache.layers[layer]
+    k0 = store.k_full[0]
+    if not native.enabled() or q.dtype != torch.float32 or k0.dtype != torch.float32 or k0.stride(-1) != 1:
+        return False
+    rows, D = q.shape[2], q.shape[3]
+    cells, H = _joined_cells(cache, rows, D)
+    q0 = q[0].contiguous()
+    pairs = []
+    for j, (h, block) in enumerate(zip(store.anchor_heads, members)):
+        outs = []
+        for m in block:
+            v = cache.layers[m].v[0]
+            if v.stride(-1) != 1:
+                return False
+            row = cache.layers[m].vrow[h]
+            outs.append((v.data_ptr() + 4 * (row * v.stride(0) + lo * v.stride(1)), v.stride(1),
+                         cells[m * H + h].data_ptr()))
+        pairs.append((q0[h].data_ptr(), k0.data_ptr() + 4 * (j * k0.stride(0) + lo * k0.stride(1)), k0.stride(1),
+                      outs))
+    if not native.block_decode(pairs, rows, D, hi - lo, cache.per_step("native_work", dict)):
+        return False
+    for m in {m for block in members for m in block}:
+        stash[m] = _JOINED
+    return True
 
 
 _JOINED = "joined"  # stash mark: this member's distant part is its slice of the step's joined buffer

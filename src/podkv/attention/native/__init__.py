@@ -1,0 +1,109 @@
+"""A compiled kernel for the distant pass of batch-1 decode steps, built on first use, with a PyTorch fallback.
+
+Why: a batch-1 decode step of ``smollm2-pod`` scores 3 query rows against each anchor's 4K distant keys and
+weighs each member's values with them. As matrix products those are small-M GEMMs, which run at about 10 GB/s
+on this CPU where a streaming loop reads 35 (docs/bench.md), so PoD's 0.68 of dense's KV bytes took as long as
+dense's all. ``block_decode.c`` reads each key and value once per step in parallel chunks.
+
+The C file is compiled once per machine with the system C compiler (``$CC``, else ``cc``) into
+``$PODKV_HOME/native/<hash>/`` (the hash covers the source, the flags, the compiler and the CPU, since the
+build is ``-march=native``), written atomically. No compiler, a failed build or ``PODKV_NATIVE=0``: the
+PyTorch path of :mod:`podkv.attention.block_pass` runs instead (the same arithmetic; tests compare the two),
+and a build failure warns once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("block_decode.c")
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
+CHUNK = 512  # keys per parallel task: a few tasks per pair at 4K, each (rows x 512) scores in L1
+
+
+def enabled() -> bool:
+    """True when the kernel is built (or builds now) and not switched off with ``PODKV_NATIVE=0``."""
+    return os.environ.get("PODKV_NATIVE", "1") != "0" and library() is not None
+
+
+@functools.lru_cache(maxsize=1)
+def library():
+    """The loaded kernel (ctypes), or None where it cannot be built here."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None or platform.system() != "Linux":
+        return None
+    try:
+        so = _built(cc)
+        lib = ctypes.CDLL(str(so))
+    except (OSError, subprocess.SubprocessError) as e:
+        warnings.warn(f"podkv: the native decode kernel did not build ({e}); using the PyTorch path", stacklevel=2)
+        return None
+    i64p, i32p = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int32)
+    lib.podkv_block_decode.argtypes = [ctypes.c_int] * 5 + [i64p, i64p, i64p, i32p, i64p, i64p, i64p, ctypes.c_int,
+                                                             ctypes.c_void_p, ctypes.c_int]
+    lib.podkv_block_decode.restype = ctypes.c_int
+    return lib
+
+
+def _built(cc: str) -> Path:
+    """The shared object for this source, flags, compiler and CPU, compiled if missing."""
+    from podkv.models.default_model import podkv_home  # startup: only when a decode step needs it
+
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu()]).encode()).hexdigest()[:16]
+    out = podkv_home() / "native" / key / "block_decode.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        so = Path(tmp) / out.name
+        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(so), "-lm"], capture_output=True, text=True,
+                              timeout=300)
+        if done.returncode != 0:
+            raise subprocess.SubprocessError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else
+                                             f"{cc} exited {done.returncode}")
+        os.replace(so, out)  # atomic: a concurrent build writes the same bytes
+    return out
+
+
+def _cpu() -> str:
+    """The CPU's model and flags (``-march=native`` code must not run on another CPU sharing PODKV_HOME)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
+
+
+def block_decode(pairs, rows: int, D: int, n: int, work_cache: dict | None = None) -> bool:
+    """Run the kernel over ``pairs``: (query ptr, key ptr, key row stride, [(value ptr, value row stride,
+    out ptr), ...]) per anchor (layer, KV head), every pointer to float32 rows of D (see block_decode.c).
+    Returns False when the kernel declines (too many pairs or chunks): the caller computes the step itself."""
+    import torch
+
+    lib = library()
+    members = [m for p in pairs for m in p[3]]
+    max_members = max(len(p[3]) for p in pairs)
+    chunk = min(CHUNK, n)
+    size = len(pairs) * -(-n // chunk) * (rows * chunk + max_members * rows * D + 2 * rows)
+    cache = work_cache if work_cache is not None else {}
+    work = cache.get("work")
+    if work is None or work.numel() < size:
+        work = cache["work"] = torch.empty(size, dtype=torch.float32)
+    i64 = ctypes.c_int64
+    arr = lambda t, xs: (t * len(xs))(*xs)  # noqa: E731
+    rc = lib.podkv_block_decode(
+        len(pairs), rows, D, n, chunk, arr(i64, [p[0] for p in pairs]), arr(i64, [p[1] for p in pairs]),
+        arr(i64, [p[2] for p in pairs]), arr(ctypes.c_int32, [len(p[3]) for p in pairs]),
+        arr(i64, [m[0] for m in members]), arr(i64, [m[1] for m in members]), arr(i64, [m[2] for m in members]),
+        max_members, work.data_ptr(), torch.get_num_threads())
+    return rc == 0
