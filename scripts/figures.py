@@ -104,7 +104,9 @@ def mib(n_bytes: float) -> str:
 # Quality rows (held-out perplexity, RULER needles with 95% CIs, dense vs PoD) go after the speed rows:
 # one @row("README.md", "benchmarks/quality/quality.json", "python benchmarks/quality/report.py") each.
 
-@row("README.md", "benchmarks/shipped/speed.json", "podkv bench speed --model smollm2-pod --batches 1,8")
+@row("README.md", "benchmarks/shipped/speed.json",
+     "podkv bench speed --model smollm2-pod --batches 1,8 --prefill-lengths 4096,8192 --decode-lengths 4096,8192 "
+     "--decode-steps 24 --out benchmarks/shipped")
 def readme_shipped_speed(s):
     """The shipped model against dense in speed: every decode (context, batch) and prefill row, with its goal."""
     dec = " / ".join(f"{kilo(r['T'])}×{r['batch']}: **{times(r['ratio'])}**{_goal_mark(r)}" for r in s["decode"])

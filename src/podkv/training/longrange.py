@@ -258,8 +258,9 @@ def check_chat_share(share: float) -> float:
 def long_range_blocks(tok, stream: list[int], seq_len: int, count: int, seed: int = 0, min_gap: int = 256,
                       kinds: tuple[str, ...] = DEFAULT_KINDS, chat_share: float = 0.0):
     """``count`` token rows (:class:`Document`, ``answer_start`` kept) of exactly ``seq_len`` (document + EOS),
-    cycling through ``kinds``; about ``chat_share`` of the question documents (every kind but repeat) chat-framed. The chat draws come from a
-    generator of their own, so ``chat_share=0`` gives the documents of earlier releases unchanged."""
+    cycling through ``kinds``; about ``chat_share`` of the question documents (every kind but repeat) chat-framed.
+    The chat draws come from a generator of their own, so ``chat_share=0`` gives the documents of earlier releases
+    unchanged."""
     if seq_len < 4 * min_gap:
         raise PodError(f"--seq-len {seq_len} is too short for long-range documents: use >= {4 * min_gap}")
     kinds = check_kinds(kinds)
