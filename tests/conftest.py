@@ -8,6 +8,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def native_kernel_dir(tmp_path_factory):
+    """The compiled decode kernel (podkv.attention.native) builds into a temporary folder, not the user's cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PODKV_NATIVE_DIR", str(tmp_path_factory.mktemp("native")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def default_model():
     """The real embedded default model (downloaded and converted once into PODKV_HOME)."""

@@ -319,6 +319,7 @@ def test_native_kernel_builds_once_and_a_failed_build_falls_back(monkeypatch, tm
     from podkv.attention import native
 
     monkeypatch.setenv("PODKV_HOME", str(tmp_path))
+    monkeypatch.delenv("PODKV_NATIVE_DIR", raising=False)  # the suite's own build folder (conftest)
     native.library.cache_clear()
     try:
         if native.shutil.which("cc") or native.shutil.which("gcc"):

@@ -83,8 +83,7 @@ def load_split(tok, paths: list[str], seq_len: int, eval_fraction: float, long_r
         rows = long_range_blocks(tok, split.train.flatten().tolist(), seq_len, long_range, seed=seed,
                                  kinds=long_range_kinds, chat_share=long_range_chat)
         if answer_weight != 1:
-            split.weights = torch.ones(len(rows) + len(split.train), seq_len)
-            split.weights[:len(rows)] = answer_weights(rows, seq_len, answer_weight)
+            split.weights = torch.cat([answer_weights(rows, seq_len, answer_weight), torch.ones(split.train.shape)])
         split.train = torch.cat([torch.tensor(rows, dtype=torch.long), split.train])
     return split
 

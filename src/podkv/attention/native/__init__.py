@@ -6,8 +6,8 @@ on this CPU where a streaming loop reads 35 (docs/bench.md), so PoD's 0.68 of de
 dense's all. ``block_decode.c`` reads each key and value once per step in parallel chunks.
 
 The C file is compiled once per machine with the system C compiler (``$CC``, else ``cc``) into
-``$PODKV_HOME/native/<hash>/`` (the hash covers the source, the flags, the compiler and the CPU, since the
-build is ``-march=native``), written atomically. No compiler, a failed build or ``PODKV_NATIVE=0``: the
+``$PODKV_HOME/native/<hash>/`` (or ``$PODKV_NATIVE_DIR/<hash>/``; the hash covers the source, the flags, the
+compiler and the CPU, since the build is ``-march=native``), written atomically. No compiler, a failed build or ``PODKV_NATIVE=0``: the
 PyTorch path of :mod:`podkv.attention.block_pass` runs instead (the same arithmetic; tests compare the two),
 and a build failure warns once.
 """
@@ -60,7 +60,7 @@ def _built(cc: str) -> Path:
 
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu()]).encode()).hexdigest()[:16]
-    out = podkv_home() / "native" / key / "block_decode.so"
+    out = Path(os.environ.get("PODKV_NATIVE_DIR") or podkv_home() / "native") / key / "block_decode.so"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -59,9 +59,9 @@ static void chunk_pass(const float *q, int rows, int D, const float *k, int64_t 
 /* npairs pairs over the same n distant keys. Pair i: query rows at q_ptrs[i] (rows x D, contiguous), keys at
  * k_ptrs[i] (n rows, row stride k_strides[i] floats), n_members[i] members whose values (v_ptrs, v_strides)
  * and output cells (out_ptrs: rows x (D + 2), contiguous) follow pair by pair. work: at least
- * npairs * ceil(n / chunk) * (rows * chunk + max_members * rows * D + 2 * rows) floats; threads: torch's
- * intra-op count. Returns 0, or 1 for more
- * than 256 pairs or 1024 chunks (the caller then takes the PyTorch path). */
+ * npairs * ceil(n / chunk) * (rows * chunk + max_members * rows * D + 2 * rows) floats, one slice per task
+ * (pair, chunk): [scores | o per member | peak | total]; threads: torch's intra-op count. Returns 0, or 1 for
+ * more than 256 pairs or 1024 chunks (the caller then takes the PyTorch path). */
 int podkv_block_decode(int npairs, int rows, int D, int n, int chunk, const int64_t *q_ptrs, const int64_t *k_ptrs,
                        const int64_t *k_strides, const int32_t *n_members, const int64_t *v_ptrs,
                        const int64_t *v_strides, const int64_t *out_ptrs, int max_members, float *work,
@@ -83,15 +83,13 @@ int podkv_block_decode(int npairs, int rows, int D, int n, int chunk, const int6
   }
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int i = 0; i < npairs; i++) {
+    const float *tasks = work + (int64_t)i * nchunks * per;  /* this pair's chunk slices */
+    const int64_t o_at = (int64_t)rows * chunk, peak_at = o_at + (int64_t)max_members * rows * D;
     for (int r = 0; r < rows; r++) {
       float m = -3.0e38f, t = 0.f, scale[1024];
+      for (int c = 0; c < nchunks; c++) m = tasks[c * per + peak_at + r] > m ? tasks[c * per + peak_at + r] : m;
       for (int c = 0; c < nchunks; c++) {
-        float p = work[((int64_t)i * nchunks + c) * per + (int64_t)rows * chunk + (int64_t)max_members * rows * D + r];
-        m = p > m ? p : m;
-      }
-      for (int c = 0; c < nchunks; c++) {
-        const float *peak = work + ((int64_t)i * nchunks + c) * per + (int64_t)rows * chunk +
-                            (int64_t)max_members * rows * D;
+        const float *peak = tasks + c * per + peak_at;
         scale[c] = exp2f(peak[r] - m);
         t += scale[c] * peak[rows + r];
       }
@@ -99,8 +97,7 @@ int podkv_block_decode(int npairs, int rows, int D, int n, int chunk, const int6
         float *cell = (float *)(intptr_t)out_ptrs[first[i] + mm] + (int64_t)r * (D + 2);
         for (int d = 0; d < D; d++) cell[d] = 0.f;
         for (int c = 0; c < nchunks; c++) {
-          const float *o = work + ((int64_t)i * nchunks + c) * per + (int64_t)rows * chunk +
-                           ((int64_t)mm * rows + r) * D;
+          const float *o = tasks + c * per + o_at + ((int64_t)mm * rows + r) * D;
           float a = scale[c];
 #pragma omp simd
           for (int d = 0; d < D; d++) cell[d] += a * o[d];
