@@ -166,8 +166,9 @@ def test_a_long_first_step_takes_the_two_pass_prefill(monkeypatch, count_block_s
 
     monkeypatch.setattr(block_pass, "STEP_LIMIT", 8)
     calls = []
-    real = chunked.pod_prefill
-    monkeypatch.setattr(chunked, "pod_prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real, real_own = chunked.pod_prefill, chunked._prefill_own_anchors_causal
+    monkeypatch.setattr(chunked, "pod_prefill", lambda *a, **k: calls.append("two-pass") or real(*a, **k))
+    monkeypatch.setattr(chunked, "_prefill_own_anchors_causal", lambda *a, **k: calls.append("own") or real_own(*a, **k))
     model = tiny_model("llama")
     plan = random_plan(4, 2, 2, 4, seed=4, mode="scores")
     ids = ids_for(1, 24, seed=4)
@@ -176,7 +177,10 @@ def test_a_long_first_step_takes_the_two_pass_prefill(monkeypatch, count_block_s
         ref = _reference(model, plan, ids)
         fast = _fed(model, plan, ids, (20, 1), prefill_chunk=64)
     assert_close(fast, ref, what="one-shot scores prefill then decode")
-    assert len(calls) == 4 and len(count_block_steps) == 4 * 4  # every layer's prefill; the decode steps
+    # Every layer's prefill: heads that are their own anchor in one causal call, the others two-pass.
+    own = [sum(a == layer for a in heads) for layer, heads in enumerate(plan.anchors)]
+    assert calls.count("own") == sum(n > 0 for n in own) and calls.count("two-pass") == sum(n < 2 for n in own)
+    assert "own" in calls and "two-pass" in calls and len(count_block_steps) == 4 * 4  # both kinds; the decode steps
 
 
 def test_long_input_is_fed_in_chunks_of_nr(count_block_steps):
@@ -205,9 +209,9 @@ def test_a_first_unpadded_prompt_goes_in_one_step(monkeypatch, count_block_steps
     exact; decoding after it takes the block path. prefill_chunk forces steps."""
     import podkv.attention.chunked as chunked
 
-    calls = []
-    real = chunked.pod_prefill
-    monkeypatch.setattr(chunked, "pod_prefill", lambda *a, **k: calls.append(a[0].shape[2]) or real(*a, **k))
+    calls = []  # query lengths of the layer calls that take the one-shot prefill (two passes or own anchors' causal)
+    real = chunked._split_applies
+    monkeypatch.setattr(chunked, "_split_applies", lambda q, *a: (real(q, *a) and not calls.append(q.shape[2])) or False)
     model = tiny_model("mistral")
     plan = random_plan(4, 2, 2, 4, seed=6, mode="scores")
     ids = ids_for(2, 30, seed=6)

@@ -72,6 +72,31 @@ def test_split_path_mixed_anchors_equals_reference(scores_mode):
     assert_close(fast, ref, what=f"mixed anchors, split path, scores={scores_mode}")
 
 
+@pytest.mark.parametrize("scores_mode", [False, True])
+@pytest.mark.parametrize("own", [(0, 1, 2), (0, 2), (1,)])
+def test_own_anchor_heads_take_one_causal_call_and_equal_reference(monkeypatch, scores_mode, own):
+    """Heads that are their own anchor (their distant keys and, in scores mode, their anchor query are their own)
+    skip the two passes on a one-shot prefill: one causal call, the other heads two-pass, equal to the oracle."""
+    import podkv.attention.chunked as chunked
+
+    q, k_own, k_anc, v = _inputs(1, 6, 3, 70)
+    q_anc = torch.randn_like(q) if scores_mode else None
+    sources = [(k_own, h) if h in own else (k_anc, h) for h in range(3)]
+    for h in own:
+        if q_anc is not None:
+            q_anc[:, 2 * h:2 * h + 2] = q[:, 2 * h:2 * h + 2]
+    anchor = torch.stack([t[:, j] for t, j in sources], dim=1)
+    ref = pod_attention_reference(q, k_own, anchor, v, ns=4, nr=10, scale=0.25, anchor_query=q_anc)
+    two_pass = []
+    real = chunked.pod_prefill
+    monkeypatch.setattr(chunked, "pod_prefill", lambda q, *a, **k: two_pass.append(q.shape[1]) or real(q, *a, **k))
+    src = KeySources(own_keys=k_own, own_start=0, values=v, anchor_keys=sources, own_anchor_heads=own)
+    fast = pod_attention_chunked(q, 0, src, pad=torch.zeros(1, dtype=torch.long), ns=4, nr=10, scale=0.25, chunk=16,
+                                 anchor_query=q_anc)
+    assert_close(fast, ref, what=f"own anchors {own}, scores={scores_mode}")
+    assert two_pass == ([] if len(own) == 3 else [2 * (3 - len(own))])  # only the shared heads' query rows
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_prefill_never_scores_full_matrix(monkeypatch, padded):
     """Where the scores are materialised, a long prefill is scored chunk by chunk: no call sees T x T scores."""

@@ -1,7 +1,8 @@
 """smollm2-pod prefill, dense vs PoD variants in one run, alternating: score tiles on/off, prefill step sizes,
 and the whole prompt in one step on the two-pass path (``attention/prefill.py``: no block pass, each layer
 scores its distant keys with its anchor's queries in the fused causal kernel), with its distant rows in one
-call per head run or, as before, one call per query chunk.
+call per head run or, as before, one call per query chunk; heads that are their own anchor in one causal call or,
+as before, in two passes.
 
     python benchmarks/shipped/prefill_variants.py [--context 4096] [--reps 3]
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from podkv.attention import block_pass, prefill
+from podkv.attention import block_pass, chunked, prefill
 from podkv.bench.common import machine_info, new_cache, shipped_and_dense, token_ids
 from podkv.io import write_json
 
@@ -28,8 +29,10 @@ ONE_SHOT = 1 << 30
 VARIANTS = {"tiles, steps of 240": (block_pass.TILE, 240), "untiled, steps of 240": (1 << 30, 240),
             "tiles, steps of 480": (block_pass.TILE, 480), "tiles, steps of 720": (block_pass.TILE, 720),
             "one step, two-pass": (block_pass.TILE, ONE_SHOT),
-            "one step, two-pass, distant rows per chunk": (block_pass.TILE, ONE_SHOT)}
+            "one step, two-pass, distant rows per chunk": (block_pass.TILE, ONE_SHOT),
+            "one step, two-pass, own anchors too": (block_pass.TILE, ONE_SHOT)}
 CHUNKED_DISTANT = {"one step, two-pass, distant rows per chunk"}  # what prefill.py did before 2026-12-07 (s34)
+OWN_TWO_PASS = {"one step, two-pass, own anchors too"}  # before stop 37: own-anchor heads took the two passes too
 
 
 def main(argv=None) -> None:
@@ -52,6 +55,7 @@ def main(argv=None) -> None:
             block_pass.TILE, pod.pod_runtime.prefill_chunk = VARIANTS[name]
             block_pass.STEP_LIMIT = 0 if VARIANTS[name][1] == ONE_SHOT else limit  # one step: not the block pass
             prefill.fused = (lambda q: False) if name in CHUNKED_DISTANT else fused  # distant rows: per chunk or all
+            chunked.OWN_ANCHORS_CAUSAL = name not in OWN_TWO_PASS
         cache = new_cache(model, method, plan)
         t0 = time.perf_counter()
         model(ids, past_key_values=cache, logits_to_keep=1)

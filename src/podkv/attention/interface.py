@@ -120,11 +120,13 @@ def _from_full_keys(runtime, layer, query, key, value, mask, plan, scale, anchor
         return pod_attention_reference(query, key, anchor, value, ns=plan.ns, nr=plan.nr, scale=scale, pad=pad,
                                        anchor_query=anchor_query, window_heads=window)
     if not window:
-        groups = [(list(range(key.shape[1])), KeySources(own_keys=key, own_start=0, values=value, anchor_keys=sources))]
+        groups = [(list(range(key.shape[1])), KeySources(own_keys=key, own_start=0, values=value, anchor_keys=sources,
+                                                         own_anchor_heads=_own_anchors(plan, layer, range(key.shape[1]))))]
     else:
         rest = [h for h in range(key.shape[1]) if h not in window]
         groups = [(heads, KeySources(own_keys=key[:, heads], own_start=0, values=value[:, heads],
-                                     anchor_keys=[sources[h] for h in heads], proximal_only=heads is window))
+                                     anchor_keys=[sources[h] for h in heads], proximal_only=heads is window,
+                                     own_anchor_heads=() if heads is window else _own_anchors(plan, layer, heads)))
                   for heads in (rest, window) if heads]
     return pod_attention_groups(query, T - query.shape[2], groups, pad=pad, ns=plan.ns, nr=plan.nr, scale=scale,
                                 anchor_query=anchor_query, chunk=runtime.chunk, dropout=dropout)
@@ -142,7 +144,8 @@ def _from_pod_cache(step, query, key, plan, scale, anchor_query, runtime, dropou
     if rest:
         groups.append((rest, KeySources(own_keys=select_heads(key, rest), own_start=step.i0, values=store.v,
                                         anchor_keys=sources, held_keys=select_heads(held_k, rest),
-                                        held_values=select_heads(held_v, rest), held_idx=held_idx)))
+                                        held_values=select_heads(held_v, rest), held_idx=held_idx,
+                                        own_anchor_heads=_own_anchors(plan, layer, rest))))
     if store.window_heads:
         win = store.window_heads
         groups.append((win, KeySources(own_keys=key[:, win], own_start=step.i0, values=step.values_new[:, win],
@@ -150,6 +153,11 @@ def _from_pod_cache(step, query, key, plan, scale, anchor_query, runtime, dropou
                                        held_values=held_v[:, win], held_idx=held_idx, proximal_only=True)))
     return pod_attention_groups(query, step.i0, groups, pad=cache.pad, ns=plan.ns, nr=plan.nr, scale=scale,
                                 anchor_query=anchor_query, chunk=runtime.chunk, dropout=dropout)
+
+
+def _own_anchors(plan, layer: int, heads) -> tuple[int, ...]:
+    """Positions in ``heads`` of the KV heads that are their own anchor in ``layer``."""
+    return tuple(i for i, h in enumerate(heads) if plan.anchors[layer][h] == layer)
 
 
 def _runtime_keys(runtime: PodRuntime, anchor: int, T: int) -> torch.Tensor:
