@@ -288,7 +288,8 @@ def test_forward_without_a_cache_holds_nothing_afterwards(mode):
 def test_split_key_decode_equals_reference(monkeypatch, split, granularity, kernel):
     """Batch-1 decode cuts each head's distant keys into ``split`` chunks (one batched product, parallel on
     CPU), starting early and masking the extra columns: still the reference, for every step length of the span.
-    ``native``: the compiled kernel instead (attention/native), chunks of ``split`` keys."""
+    ``native``: the compiled kernels instead (attention/native): chunks of ``split`` keys, and the proximal pass
+    merged with the distant cells (window-only heads: total 0, peak -inf, never read)."""
     from podkv.attention import native
 
     monkeypatch.setattr(block_pass, "SPLIT", split)
@@ -301,6 +302,9 @@ def test_split_key_decode_equals_reference(monkeypatch, split, granularity, kern
     path = "_anchor_distant_native" if kernel == "native" else "_anchor_distant_split"
     real = getattr(block_pass, path)
     monkeypatch.setattr(block_pass, path, lambda *a: taken.append(1) or real(*a))
+    merged = []  # the proximal pass and merge: the kernel's, when native
+    real_merge = native.proximal_merge
+    monkeypatch.setattr(native, "proximal_merge", lambda *a: merged.append(1) or real_merge(*a))
     model = tiny_model("llama")
     plan = random_plan(4, 2, 4, 5, seed=11, mode="scores")
     if granularity == "layer":
@@ -314,7 +318,7 @@ def test_split_key_decode_equals_reference(monkeypatch, split, granularity, kern
         ref = _reference(model, plan, ids)
         fast = _fed(model, plan, ids, (5, 5, 1))
     assert_close(fast, ref, what=f"split {split} decode ({kernel}) vs reference")
-    assert taken
+    assert taken and bool(merged) == (kernel == "native")
 
 
 def test_native_kernel_builds_once_and_a_failed_build_falls_back(monkeypatch, tmp_path):

@@ -6,8 +6,8 @@ Where the split-key figures in docs/bench.md come from (``block_pass.SPLIT``: ea
 batch-1 decode step cut into chunks, one batched product that uses both cores). Prefills one held-out prompt
 per variant, then times ``--steps`` decode steps of each in turn (``--threads``, shipped model and plan, scores
 mode). Prints medians and PoD ÷ dense; writes decode_split_<context>.json here (or ``--out``).
-Variants: the compiled kernel (``podkv.attention.native``, where it builds), the PyTorch split-key path, and
-unsplit products.
+Variants: the compiled kernels (``podkv.attention.native``, where they build) for the distant pass and for the
+proximal pass and merge, the compiled distant pass alone, the PyTorch split-key path, and unsplit products.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from podkv.bench.common import machine_info, new_cache, shipped_and_dense, token
 from podkv.io import write_json
 
 HERE = Path(__file__).parent
-# name -> (block_pass.SPLIT_MIN_KEYS, block_pass.NATIVE); None: dense
-VARIANTS = {"dense": None, "pod, native kernel": (block_pass.SPLIT_MIN_KEYS, True),
-            "pod, split keys": (block_pass.SPLIT_MIN_KEYS, False), "pod, unsplit": (1 << 40, False)}
+# name -> (block_pass.SPLIT_MIN_KEYS, block_pass.NATIVE, block_pass.NATIVE_PROXIMAL); None: dense
+VARIANTS = {"dense": None, "pod, native kernels": (block_pass.SPLIT_MIN_KEYS, True, True),
+            "pod, native distant pass": (block_pass.SPLIT_MIN_KEYS, True, False),
+            "pod, split keys": (block_pass.SPLIT_MIN_KEYS, False, False), "pod, unsplit": (1 << 40, False, False)}
 
 
 @torch.no_grad()
@@ -49,13 +50,13 @@ def main(argv=None) -> None:
     for step in range(args.steps + 2):  # the first two steps of each are warm-up
         for name, setting in variants.items():
             if setting is not None:
-                block_pass.SPLIT_MIN_KEYS, block_pass.NATIVE = setting
+                block_pass.SPLIT_MIN_KEYS, block_pass.NATIVE, block_pass.NATIVE_PROXIMAL = setting
             model, cache, nxt = state[name]
             start = time.perf_counter()
             state[name][2] = model(nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
             if step >= 2:
                 times[name].append(time.perf_counter() - start)
-    block_pass.SPLIT_MIN_KEYS, block_pass.NATIVE = VARIANTS["pod, native kernel"]
+    block_pass.SPLIT_MIN_KEYS, block_pass.NATIVE, block_pass.NATIVE_PROXIMAL = VARIANTS["pod, native kernels"]
     dense_ms = statistics.median(times["dense"]) * 1e3
     rows = {name: {"median_ms": statistics.median(t) * 1e3, "min_ms": min(t) * 1e3,
                    "ratio_to_dense": statistics.median(t) * 1e3 / dense_ms} for name, t in times.items()}

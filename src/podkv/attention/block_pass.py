@@ -70,11 +70,13 @@ def pod_block_attention(step, query: torch.Tensor, key: torch.Tensor, scale: flo
     scale2 = scale * LOG2E
     _anchor_distant(cache, layer, qg, i0, i1, G, scale2, stash)
     parts = stash.pop(layer, ())
+    cells = None
     if parts is _JOINED:
         distant = _joined_part(cache, layer, G * L, D)
+        cells = cache.per_step("block_joined", None)[0][layer]  # (H, rows, D + 2): the same cells, for the kernel
     else:
         distant = _all_heads(_own_values_applied(cache, layer, parts), H)
-    out = _proximal_merged(step, qg, key, G, scale2, distant)
+    out = _proximal_merged(step, qg, key, G, scale2, distant, cells)
     return out.reshape(B, Hq, L, D).to(query.dtype)
 
 
@@ -179,7 +181,8 @@ def _anchor_distant_split(cache, layer, q, lo, hi, members, stash) -> None:
         stash[m] = _JOINED
 
 
-NATIVE = True  # batch-1 decode steps use the compiled kernel where it builds (tests switch it off to compare)
+NATIVE = True  # batch-1 decode steps use the compiled kernels where they build (tests switch it off to compare)
+NATIVE_PROXIMAL = True  # ... for the proximal pass and merge too (off: only the distant pass, for A/B runs)
 
 
 def _anchor_distant_native(cache, layer, q, lo, hi, members, stash) -> bool:
@@ -288,7 +291,7 @@ def _stash(stash, m, a, b, r0, r1, rows, o, peak, total, waiting) -> None:
         W[0][:, :, r0:r1] = waiting[0]
 
 
-def _proximal_merged(step, qg, key, G, scale, distant) -> torch.Tensor:
+def _proximal_merged(step, qg, key, G, scale, distant, cells=None) -> torch.Tensor:
     """Own-key attention over the held sinks + window and this step's tokens, in one softmax with the
     distant parts of its blocks -> (B, H, G*L, D) float32.
 
@@ -297,12 +300,18 @@ def _proximal_merged(step, qg, key, G, scale, distant) -> torch.Tensor:
     key sets is (Σ_P e^(s−m)·v + e^(peak−m)·o) / (Σ_P e^(s−m) + e^(peak−m)·total): exact, and a dozen
     small ops fewer than an attention call plus a log-sum-exp merge (batch-1 decode pays per op).
     Every query sees itself (``allowed_mask``), so the proximal max is finite and the sum is >= 1.
+    ``cells``: the layer's view of the step's joined distant buffer when ``distant`` comes from it; with it (or no
+    distant part) a batch-1 step takes the compiled kernel, one call instead of a dozen operators.
     """
     cache, i0, i1 = step.cache, step.i0, step.i1
+    if NATIVE and NATIVE_PROXIMAL and (cells is not None or not distant):
+        out = _proximal_merged_native(step, qg, key, G, scale, cells)
+        if out is not None:
+            return out
     k_p, v_p, held_idx = _proximal_inputs(step, key)
+    bias = _proximal_bias(cache, held_idx, i0, i1, G)
     k_p, v_p = _f32(k_p), _f32(v_p)  # (B, H, n + L, D): small
     s = torch.matmul(_f32(qg), k_p.transpose(-1, -2)).mul_(scale)  # (B, H, G*L, n + L)
-    bias = _proximal_bias(cache, held_idx, i0, i1, G)
     if bias is not None:
         s.add_(bias)
     m = s.amax(dim=-1, keepdim=True)
@@ -317,6 +326,63 @@ def _proximal_merged(step, qg, key, G, scale, distant) -> torch.Tensor:
         out.addcmul_(w, o)
         den.addcmul_(w, total)
     return out.div_(den)
+
+
+def _proximal_merged_native(step, qg, key, G, scale, cells):
+    """:func:`_proximal_merged` of a batch-1 step in one call of the compiled kernel, which reads the held keys
+    and values where the cache keeps them (the runs of :func:`_proximal_inputs`, without its two copies). None
+    where it does not apply: batch > 1, window-only heads, quantized or non-float32 stores, kernel not built."""
+    store, cache = step.store, step.cache
+    if qg.shape[0] != 1 or store.window_heads or not isinstance(store.v, torch.Tensor):
+        return None
+    f32 = torch.float32
+    v, k, ring = store.v[0], store.k_full, step.k_prox if store.ring_heads else None
+    if qg.dtype != f32 or v.dtype != f32 or key.dtype != f32 or key.stride(-1) != 1 or v.stride(-1) != 1 \
+            or (k is not None and (k.dtype != f32 or k.stride(-1) != 1)) \
+            or (ring is not None and (ring.dtype != f32 or ring.stride(-1) != 1)):
+        return None
+    from podkv.attention import native
+
+    if not native.enabled():
+        return None
+    runs, n, keep = cache.per_step("native_proximal", lambda: _native_runs(step, G))
+    if runs is None or (ring is not None and ring.shape[2] != step.idx.shape[1]):
+        return None
+    # Per head: key pointer and row stride (an anchor head's keys are cache rows, like values; a shared head's
+    # are its ring's held slots, then the step's), then value pointer and row stride (float32 elements).
+    v_at, v_hs, v_rs = v.data_ptr(), 4 * v.stride(0), v.stride(1)
+    if k is not None:
+        k_at, k_hs, k_rs = k.data_ptr(), 4 * k.stride(1), k.stride(2)
+    if ring is not None:
+        r_at, r_hs, r_rs, held = ring.data_ptr(), 4 * ring.stride(1), ring.stride(2), ring.shape[2]
+        key_at, key_hs, key_rs = key.data_ptr(), 4 * key.stride(1), key.stride(2)
+    fields, vrow, anchors, rings = [], store.vrow, store.anchor_heads, store.ring_heads
+    for h in range(key.shape[1]):
+        if h in rings:
+            fields += [r_at + rings.index(h) * r_hs, r_rs, key_at + h * key_hs, key_rs, held]
+        else:
+            fields += [k_at + anchors.index(h) * k_hs, k_rs, 0, 0, -1]
+        fields += [v_at + vrow[h] * v_hs, v_rs]
+    import ctypes
+
+    return native.proximal_merge(qg[0].contiguous(), runs, (ctypes.c_int64 * len(fields))(*fields), n, keep, cells,
+                                 scale, cache.per_step("native_work", dict))
+
+
+def _native_runs(step, G):
+    """Per step: the cache rows the proximal pass reads (held slots, then the step's tokens) as a ctypes array of
+    [a, b) pairs, their count n, and the keep mask (R, n) uint8 (None: every row sees every row)."""
+    import ctypes
+
+    cache = step.cache
+    runs = cache.slot_runs(step.idx)
+    if runs is None:
+        return None, 0, None
+    runs = runs[:-1] + [(runs[-1][0], step.i1)] if runs and runs[-1][1] == step.i0 else runs + [(step.i0, step.i1)]
+    bias = _proximal_bias(cache, step.idx, step.i0, step.i1, G)
+    keep = None if bias is None else (bias[0, 0] == 0).to(torch.uint8).contiguous()
+    flat = [x for run in runs for x in run]
+    return (ctypes.c_int64 * len(flat))(*flat), sum(b - a for a, b in runs), keep
 
 
 def _proximal_inputs(step, key: torch.Tensor):

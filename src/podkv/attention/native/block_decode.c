@@ -109,3 +109,67 @@ int podkv_block_decode(int npairs, int rows, int D, int n, int chunk, const int6
   }
   return 0;
 }
+
+/* The proximal pass of a batch-1 decode step and its merge with the step's distant part, for one layer: H KV
+ * heads, R query rows each (q: H x R x D, contiguous, unscaled). The n own keys and values of a head are read
+ * where the cache holds them, without copying them next to each other: values (and an anchor head's keys) are
+ * the cache rows of nruns runs [a, b) (the held sinks and window slots, then the step's tokens); a head whose
+ * distant keys are shared holds its first n1 keys in its ring (row stride krs) and the step's in key2.
+ * head[h] = {kptr, krs, kptr2, krs2, n1 (-1: keys by runs, like values), vptr, vrs}. keep (R x n bytes, or NULL:
+ * all) hides keys from rows; a row always sees its own key. cells (or NULL: no distant part): [o | peak | total]
+ * per (head, row) at cells + h * c_hs + r * c_rs, as podkv_block_decode writes them; total 0 marks a head without
+ * distant keys, whose peak is never read (it may be -inf, which -ffast-math code must not touch). out: H x R x D;
+ * s: n floats of scratch. The same softmax as block_pass._proximal_merged: m = max(own scores, peak), weights
+ * 2^(s - m). */
+#define HEAD_FIELDS 7
+void podkv_proximal_merge(int H, int R, int D, int n, int nruns, const int64_t *runs, const int64_t *head,
+                          const float *q, const uint8_t *keep, const float *cells, int64_t c_hs, int64_t c_rs,
+                          float scale, float *out, float *s, const float **krow, const float **vrow) {
+  for (int h = 0; h < H; h++) {
+    const int64_t *f = head + (int64_t)h * HEAD_FIELDS;
+    const float *kb = (const float *)(intptr_t)f[0], *kb2 = (const float *)(intptr_t)f[2];
+    const float *vb = (const float *)(intptr_t)f[5];
+    int64_t krs = f[1], krs2 = f[3], n1 = f[4], vrs = f[6];
+    int j = 0;
+    for (int u = 0; u < nruns; u++)
+      for (int64_t t = runs[2 * u]; t < runs[2 * u + 1] && j < n; t++, j++) {
+        vrow[j] = vb + t * vrs;
+        krow[j] = n1 < 0 ? kb + t * krs : (j < n1 ? kb + (int64_t)j * krs : kb2 + (int64_t)(j - n1) * krs2);
+      }
+    for (int r = 0; r < R; r++) {
+      const float *qr = q + ((int64_t)h * R + r) * D;
+      const uint8_t *kr = keep ? keep + (int64_t)r * n : 0;
+      float *orow = out + ((int64_t)h * R + r) * D;
+      float m = -3.0e38f, den = 0.f;
+      for (int i = 0; i < n; i++) {
+        const float *ki = krow[i];
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int d = 0; d < D; d++) acc += qr[d] * ki[d];
+        s[i] = acc * scale;
+        if (!kr || kr[i]) m = s[i] > m ? s[i] : m;
+      }
+      const float *cell = cells ? cells + (int64_t)h * c_hs + (int64_t)r * c_rs : 0;
+      int distant = cell && cell[D + 1] > 0.f;
+      if (distant && cell[D] > m) m = cell[D];
+      for (int d = 0; d < D; d++) orow[d] = 0.f;
+      for (int i = 0; i < n; i++) {
+        if (kr && !kr[i]) continue;
+        float e = exp2f(s[i] - m);
+        const float *vi = vrow[i];
+        den += e;
+#pragma omp simd
+        for (int d = 0; d < D; d++) orow[d] += e * vi[d];
+      }
+      if (distant) {
+        float w = exp2f(cell[D] - m);
+        den += w * cell[D + 1];
+#pragma omp simd
+        for (int d = 0; d < D; d++) orow[d] += w * cell[d];
+      }
+      float inv = 1.f / den;
+#pragma omp simd
+      for (int d = 0; d < D; d++) orow[d] *= inv;
+    }
+  }
+}
