@@ -378,7 +378,7 @@ def _native_runs(step, G):
     runs = cache.slot_runs(step.idx)
     if runs is None:
         return None, 0, None
-    runs = runs[:-1] + [(runs[-1][0], step.i1)] if runs and runs[-1][1] == step.i0 else runs + [(step.i0, step.i1)]
+    runs = _with_step(runs, step)
     bias = _proximal_bias(cache, step.idx, step.i0, step.i1, G)
     keep = None if bias is None else (bias[0, 0] == 0).to(torch.uint8).contiguous()
     flat = [x for run in runs for x in run]
@@ -394,7 +394,7 @@ def _proximal_inputs(step, key: torch.Tensor):
     if runs is None or store.window_heads or not isinstance(store.v, torch.Tensor):
         held_k, held_v, idx = step.held()
         return torch.cat([held_k, key], dim=2), torch.cat([held_v, step.values_new], dim=2), idx
-    runs = runs[:-1] + [(runs[-1][0], step.i1)] if runs and runs[-1][1] == step.i0 else runs + [(step.i0, step.i1)]
+    runs = _with_step(runs, step)
     values = _take_runs(store.v, runs)
     if not store.anchor_heads:
         return torch.cat([step.k_prox, key], dim=2), values, step.idx
@@ -403,6 +403,13 @@ def _proximal_inputs(step, key: torch.Tensor):
         ring = torch.cat([step.k_prox, select_heads(key, store.ring_heads)], dim=2)
         keys = unstack((keys, ring), store.key_runs)  # [anchor | ring] -> head order
     return keys, values, step.idx
+
+
+def _with_step(runs, step) -> list[tuple[int, int]]:
+    """The held slots' runs of cache rows followed by the step's own rows [i0, i1) (joined when they touch)."""
+    if runs and runs[-1][1] == step.i0:
+        return runs[:-1] + [(runs[-1][0], step.i1)]
+    return runs + [(step.i0, step.i1)]
 
 
 def _take_runs(x: torch.Tensor, runs) -> torch.Tensor:
