@@ -32,6 +32,7 @@ anchors) about 0.68 of dense attention's key + value bytes.
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import torch
@@ -363,8 +364,6 @@ def _proximal_merged_native(step, qg, key, G, scale, cells):
         else:
             fields += [k_at + anchors.index(h) * k_hs, k_rs, 0, 0, -1]
         fields += [v_at + vrow[h] * v_hs, v_rs]
-    import ctypes
-
     return native.proximal_merge(qg[0].contiguous(), runs, (ctypes.c_int64 * len(fields))(*fields), n, keep, cells,
                                  scale, cache.per_step("native_work", dict))
 
@@ -372,8 +371,6 @@ def _proximal_merged_native(step, qg, key, G, scale, cells):
 def _native_runs(step, G):
     """Per step: the cache rows the proximal pass reads (held slots, then the step's tokens) as a ctypes array of
     [a, b) pairs, their count n, and the keep mask (R, n) uint8 (None: every row sees every row)."""
-    import ctypes
-
     cache = step.cache
     runs = cache.slot_runs(step.idx)
     if runs is None:

@@ -88,7 +88,7 @@ def pod_attention_chunked(
     """query (B, Hq, Tq, D) at cache indices [q_start, q_start+Tq) -> (B, Hq, Tq, D)."""
     Tq = query.shape[2]
     if _split_applies(query, src, pad, dropout):
-        if OWN_ANCHORS_CAUSAL and src.own_anchor_heads and q_start == 0 and src.own_keys.shape[2] == query.shape[2] and not src.proximal_only:
+        if _own_anchors_apply(query, q_start, src):
             return _prefill_own_anchors_causal(query, src, anchor_query, ns=ns, nr=nr, scale=scale, chunk=chunk)
         return pod_prefill(query, q_start, src, ns=ns, nr=nr, scale=scale, chunk=chunk, anchor_query=anchor_query)
     outs = []
@@ -100,17 +100,27 @@ def pod_attention_chunked(
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
+def _own_anchors_apply(query, q_start: int, src: KeySources) -> bool:
+    """A one-shot prefill (queries = keys, from index 0) with heads that are their own anchor."""
+    return (OWN_ANCHORS_CAUSAL and bool(src.own_anchor_heads) and not src.proximal_only and q_start == 0
+            and src.own_keys.shape[2] == query.shape[2])
+
+
 def _prefill_own_anchors_causal(query, src: KeySources, anchor_query, *, scale: float, **kw) -> torch.Tensor:
     """A one-shot prefill whose heads are partly their own anchors: those heads take one fused causal call (PoD
     with every distant key its own is dense attention, exactly), the others the two-pass path. On CPU the two
-    passes of an anchor head cost about 1.4x its causal call at 1K (two fused calls, a masked band, a merge)."""
+    passes of an anchor head cost about 1.5x its causal call at 1K (two fused calls, a masked band, a merge:
+    ``benchmarks/shipped/prefill_layer_1024.json``)."""
     B, Hq, T, D = query.shape
     H = src.values.shape[1]
     own = sorted(src.own_anchor_heads)
     rest = [h for h in range(H) if h not in src.own_anchor_heads]
 
+    def rows(x, heads):  # the query rows of these KV heads, (B, len(heads) * G, T, D)
+        return None if x is None else select_heads(x.reshape(B, H, Hq // H, T, D), heads).reshape(B, -1, T, D)
+
     def causal(heads):
-        q = select_heads(query.reshape(B, H, Hq // H, T, D), heads).reshape(B, -1, T, D)
+        q = rows(query, heads)
         k, v = select_heads(src.own_keys, heads), select_heads(src.values[:, :, :T], heads)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
@@ -120,9 +130,8 @@ def _prefill_own_anchors_causal(query, src: KeySources, anchor_query, *, scale: 
     put_heads(out, own, causal(own).reshape(B, len(own), -1, T, D))
     sub = replace(src, own_keys=select_heads(src.own_keys, rest), values=select_heads(src.values, rest),
                   anchor_keys=[src.anchor_keys[h] for h in rest], own_anchor_heads=())
-    rows = lambda x: None if x is None else select_heads(x.reshape(B, H, Hq // H, T, D), rest).reshape(B, -1, T, D)
-    put_heads(out, rest, pod_prefill(rows(query), 0, sub, scale=scale, anchor_query=rows(anchor_query), **kw)
-              .reshape(B, len(rest), -1, T, D))
+    shared = pod_prefill(rows(query, rest), 0, sub, scale=scale, anchor_query=rows(anchor_query, rest), **kw)
+    put_heads(out, rest, shared.reshape(B, len(rest), -1, T, D))
     return out.reshape(B, Hq, T, D)
 
 

@@ -120,8 +120,9 @@ def _from_full_keys(runtime, layer, query, key, value, mask, plan, scale, anchor
         return pod_attention_reference(query, key, anchor, value, ns=plan.ns, nr=plan.nr, scale=scale, pad=pad,
                                        anchor_query=anchor_query, window_heads=window)
     if not window:
-        groups = [(list(range(key.shape[1])), KeySources(own_keys=key, own_start=0, values=value, anchor_keys=sources,
-                                                         own_anchor_heads=_own_anchors(plan, layer, range(key.shape[1]))))]
+        heads = list(range(key.shape[1]))
+        groups = [(heads, KeySources(own_keys=key, own_start=0, values=value, anchor_keys=sources,
+                                     own_anchor_heads=_own_anchors(plan, layer, heads)))]
     else:
         rest = [h for h in range(key.shape[1]) if h not in window]
         groups = [(heads, KeySources(own_keys=key[:, heads], own_start=0, values=value[:, heads],
