@@ -247,6 +247,9 @@ def test_one_forward_rule_is_what_the_speed_benchmark_reports(monkeypatch):
     assert not one(runtime, 12, past=20) and not one(runtime, 12, padded=True)
     model = types.SimpleNamespace(pod_runtime=runtime)
     assert prefill_feed(model, plan, 16) == "one forward" and prefill_feed(model, plan, 17) == f"{plan.nr}-token steps"
+    monkeypatch.setattr(chunked_forward, "ONE_SHOT_MAX_COMPILED", 40)  # the compiled kernel: longer one-shot prompts
+    assert one(runtime, 40, compiled=True) and not one(runtime, 41, compiled=True) and not one(runtime, 40)
+    assert not one(runtime, 20, padded=True, compiled=True) and not one(runtime, 20, past=1, compiled=True)
     runtime.prefill_chunk = 4
     assert not one(runtime, 16) and one(runtime, 4) and prefill_feed(model, plan, 16) == "4-token steps"
 
@@ -332,16 +335,16 @@ def test_native_kernel_builds_once_and_a_failed_build_falls_back(monkeypatch, tm
     try:
         if native.shutil.which("cc") or native.shutil.which("gcc"):
             assert native.library() is not None
-            built = list((tmp_path / "native").glob("*/block_decode.so"))
+            built = list((tmp_path / "native").glob(f"*/{native.LIBRARY}"))
             assert len(built) == 1 and not list((tmp_path / "native").glob("*/tmp*"))
             native.library.cache_clear()
-            assert native.library() is not None and list((tmp_path / "native").glob("*/block_decode.so")) == built
+            assert native.library() is not None and list((tmp_path / "native").glob(f"*/{native.LIBRARY}")) == built
         monkeypatch.setenv("PODKV_NATIVE", "0")
         assert not native.enabled()
         monkeypatch.delenv("PODKV_NATIVE")
         monkeypatch.setenv("CC", "false")
         native.library.cache_clear()
-        with pytest.warns(UserWarning, match="native decode kernel did not build"):
+        with pytest.warns(UserWarning, match="native kernels did not build"):
             assert native.library() is None
         assert not native.enabled()
     finally:

@@ -1,6 +1,8 @@
 """One layer's one-shot prefill attention on smollm2-pod's shapes (3 KV heads, 9 query heads, D 64, ns 16,
 nr 240), dense causal SDPA vs PoD's two-pass path (``attention/prefill.py``) with the heads that are their own
-anchor in one causal call (``chunked.OWN_ANCHORS_CAUSAL``) or in the two passes too, and the band pass alone.
+anchor in one causal call (``chunked.OWN_ANCHORS_CAUSAL``) or in the two passes too, and the band pass alone; and
+the compiled one-shot kernel (``attention/native/pod_prefill.c``) on the same inputs, including plain causal attention
+(every head its own anchor), which says how much of its gain is the kernel rather than PoD.
 
     python benchmarks/shipped/prefill_layer.py [--context 1024] [--reps 15] [--threads 1] [--out FILE]
 
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from podkv.attention import chunked
+from podkv.attention import chunked, prefill
 from podkv.attention.chunked import KeySources, pod_attention_chunked
 from podkv.attention.prefill import _proximal
 from podkv.bench.common import machine_info
@@ -41,7 +43,7 @@ def main(argv=None) -> None:
     k, ka, v = torch.randn(1, H, T, D), torch.randn(1, H, T, D), torch.randn(1, H, T, D)
     pad = torch.zeros(1, dtype=torch.long)
 
-    def pod(own: tuple[int, ...], shortcut: bool):
+    def pod(own: tuple[int, ...], shortcut: bool, compiled: bool = False):
         sources = [(k, h) if h in own else (ka, h) for h in range(H)]
         anchor_q = q.clone()
         for h in range(H):
@@ -50,11 +52,12 @@ def main(argv=None) -> None:
         src = KeySources(own_keys=k, own_start=0, values=v, anchor_keys=sources, own_anchor_heads=own)
 
         def run():
-            chunked.OWN_ANCHORS_CAUSAL = shortcut
+            chunked.OWN_ANCHORS_CAUSAL, prefill.NATIVE = shortcut, compiled
             pod_attention_chunked(q, 0, src, pad=pad, ns=NS, nr=NR, scale=scale, chunk=CHUNK, anchor_query=anchor_q)
         return run
 
     def band():
+        prefill.NATIVE = False
         src = KeySources(own_keys=k, own_start=0, values=v, anchor_keys=[])
         qg = q.reshape(1, H, G, T, D)
         for c0 in range(0, T, CHUNK):
@@ -69,6 +72,9 @@ def main(argv=None) -> None:
         "pod, 1 anchor head of 3, two passes": pod((0,), False),
         "pod, no anchor head": pod((), True),
         "band pass alone (128-row chunks, masked)": band,
+        "compiled: causal (3 anchor heads)": pod((0, 1, 2), True, compiled=True),
+        "compiled: pod, 1 anchor head of 3": pod((0,), True, compiled=True),
+        "compiled: pod, no anchor head": pod((), True, compiled=True),
     }
     times = {name: [] for name in variants}
     for _ in range(args.reps):
@@ -76,7 +82,7 @@ def main(argv=None) -> None:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    chunked.OWN_ANCHORS_CAUSAL = True
+    chunked.OWN_ANCHORS_CAUSAL, prefill.NATIVE = True, True
     rows = {name: {"median_ms": statistics.median(t) * 1e3} for name, t in times.items()}
     for name, row in rows.items():
         print(f"{name:44s} {row['median_ms']:7.2f} ms")

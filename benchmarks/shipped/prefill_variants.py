@@ -2,7 +2,7 @@
 and the whole prompt in one step on the two-pass path (``attention/prefill.py``: no block pass, each layer
 scores its distant keys with its anchor's queries in the fused causal kernel), with its distant rows in one
 call per head run or, as before, one call per query chunk; heads that are their own anchor in one causal call or,
-as before, in two passes.
+as before, in two passes; or the whole prompt in one call per layer of the compiled kernel (``native/pod_prefill.c``).
 
     python benchmarks/shipped/prefill_variants.py [--context 4096] [--reps 3]
 
@@ -30,9 +30,11 @@ VARIANTS = {"tiles, steps of 240": (block_pass.TILE, 240), "untiled, steps of 24
             "tiles, steps of 480": (block_pass.TILE, 480), "tiles, steps of 720": (block_pass.TILE, 720),
             "one step, two-pass": (block_pass.TILE, ONE_SHOT),
             "one step, two-pass, distant rows per chunk": (block_pass.TILE, ONE_SHOT),
-            "one step, two-pass, own anchors too": (block_pass.TILE, ONE_SHOT)}
+            "one step, two-pass, own anchors too": (block_pass.TILE, ONE_SHOT),
+            "one step, compiled": (block_pass.TILE, ONE_SHOT)}
 CHUNKED_DISTANT = {"one step, two-pass, distant rows per chunk"}  # what prefill.py did before 2026-12-07 (s34)
 OWN_TWO_PASS = {"one step, two-pass, own anchors too"}  # before stop 37: own-anchor heads took the two passes too
+COMPILED = {"one step, compiled"}  # stop 38: the one-shot prefill in native/pod_prefill.c; the others in PyTorch
 
 
 def main(argv=None) -> None:
@@ -56,6 +58,7 @@ def main(argv=None) -> None:
             block_pass.STEP_LIMIT = 0 if VARIANTS[name][1] == ONE_SHOT else limit  # one step: not the block pass
             prefill.fused = (lambda q: False) if name in CHUNKED_DISTANT else fused  # distant rows: per chunk or all
             chunked.OWN_ANCHORS_CAUSAL = name not in OWN_TWO_PASS
+            prefill.NATIVE = name in COMPILED
         cache = new_cache(model, method, plan)
         t0 = time.perf_counter()
         model(ids, past_key_values=cache, logits_to_keep=1)

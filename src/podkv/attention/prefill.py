@@ -19,11 +19,46 @@ the proximal pass the layer's. :mod:`podkv.attention.chunked` covers the rest wi
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
 from podkv.attention.heads import head_runs
 from podkv.attention.lse import attend_lse, fused, merge_lse_finite, to_bias
+
+
+NATIVE = True  # a batch-1 float32 one-shot prefill takes the compiled kernel where it builds (off: for A/B runs)
+
+
+def native_prefill(query, src, anchor_query, *, ns: int, nr: int, scale: float):
+    """A one-shot prefill (queries = keys from index 0, batch 1, float32) in one call of the compiled kernel
+    (native/pod_prefill.c): every KV head in one flash-style pass that scores each key once, with its own query
+    (sinks, window; every key of an own-anchor head) or the distant one (distant keys), and skips the tiles a
+    window-only head never reads. None where it does not apply; the two-pass path then runs.
+    Why: the two passes score a masked third of the band for nothing and pay a merge and copies per head run
+    (docs/bench.md); their fused calls cannot share a tile between the two queries."""
+    B, Hq, T, D = query.shape
+    H = src.values.shape[1]
+    qd = query if anchor_query is None else anchor_query
+    tensors = [query, qd, src.own_keys, src.values] + ([] if src.proximal_only else [t for t, _ in src.anchor_keys])
+    if not NATIVE or B != 1 or D % 64 or Hq // H > 16 or any(t.dtype != torch.float32 or t.stride(-1) != 1 or t.device.type != "cpu"
+                                   for t in tensors):
+        return None
+    from podkv.attention import native
+
+    if not native.enabled():
+        return None
+    G, own = Hq // H, set(src.own_anchor_heads)
+    fields = []
+    for h in range(H):
+        kind = 2 if src.proximal_only else 0 if h in own else 1
+        q0, d0, k0, v0 = query[0, h * G], qd[0, h * G], src.own_keys[0, h], src.values[0, h]
+        ka = k0 if kind != 1 else src.anchor_keys[h][0][0, src.anchor_keys[h][1]]
+        fields += [kind, q0.data_ptr(), query.stride(1), query.stride(2), d0.data_ptr(), qd.stride(1), qd.stride(2),
+                   k0.data_ptr(), src.own_keys.stride(2), ka.data_ptr(), ka.stride(0), v0.data_ptr(),
+                   src.values.stride(2), 0, 0, 0]
+    out = native.pod_prefill(fields, H, G, T, D, ns, nr, scale * math.log2(math.e))
+    return None if out is None else out.to(query.dtype)
 
 
 def pod_prefill(query, q_start: int, src, *, ns: int, nr: int, scale: float, chunk: int,

@@ -226,13 +226,14 @@ def run_speed(model, tok, plan, cfg: SpeedConfig) -> dict:
 
 def prefill_feed(model, plan, T: int) -> str:
     """How a T-token prompt goes through PoD (models/chunked_forward.py): one forward, or steps of N tokens."""
-    from podkv.models.chunked_forward import one_forward  # startup: transformers
+    from podkv.models.chunked_forward import compiled_prefill, one_forward  # startup: transformers
 
     runtime = getattr(model, "pod_runtime", None)
     if runtime is None:
         raise PodError("prefill_feed needs the PoD model (enable_pod), got a model without a PoD runtime")
-    if plan.mode != "scores" or one_forward(runtime, T):
-        return "one forward"
+    compiled = compiled_prefill(model, 1, "cpu")
+    if plan.mode != "scores" or one_forward(runtime, T, compiled=compiled):
+        return "one forward, compiled kernel" if compiled else "one forward"
     return f"{runtime.prefill_chunk or plan.nr}-token steps"
 
 

@@ -7,7 +7,8 @@ long input that continues a cache, a padded batch, or a prompt longer than ``ONE
 model ``nr`` tokens at a time — exact (chunked prefill equals one-shot, tested). A first, unpadded prompt of up
 to ``ONE_SHOT_MAX`` tokens goes in one forward instead: each layer's two-pass prefill
 (:mod:`podkv.attention.prefill`, the anchors' queries for distant keys) measured faster than ``nr``-token
-steps at 1K on CPU, slower from 2K on (the numbers at ``ONE_SHOT_MAX``). ``runtime.prefill_chunk`` set forces
+steps at 1K on CPU, slower from 2K on (the numbers at ``ONE_SHOT_MAX``). Where the compiled prefill kernel runs
+(batch 1, float32 on CPU) one forward is faster up to ``ONE_SHOT_MAX_COMPILED``. ``runtime.prefill_chunk`` set forces
 steps of that size.
 ``generate`` calls this ``forward`` too.
 
@@ -30,20 +31,34 @@ from podkv.attention.interface import ATTN_NAME
 from podkv.cache.pod_cache import PodCache, pod_cache_for
 
 
-# Longest first prompt prefilled in one forward. Same runs, smollm2-pod, PoD ÷ dense, one forward / 240-token
-# steps, after the block pass took base-2 exponentials (benchmarks/shipped/prefill_exp2_*.json): 2 threads
-# 2K 1.31 / 1.21, 4K 1.21 / 0.97; 1 thread 1K 1.07 / 1.11, 2K 1.10 / 1.07, 4K 1.17 / 1.00, 8K 1.17 / 0.96.
-# From 2K on the steps' shared softmax outweighs their overhead.
+# Longest first prompt prefilled in one forward on the PyTorch two-pass path. Same runs, smollm2-pod, PoD ÷ dense,
+# one forward / 240-token steps, after the block pass took base-2 exponentials
+# (benchmarks/shipped/prefill_exp2_*.json): 2 threads 2K 1.31 / 1.21, 4K 1.21 / 0.97; 1 thread 1K 1.07 / 1.11,
+# 2K 1.10 / 1.07, 4K 1.17 / 1.00, 8K 1.17 / 0.96. From 2K on the steps' shared softmax outweighs their overhead.
 ONE_SHOT_MAX = 1024
+# ... on the compiled kernel (attention/native/pod_prefill.c), which scores each key once and keeps no score matrix:
+# one forward beat the steps at 1K, 4K and 8K (benchmarks/shipped/prefill_compiled_*.json).
+ONE_SHOT_MAX_COMPILED = 8192
 
 
-def one_forward(runtime, n: int, past: int = 0, padded: bool = False) -> bool:
+def one_forward(runtime, n: int, past: int = 0, padded: bool = False, compiled: bool = False) -> bool:
     """Whether ``n`` new tokens go through a ``scores``-mode model in one forward rather than in steps: at most one
-    step's worth, or a first, unpadded prompt of at most ``ONE_SHOT_MAX`` tokens unless ``runtime.prefill_chunk``
-    asks for steps. (Shared with the speed benchmark, which reports how it fed each prompt.)"""
+    step's worth, or a first, unpadded prompt of at most ``ONE_SHOT_MAX`` tokens (``ONE_SHOT_MAX_COMPILED`` when
+    ``compiled``: the prefill runs on the compiled kernel) unless ``runtime.prefill_chunk`` asks for steps. (Shared
+    with the speed benchmark, which reports how it fed each prompt.)"""
     if n <= (runtime.prefill_chunk or runtime.plan.nr):
         return True
-    return runtime.prefill_chunk is None and past == 0 and n <= ONE_SHOT_MAX and not padded
+    longest = ONE_SHOT_MAX_COMPILED if compiled else ONE_SHOT_MAX
+    return runtime.prefill_chunk is None and past == 0 and n <= longest and not padded
+
+
+def compiled_prefill(model, batch: int, device) -> bool:
+    """Whether a one-shot prefill of ``batch`` prompts on ``device`` runs on the compiled kernel: batch 1, float32
+    on CPU, the kernel built and not switched off (``attention.prefill.NATIVE``)."""
+    from podkv.attention import native, prefill
+
+    return (prefill.NATIVE and batch == 1 and torch.device(device).type == "cpu"
+            and getattr(model, "dtype", None) == torch.float32 and native.enabled())
 
 
 def install(model) -> None:
@@ -74,7 +89,7 @@ def _pod_forward(model, input_ids=None, attention_mask=None, position_ids=None, 
         return base(model, input_ids=input_ids, inputs_embeds=inputs_embeds, **call)  # decode: no mask check
     n, past = tokens.shape[1], cache.get_seq_length()
     padded = attention_mask is not None and not bool(attention_mask.all())
-    if one_forward(runtime, n, past, padded):  # a one-shot prefill on the two-pass path
+    if one_forward(runtime, n, past, padded, compiled_prefill(model, tokens.shape[0], tokens.device)):  # one-shot
         return base(model, input_ids=input_ids, inputs_embeds=inputs_embeds, **call)
 
     logits, out = [], None

@@ -1,12 +1,12 @@
-"""Compiled kernels for batch-1 decode steps (the distant pass, the proximal pass and merge), built on first use,
-with a PyTorch fallback.
+"""Compiled kernels for batch-1 decode steps (the distant pass, the proximal pass and merge) and for a one-shot
+prefill (``pod_prefill.c``), built on first use, with a PyTorch fallback.
 
 Why: a batch-1 decode step of ``smollm2-pod`` scores 3 query rows against each anchor's 4K distant keys and
 weighs each member's values with them. As matrix products those are small-M GEMMs, which run at about 10 GB/s
 on this CPU where a streaming loop reads 35 (docs/bench.md), so PoD's 0.68 of dense's KV bytes took as long as
 dense's all. ``block_decode.c`` reads each key and value once per step in parallel chunks.
 
-The C file is compiled once per machine with the system C compiler (``$CC``, else ``cc``) into
+The C files are compiled once per machine with the system C compiler (``$CC``, else ``cc``) into
 ``$PODKV_HOME/native/<hash>/`` (or ``$PODKV_NATIVE_DIR/<hash>/``; the hash covers the source, the flags, the
 compiler and the CPU, since the build is ``-march=native``), written atomically. No compiler, a failed build or ``PODKV_NATIVE=0``: the
 PyTorch path of :mod:`podkv.attention.block_pass` runs instead (the same arithmetic; tests compare the two),
@@ -26,7 +26,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("block_decode.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("block_decode.c", "pod_prefill.c"))
+LIBRARY = "podkv_native.so"
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
 CHUNK = 512  # keys per parallel task: a few tasks per pair at 4K, each (rows x 512) scores in L1
 
@@ -46,7 +47,7 @@ def library():
         so = _built(cc)
         lib = ctypes.CDLL(str(so))
     except (OSError, subprocess.SubprocessError) as e:
-        warnings.warn(f"podkv: the native decode kernel did not build ({e}); using the PyTorch path", stacklevel=2)
+        warnings.warn(f"podkv: the native kernels did not build ({e}); using the PyTorch path", stacklevel=2)
         return None
     i64p, i32p = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int32)
     lib.podkv_block_decode.argtypes = [ctypes.c_int] * 5 + [i64p, i64p, i64p, i32p, i64p, i64p, i64p, ctypes.c_int,
@@ -55,6 +56,8 @@ def library():
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.podkv_proximal_merge.argtypes = [ctypes.c_int] * 5 + [ptr] * 5 + [i64, i64, ctypes.c_float] + [ptr] * 4
     lib.podkv_proximal_merge.restype = None
+    lib.podkv_pod_prefill.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, ptr, ptr, ctypes.c_int]
+    lib.podkv_pod_prefill.restype = ctypes.c_int
     return lib
 
 
@@ -63,14 +66,15 @@ def _built(cc: str) -> Path:
     from podkv.models.default_model import podkv_home  # startup: only when a decode step needs it
 
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu()]).encode()).hexdigest()[:16]
-    out = Path(os.environ.get("PODKV_NATIVE_DIR") or podkv_home() / "native") / key / "block_decode.so"
+    texts = [source.read_text() for source in SOURCES]
+    key = hashlib.sha256("\n".join([*texts, " ".join(FLAGS), version, _cpu()]).encode()).hexdigest()[:16]
+    out = Path(os.environ.get("PODKV_NATIVE_DIR") or podkv_home() / "native") / key / LIBRARY
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         so = Path(tmp) / out.name
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(so), "-lm"], capture_output=True, text=True,
+        done = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(so), "-lm"], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
             raise subprocess.SubprocessError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else
@@ -135,3 +139,19 @@ def proximal_merge(q, runs, heads, n: int, keep, cells, scale: float, work_cache
                                    None if keep is None else keep.data_ptr(), *c, scale, out.data_ptr(),
                                    scratch[1].data_ptr(), scratch[2], scratch[3])
     return out
+
+
+PREFILL_FIELDS = 16  # int64 fields per KV head of podkv_pod_prefill (see pod_prefill.c)
+
+
+def pod_prefill(fields: list[int], H: int, G: int, T: int, D: int, ns: int, nr: int, scale: float):
+    """A one-shot prefill of one layer's H KV heads (``podkv_pod_prefill``, see pod_prefill.c): ``fields`` holds
+    ``PREFILL_FIELDS`` int64 per head (kind, then query, key and value pointers with their strides, in float32
+    elements); ``scale`` the score scale in base 2 -> (1, H * G, T, D) float32, or None where the kernel declines
+    (head dim not a multiple of 64, more than 16 query heads per KV head: callers check first; out of memory)."""
+    import torch
+
+    out = torch.empty(1, H * G, T, D, dtype=torch.float32)
+    rc = library().podkv_pod_prefill(H, G, T, D, ns, nr, scale, (ctypes.c_int64 * len(fields))(*fields),
+                                     out.data_ptr(), torch.get_num_threads())
+    return out if rc == 0 else None
