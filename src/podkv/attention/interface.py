@@ -80,8 +80,9 @@ def _forward(module, query, key, value, attention_mask, scaling, dropout, refere
         if step is None or step.store is not cache.layers[layer] or step.i1 != step.store.seen:
             raise PodError(f"PoD attention of layer {layer} got values its PodCache did not just return: the cache "
                            "must be updated by this layer's forward right before attention")
-        # A first, unpadded step is a one-shot prefill: the two-pass path (prefill.py) beat steps of nr through
-        # the block pass on CPU (docs/bench.md); longer than nr, it would keep L x (L - nr) exp-scores there.
+        # A first, unpadded step is a one-shot prefill: the compiled kernel or the two-pass path (prefill.py)
+        # beat steps of nr through the block pass on CPU (docs/bench.md); longer than nr, the block pass would
+        # keep L x (L - nr) exp-scores.
         one_shot = step.i0 == 0 and not bool(cache.pad.any())
         if not reference and not (one_shot and query.shape[2] > plan.nr) \
                 and block_pass_applies(cache, query, runtime.decode_fast_path):

@@ -36,9 +36,11 @@ from podkv.cache.pod_cache import PodCache, pod_cache_for
 # (benchmarks/shipped/prefill_exp2_*.json): 2 threads 2K 1.31 / 1.21, 4K 1.21 / 0.97; 1 thread 1K 1.07 / 1.11,
 # 2K 1.10 / 1.07, 4K 1.17 / 1.00, 8K 1.17 / 0.96. From 2K on the steps' shared softmax outweighs their overhead.
 ONE_SHOT_MAX = 1024
-# ... on the compiled kernel (attention/native/pod_prefill.c), which scores each key once and keeps no score matrix:
-# one forward beat the steps at 1K, 4K and 8K (benchmarks/shipped/prefill_compiled_*.json).
-ONE_SHOT_MAX_COMPILED = 8192
+# ... on the compiled kernel (attention/native/pod_prefill.c), which scores each key once and keeps no score matrix,
+# but gives up the block's shared distant scores that steps of nr keep. PoD ÷ dense, one thread, same runs
+# (benchmarks/shipped/prefill_compiled_*_1thread.json), one forward compiled / two-pass / steps: 1K 0.97 / 1.11 / -,
+# 4K 1.00 / 1.18 / 1.23; 8K 1.11 / - / 1.01: from 8K on the shared scores win.
+ONE_SHOT_MAX_COMPILED = 4096
 
 
 def one_forward(runtime, n: int, past: int = 0, padded: bool = False, compiled: bool = False) -> bool:
