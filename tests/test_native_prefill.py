@@ -129,3 +129,30 @@ def test_native_prefill_declines_what_it_does_not_take(monkeypatch, case):
     assert calls == [] and two_pass == [1]
     ref = pod_attention_reference(q, k_own, k_anc, v, ns=4, nr=20, scale=0.125, anchor_query=q_anc, pad=pad)
     assert_close(fast.float(), ref.float(), what=f"declined: {case}")
+
+
+@pytest.mark.parametrize("granularity", ["head", "layer", "window"])
+def test_compiled_prefill_in_a_model_equals_reference(monkeypatch, granularity):
+    """A tiny Llama with head dim 64 (the kernel's shape): a first prompt in one forward on the compiled prefill,
+    then decode, == the oracle's logits; and == the same prompt fed in steps of nr (the block pass)."""
+    from podkv import SharingPlan
+    from test_block_pass import _fed, _reference
+    from test_core_model import ids_for, random_plan
+    from tiny import tiny_model
+
+    model = tiny_model("llama", head_dim=64)
+    plan = random_plan(4, 2, 4, 24, seed=5, mode="scores")
+    if granularity == "layer":
+        plan = SharingPlan.uniform(4, 2, 2, ns=4, nr=24, mode="scores")
+    if granularity == "window":
+        from test_window_policy import window_plan
+        plan = window_plan(seed=1, mode="scores", ns=4, nr=24)
+    calls = _taken(monkeypatch)
+    ids = ids_for(1, 150, seed=4)
+    with torch.no_grad():
+        ref = _reference(model, plan, ids)
+        whole = _fed(model, plan, ids, (140, 1))
+        stepped = _fed(model, plan, ids, (24, 24, 24, 24, 24, 24, 1))
+    assert sum(calls) == 4 * 2  # every KV head of every layer, once: the first prompt only
+    assert_close(whole, ref, what=f"compiled one-shot prefill in a model ({granularity})", tol=FLASH_F32)
+    assert_close(whole, stepped, what=f"compiled one-shot vs steps of nr ({granularity})", tol=FLASH_F32)
