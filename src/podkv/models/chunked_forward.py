@@ -37,10 +37,12 @@ from podkv.cache.pod_cache import PodCache, pod_cache_for
 # 2K 1.10 / 1.07, 4K 1.17 / 1.00, 8K 1.17 / 0.96. From 2K on the steps' shared softmax outweighs their overhead.
 ONE_SHOT_MAX = 1024
 # ... on the compiled kernel (attention/native/pod_prefill.c), which scores each key once and keeps no score matrix,
-# but gives up the block's shared distant scores that steps of nr keep. PoD ÷ dense, one thread, same runs
-# (benchmarks/shipped/prefill_compiled_*_1thread.json), one forward compiled / two-pass / steps: 1K 0.97 / 1.11 / -,
-# 4K 1.00 / 1.18 / 1.23; 8K 1.11 / - / 1.01: from 8K on the shared scores win.
-ONE_SHOT_MAX_COMPILED = 4096
+# but gives up the block's shared distant scores that steps of nr keep. PoD ÷ dense, same runs
+# (benchmarks/shipped/prefill_compiled_*.json), one forward compiled / two-pass / steps: one thread 1K 0.97 / 1.11 / -,
+# 4K 1.00 / 1.18 / 1.23, 8K 1.11 / - / 1.01; two threads 8K 0.90 / - / 1.17 (the kernel's 64-row tasks use both
+# cores, the steps' small products do not). So one forward up to the longest prompt: at one thread, from 8K on,
+# steps would be faster.
+ONE_SHOT_MAX_COMPILED = 8192
 
 
 def one_forward(runtime, n: int, past: int = 0, padded: bool = False, compiled: bool = False) -> bool:
