@@ -58,9 +58,9 @@ def profile_prefill(model, method, plan, ids):
 
 def prefill_report(args, pod, dense, plan, ids) -> tuple[list[str], Path]:
     threads = [int(t) for t in args.threads.split(",")]
-    from podkv.models.chunked_forward import ONE_SHOT_MAX
+    from podkv.bench.speed import prefill_feed
 
-    how = ("one forward, two-pass" if args.context <= ONE_SHOT_MAX else f"block pass, steps of {plan.nr}")
+    how = prefill_feed(pod, plan, args.context)  # the compiled kernel is not an aten operator: it is in the total
     out = [f"# Prefill profile: smollm2-pod (scores mode, {how}) vs dense (one forward), "
            f"same weights, {args.context} tokens, batch 1", "",
            f"Command: `python benchmarks/shipped/profile_decode.py --prefill --context {args.context} "

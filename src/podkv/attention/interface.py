@@ -52,6 +52,7 @@ class PodRuntime:
     kv_bits: int | None = None  # storage of the PodCache a forward or generate makes by default (8, 4: cache/quant.py)
     key_quant: str = "token"  # its anchor keys' grouping with kv_bits: "token" or "channel" (KIVI)
     kv_keep_proximal: bool = False  # with kv_bits: the first ns and last nr tokens in the model's dtype
+    last_reader: tuple | None = None  # (plan, {anchor layer: last layer that reads it}): interface._drop_spent
 
 
 def pod_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -107,7 +108,28 @@ def _forward(module, query, key, value, attention_mask, scaling, dropout, refere
             out = _from_pod_cache(step, query, key, plan, scale, anchor_query, runtime, dropout, reference)
     else:
         out = _from_full_keys(runtime, layer, query, key, value, attention_mask, plan, scale, anchor_query, dropout, reference)
+    _drop_spent(runtime, layer)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _drop_spent(runtime: PodRuntime, layer: int) -> None:
+    """After ``layer``'s attention in an inference forward, forget the queries and keys that no later layer reads
+    (those of layers that anchor nothing past it). Why: each is a (B, H, T, D) tensor; keeping all 30 of a 1K prefill
+    held 72 MB of queries, and the fresh pages the allocator then handed out made the model's own elementwise
+    operators slower (benchmarks/shipped/profile_prefill_1024.md: mul 216 ms against dense's 94 at one thread).
+    Under autograd they stay (forward_scope.py: checkpointing recomputes a shared layer after its anchor)."""
+    if torch.is_grad_enabled() or not (runtime.queries or runtime.keys):
+        return
+    if runtime.last_reader is None or runtime.last_reader[0] is not runtime.plan:
+        last = {}
+        for l, row in enumerate(runtime.plan.anchors):
+            for a in row:
+                last[a] = max(last.get(a, -1), l)
+        runtime.last_reader = (runtime.plan, last)
+    last = runtime.last_reader[1]
+    for held in (runtime.queries, runtime.keys):
+        for a in [a for a in held if last.get(a, -1) <= layer]:
+            del held[a]
 
 
 def _from_full_keys(runtime, layer, query, key, value, mask, plan, scale, anchor_query, dropout, reference):

@@ -23,6 +23,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -56,8 +57,10 @@ def library():
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.podkv_proximal_merge.argtypes = [ctypes.c_int] * 5 + [ptr] * 5 + [i64, i64, ctypes.c_float] + [ptr] * 4
     lib.podkv_proximal_merge.restype = None
-    lib.podkv_pod_prefill.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, ptr, ptr, ctypes.c_int]
+    lib.podkv_pod_prefill.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, ptr, ptr, ptr, ctypes.c_int]
     lib.podkv_pod_prefill.restype = ctypes.c_int
+    lib.podkv_pod_prefill_work.argtypes = [ctypes.c_int] * 5
+    lib.podkv_pod_prefill_work.restype = ctypes.c_int64
     return lib
 
 
@@ -148,10 +151,20 @@ def pod_prefill(fields: list[int], H: int, G: int, T: int, D: int, ns: int, nr: 
     """A one-shot prefill of one layer's H KV heads (``podkv_pod_prefill``, see pod_prefill.c): ``fields`` holds
     ``PREFILL_FIELDS`` int64 per head (kind, then query, key and value pointers with their strides, in float32
     elements); ``scale`` the score scale in base 2 -> (1, H * G, T, D) float32, or None where the kernel declines
-    (head dim not a multiple of 64, more than 16 query heads per KV head: callers check first; out of memory)."""
+    (head dim not a multiple of 64, more than 16 query heads per KV head: callers check first).
+    Its work memory (transposed key tiles, a buffer per thread) is one float32 tensor per Python thread, kept and
+    grown across calls: fresh pages on every call cost more than the kernel saved at 1K."""
     import torch
 
+    lib, threads = library(), torch.get_num_threads()
+    need = lib.podkv_pod_prefill_work(H, G, T, D, threads)
+    work = getattr(_WORK, "buf", None)
+    if work is None or work.numel() < need:
+        work = _WORK.buf = torch.empty(need, dtype=torch.float32)
     out = torch.empty(1, H * G, T, D, dtype=torch.float32)
-    rc = library().podkv_pod_prefill(H, G, T, D, ns, nr, scale, (ctypes.c_int64 * len(fields))(*fields),
-                                     out.data_ptr(), torch.get_num_threads())
+    rc = lib.podkv_pod_prefill(H, G, T, D, ns, nr, scale, (ctypes.c_int64 * len(fields))(*fields), out.data_ptr(),
+                               work.data_ptr(), threads)
     return out if rc == 0 else None
+
+
+_WORK = threading.local()  # pod_prefill's work tensor, per calling thread

@@ -15,8 +15,8 @@
  * peak and sum (online softmax), so no score matrix is ever stored. Products run on 4-row x 64-column register
  * tiles of GCC vector types (any x86-64 or Arm target; -march=native picks the width). */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
@@ -99,19 +99,27 @@ static void pack_rows(const float *src, int64_t rs, int p0, int n, int D, float 
     for (int d = 0; d < D; d++) q[i * D + d] = src[(int64_t)(p0 + i) * rs + d] * scale;
 }
 
+/* Floats of work memory podkv_pod_prefill needs: every key tile transposed, then one task buffer per thread.
+ * Why the caller's memory: buffers this size from malloc are fresh mmap pages on every call, and faulting them in
+ * cost more than the kernel saved at 1K (one page fault per 4 KB, each zeroed). */
+static size_t task_floats(int G, int D) { return 3 * (size_t)G * BR * D + 2 * BR * BC + 2 * (size_t)G * BR; }
+int64_t podkv_pod_prefill_work(int H, int G, int T, int D, int threads) {
+  return (int64_t)H * 2 * ((T + BC - 1) / BC) * D * BC + (int64_t)threads * task_floats(G, D);
+}
+
 /* Per KV head, 16 int64 fields: kind, own query ptr, its head stride and row stride, distant query ptr, head
  * stride, row stride, own key ptr, row stride, anchor key ptr, row stride, value ptr, row stride, and three unused.
  * Pointers are to float32; strides in float32 elements. The G query heads of KV head h are out rows h*G .. h*G+G-1
- * of out (Hq, T, D) contiguous. Returns 0, or -1 where the shape is outside what this kernel takes. */
+ * of out (Hq, T, D) contiguous. ``work``: podkv_pod_prefill_work(...) floats. Returns 0, or -1 where the shape is
+ * outside what this kernel takes. */
 int podkv_pod_prefill(int H, int G, int T, int D, int ns, int nr, float scale, const int64_t *f, float *out,
-                      int threads) {
+                      float *work, int threads) {
   if (G > MAXG || D % 64 != 0 || nr < 1 || ns < 0) return -1;
   int nb = (T + BR - 1) / BR, nt = (T + BC - 1) / BC;
   /* Every key tile transposed once per call (own keys, and the anchor's for shared heads), not once per row block:
    * [head][own, distant][tile] of D x BC. */
   size_t tile = (size_t)D * BC;
-  float *kt_all = malloc(sizeof(float) * (size_t)H * 2 * nt * tile);
-  if (!kt_all) return -1;
+  float *kt_all = work, *tasks = work + (size_t)H * 2 * nt * tile;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int task = 0; task < H * 2 * nt; task++) {
     int h = task / (2 * nt), which = task / nt % 2, t = task % nt, t0 = t * BC;
@@ -121,7 +129,6 @@ int podkv_pod_prefill(int H, int G, int T, int D, int ns, int nr, float scale, c
     pack_keys(k, hf[which ? 10 : 8], t0, T - t0 < BC ? T - t0 : BC, D, kt_all + ((size_t)h * 2 + which) * nt * tile
               + (size_t)t * tile);
   }
-  int failed = 0;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int task = 0; task < H * nb; task++) {
     int h = task / nb, rb = nb - 1 - task % nb; /* latest rows first: they have the most keys */
@@ -133,12 +140,7 @@ int podkv_pod_prefill(int H, int G, int T, int D, int ns, int nr, float scale, c
     const float *kt_own = kt_all + (size_t)h * 2 * nt * tile, *kt_dist = kt_own + nt * tile;
     int64_t qo_hs = hf[2], qo_rs = hf[3], qd_hs = hf[5], qd_rs = hf[6], v_rs = hf[12];
     size_t rows = (size_t)G * BR * D;
-    float *buf = malloc(sizeof(float) * (3 * rows + 2 * BR * BC + 2 * (size_t)G * BR));
-    if (!buf) {
-#pragma omp atomic write
-      failed = 1;
-      continue;
-    }
+    float *buf = tasks + (size_t)omp_get_thread_num() * task_floats(G, D);
     float *q_own = buf, *q_dist = q_own + rows, *o = q_dist + rows;
     float *s_own = o + rows, *s_dist = s_own + BR * BC, *peak = s_dist + BR * BC, *total = peak + G * BR;
     int distant_rows = kind == 1 && p1 - 1 - nr >= ns; /* some row of the block has a distant key */
@@ -215,8 +217,6 @@ int podkv_pod_prefill(int H, int G, int T, int D, int ns, int nr, float scale, c
         const float *src = o + ((size_t)g * BR + r) * D;
         for (int d = 0; d < D; d++) dst[d] = src[d] * inv;
       }
-    free(buf);
   }
-  free(kt_all);
-  return failed ? -1 : 0;
+  return 0;
 }
