@@ -172,37 +172,33 @@ int podkv_pod_prefill(int H, int G, int T, int D, int ns, int nr, float scale, c
           a = a < 0 ? 0 : a > c ? c : a;
           b = kind == 0 ? a : (b < a ? a : b > c ? c : b);
           float *so = s_own + r * BC, *sd = s_dist + r * BC, m = pk[r];
+          float sum = 0.f;
           if (c == nk && (any_dist && !both ? (a == 0 && b == nk) : a == b)) {
             /* every column visible and of the kind s_own holds: no selection */
             for (int j = 0; j < nk; j++) m = so[j] > m ? so[j] : m;
-            float corr = exp2f(pk[r] - m), sum = 0.f;
             for (int j = 0; j < nk; j++) {
               float e = exp2f(so[j] - m);
               so[j] = e;
               sum += e;
             }
-            tt[r] = tt[r] * corr + sum;
-            pk[r] = m;
-            if (corr != 1.f)
-              for (int d = 0; d < D; d++) og[r * D + d] *= corr;
-            continue;
+          } else {
+            int dist = kind == 1;
+            for (int j = 0; j < c; j++) {
+              float x = (j >= a && j < b) ? (!dist ? NEG : both ? sd[j] : so[j]) : so[j];
+              so[j] = x;
+              m = x > m ? x : m;
+            }
+            if (m == NEG) { /* nothing visible yet in this row (a window head's distant tile) */
+              for (int j = 0; j < BC; j++) so[j] = 0.f;
+              continue;
+            }
+            for (int j = 0; j < BC; j++) {
+              float e = j < c && !(!dist && j >= a && j < b) ? exp2f(so[j] - m) : 0.f;
+              so[j] = e;
+              sum += e;
+            }
           }
-          int dist = kind == 1;
-          for (int j = 0; j < c; j++) {
-            float x = (j >= a && j < b) ? (!dist ? NEG : both ? sd[j] : so[j]) : so[j];
-            so[j] = x;
-            m = x > m ? x : m;
-          }
-          if (m == NEG) { /* nothing visible yet in this row (a window head's distant tile) */
-            for (int j = 0; j < BC; j++) so[j] = 0.f;
-            continue;
-          }
-          float corr = exp2f(pk[r] - m), sum = 0.f; /* pk = NEG: corr = 0, and o, total are still 0 */
-          for (int j = 0; j < BC; j++) {
-            float e = j < c && !(!dist && j >= a && j < b) ? exp2f(so[j] - m) : 0.f;
-            so[j] = e;
-            sum += e;
-          }
+          float corr = exp2f(pk[r] - m); /* pk = NEG: corr = 0, and o, total are still 0 */
           tt[r] = tt[r] * corr + sum;
           pk[r] = m;
           if (corr != 1.f)
