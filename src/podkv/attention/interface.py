@@ -108,16 +108,18 @@ def _forward(module, query, key, value, attention_mask, scaling, dropout, refere
             out = _from_pod_cache(step, query, key, plan, scale, anchor_query, runtime, dropout, reference)
     else:
         out = _from_full_keys(runtime, layer, query, key, value, attention_mask, plan, scale, anchor_query, dropout, reference)
-    _drop_spent(runtime, layer)
+    if not module.training:
+        _drop_spent(runtime, layer)
     return out.transpose(1, 2).contiguous(), None
 
 
 def _drop_spent(runtime: PodRuntime, layer: int) -> None:
-    """After ``layer``'s attention in an inference forward, forget the queries and keys that no later layer reads
-    (those of layers that anchor nothing past it). Why: each is a (B, H, T, D) tensor; keeping all 30 of a 1K prefill
+    """After ``layer``'s attention in an inference forward (eval mode, no autograd), forget the queries and keys that
+    no later layer reads (those of layers that anchor nothing past it). Why: each is a (B, H, T, D) tensor; keeping all 30 of a 1K prefill
     held 72 MB of queries, and the fresh pages the allocator then handed out made the model's own elementwise
     operators slower (benchmarks/shipped/profile_prefill_1024.md: mul 216 ms against dense's 94 at one thread).
-    Under autograd they stay (forward_scope.py: checkpointing recomputes a shared layer after its anchor)."""
+    A model in train mode keeps them: reentrant checkpointing runs its first forward without autograd and then
+    recomputes a shared layer after its anchor (forward_scope.py), as autograd does."""
     if torch.is_grad_enabled() or not (runtime.queries or runtime.keys):
         return
     if runtime.last_reader is None or runtime.last_reader[0] is not runtime.plan:
