@@ -115,9 +115,9 @@ def _forward(module, query, key, value, attention_mask, scaling, dropout, refere
 
 def _drop_spent(runtime: PodRuntime, layer: int) -> None:
     """After ``layer``'s attention in an inference forward (eval mode, no autograd), forget the queries and keys that
-    no later layer reads (those of layers that anchor nothing past it). Why: each is a (B, H, T, D) tensor; keeping all 30 of a 1K prefill
-    held 72 MB of queries, and the fresh pages the allocator then handed out made the model's own elementwise
-    operators slower (benchmarks/shipped/profile_prefill_1024.md: mul 216 ms against dense's 94 at one thread).
+    no later layer reads (those of layers that anchor nothing past it). Why: each is a (B, H, T, D) tensor; keeping
+    all 30 of a 1K prefill held 72 MB of queries, and the model's own elementwise operators ran slower beside them
+    (benchmarks/shipped/profile_prefill_1024.md before this: mul 216 ms against dense's 94 at one thread).
     A model in train mode keeps them: reentrant checkpointing runs its first forward without autograd and then
     recomputes a shared layer after its anchor (forward_scope.py), as autograd does."""
     if torch.is_grad_enabled() or not (runtime.queries or runtime.keys):

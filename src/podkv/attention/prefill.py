@@ -41,8 +41,8 @@ def native_prefill(query, src, anchor_query, *, ns: int, nr: int, scale: float):
     H = src.values.shape[1]
     qd = query if anchor_query is None else anchor_query
     tensors = [query, qd, src.own_keys, src.values] + ([] if src.proximal_only else [t for t, _ in src.anchor_keys])
-    if not NATIVE or B != 1 or D % 64 or Hq // H > 16 or any(t.dtype != torch.float32 or t.stride(-1) != 1 or t.device.type != "cpu"
-                                   for t in tensors):
+    readable = all(t.dtype == torch.float32 and t.stride(-1) == 1 and t.device.type == "cpu" for t in tensors)
+    if not NATIVE or B != 1 or D % 64 or Hq // H > 16 or not readable:
         return None
     from podkv.attention import native
 
