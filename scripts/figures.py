@@ -111,8 +111,8 @@ def readme_shipped_speed(s):
     """The shipped model against dense in speed: every decode (context, batch) and prefill row, with its goal."""
     dec = " / ".join(f"{kilo(r['T'])}×{r['batch']}: **{times(r['ratio'])}**{_goal_mark(r)}" for r in s["decode"])
     pre = " / ".join(f"{kilo(r['T'])}: **{times(r['ratio'])}**{_goal_mark(r)}" for r in s["prefill"])
-    return (f"**{s['model']}** ({s['plan_mode']} mode, one distant pass per block) vs dense on the same weights: "
-            "time PoD ÷ dense, same run, alternating",
+    return (f"**{s['model']}** ({s['plan_mode']} mode; decode: one distant pass per block; prefill: as fed) vs dense "
+            "on the same weights: time PoD ÷ dense, same run, alternating",
             f"decode step (context×batch) {dec}; prefill {pre} ({_prefill_feed(s)}); bytes-read limit of a decode "
             f"step at 4K×8: {times(_limit(s, 4096, 8))}")
 
