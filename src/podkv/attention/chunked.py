@@ -88,11 +88,12 @@ def pod_attention_chunked(
     """query (B, Hq, Tq, D) at cache indices [q_start, q_start+Tq) -> (B, Hq, Tq, D)."""
     Tq = query.shape[2]
     if _split_applies(query, src, pad, dropout):
-        if q_start == 0 and src.own_keys.shape[2] == Tq:  # one-shot: the compiled kernel, where it applies
+        one_shot = q_start == 0 and src.own_keys.shape[2] == Tq  # queries = keys, from index 0
+        if one_shot:  # the compiled kernel, where it applies
             out = native_prefill(query, src, anchor_query, ns=ns, nr=nr, scale=scale)
             if out is not None:
                 return out
-        if _own_anchors_apply(query, q_start, src):
+        if one_shot and _own_anchors_apply(src):
             return _prefill_own_anchors_causal(query, src, anchor_query, ns=ns, nr=nr, scale=scale, chunk=chunk)
         return pod_prefill(query, q_start, src, ns=ns, nr=nr, scale=scale, chunk=chunk, anchor_query=anchor_query)
     outs = []
@@ -104,10 +105,9 @@ def pod_attention_chunked(
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
-def _own_anchors_apply(query, q_start: int, src: KeySources) -> bool:
-    """A one-shot prefill (queries = keys, from index 0) with heads that are their own anchor."""
-    return (OWN_ANCHORS_CAUSAL and bool(src.own_anchor_heads) and not src.proximal_only and q_start == 0
-            and src.own_keys.shape[2] == query.shape[2])
+def _own_anchors_apply(src: KeySources) -> bool:
+    """A one-shot prefill's heads include some that are their own anchor (and the shortcut is on)."""
+    return OWN_ANCHORS_CAUSAL and bool(src.own_anchor_heads) and not src.proximal_only
 
 
 def _prefill_own_anchors_causal(query, src: KeySources, anchor_query, *, scale: float, **kw) -> torch.Tensor:

@@ -52,7 +52,6 @@ class PodRuntime:
     kv_bits: int | None = None  # storage of the PodCache a forward or generate makes by default (8, 4: cache/quant.py)
     key_quant: str = "token"  # its anchor keys' grouping with kv_bits: "token" or "channel" (KIVI)
     kv_keep_proximal: bool = False  # with kv_bits: the first ns and last nr tokens in the model's dtype
-    last_reader: tuple | None = None  # (plan, {anchor layer: last layer that reads it}): interface._drop_spent
 
 
 def pod_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -108,27 +107,19 @@ def _forward(module, query, key, value, attention_mask, scaling, dropout, refere
             out = _from_pod_cache(step, query, key, plan, scale, anchor_query, runtime, dropout, reference)
     else:
         out = _from_full_keys(runtime, layer, query, key, value, attention_mask, plan, scale, anchor_query, dropout, reference)
-    if not module.training:
-        _drop_spent(runtime, layer)
+    _drop_spent(runtime, layer, module.training)
     return out.transpose(1, 2).contiguous(), None
 
 
-def _drop_spent(runtime: PodRuntime, layer: int) -> None:
+def _drop_spent(runtime: PodRuntime, layer: int, training: bool) -> None:
     """After ``layer``'s attention in an inference forward (eval mode, no autograd), forget the queries and keys that
-    no later layer reads (those of layers that anchor nothing past it). Why: each is a (B, H, T, D) tensor; keeping
-    all 30 of a 1K prefill held 72 MB of queries, and the model's own elementwise operators ran slower beside them
-    (benchmarks/shipped/profile_prefill_1024.md before this: mul 216 ms against dense's 94 at one thread).
+    no later layer reads (those of layers that anchor nothing past it). Why: each is a (B, H, T, D) tensor, and
+    keeping all 30 held 72 MB of queries at 1K, 570 MB at 8K, until the forward ended.
     A model in train mode keeps them: reentrant checkpointing runs its first forward without autograd and then
     recomputes a shared layer after its anchor (forward_scope.py), as autograd does."""
-    if torch.is_grad_enabled() or not (runtime.queries or runtime.keys):
+    if training or torch.is_grad_enabled() or not (runtime.queries or runtime.keys):
         return
-    if runtime.last_reader is None or runtime.last_reader[0] is not runtime.plan:
-        last = {}
-        for l, row in enumerate(runtime.plan.anchors):
-            for a in row:
-                last[a] = max(last.get(a, -1), l)
-        runtime.last_reader = (runtime.plan, last)
-    last = runtime.last_reader[1]
+    last = {a: l for l, row in enumerate(runtime.plan.anchors) for a in row}  # anchor -> last layer reading it
     for held in (runtime.queries, runtime.keys):
         for a in [a for a in held if last.get(a, -1) <= layer]:
             del held[a]

@@ -30,6 +30,16 @@ from podkv.attention.lse import attend_lse, fused, merge_lse_finite, to_bias
 NATIVE = True  # a batch-1 float32 one-shot prefill takes the compiled kernel where it builds (off: for A/B runs)
 
 
+def compiled_applies(batch: int, q_heads: int, kv_heads: int, head_dim: int, dtype, device) -> bool:
+    """Whether the compiled prefill takes a layer of this shape and storage: batch 1, float32 on CPU, head dim a
+    multiple of 64, at most 16 query heads per KV head, the kernel built and ``NATIVE`` on. One rule for the
+    kernel's callers and for how chunked_forward feeds a prompt."""
+    from podkv.attention import native
+
+    return (NATIVE and batch == 1 and head_dim % 64 == 0 and q_heads // kv_heads <= 16 and dtype == torch.float32
+            and torch.device(device).type == "cpu" and native.enabled())
+
+
 def native_prefill(query, src, anchor_query, *, ns: int, nr: int, scale: float):
     """A one-shot prefill (queries = keys from index 0, batch 1, float32) in one call of the compiled kernel
     (native/pod_prefill.c): every KV head in one flash-style pass that scores each key once, with its own query
@@ -42,12 +52,10 @@ def native_prefill(query, src, anchor_query, *, ns: int, nr: int, scale: float):
     qd = query if anchor_query is None else anchor_query
     tensors = [query, qd, src.own_keys, src.values] + ([] if src.proximal_only else [t for t, _ in src.anchor_keys])
     readable = all(t.dtype == torch.float32 and t.stride(-1) == 1 and t.device.type == "cpu" for t in tensors)
-    if not NATIVE or B != 1 or D % 64 or Hq // H > 16 or not readable:
+    if not readable or not compiled_applies(B, Hq, H, D, query.dtype, query.device):
         return None
     from podkv.attention import native
 
-    if not native.enabled():
-        return None
     G, own = Hq // H, set(src.own_anchor_heads)
     fields = []
     for h in range(H):

@@ -57,12 +57,15 @@ def one_forward(runtime, n: int, past: int = 0, padded: bool = False, compiled: 
 
 
 def compiled_prefill(model, batch: int, device) -> bool:
-    """Whether a one-shot prefill of ``batch`` prompts on ``device`` runs on the compiled kernel: batch 1, float32
-    on CPU, the kernel built and not switched off (``attention.prefill.NATIVE``)."""
-    from podkv.attention import native, prefill
+    """Whether a one-shot prefill of ``batch`` prompts on ``device`` runs on the compiled kernel
+    (:func:`podkv.attention.prefill.compiled_applies` for the model's attention shape)."""
+    from podkv.attention.prefill import compiled_applies
+    from podkv.cache.memory import head_dim, kv_heads
 
-    return (prefill.NATIVE and batch == 1 and torch.device(device).type == "cpu"
-            and getattr(model, "dtype", None) == torch.float32 and native.enabled())
+    config = getattr(model, "config", None)
+    if config is None:
+        return False
+    return compiled_applies(batch, config.num_attention_heads, kv_heads(config), head_dim(config), model.dtype, device)
 
 
 def install(model) -> None:
