@@ -64,7 +64,7 @@ def native_prefill(query, src, anchor_query, *, ns: int, nr: int, scale: float):
         ka = k0 if kind != 1 else src.anchor_keys[h][0][0, src.anchor_keys[h][1]]
         fields += [kind, q0.data_ptr(), query.stride(1), query.stride(2), d0.data_ptr(), qd.stride(1), qd.stride(2),
                    k0.data_ptr(), src.own_keys.stride(2), ka.data_ptr(), ka.stride(0), v0.data_ptr(),
-                   src.values.stride(2), 0, 0, 0]
+                   src.values.stride(2)]
     out = native.pod_prefill(fields, H, G, T, D, ns, nr, scale * math.log2(math.e))
     return None if out is None else out.to(query.dtype)
 

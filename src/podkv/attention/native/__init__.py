@@ -144,7 +144,7 @@ def proximal_merge(q, runs, heads, n: int, keep, cells, scale: float, work_cache
     return out
 
 
-PREFILL_FIELDS = 16  # int64 fields per KV head of podkv_pod_prefill (see pod_prefill.c)
+PREFILL_FIELDS = 13  # int64 fields per KV head of podkv_pod_prefill (FIELDS in pod_prefill.c)
 
 
 def pod_prefill(fields: list[int], H: int, G: int, T: int, D: int, ns: int, nr: int, scale: float):
@@ -156,6 +156,8 @@ def pod_prefill(fields: list[int], H: int, G: int, T: int, D: int, ns: int, nr: 
     grown across calls: fresh pages on every call cost more than the kernel saved at 1K."""
     import torch
 
+    if len(fields) != H * PREFILL_FIELDS:
+        raise ValueError(f"pod_prefill: {len(fields)} fields for {H} heads, expected {PREFILL_FIELDS} per head")
     lib, threads = library(), torch.get_num_threads()
     need = lib.podkv_pod_prefill_work(H, G, T, D, threads)
     work = getattr(_WORK, "buf", None)

@@ -23,6 +23,7 @@ typedef float v16 __attribute__((vector_size(64), aligned(4)));
 #define BR 64 /* query rows per task (per query head) */
 #define BC 64 /* keys per tile */
 #define MAXG 16
+#define FIELDS 13 /* int64 per KV head of podkv_pod_prefill (native.PREFILL_FIELDS) */
 #define NEG (-1e30f) /* 'no score yet': finite, since the file is built with -ffast-math (no infinities) */
 
 static inline v16 ld(const float *p) { v16 x; memcpy(&x, p, sizeof x); return x; }
@@ -107,8 +108,8 @@ int64_t podkv_pod_prefill_work(int H, int G, int T, int D, int threads) {
   return (int64_t)H * 2 * ((T + BC - 1) / BC) * D * BC + (int64_t)threads * task_floats(G, D);
 }
 
-/* Per KV head, 16 int64 fields: kind, own query ptr, its head stride and row stride, distant query ptr, head
- * stride, row stride, own key ptr, row stride, anchor key ptr, row stride, value ptr, row stride, and three unused.
+/* Per KV head, FIELDS int64: kind, own query ptr, its head stride and row stride, distant query ptr, head
+ * stride, row stride, own key ptr, row stride, anchor key ptr, row stride, value ptr, row stride.
  * Pointers are to float32; strides in float32 elements. The G query heads of KV head h are out rows h*G .. h*G+G-1
  * of out (Hq, T, D) contiguous. ``work``: podkv_pod_prefill_work(...) floats. Returns 0, or -1 where the shape is
  * outside what this kernel takes. */
@@ -123,7 +124,7 @@ int podkv_pod_prefill(int H, int G, int T, int D, int ns, int nr, float scale, c
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int task = 0; task < H * 2 * nt; task++) {
     int h = task / (2 * nt), which = task / nt % 2, t = task % nt, t0 = t * BC;
-    const int64_t *hf = f + 16 * h;
+    const int64_t *hf = f + FIELDS * h;
     if (which == 1 && hf[0] != 1) continue; /* only shared heads read the anchor's keys */
     const float *k = (const float *)(intptr_t)hf[which ? 9 : 7];
     pack_keys(k, hf[which ? 10 : 8], t0, T - t0 < BC ? T - t0 : BC, D, kt_all + ((size_t)h * 2 + which) * nt * tile
@@ -133,7 +134,7 @@ int podkv_pod_prefill(int H, int G, int T, int D, int ns, int nr, float scale, c
   for (int task = 0; task < H * nb; task++) {
     int h = task / nb, rb = nb - 1 - task % nb; /* latest rows first: they have the most keys */
     int p0 = rb * BR, n = T - p0 < BR ? T - p0 : BR, p1 = p0 + n;
-    const int64_t *hf = f + 16 * h;
+    const int64_t *hf = f + FIELDS * h;
     int kind = (int)hf[0];
     const float *qo = (const float *)(intptr_t)hf[1], *qd = (const float *)(intptr_t)hf[4];
     const float *v = (const float *)(intptr_t)hf[11];
