@@ -51,8 +51,9 @@ def native_prefill(query, src, anchor_query, *, ns: int, nr: int, scale: float):
     H = src.values.shape[1]
     qd = query if anchor_query is None else anchor_query
     tensors = [query, qd, src.own_keys, src.values] + ([] if src.proximal_only else [t for t, _ in src.anchor_keys])
-    readable = all(t.dtype == torch.float32 and t.stride(-1) == 1 and t.device.type == "cpu" for t in tensors)
-    if not readable or not compiled_applies(B, Hq, H, D, query.dtype, query.device):
+    if not compiled_applies(B, Hq, H, D, query.dtype, query.device) or not all(
+            isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.stride(-1) == 1 and t.device.type == "cpu"
+            for t in tensors):  # quantized stores (QuantTokens) and strided rows: the two-pass path
         return None
     from podkv.attention import native
 
